@@ -7,7 +7,9 @@ the result immune to overflow and underflow:
 * each feature `s` gets its own key shift `M_s = max_m lk_ms`; `phi_s(q) phi_s(k) = exp(lq_s + M_s) exp(lk_s - M_s)`,
   so the shift is folded into the query side, where a per-query row max cancels between numerator and denominator;
 * after both shifts every feature column of the key sums holds a 1 and every query row holds a 1, so the
-  normaliser is >= 1 in the bidirectional case and the output is a convex combination of the values.
+  normaliser is >= 1 in the bidirectional case and the output is a convex combination of the values;
+* inside a causal chunk a per-key shift plays the same role (see `_intra_chunk_scores`), so a large key late in a
+  chunk cannot make the earlier rows underflow.
 
 The causal path is the chunkwise form (KERNELS_AND_PERF.md §2.1, form 4): an exact masked product inside each chunk
 plus a running `S x D` state for everything before it, rescaled whenever the running per-feature max grows. No
@@ -88,6 +90,28 @@ class LinearState:
         return phi_k
 
 
+def _intra_chunk_scores(lq: torch.Tensor, lk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal scores inside one chunk, `P_ij = phi(q_i).phi(k_j)` for `j <= i`, scaled per row.
+
+    A per-key shift `m_j` (its largest log-feature) absorbs the key's magnitude, so the `n x n` product of features
+    in `[0, 1]` never underflows because of a large key that comes later in the chunk; the magnitudes come back as
+    logits and each row is rescaled by its own causal max `d_i`.
+
+    Returns:
+        `P` `(B, H, n, n)` (lower-triangular) and `d` `(B, H, n)` with true scores `P * exp(d)[..., None]`.
+    """
+    e = lq.detach().amax(dim=-1, keepdim=True)  # (B, H, n, 1)
+    key_max = lk.detach().amax(dim=-1)  # (B, H, n); -inf for padded keys
+    m = key_max.clamp_min(_LOG_FLOOR)
+    products = torch.exp(lq - e) @ torch.exp(lk - m[..., None]).transpose(-1, -2)
+    logits = torch.log(products.clamp_min(_tiny(products.dtype))) + m[:, :, None, :] + e
+    n = lq.shape[2]
+    hidden = torch.ones(n, n, dtype=torch.bool, device=lq.device).triu(1) | (key_max == float("-inf"))[:, :, None, :]
+    logits = logits.masked_fill(hidden, float("-inf"))
+    d = logits.detach().amax(dim=-1).clamp_min(_LOG_FLOOR)
+    return torch.exp(logits - d[..., None]), d
+
+
 def causal_linear_attention(
     lq: torch.Tensor,
     lk: torch.Tensor,
@@ -118,15 +142,17 @@ def causal_linear_attention(
     outputs = []
     for start in range(0, Nq, chunk_size):
         stop = min(start + chunk_size, Nq)
+        lq_c = lq[:, :, start:stop]
         lk_c, v_c = lk[:, :, prefix + start : prefix + stop], v[:, :, prefix + start : prefix + stop]
-        # the chunk's own keys set the shift for its queries; earlier state is rescaled to it
-        new_shift = torch.maximum(state.shift, _key_shift(lk_c))
-        phi_q = _query_weights(lq[:, :, start:stop], new_shift)
-        decay = torch.exp(state.shift - new_shift)
-        inter_num = phi_q @ (state.kv * decay[..., None])
-        inter_den = phi_q @ (state.z * decay)[..., None]
-        phi_k = state.absorb(lk_c, v_c)
-        scores = torch.tril(phi_q @ phi_k.transpose(-1, -2))
-        den = (inter_den + scores.sum(dim=-1, keepdim=True)).clamp_min(_tiny(v.dtype))
-        outputs.append((inter_num + scores @ v_c) / den)
+        # earlier chunks through the state, scaled by exp(c); this chunk exactly, scaled by exp(d)
+        shifted = lq_c + state.shift[:, :, None, :]
+        c = shifted.detach().amax(dim=-1)
+        phi_q = torch.exp(shifted - c[..., None])
+        scores, d = _intra_chunk_scores(lq_c, lk_c)
+        top = torch.maximum(c, d)
+        inter_w, intra_w = torch.exp(c - top)[..., None], torch.exp(d - top)[..., None]
+        num = inter_w * (phi_q @ state.kv) + intra_w * (scores @ v_c)
+        den = inter_w * (phi_q @ state.z[..., None]) + intra_w * scores.sum(dim=-1, keepdim=True)
+        outputs.append(num / den.clamp_min(_tiny(v.dtype)))
+        state.absorb(lk_c, v_c)
     return torch.cat(outputs, dim=2), state

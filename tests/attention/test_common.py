@@ -1,0 +1,174 @@
+"""Properties every registered estimator must have: padding invariance, causal prefix consistency and decoding,
+determinism, gradients, numerics and argument checks. Each method's own maths is tested in its own file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from hf_lara.attention import available_methods, build_attention
+
+from .utils import build_small, methods, qkv
+
+H, D = 2, 8
+MODES = [pytest.param(False, id="bidirectional"), pytest.param(True, id="causal")]
+
+
+def _pad(x: torch.Tensor, length: int, side: str) -> torch.Tensor:
+    """Pad `(1, H, n, D)` to `(1, H, length, D)` with noise (padding must not matter, whatever it holds)."""
+    filler = torch.randn(1, x.shape[1], length - x.shape[2], x.shape[3], dtype=x.dtype) * 3
+    return torch.cat([filler, x] if side == "left" else [x, filler], dim=2)
+
+
+def _mask(n: int, length: int, side: str) -> torch.Tensor:
+    real = torch.zeros(length, dtype=torch.bool)
+    if side == "left":
+        real[length - n :] = True
+    else:
+        real[:n] = True
+    return real
+
+
+def test_registry_lists_every_method():
+    assert {"softmax", "rfa", "ra", "lara", "eva", "kernel"} <= set(available_methods())
+
+
+@pytest.mark.parametrize("method", methods())
+@pytest.mark.parametrize("causal", MODES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_invariance(method, causal, side):
+    """Outputs at real positions equal the unpadded run, with left or right padding (fp32, 1e-5)."""
+    attn = build_small(method, H, D).eval()
+    lengths, total = [29, 37, 18], 37
+    seqs = [qkv(1, H, n, D, dtype=torch.float32) for n in lengths]
+    batch = [torch.cat([_pad(s[i], total, side) for s in seqs]) for i in range(3)]
+    mask = torch.stack([_mask(n, total, side) for n in lengths])
+    with torch.no_grad():
+        out = attn(*batch, padding_mask=mask, causal=causal)
+        for row, (n, s) in enumerate(zip(lengths, seqs)):
+            alone = attn(*s, causal=causal)[0]
+            torch.testing.assert_close(out[row][:, mask[row]], alone, atol=1e-5, rtol=1e-5)
+            assert torch.isfinite(out[row]).all()
+
+
+@pytest.mark.parametrize("method", methods())
+def test_causal_prefix_consistency(method):
+    """out[:n] of the full sequence equals the output on the prefix: no query sees the future."""
+    attn = build_small(method, H, D).eval()
+    q, k, v = qkv(2, H, 41, D)
+    with torch.no_grad():
+        full = attn(q, k, v, causal=True)
+        for n in (1, 7, 8, 9, 23, 40):
+            prefix = attn(q[:, :, :n], k[:, :, :n], v[:, :, :n], causal=True)
+            torch.testing.assert_close(full[:, :, :n], prefix, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", methods())
+@pytest.mark.parametrize("side", [None, "left"])
+def test_decoding_matches_full_pass(method, side):
+    """Nq < Nk (queries are the last Nq positions) equals the matching rows of the full output."""
+    attn = build_small(method, H, D).eval()
+    total = 37
+    q, k, v = qkv(2, H, total, D)
+    mask = None if side is None else torch.stack([_mask(30, total, "left"), _mask(total, total, "left")])
+    with torch.no_grad():
+        full = attn(q, k, v, padding_mask=mask, causal=True)
+        for nq in (1, 2, 5, 13):
+            step = attn(q[:, :, -nq:], k, v, padding_mask=mask, causal=True)
+            torch.testing.assert_close(step, full[:, :, -nq:], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", methods())
+@pytest.mark.parametrize("causal", MODES)
+def test_eval_is_deterministic(method, causal):
+    attn = build_small(method, H, D).eval()
+    q, k, v = qkv(2, H, 19, D, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(attn(q, k, v, causal=causal), attn(q, k, v, causal=causal))
+
+
+@pytest.mark.parametrize("method", methods())
+@pytest.mark.parametrize("causal", MODES)
+def test_gradcheck(method, causal):
+    """fp64 gradcheck through q, k, v and every trainable parameter, on a tiny case (eval mode)."""
+    attn = build_small(method, H, 4).double().eval()
+    # move parameters away from their (often identity/zero) init so every path is exercised
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    names = [n for n, p in attn.named_parameters() if p.requires_grad]
+    params = [attn.get_parameter(n).detach().clone().requires_grad_() for n in names]
+    q, k, v = (t.requires_grad_() for t in qkv(1, H, 7, 4, std=0.7))
+
+    def fn(q, k, v, *params):
+        return functional_call(attn, dict(zip(names, params)), (q, k, v), {"causal": causal})
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", methods())
+def test_every_parameter_gets_a_gradient(method):
+    """Each trainable parameter receives a non-zero gradient in at least one of the two modes."""
+    attn = build_small(method, H, D).train()
+    q, k, v = (t.requires_grad_() for t in qkv(2, H, 23, D, dtype=torch.float32))
+    for causal in (False, True):
+        attn(q, k, v, causal=causal).square().sum().backward()
+    for name, t in [("q", q), ("k", k), ("v", v), *attn.named_parameters()]:
+        assert t.grad is not None and t.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+def _value_bounds(v: torch.Tensor, mask: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query row, the min and max of the values it may attend to: `(B, H, N, D)` each."""
+    big = torch.finfo(v.dtype).max
+    lo = v.masked_fill(~mask[:, None, :, None], big)
+    hi = v.masked_fill(~mask[:, None, :, None], -big)
+    if causal:
+        return lo.cummin(dim=2).values, hi.cummax(dim=2).values
+    return lo.amin(2, keepdim=True).expand_as(v), hi.amax(2, keepdim=True).expand_as(v)
+
+
+@pytest.mark.parametrize("method", methods())
+@pytest.mark.parametrize("causal", MODES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_large_logits(method, causal, dtype):
+    """bf16/fp16 inputs with q and k scaled up 10x stay finite; convex estimators stay inside the value range."""
+    attn = build_small(method, H, 16).eval()
+    q, k, v = qkv(2, H, 45, 16, dtype=torch.float32)
+    q, k, v = (q * 10).to(dtype), (k * 10).to(dtype), v.to(dtype)
+    mask = torch.ones(2, 45, dtype=torch.bool)
+    mask[1, :9] = False
+    with torch.no_grad():
+        out = attn(q, k, v, padding_mask=mask, causal=causal)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    if attn.is_convex:
+        lo, hi = _value_bounds(v.float(), mask, causal)
+        real = (mask[:, None, :, None] & (lo <= hi)).expand_as(lo)
+        slack = 2 * torch.finfo(dtype).eps * v.float().abs().amax()
+        assert (out.float() >= lo - slack)[real].all() and (out.float() <= hi + slack)[real].all()
+
+
+def test_unknown_method_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="Valid methods: .*softmax"):
+        build_attention("flash", num_heads=2, head_dim=8)
+
+
+@pytest.mark.parametrize("method", methods())
+@pytest.mark.parametrize("field,value", [("num_heads", 0), ("head_dim", -3), ("num_heads", 2.5)])
+def test_bad_sizes_raise(method, field, value):
+    sizes = {"num_heads": 2, "head_dim": 8, field: value}
+    with pytest.raises(ValueError, match=field):
+        build_attention(method, **sizes)
+
+
+def test_shape_and_mask_errors():
+    attn = build_attention("softmax", num_heads=2, head_dim=8)
+    q, k, v = qkv(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="num_heads"):
+        build_attention("softmax", num_heads=3, head_dim=8)(q, k, v)
+    with pytest.raises(ValueError, match="causal=True"):
+        attn(q[:, :, :3], k, v)
+    with pytest.raises(TypeError, match="bool"):
+        attn(q, k, v, padding_mask=torch.ones(1, 5))
+    with pytest.raises(ValueError, match="padding_mask"):
+        attn(q, k, v, padding_mask=torch.ones(1, 4, dtype=torch.bool))
