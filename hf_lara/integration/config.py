@@ -1,0 +1,182 @@
+"""Converted configs: one class per family (`LaraBertConfig`, model type `lara_bert`, ...), all mixing in `LaraConfig`.
+
+The method and its hyper-parameters are ordinary serialised fields, so `config.json` records them. The attention
+implementation itself is not serialised by Transformers, so `__post_init__` defaults it to `hf_lara`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PreTrainedConfig
+
+from ..attention import AttentionEstimator, available_methods, build_attention
+from ..attention.base import ESTIMATORS
+from .attention import ATTENTION_KEY
+from .registry import MODEL_TYPE_PREFIX, get_family
+
+#: The fields every converted config adds to its family's config.
+LARA_FIELDS = ("lara_method", "lara_hparams", "lara_layers")
+#: `from_pretrained` arguments that go to the Hub loader rather than to the estimator.
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
+
+
+class LaraConfig:
+    """Mixin of every converted config, and the entry point that builds the right one for a checkpoint.
+
+    Fields added to the family's config (all serialised in `config.json`):
+        lara_method (`str`): the estimator, one of `hf_lara.available_methods()`.
+        lara_hparams (`dict`, *optional*, defaults to `{}`): keyword arguments of the estimator (see its docstring).
+        lara_layers (`list[int]`, *optional*, defaults to `None`): indices of the self-attention layers to convert,
+            counted from 0 in model order; the others keep exact softmax. `None` converts them all.
+
+    >>> import hf_lara
+    >>> cfg = hf_lara.LaraConfig.from_pretrained("path/to/bert", method="rfa", layers=[0, 2], num_features=64)
+    >>> type(cfg).__name__, cfg.model_type
+    ('LaraBertConfig', 'lara_bert')
+    """
+
+    def __post_init__(self, **kwargs):
+        # `_attn_implementation` is never written to config.json: default it to ours on every load
+        kwargs.setdefault("attn_implementation", ATTENTION_KEY)
+        super().__post_init__(**kwargs)
+        self.validate_lara()
+
+    def validate_lara(self) -> None:
+        """Check the `lara_*` fields (the estimator's own checks run when it is built)."""
+        if self.lara_method is not None and self.lara_method not in available_methods():
+            raise ValueError(
+                f"`method` must be one of {', '.join(available_methods())}, got {self.lara_method!r}."
+            )
+        if not isinstance(self.lara_hparams, dict) or not all(isinstance(k, str) for k in self.lara_hparams):
+            raise TypeError(f"`lara_hparams` must be a dict keyed by hyper-parameter name, got {self.lara_hparams!r}.")
+        try:
+            json.dumps(self.lara_hparams)
+        except TypeError as error:
+            raise TypeError(f"`lara_hparams` must be JSON serialisable to be saved: {error}") from None
+        layers = self.lara_layers
+        if layers is not None:
+            if isinstance(layers, int | str) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                raise TypeError(f"`layers` must be a list of layer indices or None, got {layers!r}.")
+            if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
+                raise ValueError(f"`layers` must hold distinct non-negative layer indices, got {list(layers)}.")
+            self.lara_layers = sorted(layers)
+
+    def build_estimator(self, num_heads: int, head_dim: int) -> AttentionEstimator:
+        """The estimator this config describes, for one attention layer; bad hyper-parameters raise `ValueError`."""
+        if self.lara_method is None:
+            raise ValueError(
+                f"This `{type(self).__name__}` has no `lara_method`; build it with "
+                "`hf_lara.LaraConfig.from_pretrained(path, method=...)`."
+            )
+        hparams = dict(self.lara_hparams)
+        accepted = accepted_hparams(self.lara_method)
+        unknown = sorted(set(hparams) - set(accepted)) if accepted is not None else []
+        if unknown:
+            raise ValueError(
+                f"Unknown hyper-parameter(s) {', '.join(map(repr, unknown))} for method `{self.lara_method}`. "
+                f"Accepted: {', '.join(accepted) or 'none'}."
+            )
+        try:
+            return build_attention(self.lara_method, num_heads=num_heads, head_dim=head_dim, **hparams)
+        except ValueError as error:
+            raise ValueError(f"Invalid hyper-parameters for method `{self.lara_method}` {hparams}: {error}") from error
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """Load a converted config; a `lara_*` config missing one of `LARA_FIELDS` raises a `ValueError`."""
+        if cls is LaraConfig:
+            return LaraConfig.from_config(AutoConfig.for_model(**config_dict), **kwargs)
+        config_dict = dict(config_dict)
+        model_type = config_dict.pop("model_type", cls.model_type)
+        missing = [name for name in LARA_FIELDS if name not in config_dict and name not in kwargs]
+        if model_type == cls.model_type and missing:
+            raise ValueError(
+                f"This `{model_type}` config lacks the field(s) {', '.join(f'`{m}`' for m in missing)}, which every "
+                "converted config records. Re-create it with `hf_lara.LaraConfig.from_pretrained(base_path, "
+                "method=...)` or add the fields to config.json."
+            )
+        if model_type != cls.model_type and "lara_method" in missing:
+            raise ValueError(
+                f"A `{model_type}` config has no attention method: convert it with "
+                f"`hf_lara.LaraConfig.from_pretrained(path, method=...)`."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        method: str | None = None,
+        layers: list[int] | None = None,
+        **kwargs,
+    ):
+        """The converted config of a base (or already converted) checkpoint.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a checkpoint folder or Hub id.
+            method (`str`, *optional*): the estimator; required unless the checkpoint is already converted.
+            layers (`list[int]`, *optional*): self-attention layers to convert (default: all).
+            **kwargs: Hub arguments (`revision`, `cache_dir`, ...) and the estimator's hyper-parameters.
+
+        Returns:
+            The family's converted config (e.g. `LaraBertConfig`).
+        """
+        if cls is not LaraConfig and method is None and layers is None:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        hub_kwargs = {name: kwargs.pop(name) for name in HUB_KWARGS if name in kwargs}
+        base = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        return LaraConfig.from_config(base, method=method, layers=layers, **kwargs)
+
+    @staticmethod
+    def from_config(
+        config: PreTrainedConfig, *, method: str | None = None, layers: list[int] | None = None, **hparams: Any
+    ):
+        """The converted config of an in-memory config (base or converted; a converted one keeps unset fields)."""
+        family = get_family(config.model_type)
+        if isinstance(config, LaraConfig):
+            same_method = method is None or method == config.lara_method
+            method = method or config.lara_method
+            hparams = {**config.lara_hparams, **hparams} if same_method else hparams
+            layers = config.lara_layers if layers is None else layers
+        if method is None:
+            raise ValueError(f"`method` is required to convert a `{config.model_type}` config.")
+        data = {k: v for k, v in config.to_dict().items() if not k.startswith("_attn_implementation")}
+        data.pop("model_type", None)
+        data.update(lara_method=method, lara_hparams=dict(hparams), lara_layers=None if layers is None else list(layers))
+        converted = family.config_class(**data)
+        # fail now, not at the first forward, on bad hyper-parameters
+        with torch.device("cpu"):
+            converted.build_estimator(*family.head_shape(converted))
+        return converted
+
+
+def accepted_hparams(method: str) -> list[str] | None:
+    """Keyword arguments of an estimator besides `num_heads`/`head_dim`; None when it takes `**kwargs`."""
+    params = list(inspect.signature(ESTIMATORS[method].__init__).parameters.values())[1:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.name not in ("num_heads", "head_dim")]
+
+
+def make_config_class(base: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
+    """`LaraXConfig(LaraConfig, XConfig)` with model type `lara_<x>` and the `LARA_FIELDS`."""
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": f"Lara{base.__name__}",
+        "__doc__": f"`{base.__name__}` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields.",
+        "__annotations__": {"lara_method": str | None, "lara_hparams": dict, "lara_layers": list | None},
+        "model_type": MODEL_TYPE_PREFIX + base.model_type,
+        "lara_method": None,
+        "lara_hparams": dataclasses.field(default_factory=dict),
+        "lara_layers": None,
+    }
+    cls = type(f"Lara{base.__name__}", (LaraConfig, base), namespace)
+    globals()[cls.__name__] = cls
+    return cls

@@ -1,0 +1,48 @@
+"""`convert`: turn an in-memory pretrained model into its converted class, in place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from .attention import ATTENTION_KEY
+from .config import LARA_FIELDS, LaraConfig
+from .families import model_class_for
+from .models import attach_estimators
+from .registry import get_family
+
+
+def convert(model: PreTrainedModel, method: str, layers: list[int] | None = None, **hparams: Any) -> PreTrainedModel:
+    """Replace the softmax self-attention of `model` by the estimator `method`, in place.
+
+    The model keeps its parameters (same tensors, device and dtype); its class becomes the family's converted
+    subclass (e.g. `BertForMaskedLM` -> `LaraBertForMaskedLM`), its config the converted config, and its attention
+    implementation `hf_lara`. Every selected self-attention module gains a `lara_attention` estimator built on that
+    module's device and dtype. `save_pretrained` then writes a checkpoint that `AutoModel*.from_pretrained` loads
+    back into the converted class. An already converted model can be converted again (the estimators are rebuilt).
+
+    Args:
+        model (`PreTrainedModel`): a model of a supported family (`hf_lara.supported_families()`).
+        method (`str`): the estimator, one of `hf_lara.available_methods()`.
+        layers (`list[int]`, *optional*): self-attention layers to convert, from 0; the others keep exact softmax.
+        **hparams: the estimator's hyper-parameters.
+
+    Returns:
+        `model` itself, converted.
+
+    >>> model = hf_lara.convert(AutoModelForCausalLM.from_pretrained(path), method="eva", layers=[0, 2])
+    >>> model.set_attn_implementation("sdpa")  # the teacher: the original model, same weights
+    """
+    family = get_family(model.config.model_type)
+    converted_class = model_class_for(family, getattr(type(model), "lara_base_class", type(model)))
+    config = LaraConfig.from_config(model.config, method=method, layers=layers, **hparams)
+    # build (and check) everything before touching the model, so that a failure leaves it as it was
+    attach_estimators(model, config, family, like_model=True)
+    # modules keep references to the config object, so convert that object rather than replacing it
+    model.config.__class__ = family.config_class
+    for name in LARA_FIELDS:
+        setattr(model.config, name, getattr(config, name))
+    model.__class__ = converted_class
+    model.set_attn_implementation(ATTENTION_KEY)
+    return model

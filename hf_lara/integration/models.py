@@ -1,0 +1,122 @@
+"""Converted model classes: `LaraBertModel(LaraModelMixin, BertModel)`, `LaraLlamaForCausalLM`, ...
+
+Each converted class builds its family's model unchanged, then attaches one estimator to every converted
+self-attention module under `lara_attention`, so `from_pretrained` loads the base weights where they always were and
+the estimator's parameters and buffers under `...lara_attention.*`.
+
+Initialisation: `from_pretrained` builds models on the meta device and only re-initialises what the family's
+`_init_weights` knows about, which would leave estimator tensors missing from the checkpoint as garbage (or, for an
+`nn.Linear` inside an estimator, with the family's normal init). `initialize_weights` is therefore overridden on every
+converted class, base and heads alike: after the family's own init it copies a freshly built estimator's values into
+every estimator tensor that was not loaded, so new estimators start exactly as the estimator designed them (identity
+maps, orthogonal draws, ...).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .attention import ESTIMATOR_ATTR
+from .config import LaraConfig
+from .registry import Family, get_family
+
+
+class LaraModelMixin:
+    """Mixed into every converted model class, before the family's class."""
+
+    def __init__(self, config, *args, **kwargs):
+        if not isinstance(config, LaraConfig) or config.lara_method is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a converted config with a `lara_method`, got `{type(config).__name__}`. "
+                "Build one with `hf_lara.LaraConfig.from_pretrained(path, method=...)`."
+            )
+        super().__init__(config, *args, **kwargs)
+        attach_estimators(self, config, get_family(config.model_type))
+
+    def lara_estimators(self) -> dict[int, nn.Module]:
+        """The estimators by self-attention layer index."""
+        modules = get_family(self.config.model_type).attention_modules(self)
+        return {i: getattr(m, ESTIMATOR_ATTR) for i, m in enumerate(modules) if hasattr(m, ESTIMATOR_ATTR)}
+
+    def initialize_weights(self):
+        super().initialize_weights()
+        for estimator in self.lara_estimators().values():
+            initialize_estimator(estimator, self.config)
+
+
+def resolve_layers(layers: list[int] | None, num_layers: int) -> list[int]:
+    """The layer indices to convert, checked against the model's `num_layers` self-attention modules."""
+    if layers is None:
+        return list(range(num_layers))
+    bad = [i for i in layers if i >= num_layers]
+    if bad:
+        raise ValueError(f"`layers` must be indices below {num_layers} (the model's attention layers), got {bad}.")
+    return list(layers)
+
+
+def attach_estimators(model: nn.Module, config: LaraConfig, family: Family, like_model: bool = False) -> None:
+    """Put one estimator on each selected attention module of `model` and remove any from the others.
+
+    Estimators built off the meta device are complete and marked initialised. With `like_model` they are moved to
+    the device and floating dtype of their attention module (in-memory conversion).
+    """
+    modules = family.attention_modules(model)
+    selected = set(resolve_layers(config.lara_layers, len(modules)))
+    num_heads, head_dim = family.head_shape(config)
+    estimators = {i: config.build_estimator(num_heads, head_dim) for i in selected}
+    for i, module in enumerate(modules):
+        if hasattr(module, ESTIMATOR_ATTR):
+            delattr(module, ESTIMATOR_ATTR)
+        if i not in selected:
+            continue
+        estimator = estimators[i]
+        reference = next(module.parameters(), None)
+        if like_model and reference is not None:
+            estimator.to(device=reference.device, dtype=reference.dtype)
+            estimator.train(module.training)
+        if not any(t.is_meta for t in estimator_tensors(estimator)):
+            for tensor in estimator_tensors(estimator):
+                tensor._is_hf_initialized = True
+        setattr(module, ESTIMATOR_ATTR, estimator)
+
+
+def estimator_tensors(estimator: nn.Module):
+    """Parameters and buffers (persistent or not) of an estimator."""
+    return itertools.chain(estimator.parameters(), estimator.buffers())
+
+
+@torch.no_grad()
+def initialize_estimator(estimator: nn.Module, config: LaraConfig) -> None:
+    """Give every tensor of `estimator` that was not loaded the value a freshly built estimator has."""
+    pending = {
+        name: tensor
+        for name, tensor in itertools.chain(estimator.named_parameters(), estimator.named_buffers())
+        if not getattr(tensor, "_is_hf_initialized", False)
+    }
+    if not pending:
+        return
+    with torch.device("cpu"):
+        fresh = config.build_estimator(estimator.num_heads, estimator.head_dim)
+    values = dict(itertools.chain(fresh.named_parameters(), fresh.named_buffers()))
+    for name, tensor in pending.items():
+        tensor.copy_(values[name])
+        tensor._is_hf_initialized = True
+
+
+def make_model_class(base: type[PreTrainedModel], config_class: type[LaraConfig]) -> type[PreTrainedModel]:
+    """`LaraXxx(LaraModelMixin, Xxx)` bound to the converted config class."""
+    name = f"Lara{base.__name__}"
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"`{base.__name__}` whose self-attention runs hf_lara estimators (`lara_attention` submodules).",
+        "config_class": config_class,
+        "lara_base_class": base,
+    }
+    cls = type(name, (LaraModelMixin, base), namespace)
+    globals()[name] = cls
+    return cls
