@@ -1,0 +1,322 @@
+"""Tests of `hf_lara/attention/eva.py` against `naive_eva_attention`, a per-query loop over explicit token sets
+written here from the formula, and against exact softmax when the window covers the sequence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hf_lara.attention import build_attention
+from hf_lara.attention.eva import EVAAttention
+from hf_lara.attention.naive import naive_softmax_attention
+
+from .utils import assert_close, qkv
+
+# ---------------------------------------------------------------------------------------------------------------
+# Independent reference: which keys are exact and which token sets are summarised, query by query.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def visible_sets(n: int, N: int, causal: bool, window: int, num_chunks: int, chunk: int):
+    """For the query at position `n` of `N`: its exact keys and its summaries as `(tokens, sampled_from)` pairs."""
+    w = n // window
+    if causal:
+        exact = list(range(w * window, n + 1))
+        chunks = [list(range(c * chunk, (c + 1) * chunk)) for c in range(n // chunk) if (c + 1) * chunk <= w * window]
+        return exact, [(tokens, tokens) for tokens in chunks]
+    exact = list(range(w * window, min(N, (w + 1) * window)))
+    length = window * math.ceil(N / (num_chunks * window))
+    chunks = [list(range(start, min(N, start + length))) for start in range(0, N, length)]
+    # every token is either exact or in exactly one summary, sampled with its whole chunk's proposal
+    return exact, [([m for m in tokens if m not in exact], tokens) for tokens in chunks]
+
+
+def naive_eva_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    window_size: int,
+    num_chunks: int = 1,
+    chunk_size: int = 1,
+    key_proj: nn.Linear | None = None,
+    proposal_proj: nn.Linear | None = None,
+) -> torch.Tensor:
+    """Eval-mode EVA, one query at a time: softmax over [exact logits ; q~.kappa_T + log |T|] with values [v ; beta_T].
+
+    `q` `(B, H, Nq, D)` are the last `Nq` of the `N` positions of `k`, `v` `(B, H, N, D)`; returns `(B, H, Nq, D)`.
+    """
+    B, H, Nq, D = q.shape
+    N = k.shape[2]
+    root = D**-0.25
+    qt, kt = q * root, k * root
+
+    def apply(layer, x):
+        return x if layer is None else x @ layer.weight.T + layer.bias
+
+    rows = []
+    for i in range(Nq):
+        n = N - Nq + i
+        exact, summaries = visible_sets(n, N, causal, window_size, num_chunks, chunk_size)
+        logits = [(qt[:, :, i] * kt[:, :, m]).sum(-1) for m in exact]
+        values = [v[:, :, m] for m in exact]
+        for tokens, sampled_from in summaries:
+            if not tokens:
+                continue
+            omega = apply(proposal_proj, kt[:, :, sampled_from].mean(2))  # (B, H, D)
+            keys = kt[:, :, tokens]
+            log_xi = (keys * omega[:, :, None]).sum(-1) - 0.5 * (keys * keys).sum(-1)
+            values.append((torch.softmax(log_xi, dim=-1)[..., None] * v[:, :, tokens]).sum(2))
+            kappa = apply(key_proj, keys.mean(2))
+            logits.append((qt[:, :, i] * kappa).sum(-1) + math.log(len(tokens)))
+        probs = torch.softmax(torch.stack(logits, dim=-1), dim=-1)
+        rows.append((probs[..., None] * torch.stack(values, dim=-2)).sum(-2))
+    return torch.stack(rows, dim=2)
+
+
+def _eva(D: int, H: int, window: int, num_chunks: int = 64, chunk: int = 1, **kw) -> EVAAttention:
+    return build_attention(
+        "eva", num_heads=H, head_dim=D, window_size=window, num_chunks=num_chunks, chunk_size=chunk, **kw
+    ).double().eval()
+
+
+def _perturb(attn: EVAAttention, std: float = 0.2) -> None:
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(std * torch.randn_like(p))
+
+
+def _reference(attn: EVAAttention, q, k, v, causal: bool) -> torch.Tensor:
+    return naive_eva_attention(
+        q, k, v, causal=causal, window_size=attn.window_size, num_chunks=attn.num_chunks,
+        chunk_size=attn.chunk_size, key_proj=attn.chunk_key_proj, proposal_proj=attn.proposal_proj,
+    )
+
+
+# (B, N, H, D, window_size, num_chunks): several windows per chunk, partial last windows and chunks,
+# a last chunk holding a single window (its excluded summary is empty) and one window per chunk (g == 1).
+BIDIRECTIONAL = [
+    pytest.param(2, 29, 2, 8, 4, 3, id="B2-T29-H2-D8-E4-C3"),
+    pytest.param(1, 23, 3, 6, 5, 2, id="B1-T23-H3-D6-E5-C2"),
+    pytest.param(2, 25, 2, 8, 4, 3, id="B2-T25-H2-D8-E4-C3"),
+    pytest.param(1, 30, 2, 8, 4, 64, id="B1-T30-H2-D8-E4-C64"),
+    pytest.param(2, 37, 1, 4, 7, 2, id="B2-T37-H1-D4-E7-C2"),
+]
+# (B, N, H, D, window_size, chunk_size)
+CAUSAL = [
+    pytest.param(2, 29, 2, 8, 8, 4, id="B2-T29-H2-D8-E8-P4"),
+    pytest.param(1, 23, 3, 6, 6, 2, id="B1-T23-H3-D6-E6-P2"),
+    pytest.param(2, 37, 2, 8, 4, 4, id="B2-T37-H2-D8-E4-P4"),
+    pytest.param(1, 19, 1, 4, 3, 1, id="B1-T19-H1-D4-E3-P1"),
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. A window covering the sequence is exact softmax.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "B,N,H,D", [(2, 29, 2, 8), (1, 13, 3, 16), (2, 64, 1, 4)], ids=["B2-T29-H2-D8", "B1-T13-H3-D16", "B2-T64-H1-D4"]
+)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("extra", [0, 7], ids=["E=N", "E>N"])
+def test_window_covering_sequence_is_softmax(B, N, H, D, causal, extra):
+    """No summary is left (even in training mode, with perturbed maps): EVA is exact softmax."""
+    attn = _eva(D, H, N + extra, num_chunks=3, chunk=1).train()
+    _perturb(attn)
+    q, k, v = qkv(B, H, N, D)
+    with torch.no_grad():
+        out = attn(q, k, v, causal=causal)
+    assert_close("eva vs softmax", naive_softmax_attention(q, k, v, causal=causal), out, 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Fast path equals the per-query reference: outputs, decoding and gradients.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B,N,H,D,E,C", BIDIRECTIONAL)
+@pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "fixed"])
+def test_bidirectional_matches_naive(B, N, H, D, E, C, adaptive):
+    attn = _eva(D, H, E, num_chunks=C, adaptive=adaptive)
+    _perturb(attn)
+    q, k, v = qkv(B, H, N, D)
+    with torch.no_grad():
+        assert_close("bidirectional", _reference(attn, q, k, v, False), attn(q, k, v), 1e-10)
+
+
+@pytest.mark.parametrize("B,N,H,D,E,P", CAUSAL)
+@pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "fixed"])
+def test_causal_matches_naive(B, N, H, D, E, P, adaptive):
+    attn = _eva(D, H, E, chunk=P, adaptive=adaptive)
+    _perturb(attn)
+    q, k, v = qkv(B, H, N, D)
+    with torch.no_grad():
+        full = attn(q, k, v, causal=True)
+        assert_close("causal", _reference(attn, q, k, v, True), full, 1e-10)
+        for nq in (1, 3, E + 1, N - 1):
+            step = attn(q[:, :, -nq:], k, v, causal=True)
+            assert_close(f"decode Nq={nq}", _reference(attn, q[:, :, -nq:], k, v, True), step, 1e-10)
+            assert_close(f"decode Nq={nq} vs full", full[:, :, -nq:], step, 1e-12)
+
+
+@pytest.mark.parametrize(
+    "causal,B,N,H,D,E,C,P",
+    [
+        pytest.param(False, 2, 29, 2, 6, 4, 3, 1, id="bidirectional-B2-T29-H2-D6-E4-C3"),
+        pytest.param(True, 2, 29, 2, 6, 8, 1, 4, id="causal-B2-T29-H2-D6-E8-P4"),
+    ],
+)
+def test_gradients_match_naive(causal, B, N, H, D, E, C, P):
+    """Gradients w.r.t. q, k, v and both adaptive maps (moved off the identity) equal the reference's."""
+    attn = _eva(D, H, E, num_chunks=C, chunk=P)
+    _perturb(attn)
+    q, k, v = (t.requires_grad_() for t in qkv(B, H, N, D))
+    weight = torch.randn(B, H, N, D, dtype=torch.float64)
+    inputs = [q, k, v, *attn.parameters()]
+    fast = torch.autograd.grad((attn(q, k, v, causal=causal) * weight).sum(), inputs)
+    slow = torch.autograd.grad((_reference(attn, q, k, v, causal) * weight).sum(), inputs)
+    names = ["q", "k", "v", *(name for name, _ in attn.named_parameters())]
+    assert len(names) == 7
+    for name, ref, out in zip(names, slow, fast, strict=True):
+        assert_close(f"grad {name}", ref, out, 1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Empty summaries get no weight; training-mode sampling.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "N,E,C", [(30, 4, 64), (25, 4, 3), (9, 4, 5)], ids=["T30-E4-C64", "T25-E4-C3", "T9-E4-C5"]
+)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_empty_summaries_get_no_weight(N, E, C, training):
+    """With constant values every summary is that constant, so any mass on an empty (zero) summary shows.
+
+    `C=64` gives one window per chunk (every excluded summary is empty); `T25-E4-C3` has a last chunk holding a
+    single window; `T9-E4-C5` a last chunk holding a single token.
+    """
+    attn = _eva(8, 2, E, num_chunks=C).train(training)
+    _perturb(attn)
+    q, k, _ = qkv(2, 2, N, 8)
+    v = torch.full((2, 2, N, 8), 3.0, dtype=torch.float64)
+    with torch.no_grad():
+        out = attn(q, k, v)
+    assert (out - 3.0).abs().max() < 1e-12
+    if not training:
+        with torch.no_grad():
+            v = torch.randn_like(v)
+            assert_close("vs naive", _reference(attn, q, k, v, False), attn(q, k, v), 1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_training_draws_one_sample_per_batch_head_and_chunk(causal):
+    """Identical rows and heads get different outputs in training (independent draws) and equal ones in eval."""
+    attn = _eva(8, 2, 4, num_chunks=3, chunk=2)
+    q, k, v = qkv(1, 1, 29, 8)
+    q, k, v = (t.expand(2, 2, -1, -1) for t in (q, k, v))
+    with torch.no_grad():
+        out = attn(q, k, v, causal=causal)
+        assert torch.equal(out[0], out[1]) and torch.equal(out[:, 0], out[:, 1])
+        noisy = attn.train()(q, k, v, causal=causal)
+    assert torch.isfinite(noisy).all()
+    assert not torch.allclose(noisy[0], noisy[1]) and not torch.allclose(noisy[:, 0], noisy[:, 1])
+    if causal:
+        # the first window sees no chunk: exact there, whatever the draw
+        torch.testing.assert_close(noisy[..., :4, :], out[..., :4, :], atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Hyper-parameter errors and module surface.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hparams,match",
+    [
+        ({"window_size": 0}, "window_size"),
+        ({"window_size": -4}, "window_size"),
+        ({"num_chunks": 0}, "num_chunks"),
+        ({"num_chunks": 2.0}, "num_chunks"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"window_size": 10, "chunk_size": 4}, "`window_size` must be a multiple of `chunk_size`"),
+    ],
+    ids=["window-0", "window-neg", "chunks-0", "chunks-float", "chunk-0", "chunk-not-dividing"],
+)
+def test_bad_hyper_parameters_raise(hparams, match):
+    with pytest.raises(ValueError, match=match):
+        build_attention("eva", num_heads=2, head_dim=8, **hparams)
+
+
+def test_parameters_and_defaults():
+    attn = build_attention("eva", num_heads=4, head_dim=8)
+    assert isinstance(attn, EVAAttention) and attn.packs_padding
+    assert (attn.window_size, attn.num_chunks, attn.chunk_size, attn.adaptive) == (64, 64, 16, True)
+    shapes = {name: tuple(p.shape) for name, p in attn.named_parameters()}
+    assert shapes == {
+        "chunk_key_proj.weight": (8, 8), "chunk_key_proj.bias": (8,),
+        "proposal_proj.weight": (8, 8), "proposal_proj.bias": (8,),
+    }
+    assert torch.equal(attn.chunk_key_proj.weight, torch.eye(8)) and not attn.proposal_proj.bias.any()
+    assert list(build_attention("eva", num_heads=4, head_dim=8, adaptive=False).parameters()) == []
+    assert "window_size=64" in repr(attn)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_fresh_adaptive_equals_fixed(causal):
+    """Identity-initialised maps are plain means: a fresh conversion equals `adaptive=False`."""
+    q, k, v = qkv(2, 2, 41, 8)
+    with torch.no_grad():
+        a = _eva(8, 2, 4, num_chunks=3, chunk=2)(q, k, v, causal=causal)
+        b = _eva(8, 2, 4, num_chunks=3, chunk=2, adaptive=False)(q, k, v, causal=causal)
+    assert_close("adaptive vs fixed", b, a, 1e-14)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Accuracy on realistic attention.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _drifting_qkv(B: int, H: int, N: int, D: int, rho: float = 0.9):
+    """Keys follow a slowly drifting centre (AR(1), correlation `rho` between neighbours), each query sits near
+    the key at its position, values are random: attention is peaked and mostly local, as in pretrained models."""
+    k = torch.empty(B, H, N, D, dtype=torch.float64)
+    state = torch.randn(B, H, D, dtype=torch.float64)
+    for t in range(N):
+        state = rho * state + (1 - rho**2) ** 0.5 * torch.randn(B, H, D, dtype=torch.float64) if t else state
+        k[:, :, t] = 2.0 * state
+    return k + 0.5 * torch.randn_like(k), k, torch.randn_like(k)
+
+
+def _relative_mse(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return ((ref - out).square().mean() / ref.square().mean()).item()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_accuracy_beats_uniform_and_improves_with_window(causal):
+    """Eval-mode EVA (identity maps) against softmax: better than uniform averaging, better as the window grows."""
+    B, H, N, D = 2, 4, 251, 16
+    q, k, v = _drifting_qkv(B, H, N, D)
+    exact = naive_softmax_attention(q, k, v, causal=causal)
+    if causal:
+        uniform = v.cumsum(2) / torch.arange(1, N + 1, dtype=v.dtype)[:, None]
+    else:
+        uniform = v.mean(2, keepdim=True).expand_as(v)
+    baseline = _relative_mse(exact, uniform)
+    errors = {}
+    for window in (4, 8, 16, 32, 64):
+        with torch.no_grad():
+            out = _eva(D, H, window, num_chunks=8, chunk=4)(q, k, v, causal=causal)
+        errors[window] = _relative_mse(exact, out)
+    mode = "causal (P=4)" if causal else "bidirectional (C=8)"
+    print(f"\n{mode} relative MSE vs softmax, T={N} D={D}: uniform {baseline:.3f}; EVA "
+          + ", ".join(f"E={w}: {e:.3f}" for w, e in errors.items()))
+    assert max(errors.values()) < 0.6 * baseline
+    values = list(errors.values())
+    assert all(later < earlier for earlier, later in zip(values, values[1:], strict=False)), errors
