@@ -163,10 +163,12 @@ class DeepFeatureMap(FeatureMap):
         self.gate_weights = nn.ParameterList(nn.Parameter(gate_init(num_heads, w, head_dim)) for w in widths)
 
     def log_features(self, x_tilde: torch.Tensor) -> torch.Tensor:
+        # index, never slice: a sliced ParameterList re-wraps tensors as new leaves (breaks `functional_call`)
+        *inner, (last_out, last_gate) = zip(self.out_weights, self.gate_weights, strict=True)
         h = x_tilde
-        for w_out, w_gate in zip(self.out_weights[:-1], self.gate_weights[:-1], strict=True):
+        for w_out, w_gate in inner:
             h = project(h, w_out) * torch.sigmoid(project(h, w_gate))
-        return log_softplus(project(h, self.out_weights[-1])) + F.logsigmoid(project(h, self.gate_weights[-1]))
+        return log_softplus(project(h, last_out)) + F.logsigmoid(project(h, last_gate))
 
     def orthogonal_weights(self) -> list[torch.Tensor]:
         return list(self.out_weights)

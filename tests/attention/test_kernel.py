@@ -50,10 +50,10 @@ def reference_features(attn: KernelAttention, x: torch.Tensor, scale: float) -> 
     if name == "glu":
         return softplus(linear(x, fmap.weight, fmap.bias)) * sigmoid(linear(x, fmap.gate_weight, fmap.gate_bias))
     if name == "deep":
-        h = x
-        for w_out, w_gate in zip(fmap.out_weights[:-1], fmap.gate_weights[:-1], strict=True):
-            h = linear(h, w_out) * sigmoid(linear(h, w_gate))
-        return softplus(linear(h, fmap.out_weights[-1])) * sigmoid(linear(h, fmap.gate_weights[-1]))
+        h, depth = x, len(fmap.out_weights)
+        for i in range(depth - 1):
+            h = linear(h, fmap.out_weights[i]) * sigmoid(linear(h, fmap.gate_weights[i]))
+        return softplus(linear(h, fmap.out_weights[depth - 1])) * sigmoid(linear(h, fmap.gate_weights[depth - 1]))
     if name == "hedgehog":
         z = linear(x, fmap.weight, fmap.bias)
         damp = torch.exp(-0.5 * (x * x).sum(-1, keepdim=True))
@@ -135,6 +135,20 @@ def test_matches_quadratic_reference(feature_map, mode, pad, num_queries, scale)
     for name, g, g_ref in zip(names, grads, ref_grads, strict=True):
         assert g_ref.abs().max() > 0, f"{name}: reference gradient is zero, the test checks nothing"
         assert_close(f"grad {name}", g_ref, g, 1e-9)
+
+
+@pytest.mark.parametrize("feature_map", MAPS)
+def test_functional_call_reaches_every_parameter(feature_map):
+    """Swapped-in parameters (torch.func, as gradcheck over parameters does) must stay in the graph."""
+    torch.manual_seed(SEED)
+    attn = KernelAttention(2, 4, feature_map=feature_map, depth=3, chunk_size=4).double()
+    params = {n: p.detach().clone().requires_grad_() for n, p in attn.named_parameters()}
+    q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64) for _ in range(3))
+    for causal in (False, True):
+        out = torch.func.functional_call(attn, params, (q, k, v), {"causal": causal})
+        grads = torch.autograd.grad(out.square().sum(), list(params.values()))
+        for name, g in zip(params, grads, strict=True):
+            assert g.abs().max() > 0, f"{name} gets no gradient through functional_call (causal={causal})"
 
 
 def test_feature_maps_registry():
