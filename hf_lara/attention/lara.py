@@ -1,0 +1,228 @@
+"""`lara`: linear randomized attention (Zheng, Wang, Kong, ICML 2022), bidirectional, plus our causal variant.
+
+Notation (ALGORITHMS.md §0, §3): tilde space `x~ = x * scale**0.5`, `xi(x, w) = exp(w.x~ - |x~|^2 / 2)`, and
+`xi(mu, w) = N(w; mu, I) / N(w; 0, I)` for a proposal mean `mu` already in tilde space. Softmax attention is
+`E_{p_n}[f_n(w)]` with target `p_n(w) ∝ N(w; 0, I) xi(q_n, w) Z_n(w)`, `Z_n(w) = sum_m xi(k_m, w)` and
+`f_n(w) = sum_m xi(k_m, w) v_m / Z_n(w)` (sums over the keys query `n` sees). LARA estimates it by
+self-normalised multiple importance sampling with `C` Gaussian proposals `N(mu_c, I)`, one sample `w_c` each:
+
+    out_n = sum_c softmax_c(log w_nc) f_n(w_c),    w_nc = alpha_nc p_n(w_c) / q_c(w_c).
+
+**Bidirectional (the paper).** `f_n(w_c) = f_c` and `Z_n = Z_c` do not depend on `n`. The proposals come from
+`C_eff = min(num_landmarks, N)` segments of the `N` real tokens, segment `c` = positions
+`[floor(c N / C_eff), floor((c + 1) N / C_eff))`; the segment means `q̄_c`, `k̄_c` (tilde space, optionally mapped by
+the `adaptive` `Linear(D, D)` layers, which commute with averaging) give `mu_c = q̄_c + k̄_c`. Training draws
+`w_c = mu_c + eps_c`, `eps_c ~ N(0, I)` in tilde space, one per (batch, head, proposal); eval uses `w_c = mu_c`.
+With `lq_nc = log xi(q_n, w_c)`, `log Z_c = logsumexp_m log xi(k_m, w_c)` and the `C x C` proposal log-densities
+`L_cc' = log xi(mu_c', w_c) = w_c.mu_c' - |mu_c'|^2 / 2`:
+
+* `mis="opt"`: `log w_nc = log alpha_nc + lq_nc + log Z_c - L_cc` with `alpha_nc = max(BH_c + λ (t_nc - mean_c' t_nc'),
+  1e-8)`, balance heuristic `BH_c = exp(L_cc) / sum_c' exp(L_cc')`, `t_nc = softmax_n(q̄_c.q~_n)` (over queries, as
+  in the official code) and `λ = alpha_coeff`;
+* `mis="bh"`: `alpha = 1` and the deterministic mixture density: `log w_nc = lq_nc + log Z_c - logsumexp_c' L_cc'`.
+
+The segments are anchored at the first real token, so this path runs on unpadded groups (`packs_padding`) and
+segment means never average padding. Cost `O(N C D + C^2 D)`; no `N x N` tensor.
+
+**Causal (ours; the paper has none).** Data-dependent proposals cannot be both causal and linear. Segment means over
+the whole sequence leak the future into every query's weights. Means over each query's own prefix are causal, but then
+`mu`, `w`, `f_n(w_c)` and `Z_n(w_c)` differ for every query: `N x C` statistics, each a fresh pass over the keys, i.e.
+quadratic cost. We therefore use `C = num_landmarks` *data-independent* proposals: a learned parameter `proposal_mean`
+`(H, C, D)` (init 0) and a persistent buffer `proposal_noise` `(H, C, D)` (orthogonal Gaussian), `w_c = proposal_mean_c
++ proposal_noise_c` (fixed, so eval is deterministic and a saved model reproduces; `redraw=True` draws fresh noise at
+every training forward). With `f_n(w_c)` and `Z_n(w_c)` restricted to keys `m <= n`, `w_nc f_n(w_c) = sum_{m<=n}
+phi_q(n)_c phi_k(m)_c v_m` and `sum_c w_nc = sum_{m<=n} phi_q(n).phi_k(m)`, so the SNIS estimate is *exactly* causal
+kernel attention with
+
+    lk_mc = log xi(k_m, w_c),
+    lq_nc = log alpha_nc + log xi(q_n, w_c) - log xi(mu_c, w_c)       # "opt"; "bh" uses -logsumexp_c' L_cc'
+
+Here `-log xi(mu_c, w_c) = -|w_c|^2/2 + |w_c - mu_c|^2/2` is the ratio `N(0, I) / N(mu_c, I)` and `t_nc =
+softmax_c(q~_n.mu_c)` is normalised over *proposals* (over queries it would see the future). It runs in linear time
+through `causal_linear_attention` (padding and `Nq < Nk` decoding included). At init (`mu = 0`) `BH_c = 1/C`, `t` is
+uniform and `alpha = 1/C` cancels: causal LARA is exactly RFA with the `C` orthogonal features `proposal_noise`.
+
+Every `lara` module holds `proposal_mean` and `proposal_noise` whatever the mode it will run in (plus `adapt_q`,
+`adapt_k` when `adaptive=True`), so saving and loading are uniform; each mode reads only its own tensors: the
+bidirectional path never touches `proposal_mean`/`proposal_noise` and the causal path never touches the adaptive
+maps. The unused ones get no gradient (DDP then needs `find_unused_parameters=True`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AttentionEstimator, check_choice, check_float, check_int, register_estimator
+from .linear import DEFAULT_CHUNK_SIZE, causal_linear_attention
+from .random_features import orthogonal_gaussian, positive_random_log_features
+
+MIS_TYPES = ("opt", "bh")
+_ALPHA_FLOOR = 1e-8
+
+
+def segment_means(x: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Means of `x` `(b, H, N, D)` over the segments `[floor(c N / C), floor((c + 1) N / C))` -> `(b, H, C, D)`.
+
+    Position `p` lies in segment `ceil((p + 1) C / N) - 1`; an averaging matrix `(C, N)` keeps the cost linear.
+    """
+    N = x.shape[2]
+    positions = torch.arange(N, device=x.device)
+    segment = torch.div((positions + 1) * num_segments + N - 1, N, rounding_mode="floor") - 1
+    one_hot = F.one_hot(segment, num_segments).to(x.dtype).transpose(0, 1)  # (C, N)
+    return (one_hot / one_hot.sum(-1, keepdim=True)) @ x
+
+
+def proposal_log_density(omega: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """`L[c, c'] = log xi(mu_c', w_c) = log N(w_c; mu_c', I) - log N(w_c; 0, I)`, shape `(..., C, C)`."""
+    return omega @ mu.transpose(-1, -2) - 0.5 * (mu * mu).sum(-1)[..., None, :]
+
+
+def log_alpha(log_density: torch.Tensor, t: torch.Tensor, alpha_coeff: float) -> torch.Tensor:
+    """`log max(BH_c + λ (t_nc - mean_c t_nc), 1e-8)` `(..., N, C)` for `L` `(..., C, C)` and `t` `(..., N, C)`."""
+    own = torch.diagonal(log_density, dim1=-2, dim2=-1)
+    balance = torch.exp(own - torch.logsumexp(log_density, dim=-1))[..., None, :]  # (..., 1, C)
+    alpha = balance + alpha_coeff * (t - t.mean(dim=-1, keepdim=True))
+    return torch.log(alpha.clamp_min(_ALPHA_FLOOR))
+
+
+def log_inverse_proposal(log_density: torch.Tensor, mis: str) -> torch.Tensor:
+    """`-log q_c(w_c)` relative to `N(0, I)`: own proposal ("opt") or the equal-weight mixture ("bh"), `(..., C)`."""
+    if mis == "opt":
+        return -torch.diagonal(log_density, dim1=-2, dim2=-1)
+    return -torch.logsumexp(log_density, dim=-1)
+
+
+def _affine(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` in the dtype of `x` (fp64 tests run fp32 layers)."""
+    return F.linear(x, layer.weight.to(x.dtype), layer.bias.to(x.dtype))
+
+
+@register_estimator("lara")
+class LinearRandomizedAttention(AttentionEstimator):
+    """Linear randomized attention; bidirectional as in the paper, causal with learned data-independent proposals.
+
+    Args:
+        num_heads (`int`): number of heads `H`.
+        head_dim (`int`): head dimension `D`.
+        num_landmarks (`int`, *optional*, defaults to 64): proposals `C` (segments when bidirectional).
+        mis (`str`, *optional*, defaults to `"opt"`): multiple-importance weights, `"opt"` (balance heuristic plus
+            query-specific correction) or `"bh"` (deterministic mixture).
+        alpha_coeff (`float`, *optional*, defaults to 1.0): `λ` >= 0 of the `"opt"` correction (2.0 in the paper's
+            ImageNet runs).
+        adaptive (`bool`, *optional*, defaults to `False`): map the segment means through `Linear(D, D)` layers
+            `adapt_q`, `adapt_k` (shared across heads, initialised to the identity). Bidirectional only.
+        redraw (`bool`, *optional*, defaults to `False`): causal only; fresh `proposal_noise` at every training pass.
+        chunk_size (`int`, *optional*, defaults to 64): chunk length of the causal path.
+
+    >>> attn = LinearRandomizedAttention(num_heads=2, head_dim=16, num_landmarks=8)
+    """
+
+    packs_padding = True
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_landmarks: int = 64,
+        mis: str = "opt",
+        alpha_coeff: float = 1.0,
+        adaptive: bool = False,
+        redraw: bool = False,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        super().__init__(num_heads, head_dim)
+        self.num_landmarks = check_int("num_landmarks", num_landmarks)
+        self.mis = check_choice("mis", mis, MIS_TYPES)
+        self.alpha_coeff = check_float("alpha_coeff", alpha_coeff, minimum=0.0)
+        self.chunk_size = check_int("chunk_size", chunk_size)
+        self.adaptive = bool(adaptive)
+        self.redraw = bool(redraw)
+        self.adapt_q = self._identity_map() if self.adaptive else None
+        self.adapt_k = self._identity_map() if self.adaptive else None
+        self.proposal_mean = nn.Parameter(torch.zeros(num_heads, num_landmarks, head_dim))
+        self.register_buffer("proposal_noise", self.draw_noise(), persistent=True)
+
+    def _identity_map(self) -> nn.Linear:
+        layer = nn.Linear(self.head_dim, self.head_dim)
+        with torch.no_grad():
+            layer.weight.copy_(torch.eye(self.head_dim))
+            layer.bias.zero_()
+        return layer
+
+    def draw_noise(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A fresh `(H, C, D)` orthogonal Gaussian draw for the causal proposals."""
+        return orthogonal_gaussian(self.num_heads, self.num_landmarks, self.head_dim, generator=generator)
+
+    def landmarks(self, q_t: torch.Tensor, k_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segment means `q̄`, `k̄` `(b, H, C_eff, D)` of tilde-space `q_t`, `k_t` `(b, H, N, D)`, adapted if asked."""
+        num_segments = min(self.num_landmarks, q_t.shape[2])
+        q_bar, k_bar = segment_means(q_t, num_segments), segment_means(k_t, num_segments)
+        if self.adaptive:
+            q_bar, k_bar = _affine(self.adapt_q, q_bar), _affine(self.adapt_k, k_bar)
+        return q_bar, k_bar
+
+    def mixture(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bidirectional LARA on unpadded `q`, `k`, `v` `(b, H, N, D)`.
+
+        Args:
+            noise (`torch.Tensor` of shape `(b, H, C_eff, D)`, *optional*): the tilde-space `eps_c`; drawn from
+                `N(0, I)` in training and zero in eval when not given.
+
+        Returns:
+            The unnormalised log weights `log w` `(b, H, N, C_eff)` and the proposal values `f` `(b, H, C_eff, D)`;
+            the output is `softmax(log w, -1) @ f`.
+        """
+        q_t, k_t = q * scale**0.5, k * scale**0.5
+        q_bar, k_bar = self.landmarks(q_t, k_t)
+        mu = q_bar + k_bar
+        if noise is None and self.training:
+            noise = torch.randn_like(mu)
+        omega = mu if noise is None else mu + noise.to(mu.dtype)
+        lq = positive_random_log_features(q_t, omega)  # (b, H, N, C)
+        lk = positive_random_log_features(k_t, omega)  # (b, H, N, C)
+        f = torch.softmax(lk, dim=2).transpose(-1, -2) @ v  # (b, H, C, D)
+        log_density = proposal_log_density(omega, mu)  # (b, H, C, C)
+        log_w = lq + (torch.logsumexp(lk, dim=2) + log_inverse_proposal(log_density, self.mis))[:, :, None, :]
+        if self.mis == "opt":
+            t = torch.softmax(q_t @ q_bar.transpose(-1, -2), dim=2)  # normalised over queries
+            log_w = log_w + log_alpha(log_density, t, self.alpha_coeff)
+        return log_w, f
+
+    def causal_log_features(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log features `lq` `(B, H, Nq, C)`, `lk` `(B, H, Nk, C)` of causal LARA (see the module docstring)."""
+        q_t, k_t = q * scale**0.5, k * scale**0.5
+        mu = self.proposal_mean.to(q.dtype)  # (H, C, D)
+        noise = self.draw_noise().to(mu.device) if (self.training and self.redraw) else self.proposal_noise
+        omega = mu + noise.to(mu.dtype)
+        log_density = proposal_log_density(omega, mu)  # (H, C, C)
+        lq = positive_random_log_features(q_t, omega) + log_inverse_proposal(log_density, self.mis)[:, None, :]
+        if self.mis == "opt":
+            t = torch.softmax(q_t @ mu.transpose(-1, -2), dim=-1)  # normalised over proposals: stays causal
+            lq = lq + log_alpha(log_density, t, self.alpha_coeff)
+        return lq, positive_random_log_features(k_t, omega)
+
+    def attend_causal(self, q, k, v, key_mask, scale):
+        lq, lk = self.causal_log_features(q, k, scale)
+        return causal_linear_attention(lq, lk, v, key_mask, self.chunk_size)[0]
+
+    def attend_unpadded(self, q, k, v, causal, scale):
+        if causal:
+            return self.attend_causal(q, k, v, None, scale)
+        log_w, f = self.mixture(q, k, v, scale)
+        return torch.softmax(log_w, dim=-1) @ f
+
+    def _attend_packed(self, q, k, v, padding_mask, causal, scale):
+        # causal proposals ignore the data, so padding is masked in place rather than packed away
+        if causal:
+            return self.attend_causal(q, k, v, padding_mask, scale)
+        return super()._attend_packed(q, k, v, padding_mask, causal, scale)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, num_landmarks={self.num_landmarks}, mis={self.mis!r}, "
+            f"alpha_coeff={self.alpha_coeff}, adaptive={self.adaptive}"
+        )
