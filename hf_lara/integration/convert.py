@@ -41,6 +41,8 @@ def convert(model: PreTrainedModel, method: str, layers: list[int] | None = None
     attach_estimators(model, config, family, like_model=True)
     # modules keep references to the config object, so convert that object rather than replacing it
     model.config.__class__ = family.config_class
+    # loaded configs carry their file's `model_type` as an instance attribute, which would hide the new class's
+    vars(model.config).pop("model_type", None)
     for name in LARA_FIELDS:
         setattr(model.config, name, getattr(config, name))
     model.__class__ = converted_class

@@ -1,0 +1,79 @@
+"""`hf_lara.convert` on in-memory models: in place, selected layers only, save/load round trip, re-conversion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_lara
+from hf_lara.integration import ESTIMATOR_ATTR, FAMILIES as REGISTRY
+
+from .utils import FAMILIES, SETUPS, assert_close, hparams, load_base, make_inputs, run
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_convert_in_place_then_round_trip(family, base_checkpoints, tmp_path):
+    setup = SETUPS[family]
+    inputs = make_inputs(setup)
+    model = load_base(setup, base_checkpoints[family])
+    base_class, expected = type(model), run(model, inputs)
+    weight = next(model.parameters())
+
+    converted = hf_lara.convert(model, method="rfa", layers=[0], **hparams("rfa"))
+    assert converted is model and next(model.parameters()) is weight
+    assert type(model).__name__ == f"Lara{base_class.__name__}" and isinstance(model, base_class)
+    assert model.config.model_type == f"lara_{family}" and model.config.lara_layers == [0]
+    modules = REGISTRY[family].attention_modules(model)
+    assert [hasattr(m, ESTIMATOR_ATTR) for m in modules] == [True, False]
+    out = run(model, inputs)
+    assert (out - expected).abs().max() > 1e-6  # the output changed
+
+    model.save_pretrained(tmp_path)
+    reloaded = setup.auto_class.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(model)
+    assert torch.equal(run(reloaded, inputs), out)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_softmax_convert_is_the_identity(family, base_checkpoints):
+    setup = SETUPS[family]
+    inputs = make_inputs(setup)
+    model = load_base(setup, base_checkpoints[family])
+    expected = run(model, inputs)
+    assert_close(run(hf_lara.convert(model, method="softmax"), inputs), expected)
+
+
+def test_convert_again_replaces_the_estimators(base_checkpoints):
+    setup = SETUPS["gpt2"]
+    inputs = make_inputs(setup)
+    model = load_base(setup, base_checkpoints["gpt2"])
+    expected = run(model, inputs)
+    hf_lara.convert(model, method="rfa", **hparams("rfa"))
+    hf_lara.convert(model, method="rfa", layers=[1])  # same method: earlier hyper-parameters are kept
+    assert model.config.lara_hparams == hparams("rfa") and list(model.lara_estimators()) == [1]
+    hf_lara.convert(model, method="softmax")
+    assert model.config.lara_hparams == {} and model.config.lara_layers == [1]
+    assert_close(run(model, inputs), expected)
+
+
+def test_convert_keeps_device_dtype_and_mode(base_checkpoints):
+    setup = SETUPS["llama"]
+    model = setup.auto_class.from_pretrained(base_checkpoints["llama"], dtype=torch.float64).train()
+    hf_lara.convert(model, method="rfa")
+    for estimator in model.lara_estimators().values():
+        assert estimator.training and estimator.projection.dtype == torch.float64
+    model.eval()
+    out = run(model, make_inputs(setup))
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+
+
+def test_failed_convert_leaves_the_model_untouched(base_checkpoints):
+    setup = SETUPS["bert"]
+    model = load_base(setup, base_checkpoints["bert"])
+    with pytest.raises(ValueError, match="num_features"):
+        hf_lara.convert(model, method="rfa", num_features=0)
+    with pytest.raises(ValueError, match="layers"):
+        hf_lara.convert(model, method="rfa", layers=[5])
+    assert type(model).__name__ == "BertForMaskedLM" and model.config.model_type == "bert"
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(ESTIMATOR_ATTR in name for name, _ in model.named_modules())
