@@ -50,9 +50,7 @@ class LaraConfig:
     def validate_lara(self) -> None:
         """Check the `lara_*` fields (the estimator's own checks run when it is built)."""
         if self.lara_method is not None and self.lara_method not in available_methods():
-            raise ValueError(
-                f"`method` must be one of {', '.join(available_methods())}, got {self.lara_method!r}."
-            )
+            raise ValueError(f"`method` must be one of {', '.join(available_methods())}, got {self.lara_method!r}.")
         if not isinstance(self.lara_hparams, dict) or not all(isinstance(k, str) for k in self.lara_hparams):
             raise TypeError(f"`lara_hparams` must be a dict keyed by hyper-parameter name, got {self.lara_hparams!r}.")
         try:
@@ -61,7 +59,9 @@ class LaraConfig:
             raise TypeError(f"`lara_hparams` must be JSON serialisable to be saved: {error}") from None
         layers = self.lara_layers
         if layers is not None:
-            if isinstance(layers, int | str) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            if isinstance(layers, int | str) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in layers
+            ):
                 raise TypeError(f"`layers` must be a list of layer indices or None, got {layers!r}.")
             if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
                 raise ValueError(f"`layers` must hold distinct non-negative layer indices, got {list(layers)}.")
@@ -149,7 +149,9 @@ class LaraConfig:
             raise ValueError(f"`method` is required to convert a `{config.model_type}` config.")
         data = {k: v for k, v in config.to_dict().items() if not k.startswith("_attn_implementation")}
         data.pop("model_type", None)
-        data.update(lara_method=method, lara_hparams=dict(hparams), lara_layers=None if layers is None else list(layers))
+        data.update(
+            lara_method=method, lara_hparams=dict(hparams), lara_layers=None if layers is None else list(layers)
+        )
         converted = family.config_class(**data)
         # fail now, not at the first forward, on bad hyper-parameters
         with torch.device("cpu"):

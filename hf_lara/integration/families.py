@@ -121,7 +121,9 @@ def register_family(
     if not attention_classes:
         raise ValueError(f"No self-attention class calling `AttentionInterface` found in `{modeling.__name__}`.")
     lara_config = make_config_class(config_class)
-    family = Family(model_type, config_class, lara_config, attention_classes, head_shape=head_shape or default_head_shape)
+    family = Family(
+        model_type, config_class, lara_config, attention_classes, head_shape=head_shape or default_head_shape
+    )
     AutoConfig.register(lara_config.model_type, lara_config, exist_ok=True)
     for auto_class, classes in by_auto.items():
         for base in classes:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import hf_lara
-from hf_lara.integration import ESTIMATOR_ATTR, FAMILIES as REGISTRY
+from hf_lara.integration import ESTIMATOR_ATTR
+from hf_lara.integration import FAMILIES as REGISTRY
 
 from .utils import FAMILIES, SETUPS, assert_close, hparams, load_base, make_inputs, run
 

@@ -41,7 +41,10 @@ def test_expected_auto_classes_are_covered():
 
 def test_register_family_adds_a_new_family(tmp_path):
     config_class = hf_lara.register_family(transformers.ElectraConfig)
-    assert config_class.model_type == "lara_electra" and hf_lara.register_family(transformers.ElectraConfig) is config_class
+    assert (
+        config_class.model_type == "lara_electra"
+        and hf_lara.register_family(transformers.ElectraConfig) is config_class
+    )
     assert "electra" in hf_lara.supported_families()
     torch.manual_seed(0)
     config = transformers.ElectraConfig(

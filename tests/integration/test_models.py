@@ -34,13 +34,17 @@ def test_forward_save_load_round_trip(family, method, base_checkpoints, tmp_path
 
     model.save_pretrained(tmp_path)
     # the folder holds what loading needs and nothing else; the added weights are exactly the `lara_attention.*` ones
-    expected_files = {"config.json", "model.safetensors"} | ({"generation_config.json"} if model.can_generate() else set())
+    expected_files = {"config.json", "model.safetensors"} | (
+        {"generation_config.json"} if model.can_generate() else set()
+    )
     assert set(os.listdir(tmp_path)) == expected_files
     added = saved_keys(tmp_path) - saved_keys(base_checkpoints[family])
     assert all(f".{ESTIMATOR_ATTR}." in key for key in added)
     # (ViT/DeiT save under their pre-v5 module names, so compare names from the estimator on)
     expected_added = {k for k in model.state_dict() if f".{ESTIMATOR_ATTR}." in k}
-    assert sorted(k.split(ESTIMATOR_ATTR)[1] for k in added) == sorted(k.split(ESTIMATOR_ATTR)[1] for k in expected_added)
+    assert sorted(k.split(ESTIMATOR_ATTR)[1] for k in added) == sorted(
+        k.split(ESTIMATOR_ATTR)[1] for k in expected_added
+    )
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["lara_method"] == method and saved["model_type"] == f"lara_{family}"
 
@@ -76,7 +80,9 @@ def padded_batch(setup, lengths: list[int]) -> tuple[dict[str, torch.Tensor], li
         seq = make_inputs(setup, batch=1, seq_len=n, seed=row)["input_ids"][0]
         span = slice(longest - n, longest) if left else slice(0, n)
         ids[row, span], mask[row, span] = seq, 1
-        alone.append(with_positions(setup, {"input_ids": seq[None], "attention_mask": torch.ones(1, n, dtype=torch.long)}))
+        alone.append(
+            with_positions(setup, {"input_ids": seq[None], "attention_mask": torch.ones(1, n, dtype=torch.long)})
+        )
     return with_positions(setup, {"input_ids": ids, "attention_mask": mask}), alone
 
 
@@ -119,7 +125,9 @@ def test_teacher_switch_and_hybrid_layers(family, base_checkpoints):
     model.set_attn_implementation("hf_lara")
     assert torch.equal(run(model, inputs), student)
     # an explicit implementation at load time also gives the teacher
-    teacher = setup.auto_class.from_pretrained(base_checkpoints[family], config=model.config, attn_implementation="sdpa")
+    teacher = setup.auto_class.from_pretrained(
+        base_checkpoints[family], config=model.config, attn_implementation="sdpa"
+    )
     assert_close(run(teacher.eval(), inputs), expected, msg="teacher loaded with attn_implementation='sdpa'")
 
 

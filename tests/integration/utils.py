@@ -31,8 +31,15 @@ VOCAB = 99
 
 TEXT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
 DECODER = dict(TEXT, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=12,
-              patch_size=4, num_labels=3)
+VISION = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    image_size=12,
+    patch_size=4,
+    num_labels=3,
+)
 
 
 @dataclass(frozen=True)
@@ -53,26 +60,74 @@ class Setup:
 
 
 SETUPS = {
-    "bert": Setup("bert", transformers.BertConfig, dict(TEXT, max_position_embeddings=64),
-                  transformers.AutoModelForMaskedLM, "encoder"),
-    "roberta": Setup("roberta", transformers.RobertaConfig, dict(TEXT, max_position_embeddings=64, pad_token_id=1),
-                     transformers.AutoModelForSequenceClassification, "encoder"),
-    "distilbert": Setup("distilbert", transformers.DistilBertConfig,
-                        dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64),
-                        transformers.AutoModel, "encoder"),
-    "gpt2": Setup("gpt2", transformers.GPT2Config,
-                  dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
-                       eos_token_id=2, pad_token_id=0, scale_attn_by_inverse_layer_idx=True),
-                  transformers.AutoModelForCausalLM, "decoder"),
-    "llama": Setup("llama", transformers.LlamaConfig, dict(DECODER, num_key_value_heads=2),
-                   transformers.AutoModelForCausalLM, "decoder"),
-    "mistral": Setup("mistral", transformers.MistralConfig, dict(DECODER, num_key_value_heads=1, sliding_window=None),
-                     transformers.AutoModelForCausalLM, "decoder"),
-    "qwen2": Setup("qwen2", transformers.Qwen2Config, dict(DECODER, num_key_value_heads=2),
-                   transformers.AutoModelForCausalLM, "decoder"),
+    "bert": Setup(
+        "bert",
+        transformers.BertConfig,
+        dict(TEXT, max_position_embeddings=64),
+        transformers.AutoModelForMaskedLM,
+        "encoder",
+    ),
+    "roberta": Setup(
+        "roberta",
+        transformers.RobertaConfig,
+        dict(TEXT, max_position_embeddings=64, pad_token_id=1),
+        transformers.AutoModelForSequenceClassification,
+        "encoder",
+    ),
+    "distilbert": Setup(
+        "distilbert",
+        transformers.DistilBertConfig,
+        dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64),
+        transformers.AutoModel,
+        "encoder",
+    ),
+    "gpt2": Setup(
+        "gpt2",
+        transformers.GPT2Config,
+        dict(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            scale_attn_by_inverse_layer_idx=True,
+        ),
+        transformers.AutoModelForCausalLM,
+        "decoder",
+    ),
+    "llama": Setup(
+        "llama",
+        transformers.LlamaConfig,
+        dict(DECODER, num_key_value_heads=2),
+        transformers.AutoModelForCausalLM,
+        "decoder",
+    ),
+    "mistral": Setup(
+        "mistral",
+        transformers.MistralConfig,
+        dict(DECODER, num_key_value_heads=1, sliding_window=None),
+        transformers.AutoModelForCausalLM,
+        "decoder",
+    ),
+    "qwen2": Setup(
+        "qwen2",
+        transformers.Qwen2Config,
+        dict(DECODER, num_key_value_heads=2),
+        transformers.AutoModelForCausalLM,
+        "decoder",
+    ),
     "vit": Setup("vit", transformers.ViTConfig, VISION, transformers.AutoModelForImageClassification, "vision"),
     # AutoModelForImageClassification maps DeiT to two classes and picks one by `architectures`
-    "deit": Setup("deit", transformers.DeiTConfig, dict(VISION, architectures=["DeiTForImageClassification"]), transformers.AutoModelForImageClassification, "vision"),
+    "deit": Setup(
+        "deit",
+        transformers.DeiTConfig,
+        dict(VISION, architectures=["DeiTForImageClassification"]),
+        transformers.AutoModelForImageClassification,
+        "vision",
+    ),
 }
 FAMILIES = list(SETUPS)
 
