@@ -140,8 +140,8 @@ class AttentionEstimator(nn.Module):
 
     Subclasses implement `attend(q, k, v, key_mask, causal, scale)` on fp32/fp64 tensors. `key_mask` is `(B, Nk)`
     bool or None and queries are the last `Nq` key positions. Subclasses that anchor chunks or landmarks at
-    position 0 set `packs_padding = True` and implement `attend_unpadded(q, k, v, causal, scale)` instead, which
-    receives groups with the padding cut away, so that boundaries never move with padding.
+    position 0 return True from `packs_padding(causal)` and implement `attend_unpadded(q, k, v, causal, scale)`,
+    which receives groups with the padding cut away, so that boundaries never move with padding.
     """
 
     method: ClassVar[str] = ""
@@ -149,7 +149,6 @@ class AttentionEstimator(nn.Module):
     is_linear: ClassVar[bool] = True
     #: True when the output is a convex combination of the attended values.
     is_convex: ClassVar[bool] = True
-    packs_padding: ClassVar[bool] = False
 
     def __init__(self, num_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -176,11 +175,15 @@ class AttentionEstimator(nn.Module):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if padding_mask is not None and bool(padding_mask.all()):
             padding_mask = None
-        if self.packs_padding:
+        if self.packs_padding(causal):
             out = self._attend_packed(q, k, v, padding_mask, causal, scale)
         else:
             out = self.attend(q, k, v, padding_mask, causal, scale)
         return out.to(input_dtype)
+
+    def packs_padding(self, causal: bool) -> bool:
+        """Whether this mode runs on unpadded groups (`attend_unpadded`) rather than masks (`attend`)."""
+        return False
 
     def attend(self, q, k, v, key_mask, causal, scale):  # pragma: no cover - abstract
         raise NotImplementedError

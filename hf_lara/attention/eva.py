@@ -229,9 +229,11 @@ class EVAAttention(AttentionEstimator):
     >>> attn = EVAAttention(num_heads=2, head_dim=16, window_size=32, num_chunks=16, chunk_size=8)
     """
 
-    packs_padding = True
     # no N x N tensor anywhere; the bidirectional cost is linear, the causal one O(N (E + N / P) D)
     is_linear = True
+
+    def packs_padding(self, causal: bool) -> bool:
+        return True
 
     def __init__(
         self,

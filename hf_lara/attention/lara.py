@@ -119,7 +119,6 @@ class LinearRandomizedAttention(AttentionEstimator):
     >>> attn = LinearRandomizedAttention(num_heads=2, head_dim=16, num_landmarks=8)
     """
 
-    packs_padding = True
 
     def __init__(
         self,
@@ -210,16 +209,15 @@ class LinearRandomizedAttention(AttentionEstimator):
         return causal_linear_attention(lq, lk, v, key_mask, self.chunk_size)[0]
 
     def attend_unpadded(self, q, k, v, causal, scale):
-        if causal:
-            return self.attend_causal(q, k, v, None, scale)
         log_w, f = self.mixture(q, k, v, scale)
         return torch.softmax(log_w, dim=-1) @ f
 
-    def _attend_packed(self, q, k, v, padding_mask, causal, scale):
+    def packs_padding(self, causal: bool) -> bool:
         # causal proposals ignore the data, so padding is masked in place rather than packed away
-        if causal:
-            return self.attend_causal(q, k, v, padding_mask, scale)
-        return super()._attend_packed(q, k, v, padding_mask, causal, scale)
+        return not causal
+
+    def attend(self, q, k, v, key_mask, causal, scale):
+        return self.attend_causal(q, k, v, key_mask, scale)
 
     def extra_repr(self) -> str:
         return (

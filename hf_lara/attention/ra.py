@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .base import AttentionEstimator, check_int, register_estimator
-from .naive import masked_softmax_average, visibility_mask
+from .naive import visibility_mask
 
 
 def attention_probs(logits: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -49,9 +49,14 @@ def sample_omega(q_t: torch.Tensor, k_t: torch.Tensor, probs: torch.Tensor, num_
 
 def key_average(omega: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """`f(w)` for every sample: `omega` `(B, H, Nq, S, D)`, `k_t`, `v` `(B, H, Nk, D)` -> `(B, H, Nq, S, D)`."""
-    logits = omega @ k_t[:, :, None].transpose(-1, -2)  # (B, H, Nq, S, Nk)
-    logits = logits - 0.5 * (k_t * k_t).sum(-1)[:, :, None, None, :]
-    return masked_softmax_average(logits, v[:, :, None], visible[:, :, :, None])
+    B, H, Nq, S, D = omega.shape
+    # one (Nq * S) x Nk product per head rather than Nq tiny ones
+    logits = omega.reshape(B, H, Nq * S, D) @ k_t.transpose(-1, -2)
+    logits = (logits - 0.5 * (k_t * k_t).sum(-1)[:, :, None, :]).reshape(B, H, Nq, S, -1)
+    has_key = visible.any(-1, keepdim=True)[:, :, :, None]
+    logits = logits.masked_fill(~visible[:, :, :, None], float("-inf")).masked_fill(~has_key, 0.0)
+    probs = torch.softmax(logits, dim=-1) * has_key
+    return (probs.reshape(B, H, Nq * S, -1) @ v).reshape(B, H, Nq, S, -1)
 
 
 @register_estimator("ra")
