@@ -127,7 +127,8 @@ def softmax_fallback(
             batch_size=query.shape[0],
             q_length=Nq,
             kv_length=Nk,
-            q_offset=Nk - Nq,
+            # causal queries are the last Nq positions (cached decoding); cross-attention has no offset
+            q_offset=Nk - Nq if causal else 0,
             mask_function=mask_function,
             attention_mask=attention_mask,
             allow_is_causal_skip=causal and not window,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import hf_lara
 from hf_lara.integration import ESTIMATOR_ATTR
@@ -78,3 +79,40 @@ def test_failed_convert_leaves_the_model_untouched(base_checkpoints):
     assert type(model).__name__ == "BertForMaskedLM" and model.config.model_type == "bert"
     assert model.config._attn_implementation == "sdpa"
     assert not any(ESTIMATOR_ATTR in name for name, _ in model.named_modules())
+
+
+def test_gradients_reach_base_weights_and_estimator_parameters(base_checkpoints):
+    setup = SETUPS["llama"]
+    model = load_base(setup, base_checkpoints["llama"])
+    hf_lara.convert(model, method="kernel", **hparams("kernel")).train()
+    inputs = make_inputs(setup)
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    for estimator in model.lara_estimators().values():
+        params = list(estimator.parameters())
+        assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_cross_attention_stays_exact_softmax(family):
+    """Decoders with cross-attention: only self-attention is converted; cross-attention keeps softmax and its mask."""
+    torch.manual_seed(0)
+    if family == "bert":
+        config = transformers.BertConfig(**SETUPS["bert"].config_kwargs, is_decoder=True, add_cross_attention=True)
+        model = transformers.BertLMHeadModel(config).eval()
+    else:
+        config = transformers.GPT2Config(**SETUPS["gpt2"].config_kwargs, add_cross_attention=True)
+        model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(3, 99, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "encoder_hidden_states": torch.randn(2, 5, 32),
+        "encoder_attention_mask": torch.tensor([[1] * 3 + [0] * 2, [1] * 5]),
+    }
+    expected = run(model, inputs) * mask[..., None]
+    hf_lara.convert(model, method="softmax")
+    assert len(model.lara_estimators()) == 2
+    assert not any(hasattr(m, ESTIMATOR_ATTR) for n, m in model.named_modules() if "cross" in n)
+    assert_close(run(model, inputs) * mask[..., None], expected)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache
+
+import hf_lara
 
 from .utils import METHODS, SETUPS, assert_close, load_converted, make_inputs
 
@@ -68,3 +71,22 @@ def test_cached_prefill_and_steps_equal_the_full_forward(family, method, layers,
             step_logits.append(out.logits)
     cached = torch.cat(step_logits, dim=1)
     assert_close(cached * mask[..., None], full * mask[..., None], msg="cached decoding vs full forward")
+
+
+def test_layers_left_on_softmax_keep_sliding_window_and_cache_offsets():
+    """Mistral with a window shorter than the input: unconverted layers equal the original, cached or not."""
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(**dict(SETUPS["mistral"].config_kwargs, sliding_window=4))
+    model = transformers.MistralForCausalLM(config).eval()
+    ids, mask = left_padded([make_inputs(SETUPS["mistral"], 1, n, seed=n)["input_ids"][0] for n in (10, 7)], pad=0)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    expected_tokens, expected_logits = greedy(model, ids, mask)
+    hf_lara.convert(model, method="softmax", layers=[])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    assert_close(out * mask[..., None], expected * mask[..., None])
+    tokens, logits = greedy(model, ids, mask)
+    assert torch.equal(tokens, expected_tokens)
+    assert_close(logits, expected_logits)
