@@ -6,6 +6,11 @@ Converted models set `config._attn_implementation = "hf_lara"`. Transformers the
 2. calls `lara_attention_forward` in every attention layer. Layers that carry an estimator (the attribute
    `lara_attention`) run it; layers left out by `layers=` keep exact softmax through Transformers' own SDPA function,
    with the 4-D mask they need rebuilt from the 2-D one for them alone.
+
+Decoding uses Transformers' KV cache: each step the estimator attends the new queries (the last `Nq` positions) over
+the whole cache. That is exact for every estimator but costs O(n) per generated token, not O(1). Estimators see
+padding only through the 2-D mask: sequences packed without an `attention_mask` are not separated, and sliding
+windows (Mistral) are ignored by converted layers (a warning says so once) but kept by the softmax ones.
 """
 
 from __future__ import annotations

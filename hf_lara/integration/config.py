@@ -132,7 +132,13 @@ class LaraConfig:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         hub_kwargs = {name: kwargs.pop(name) for name in HUB_KWARGS if name in kwargs}
         base = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        return LaraConfig.from_config(base, method=method, layers=layers, **kwargs)
+        converted = LaraConfig.from_config(base, method=method, layers=layers, **kwargs)
+        if not isinstance(converted, cls):
+            raise ValueError(
+                f"`{cls.__name__}` cannot convert a `{base.model_type}` checkpoint; use `hf_lara.LaraConfig`, which "
+                "picks the family's class."
+            )
+        return converted
 
     @staticmethod
     def from_config(

@@ -104,3 +104,13 @@ def test_converted_class_refuses_a_base_config():
         model_class(transformers.BertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1))
     with pytest.raises(ValueError, match="`method` is required"):
         hf_lara.LaraConfig.from_config(transformers.BertConfig())
+
+
+def test_family_classes_load_like_any_config(base_checkpoints, tmp_path):
+    converted = hf_lara.LaraConfig.from_pretrained(base_checkpoints["llama"], method="rfa")
+    converted.save_pretrained(tmp_path)
+    assert hf_lara.LaraLlamaConfig.from_pretrained(tmp_path).lara_method == "rfa"
+    assert hf_lara.LaraLlamaConfig.from_pretrained(base_checkpoints["llama"], method="ra").lara_method == "ra"
+    assert type(hf_lara.LaraConfig.from_dict(converted.to_dict())) is hf_lara.LaraLlamaConfig
+    with pytest.raises(ValueError, match="`LaraBertConfig` cannot convert a `llama` checkpoint"):
+        hf_lara.LaraBertConfig.from_pretrained(base_checkpoints["llama"], method="rfa")
