@@ -139,6 +139,11 @@ def test_new_estimators_get_their_own_init_not_the_family_init(base_checkpoints)
             for proj in (estimator.chunk_key_proj, estimator.proposal_proj):
                 assert torch.equal(proj.weight, torch.eye(proj.weight.shape[0]))  # identity, not normal(0, 0.02)
                 assert torch.equal(proj.bias, torch.zeros_like(proj.bias))
+    if "kernel" in METHODS:
+        kernel = load_converted(setup, base_checkpoints["bert"], "kernel", feature_init="identity")
+        fresh = kernel.config.build_estimator(4, 8).state_dict()
+        for estimator in kernel.lara_estimators().values():
+            assert all(torch.equal(t, fresh[name]) for name, t in estimator.state_dict().items())
     rfa = load_converted(setup, base_checkpoints["bert"], "rfa")
     for estimator in rfa.lara_estimators().values():
         omega = estimator.projection
