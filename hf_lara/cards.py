@@ -110,7 +110,9 @@ def _check_base_model(base_model: str | None) -> str | None:
     try:
         validate_repo_id(base_model)
     except HFValidationError as error:
-        raise ValueError(f"`base_model` must be a Hub repository id like 'org/name', got {base_model!r}: {error}")
+        raise ValueError(
+            f"`base_model` must be a Hub repository id like 'org/name', got {base_model!r}: {error}"
+        ) from None
     return base_model
 
 

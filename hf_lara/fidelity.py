@@ -347,7 +347,7 @@ def plot_attention_error(
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.5, 4.2), dpi=120)
     markers = "osD^v<>ph*"
     for i, (label, report) in enumerate(reports.items()):
         errors = report.attention_error_end_to_end if end_to_end else report.attention_error
@@ -362,7 +362,7 @@ def plot_attention_error(
     ax.set_ylabel("relative MSE vs softmax" + (" (end to end)" if end_to_end else ""))
     ax.set_title(title or "Attention-output error per layer")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -94,7 +94,9 @@ def _resolve_token(token: str | None) -> str:
 def _check_folder(folder: Path) -> list[Path]:
     """The files to upload from a converted checkpoint folder (README.md excepted); raises if it is not one."""
     if not folder.is_dir():
-        raise ValueError(f"`{folder}` is not a folder. Pass a folder written by `save_pretrained` or `hf-lara convert`.")
+        raise ValueError(
+            f"`{folder}` is not a folder. Pass a folder written by `save_pretrained` or `hf-lara convert`."
+        )
     for name in REQUIRED_FILES:
         if not (folder / name).is_file():
             raise ValueError(f"`{folder}` has no {name}: it is not a saved model folder.")
@@ -190,9 +192,7 @@ def _commit(endpoint, token, repo_id, operations, message, private, revision, cr
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision is not None and revision != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.create_commit(
-            repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr
-        )
+        info = api.create_commit(repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr)
         present = set(api.list_repo_files(repo_id, revision=info.oid))
     except OfflineModeIsEnabled as error:
         raise HubError(f"`HF_HUB_OFFLINE` is set, so the Hub cannot be reached: {error}") from None

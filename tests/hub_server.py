@@ -199,8 +199,12 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(500, "Internal", "preupload failed (injected)")
         files = json.loads(self.body())["files"]
         modes = [
-            {"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular",
-             "shouldIgnore": False, "oid": None}
+            {
+                "path": f["path"],
+                "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular",
+                "shouldIgnore": False,
+                "oid": None,
+            }
             for f in files
         ]
         self.send(200, {"files": modes, "commitOid": self.state.resolve(repo, revision)})
@@ -250,7 +254,9 @@ class Handler(BaseHTTPRequestHandler):
                 files[value["path"]] = self.state.lfs[value["oid"]]
                 lfs_paths.add(value["path"])
             elif key in ("deletedFile", "deletedFolder"):
-                files = {p: c for p, c in files.items() if p != value["path"] and not p.startswith(value["path"] + "/")}
+                files = {
+                    p: c for p, c in files.items() if p != value["path"] and not p.startswith(value["path"] + "/")
+                }
         oid = self.state.new_commit(repo, files, header.get("summary", ""))
         repo.lfs_paths |= lfs_paths
         answer = {"commitUrl": f"{self.base()}/{repo_id}/commit/{oid}", "commitOid": oid, "success": True}
@@ -285,7 +291,11 @@ class Handler(BaseHTTPRequestHandler):
             if p.startswith(prefix):
                 entry = {"type": "file", "path": p, "size": len(content), "oid": git_blob_sha1(content)}
                 if p in repo.lfs_paths:
-                    entry["lfs"] = {"oid": hashlib.sha256(content).hexdigest(), "size": len(content), "pointerSize": 134}
+                    entry["lfs"] = {
+                        "oid": hashlib.sha256(content).hexdigest(),
+                        "size": len(content),
+                        "pointerSize": 134,
+                    }
                 entries.append(entry)
         if prefix and not entries:
             return self.error(404, "EntryNotFound", f"{path} does not exist on {revision}")
@@ -341,7 +351,7 @@ class LocalHub:
         self.httpd.state = self.state
         self.httpd.timeout = 5
         self.httpd.daemon_threads = True
-        self.url = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
         self._timer = threading.Timer(lifetime, self.close)
         self._timer.daemon = True
