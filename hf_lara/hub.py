@@ -162,8 +162,6 @@ def push_to_hub(
     check_repo_id(repo_id)
     token = _resolve_token(token)
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
-    if constants.is_offline_mode():
-        raise HubError("`HF_HUB_OFFLINE` is set, so the Hub cannot be reached. Unset it to push.")
     with tempfile.TemporaryDirectory(prefix="hf_lara_push_") as staging:
         if isinstance(model_or_folder, PreTrainedModel):
             if getattr(model_or_folder.config, "lara_method", None) is None:
@@ -187,6 +185,8 @@ def push_to_hub(
 
 
 def _commit(endpoint, token, repo_id, operations, message, private, revision, create_pr) -> PushResult:
+    if constants.is_offline_mode():
+        raise HubError("`HF_HUB_OFFLINE` is set, so the Hub cannot be reached. Unset it to push.")
     api = HfApi(endpoint=endpoint, token=token)
     try:
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id

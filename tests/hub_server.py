@@ -7,7 +7,8 @@ It speaks the part of the Hub HTTP API that `huggingface_hub` uses to create rep
     with LocalHub() as hub:
         ...  # hub.url, hub.token, hub.files("user/repo"), hub.requests
 
-`fail` makes one stage answer 500 (`"commit"`, `"lfs"`, `"preupload"`) to test failed pushes.
+`fail` makes a stage (`"commit"`, `"lfs"`, `"preupload"`) answer 507, which the client does not retry, to test
+failed pushes.
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ class Handler(BaseHTTPRequestHandler):
         if repo is None:
             return
         if "preupload" in self.state.fail:
-            return self.error(500, "Internal", "preupload failed (injected)")
+            return self.error(507, "Storage", "preupload failed (injected)")
         files = json.loads(self.body())["files"]
         modes = [
             {
@@ -225,7 +226,7 @@ class Handler(BaseHTTPRequestHandler):
     def put_lfs_upload(self, oid):
         data = self.body()
         if "lfs" in self.state.fail:
-            return self.error(500, "Internal", "LFS storage failed (injected)")
+            return self.error(507, "Storage", "LFS storage failed (injected)")
         if hashlib.sha256(data).hexdigest() != oid:
             return self.error(400, "BadOid", "content does not match its sha256")
         self.state.lfs[oid] = data
@@ -237,7 +238,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         lines = [json.loads(line) for line in self.body().splitlines() if line.strip()]
         if "commit" in self.state.fail:
-            return self.error(500, "Internal", "commit failed (injected)")
+            return self.error(507, "Storage", "commit failed (injected)")
         parent = self.state.resolve(repo, revision)
         if parent is None:
             return self.error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
