@@ -30,6 +30,7 @@ import math
 
 import torch
 import transformers
+from accelerate.utils import set_seed
 from recipe_utils import (
     TrainingProgress,
     add_data_args,
@@ -47,7 +48,6 @@ from recipe_utils import (
     save_final,
     tracker_config,
 )
-from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AttentionInterface, AttentionMaskInterface, DataCollatorWithPadding, get_scheduler
@@ -150,7 +150,9 @@ def distillation_attention(module, query, key, value, attention_mask, scaling=No
     student_fn = ALL_ATTENTION_FUNCTIONS[ATTENTION_KEY]
     student = student_fn(module, query, key, value, attention_mask, scaling=scaling, **kwargs)[0].float()
     B, Nq = query.shape[0], query.shape[2]
-    rows = torch.ones(B, Nq, 1, 1, device=query.device) if attention_mask is None else attention_mask[:, -Nq:, None, None]
+    rows = (
+        torch.ones(B, Nq, 1, 1, device=query.device) if attention_mask is None else attention_mask[:, -Nq:, None, None]
+    )
     if RECORDER.keep_outputs:
         RECORDER.outputs[layer] = (student.detach().flatten(2), teacher.flatten(2), rows.flatten(1))
     else:
@@ -240,7 +242,9 @@ def get_dataloaders(accelerator, args, tokenizer):
         )
     pad_to = 8 if accelerator.mixed_precision != "no" else None
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to)
-    train = DataLoader(tokenized["train"], shuffle=True, collate_fn=collator, batch_size=args.per_device_train_batch_size)
+    train = DataLoader(
+        tokenized["train"], shuffle=True, collate_fn=collator, batch_size=args.per_device_train_batch_size
+    )
     valid = DataLoader(tokenized["validation"], collate_fn=collator, batch_size=args.per_device_eval_batch_size)
     return train, valid
 
@@ -275,7 +279,9 @@ def evaluate_fidelity(accelerator, model, dataloader) -> dict:
             unwrapped.set_attn_implementation(DISTILL_KEY)
             model(**batch)
             for layer, outputs in sorted(RECORDER.outputs.items()):
-                student, teacher, rows = accelerator.gather_for_metrics(accelerator.pad_across_processes(outputs, dim=1))
+                student, teacher, rows = accelerator.gather_for_metrics(
+                    accelerator.pad_across_processes(outputs, dim=1)
+                )
                 keep = rows.bool()
                 layer_metric.add_batch(
                     predictions=student[keep].cpu().numpy(),
@@ -316,7 +322,8 @@ def report(accelerator, before: dict, after: dict) -> None:
     accelerator.print(f"embedding cosine {before['embedding_cosine']:.4f} -> {after['embedding_cosine']:.4f}")
 
 
-def training_function(args: argparse.Namespace) -> None:
+def training_function(args: argparse.Namespace) -> transformers.PreTrainedModel:
+    """Train, evaluate and save; returns the trained model, unwrapped (for callers that import the recipe)."""
     accelerator = make_accelerator(args)
     set_seed(args.seed)
     register_distillation_attention()
@@ -337,7 +344,9 @@ def training_function(args: argparse.Namespace) -> None:
         )
     RECORDER.attach(model, args.attn_rows_weight)
     model.set_attn_implementation(DISTILL_KEY)
-    accelerator.print(f"Training {sum(p.numel() for p in trainable):,} estimator parameters in {len(RECORDER.layer_of)} layers")
+    accelerator.print(
+        f"Training {sum(p.numel() for p in trainable):,} estimator parameters in {len(RECORDER.layer_of)} layers"
+    )
 
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     max_train_steps, _ = num_training_steps(args, math.ceil(len(train_dataloader) / accelerator.num_processes))
@@ -397,7 +406,9 @@ def training_function(args: argparse.Namespace) -> None:
                 step_loss = accelerator.reduce(window_loss / window_batches, reduction="mean").item()
                 accelerator.print(f"step {progress.completed_steps}: loss {step_loss:.8f}")
                 if args.with_tracking:
-                    accelerator.log({"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=progress.completed_steps)
+                    accelerator.log(
+                        {"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=progress.completed_steps
+                    )
             window_loss, window_batches = 0.0, 0
             if name := checkpoint_name(args, progress, end_of_epoch=False):
                 accelerator.save_state(f"{args.output_dir}/{name}")
@@ -412,17 +423,22 @@ def training_function(args: argparse.Namespace) -> None:
     after = evaluate_fidelity(accelerator, model, eval_dataloader)
     report(accelerator, before, after)
     if args.with_tracking:
-        accelerator.log({"eval_relative_error": after["relative_error"], "eval_embedding_cosine": after["embedding_cosine"]})
+        accelerator.log(
+            {"eval_relative_error": after["relative_error"], "eval_embedding_cosine": after["embedding_cosine"]}
+        )
         accelerator.end_training()
     unwrapped.set_attn_implementation(ATTENTION_KEY)
     save_final(accelerator, model, args, tokenizer, results={"before": before, "after": after})
+    return accelerator.unwrap_model(model)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser)
     add_data_args(parser)
-    parser.add_argument("--text_column_name", default=None, help="Column holding the text (default: `text` or the first).")
+    parser.add_argument(
+        "--text_column_name", default=None, help="Column holding the text (default: `text` or the first)."
+    )
     parser.add_argument("--max_seq_length", type=int, default=128, help="Truncate inputs to this many tokens.")
     parser.add_argument(
         "--attn_rows_weight",

@@ -144,7 +144,9 @@ def check_common_args(args: argparse.Namespace, *, builders: dict[str, str] | No
     if args.checkpointing_steps is not None and not (
         args.checkpointing_steps == "epoch" or args.checkpointing_steps.isdigit() and int(args.checkpointing_steps) > 0
     ):
-        raise ValueError(f"`--checkpointing_steps` must be a positive integer or `epoch`, got {args.checkpointing_steps!r}.")
+        raise ValueError(
+            f"`--checkpointing_steps` must be a positive integer or `epoch`, got {args.checkpointing_steps!r}."
+        )
     if args.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         raise ValueError("`--push_to_hub` needs the Hub, but HF_HUB_OFFLINE is set; unset it or drop `--push_to_hub`.")
     args.method_args = parse_method_args(args.method_args)
@@ -170,7 +172,9 @@ def check_data_args(args: argparse.Namespace, builders: dict[str, str]) -> None:
     if args.train_file and args.validation_file:
         train_ext, val_ext = (builders[Path(p).suffix.lstrip(".")] for p in (args.train_file, args.validation_file))
         if train_ext != val_ext:
-            raise ValueError(f"`--train_file` and `--validation_file` must have the same type, got {train_ext} and {val_ext}.")
+            raise ValueError(
+                f"`--train_file` and `--validation_file` must have the same type, got {train_ext} and {val_ext}."
+            )
 
 
 def check_conversion(args: argparse.Namespace) -> None:
@@ -220,7 +224,9 @@ def with_validation_split(raw: DatasetDict, args: argparse.Namespace) -> Dataset
         raise ValueError(f"The dataset has no `train` split; its splits are {list(raw)}.")
     if "validation" not in raw:
         if not 0 < args.validation_split_percentage < 100:
-            raise ValueError("No validation split: pass `--validation_file` or a `--validation_split_percentage` in 1-99.")
+            raise ValueError(
+                "No validation split: pass `--validation_file` or a `--validation_split_percentage` in 1-99."
+            )
         split = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
         raw = DatasetDict(train=split["train"], validation=split["test"])
     if args.max_train_samples is not None:

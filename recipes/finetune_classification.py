@@ -1,0 +1,256 @@
+"""Sequence classification with a converted model: fine-tune it end to end and report accuracy and F1.
+
+Give a base checkpoint plus `--method` (it is converted before training; the classification head is new) or an
+already converted checkpoint, e.g. the output of `distill_attention.py`. Data come from the Hub or from local
+csv/json files with one or two text columns and a label column; labels may be strings or integers.
+
+Launch:
+    accelerate launch recipes/finetune_classification.py \
+        --model_name_or_path bert-base-uncased --method eva --method_args window_size=32 \
+        --dataset_name glue --dataset_config_name sst2 --text_column_name sentence \
+        --learning_rate 2e-5 --num_train_epochs 3 --checkpointing_steps epoch --output_dir bert-eva-sst2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import transformers
+from accelerate.utils import set_seed
+from recipe_utils import (
+    TrainingProgress,
+    add_data_args,
+    add_model_args,
+    add_training_args,
+    check_common_args,
+    checkpoint_name,
+    isolated_rng,
+    load_model,
+    load_text_datasets,
+    make_accelerator,
+    num_training_steps,
+    require_columns,
+    resolve_checkpoint,
+    save_final,
+    tracker_config,
+)
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, get_scheduler
+
+from hf_lara import metrics
+
+#: Text columns tried, in order, when `--text_column_name` is not given.
+DEFAULT_TEXT_COLUMNS = ("sentence", "text", "sentence1", "question")
+
+
+def text_columns(args: argparse.Namespace, columns: list[str]) -> tuple[str, str | None]:
+    """The text column and the optional second one (`sentence1`/`sentence2` pairs are found on their own)."""
+    first = args.text_column_name or next((c for c in DEFAULT_TEXT_COLUMNS if c in columns), None)
+    if first is None:
+        raise ValueError(
+            f"No text column found among {columns}; name it with `--text_column_name` "
+            f"(tried {', '.join(DEFAULT_TEXT_COLUMNS)})."
+        )
+    second = args.text_pair_column_name
+    if second is None and first == "sentence1" and "sentence2" in columns:
+        second = "sentence2"
+    return first, second
+
+
+def get_dataloaders(accelerator, args, tokenizer):
+    """Tokenised `train` and `validation` dataloaders and the sorted label list."""
+    raw = load_text_datasets(args)
+    first, second = text_columns(args, raw["train"].column_names)
+    require_columns(
+        raw["train"],
+        {
+            "--text_column_name": first,
+            "--text_pair_column_name": second,
+            "--label_column_name": args.label_column_name,
+        },
+    )
+    require_columns(raw["validation"], {"--label_column_name": args.label_column_name})
+    labels = sorted(set(raw["train"][args.label_column_name]))
+    if any(isinstance(label, float) for label in labels):
+        raise ValueError(
+            f"`--label_column_name` {args.label_column_name!r} holds floats; only classification is supported."
+        )
+    label_to_id = {label: i for i, label in enumerate(labels)}
+    unknown = set(raw["validation"][args.label_column_name]) - set(labels)
+    if unknown:
+        raise ValueError(f"Validation labels {sorted(unknown)} never occur in the training data ({labels}).")
+
+    def preprocess(examples):
+        texts = (examples[first],) if second is None else (examples[first], examples[second])
+        result = tokenizer(*texts, truncation=True, max_length=args.max_seq_length)
+        result["labels"] = [label_to_id[label] for label in examples[args.label_column_name]]
+        return result
+
+    with accelerator.main_process_first():
+        tokenized = raw.map(
+            preprocess,
+            batched=True,
+            num_proc=args.preprocessing_num_workers,
+            remove_columns=raw["train"].column_names,
+            load_from_cache_file=not args.overwrite_cache,
+            desc="Tokenizing",
+        )
+    pad_to = 8 if accelerator.mixed_precision != "no" else None
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to)
+    train = DataLoader(
+        tokenized["train"], shuffle=True, collate_fn=collator, batch_size=args.per_device_train_batch_size
+    )
+    valid = DataLoader(tokenized["validation"], collate_fn=collator, batch_size=args.per_device_eval_batch_size)
+    return train, valid, [str(label) for label in labels]
+
+
+def evaluate_model(accelerator, model, dataloader, num_labels: int) -> dict:
+    """Accuracy and F1 (binary for two labels, macro otherwise) over the whole validation set."""
+    accuracy, f1 = metrics.load("accuracy"), metrics.load("f1")
+    model.eval()
+    with isolated_rng(accelerator), torch.no_grad():
+        for batch in dataloader:
+            predictions = model(**batch).logits.argmax(dim=-1)
+            predictions, references = accelerator.gather_for_metrics((predictions, batch["labels"]))
+            accuracy.add_batch(predictions=predictions.cpu(), references=references.cpu())
+            f1.add_batch(predictions=predictions.cpu(), references=references.cpu())
+    average = "binary" if num_labels == 2 else "macro"
+    return {"accuracy": accuracy.compute()["accuracy"], "f1": f1.compute(average=average)["f1"]}
+
+
+def training_function(args: argparse.Namespace) -> transformers.PreTrainedModel:
+    """Train, evaluate and save; returns the trained model, unwrapped (for callers that import the recipe)."""
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_dataloader, eval_dataloader, labels = get_dataloaders(accelerator, args, tokenizer)
+
+    model = load_model(
+        AutoModelForSequenceClassification,
+        args,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        ignore_mismatched_sizes=args.ignore_mismatched_sizes,
+        dtype=torch.float32,
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+    groups = [
+        {
+            "params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+            "weight_decay": args.weight_decay,
+        },
+        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate)
+    max_train_steps, _ = num_training_steps(args, math.ceil(len(train_dataloader) / accelerator.num_processes))
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, train_dataloader, eval_dataloader, scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader, scheduler
+    )
+    max_train_steps, num_epochs = num_training_steps(args, len(train_dataloader))
+    if args.with_tracking:
+        accelerator.init_trackers("finetune_classification", tracker_config(args))
+
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(progress)
+    checkpoint = resolve_checkpoint(args)
+    if checkpoint is not None:
+        accelerator.print(f"Resumed from checkpoint: {checkpoint}")
+        accelerator.load_state(checkpoint)
+
+    progress_bar = tqdm(range(max_train_steps), disable=not accelerator.is_local_main_process)
+    progress_bar.update(progress.completed_steps)
+    starting_epoch, skipped_batches = progress.epoch, progress.batches
+    results = {}
+    for epoch in range(starting_epoch, num_epochs):
+        model.train()
+        train_dataloader.set_epoch(epoch)
+        progress.epoch, progress.batches = epoch, 0
+        active_dataloader = train_dataloader
+        if epoch == starting_epoch and skipped_batches:
+            active_dataloader = accelerator.skip_first_batches(train_dataloader, skipped_batches)
+            progress.batches = skipped_batches
+        window_loss, window_batches = 0.0, 0
+        for batch in active_dataloader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            progress.batches += 1
+            window_loss, window_batches = window_loss + loss.detach(), window_batches + 1
+            if not accelerator.sync_gradients:
+                continue
+            progress.completed_steps += 1
+            progress_bar.update(1)
+            if progress.completed_steps % args.logging_steps == 0 or progress.completed_steps == max_train_steps:
+                step_loss = accelerator.reduce(window_loss / window_batches, reduction="mean").item()
+                accelerator.print(f"step {progress.completed_steps}: loss {step_loss:.8f}")
+                if args.with_tracking:
+                    accelerator.log(
+                        {"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=progress.completed_steps
+                    )
+            window_loss, window_batches = 0.0, 0
+            if name := checkpoint_name(args, progress, end_of_epoch=False):
+                accelerator.save_state(f"{args.output_dir}/{name}")
+            if progress.completed_steps >= max_train_steps:
+                break
+
+        results = evaluate_model(accelerator, model, eval_dataloader, len(labels))
+        accelerator.print(f"epoch {epoch}: accuracy {results['accuracy']:.4f} f1 {results['f1']:.4f}")
+        if args.with_tracking:
+            accelerator.log({f"eval_{k}": v for k, v in results.items()}, step=progress.completed_steps)
+        progress.epoch, progress.batches = epoch + 1, 0
+        if name := checkpoint_name(args, progress, end_of_epoch=True):
+            accelerator.save_state(f"{args.output_dir}/{name}")
+        if progress.completed_steps >= max_train_steps:
+            break
+
+    if args.with_tracking:
+        accelerator.end_training()
+    save_final(accelerator, model, args, tokenizer, results={f"eval_{k}": v for k, v in results.items()})
+    return accelerator.unwrap_model(model)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(parser)
+    add_data_args(parser, files="csv or json")
+    parser.add_argument(
+        "--text_column_name", default=None, help=f"Text column (default: first of {DEFAULT_TEXT_COLUMNS})."
+    )
+    parser.add_argument("--text_pair_column_name", default=None, help="Second text column, for sentence pairs.")
+    parser.add_argument("--label_column_name", default="label", help="Label column (strings or integers).")
+    parser.add_argument("--max_seq_length", type=int, default=128, help="Truncate inputs to this many tokens.")
+    parser.add_argument(
+        "--ignore_mismatched_sizes", action="store_true", help="Replace a checkpoint head with another label count."
+    )
+    add_training_args(parser, learning_rate=5e-5)
+    args = parser.parse_args(argv)
+    check_common_args(args, builders={"csv": "csv", "json": "json", "jsonl": "json"})
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    training_function(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
