@@ -196,6 +196,14 @@ def _commit(endpoint, token, repo_id, operations, message, private, revision, cr
         present = set(api.list_repo_files(repo_id, revision=info.oid))
     except OfflineModeIsEnabled as error:
         raise HubError(f"`HF_HUB_OFFLINE` is set, so the Hub cannot be reached: {error}") from None
+    except RuntimeError as error:
+        # huggingface_hub wraps failed LFS uploads: "Error while uploading 'x' to the Hub." from the HTTP error
+        cause = error.__cause__
+        if not isinstance(cause, (HfHubHTTPError, *_network_errors())):
+            raise
+        raise HubError(
+            f"{error} {type(cause).__name__}: {str(cause).splitlines()[0]}. Nothing was committed."
+        ) from None
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else None
         hint = {401: "the token was refused", 403: "the token cannot write to this namespace"}.get(status, "")

@@ -218,7 +218,7 @@ class Handler(BaseHTTPRequestHandler):
         objects = []
         for obj in payload["objects"]:
             entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
-            if obj["oid"] not in self.state.lfs:
+            if obj["oid"] not in self.state.lfs or "lfs" in self.state.fail:
                 entry["actions"] = {"upload": {"href": f"{self.base()}/lfs-upload/{obj['oid']}"}}
             objects.append(entry)
         self.send(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
@@ -367,7 +367,8 @@ class LocalHub:
         if not self._closed:
             self._closed = True
             self._timer.cancel()
-            self.httpd.shutdown()
+            if self._thread.is_alive():
+                self.httpd.shutdown()
             self.httpd.server_close()
 
     def __enter__(self) -> LocalHub:

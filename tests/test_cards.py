@@ -27,7 +27,11 @@ from . import tiny
 
 ROOT = Path(__file__).parents[1]
 EVAL = EvalResult(
-    task_type="fill-mask", dataset_type="wikitext", dataset_name="WikiText-2", metric_type="perplexity", metric_value=9.5
+    task_type="fill-mask",
+    dataset_type="wikitext",
+    dataset_name="WikiText-2",
+    metric_type="perplexity",
+    metric_value=9.5,
 )
 
 
@@ -161,7 +165,18 @@ def test_wheel_ships_template_and_sentences(tmp_path):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

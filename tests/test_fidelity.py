@@ -94,7 +94,9 @@ def test_decoder_perplexity_and_kl_match_hand_computation(tok):
         out_t, out_s = original(**batch, labels=labels), converted(**batch, labels=labels)
     assert report.metrics["teacher_perplexity"] == pytest.approx(math.exp(out_t.loss.item()), rel=1e-5)
     assert report.metrics["perplexity"] == pytest.approx(math.exp(out_s.loss.item()), rel=1e-5)
-    assert report.metrics["perplexity_ratio"] == pytest.approx(math.exp(out_s.loss.item() - out_t.loss.item()), rel=1e-5)
+    assert report.metrics["perplexity_ratio"] == pytest.approx(
+        math.exp(out_s.loss.item() - out_t.loss.item()), rel=1e-5
+    )
     mask = batch["attention_mask"].bool()
     logp_t, logp_s = out_t.logits.double().log_softmax(-1), out_s.logits.double().log_softmax(-1)
     kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1)[mask].mean().item()
