@@ -100,8 +100,15 @@ def get_dataloaders(accelerator, args, tokenizer):
         )
     pad_to = 8 if accelerator.mixed_precision != "no" else None
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to)
+    # a generator of its own: each new iterator draws a seed from it, not from the global RNG, so a resumed
+    # run's dropout and estimator samples replay the uninterrupted run's exactly
+    generator = torch.Generator().manual_seed(args.seed)
     train = DataLoader(
-        tokenized["train"], shuffle=True, collate_fn=collator, batch_size=args.per_device_train_batch_size
+        tokenized["train"],
+        shuffle=True,
+        collate_fn=collator,
+        batch_size=args.per_device_train_batch_size,
+        generator=generator,
     )
     valid = DataLoader(tokenized["validation"], collate_fn=collator, batch_size=args.per_device_eval_batch_size)
     return train, valid, [str(label) for label in labels]

@@ -83,8 +83,15 @@ def get_dataloaders(accelerator, args, tokenizer):
             raise ValueError(
                 f"The {split} split has fewer than `--block_size` {block_size} tokens in total; lower `--block_size`."
             )
+    # a generator of its own: each new iterator draws a seed from it, not from the global RNG, so a resumed
+    # run's dropout and estimator samples replay the uninterrupted run's exactly
+    generator = torch.Generator().manual_seed(args.seed)
     train = DataLoader(
-        blocks["train"], shuffle=True, collate_fn=default_data_collator, batch_size=args.per_device_train_batch_size
+        blocks["train"],
+        shuffle=True,
+        collate_fn=default_data_collator,
+        batch_size=args.per_device_train_batch_size,
+        generator=generator,
     )
     valid = DataLoader(
         blocks["validation"], collate_fn=default_data_collator, batch_size=args.per_device_eval_batch_size

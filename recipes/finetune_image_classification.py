@@ -82,7 +82,12 @@ def get_dataloaders(accelerator, args, processor):
         }
 
     train, valid = raw["train"].with_transform(preprocess), raw["validation"].with_transform(preprocess)
-    train = DataLoader(train, shuffle=True, collate_fn=collate, batch_size=args.per_device_train_batch_size)
+    # a generator of its own: each new iterator draws a seed from it, not from the global RNG, so a resumed
+    # run's dropout and estimator samples replay the uninterrupted run's exactly
+    generator = torch.Generator().manual_seed(args.seed)
+    train = DataLoader(
+        train, shuffle=True, collate_fn=collate, batch_size=args.per_device_train_batch_size, generator=generator
+    )
     valid = DataLoader(valid, collate_fn=collate, batch_size=args.per_device_eval_batch_size)
     return train, valid, labels
 
