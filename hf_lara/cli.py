@@ -114,7 +114,7 @@ def load_preprocessor(path: str):
 # ----------------------------------------------------------------------------------------------- commands
 def cmd_convert(args: argparse.Namespace) -> int:
     from .cards import build_card
-    from .integration import convert
+    from .integration import LaraConfig, convert
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -123,6 +123,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     hparams = parse_hparams(args.hparam)
     layers = parse_ints(args.layers, "--layers") if args.layers else None
     config = load_config(args.src)
+    # check the method and hyper-parameters before loading any weights
+    LaraConfig.from_config(config, method=args.method, layers=layers, **hparams)
     model = model_class_for(args.src, config).from_pretrained(args.src)
     base_model = args.base_model
     if base_model is None and not Path(args.src).exists() and args.src.count("/") == 1:
