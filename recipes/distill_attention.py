@@ -352,7 +352,8 @@ def training_function(args: argparse.Namespace) -> transformers.PreTrainedModel:
     RECORDER.attach(model, args.attn_rows_weight)
     model.set_attn_implementation(DISTILL_KEY)
     accelerator.print(
-        f"Training {sum(p.numel() for p in trainable):,} estimator parameters in {len(RECORDER.layer_of)} layers"
+        f"Training {sum(p.numel() for p in trainable):,} estimator parameters in {len(RECORDER.layer_of)} layers "
+        f"on {accelerator.num_processes} process(es) ({accelerator.distributed_type.value})"
     )
 
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)

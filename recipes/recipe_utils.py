@@ -251,7 +251,11 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
 
     Mixed precision, the distributed type, FSDP and DeepSpeed come from the `accelerate launch` config.
     """
+    # under `torchrun` on a machine without accelerators, Accelerate only forms a (gloo) process group when told to
+    # use the CPU; otherwise every process would train alone on all the data
+    cpu_only = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
     return Accelerator(
+        cpu=cpu_only,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None,
         project_config=ProjectConfiguration(project_dir=args.output_dir),
