@@ -201,7 +201,9 @@ def trainable_parameters(model: transformers.PreTrainedModel) -> list[torch.nn.P
         with torch.enable_grad():
             out = estimator(q, k, v, causal=bool(getattr(module, "is_causal", False)))
             auxiliary = estimator.auxiliary_loss()
-            (out.square().sum() + (0.0 if auxiliary is None else auxiliary)).backward()
+            probe = out.square().sum() + (0.0 if auxiliary is None else auxiliary)
+            if probe.requires_grad:  # False when no parameter takes part at all
+                probe.backward()
         for parameter in estimator.parameters():
             parameter.requires_grad_(parameter.grad is not None)
             parameter.grad = None

@@ -190,9 +190,12 @@ def check_conversion(args: argparse.Namespace) -> None:
             )
         return
     # builds one estimator: unknown hyper-parameters, bad values and unsupported families fail here
-    hf_lara.LaraConfig.from_pretrained(
+    config = hf_lara.LaraConfig.from_pretrained(
         args.model_name_or_path, method=args.method, layers=args.layers, **args.method_args
     )
+    num_layers = getattr(config, "num_hidden_layers", None)
+    if args.layers is not None and num_layers is not None and max(args.layers) >= num_layers:
+        raise ValueError(f"`--layers` must be indices below {num_layers} (the model's layers), got {args.layers}.")
 
 
 # ---------------------------------------------------------------------------------------------------- model and data

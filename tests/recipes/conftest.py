@@ -131,3 +131,16 @@ def step_losses(stdout: str) -> dict[int, float]:
 def results(output_dir) -> dict:
     with open(Path(output_dir) / "all_results.json") as f:
         return json.load(f)
+
+
+def load_recipe(name: str):
+    """Import `recipes/<name>.py` as a module (its directory on `sys.path`, as when it runs as a script)."""
+    import importlib.util
+    import sys
+
+    if str(RECIPES) not in sys.path:
+        sys.path.insert(0, str(RECIPES))
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

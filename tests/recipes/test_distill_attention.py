@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 
 import hf_lara
 
-from .conftest import FIXTURES, results, step_losses
+from .conftest import FIXTURES, load_recipe, results, step_losses
 
 TEXT = ("--train_file", FIXTURES / "text_train.txt", "--validation_file", FIXTURES / "text_validation.txt")
 
@@ -70,3 +71,31 @@ def test_distill_improves_minilm(launch, minilm_path, tmp_path):
     assert losses[60] < losses[20]
     model = transformers.AutoModel.from_pretrained(out)
     assert isinstance(model.config, hf_lara.LaraConfig) and model.config.lara_hparams == {"feature_map": "hedgehog"}
+
+
+@pytest.mark.parametrize(
+    ("family", "method", "hparams", "expected"),
+    [
+        ("bert", "kernel", {"feature_map": "hedgehog"}, {"feature_map.weight", "feature_map.bias"}),
+        (
+            "bert",
+            "eva",
+            {"window_size": 8},
+            {"chunk_key_proj.weight", "chunk_key_proj.bias", "proposal_proj.weight", "proposal_proj.bias"},
+        ),
+        ("bert", "lara", {"adaptive": True}, {"adapt_q.weight", "adapt_q.bias", "adapt_k.weight", "adapt_k.bias"}),
+        ("llama", "lara", {"adaptive": True}, {"proposal_mean"}),
+    ],
+    ids=["kernel", "eva", "lara-encoder", "lara-decoder"],
+)
+def test_trainable_parameters(family, method, hparams, expected, tiny_checkpoints):
+    """Only the estimator parameters the layer's mode (causal or not) uses are trained; everything else is frozen."""
+    recipe = load_recipe("distill_attention")
+    auto = transformers.AutoModelForCausalLM if family == "llama" else transformers.AutoModelForMaskedLM
+    model = hf_lara.convert(auto.from_pretrained(tiny_checkpoints[family]), method, **hparams)
+    trainable = recipe.trainable_parameters(model)
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert len(names) == len(trainable) and all(p.grad is None for p in trainable)
+    assert {name.split(".lara_attention.")[1] for name in names} == expected
+    assert all(".lara_attention." in name for name in names)
+    assert len(names) == 2 * len(expected)  # two layers

@@ -1,0 +1,120 @@
+"""Bad arguments fail with a clear message before any training starts (in-process: `parse_args`/`training_function`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import FIXTURES, load_recipe
+
+TEXT_RECIPES = ("distill_attention", "finetune_clm", "finetune_classification")
+ALL_RECIPES = (*TEXT_RECIPES, "finetune_image_classification")
+CSV = ("--train_file", str(FIXTURES / "classification_train.csv"))
+TXT = ("--train_file", str(FIXTURES / "text_train.txt"))
+
+
+def base_args(checkpoint, out, *extra):
+    return ["--model_name_or_path", checkpoint, "--output_dir", str(out), *extra]
+
+
+@pytest.mark.parametrize("name", ALL_RECIPES)
+def test_no_dataset(name, tiny_checkpoints, tmp_path):
+    recipe = load_recipe(name)
+    with pytest.raises(ValueError, match="No training data: pass `--dataset_name`"):
+        recipe.parse_args(base_args(tiny_checkpoints["bert"], tmp_path, "--method", "kernel"))
+
+
+@pytest.mark.parametrize("name", ALL_RECIPES)
+def test_unknown_method(name, tiny_checkpoints, tmp_path, capsys):
+    recipe = load_recipe(name)
+    with pytest.raises(SystemExit):
+        recipe.parse_args(base_args(tiny_checkpoints["bert"], tmp_path, *TXT, "--method", "performer"))
+    error = capsys.readouterr().err
+    assert "argument --method: invalid choice: 'performer'" in error and "kernel" in error
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ("--method", "kernel", "--method_args", "bogus=1"),
+            "Unknown hyper-parameter\\(s\\) 'bogus' for method `kernel`",
+        ),
+        (("--method", "kernel", "--method_args", "feature_map"), "KEY=VALUE pairs"),
+        (("--method", "eva", "--method_args", "window_size=6", "chunk_size=4"), "multiple of `chunk_size`"),
+        (("--method", "kernel", "--layers", "5"), "`--layers` must be indices below 2"),
+        ((), "is not an hf_lara-converted checkpoint"),
+        (("--method", "kernel", "--checkpointing_steps", "often"), "`--checkpointing_steps` must be"),
+        (("--method", "kernel", "--per_device_train_batch_size", "0"), "`--per_device_train_batch_size` must be"),
+    ],
+    ids=[
+        "unknown-hparam",
+        "not-key-value",
+        "bad-hparam-value",
+        "bad-layer",
+        "base-without-method",
+        "checkpointing",
+        "batch",
+    ],
+)
+def test_bad_conversion_and_training_args(extra, message, tiny_checkpoints, tmp_path):
+    recipe = load_recipe("finetune_classification")
+    with pytest.raises(ValueError, match=message):
+        recipe.parse_args(base_args(tiny_checkpoints["bert"], tmp_path, *CSV, *extra))
+
+
+def test_bad_files(tiny_checkpoints, tmp_path):
+    recipe = load_recipe("finetune_clm")
+    with pytest.raises(ValueError, match="`--train_file` must be a csv, json, jsonl, txt file"):
+        recipe.parse_args(
+            base_args(tiny_checkpoints["llama"], tmp_path, "--method", "rfa", "--train_file", "data.parquet")
+        )
+    with pytest.raises(ValueError, match="does not exist"):
+        recipe.parse_args(
+            base_args(tiny_checkpoints["llama"], tmp_path, "--method", "rfa", "--train_file", "missing.txt")
+        )
+    image = load_recipe("finetune_image_classification")
+    with pytest.raises(ValueError, match="`--train_dir` 'nowhere' is not a folder"):
+        image.parse_args(base_args(tiny_checkpoints["vit"], tmp_path, "--method", "rfa", "--train_dir", "nowhere"))
+
+
+@pytest.mark.parametrize(
+    ("name", "checkpoint", "extra", "message"),
+    [
+        (
+            "distill_attention",
+            "bert",
+            (*TXT, "--text_column_name", "body"),
+            "`--text_column_name` 'body' is not a column",
+        ),
+        ("finetune_clm", "llama", (*CSV, "--text_column_name", "text"), "`--text_column_name` 'text' is not a column"),
+        ("finetune_classification", "bert", (*CSV, "--label_column_name", "class"), "`--label_column_name` 'class'"),
+        (
+            "finetune_classification",
+            "bert",
+            ("--train_file", str(FIXTURES / "untitled_texts.json")),
+            "No text column found",
+        ),
+    ],
+    ids=["distill-text", "clm-text", "classification-label", "classification-no-text"],
+)
+def test_missing_columns(name, checkpoint, extra, message, tiny_checkpoints, tmp_path):
+    recipe = load_recipe(name)
+    args = recipe.parse_args(base_args(tiny_checkpoints[checkpoint], tmp_path / "out", "--method", "kernel", *extra))
+    with pytest.raises(ValueError, match=message):
+        recipe.training_function(args)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("method", "method_args"),
+    [("rfa", []), ("softmax", []), ("lara", ["adaptive=false"])],
+    ids=["rfa", "softmax", "lara-fixed"],
+)
+def test_distill_nothing_to_train(method, method_args, tiny_checkpoints, tmp_path):
+    """Estimators without parameters, or whose parameters the encoder's attention never uses, are refused."""
+    recipe = load_recipe("distill_attention")
+    extra = ["--method", method, *(["--method_args", *method_args] if method_args else []), *TXT]
+    args = recipe.parse_args(base_args(tiny_checkpoints["bert"], tmp_path / "out", *extra))
+    with pytest.raises(ValueError, match=f"Nothing to train: the `{method}` estimators"):
+        recipe.training_function(args)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
