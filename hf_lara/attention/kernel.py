@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AttentionEstimator, check_choice, check_float, check_int, register_estimator
-from .linear import DEFAULT_CHUNK_SIZE, bidirectional_linear_attention, causal_linear_attention
+from .linear import DEFAULT_CHUNK_SIZE, FeatureMaps, kernel_attention
 from .random_features import orthogonal_gaussian
 
 FEATURE_INITS = ("random", "identity")
@@ -105,8 +105,18 @@ class FeatureMap(nn.Module):
         shape = (self.num_heads, num_rows or self.num_features, self.head_dim)
         return nn.Parameter(identity_init(*shape) if self.feature_init == "identity" else orthogonal_init(*shape))
 
-    def forward(self, x_tilde: torch.Tensor) -> torch.Tensor:
-        return self.log_features(x_tilde)
+    def forward(self, x: torch.Tensor, scale: float | None = None, query: bool = False) -> torch.Tensor:
+        """`log phi(x~)` `(B, H, N, S)`: of tilde inputs `x` if `scale` is None, else of `x~ = x * scale**0.5`.
+
+        With `query=True` a map may leave out any per-row additive constant (it cancels for queries).
+        """
+        if scale is None:
+            return self.log_features(x)
+        return self.raw_log_features(x, scale, query)
+
+    def raw_log_features(self, x: torch.Tensor, scale: float, query: bool) -> torch.Tensor:
+        """Log-features of raw inputs `x` `(B, H, N, D)` (the scale folded in where the map allows it)."""
+        return self.log_features(x * scale**0.5)
 
     def log_features(self, x_tilde: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -114,6 +124,17 @@ class FeatureMap(nn.Module):
     def orthogonal_weights(self) -> list[torch.Tensor]:
         """Weights the orthogonality penalty applies to."""
         return []
+
+    def block_maps(self, scale: float) -> FeatureMaps:
+        """Maps of raw (not tilde) blocks `(B, H, n, D) -> (B, H, n, S)` for queries and keys (module calls)."""
+
+        def query_map(x: torch.Tensor) -> torch.Tensor:
+            return self(x, scale, True)
+
+        def key_map(x: torch.Tensor) -> torch.Tensor:
+            return self(x, scale, False)
+
+        return FeatureMaps(query_map, key_map, self.output_features)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, output_features={self.output_features}"
@@ -202,6 +223,16 @@ class HedgehogFeatureMap(FeatureMap):
         half_norm = 0.5 * x_tilde.pow(2).sum(dim=-1, keepdim=True)
         return torch.cat([z - half_norm, -z - half_norm], dim=-1)
 
+    def raw_log_features(self, x: torch.Tensor, scale: float, query: bool) -> torch.Tensor:
+        """One GEMM with the stacked weight `[W; -W] sqrt(scale)` `(H, 2F, D)` plus the bias `[b; -b]`.
+
+        Queries leave out `-|q~|^2 / 2`, a per-query constant that cancels in the normalised output.
+        """
+        weight = (torch.cat([self.weight, -self.weight], dim=1).to(x.dtype) * scale**0.5).transpose(-1, -2)
+        bias = torch.cat([self.bias, -self.bias], dim=-1).to(x.dtype)[:, None, :]  # (H, 1, 2F)
+        out = torch.matmul(x, weight).add_(bias)
+        return out if query else out.sub_(0.5 * scale * x.square().sum(dim=-1, keepdim=True))
+
 
 class T2RFeatureMap(FFNFeatureMap):
     """`max(relu(W x + b), RELU_FLOOR)`; `W` orthogonal (`"random"`) or `I` (`"identity"`), `b` zero.
@@ -266,11 +297,12 @@ class KernelAttention(AttentionEstimator):
             num_heads, head_dim, self.num_features, feature_init=self.feature_init, **extra
         )
 
+    def feature_maps(self, scale: float, dtype: torch.dtype) -> FeatureMaps:
+        """Block-wise log-feature maps of raw queries and keys (see `FeatureMap.block_maps`)."""
+        return self.feature_map.block_maps(scale)
+
     def attend(self, q, k, v, key_mask, causal, scale):
-        lq, lk = self.feature_map(q * scale**0.5), self.feature_map(k * scale**0.5)
-        if causal:
-            return causal_linear_attention(lq, lk, v, key_mask, self.chunk_size)[0]
-        return bidirectional_linear_attention(lq, lk, v, key_mask)
+        return kernel_attention(q, k, v, key_mask, causal, self.feature_maps(scale, q.dtype), self.chunk_size)
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """`lambda * sum_W mean((W W^T - I)^2)` over `feature_map.orthogonal_weights()`, or None if `lambda == 0`."""

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AttentionEstimator, check_choice, check_float, check_int, register_estimator
-from .linear import DEFAULT_CHUNK_SIZE, causal_linear_attention
+from .linear import DEFAULT_CHUNK_SIZE, FeatureMaps, kernel_attention
 from .random_features import orthogonal_gaussian, positive_random_log_features
 
 MIS_TYPES = ("opt", "bh")
@@ -193,20 +193,44 @@ class LinearRandomizedAttention(AttentionEstimator):
 
     def causal_log_features(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Log features `lq` `(B, H, Nq, C)`, `lk` `(B, H, Nk, C)` of causal LARA (see the module docstring)."""
-        q_t, k_t = q * scale**0.5, k * scale**0.5
-        mu = self.proposal_mean.to(q.dtype)  # (H, C, D)
-        noise = self.draw_noise().to(mu.device) if (self.training and self.redraw) else self.proposal_noise
-        omega = mu + noise.to(mu.dtype)
+        maps = self.feature_maps(scale, q.dtype, self.current_noise(q.device))
+        q_t = q * scale**0.5
+        return maps.query(q) - 0.5 * (q_t * q_t).sum(-1, keepdim=True), maps.key(k)
+
+    def feature_maps(self, scale: float, dtype: torch.dtype, noise: torch.Tensor | None = None) -> FeatureMaps:
+        """Block-wise causal log-feature maps of raw queries and keys `(B, H, n, D) -> (B, H, n, C)`.
+
+        The query map leaves out the per-query `-|q~|^2 / 2` (it cancels in the normalised output).
+        """
+        root = scale**0.5
+        mu = self.proposal_mean.to(dtype)  # (H, C, D)
+        noise = self.proposal_noise if noise is None else noise
+        omega = mu + noise.to(dtype)
         log_density = proposal_log_density(omega, mu)  # (H, C, C)
-        lq = positive_random_log_features(q_t, omega) + log_inverse_proposal(log_density, self.mis)[:, None, :]
+        weight = (omega * root).transpose(-1, -2)  # (H, D, C)
+        query_bias = log_inverse_proposal(log_density, self.mis)[:, None, :]  # (H, 1, C)
         if self.mis == "opt":
-            t = torch.softmax(q_t @ mu.transpose(-1, -2), dim=-1)  # normalised over proposals: stays causal
-            lq = lq + log_alpha(log_density, t, self.alpha_coeff)
-        return lq, positive_random_log_features(k_t, omega)
+            mu_t = (mu * root).transpose(-1, -2)
+
+        def query_map(x: torch.Tensor) -> torch.Tensor:
+            lq = torch.matmul(x, weight).add_(query_bias)
+            if self.mis == "opt":
+                t = torch.softmax(x @ mu_t, dim=-1)  # normalised over proposals: stays causal
+                lq = lq + log_alpha(log_density, t, self.alpha_coeff)
+            return lq
+
+        def key_map(x: torch.Tensor) -> torch.Tensor:
+            return torch.matmul(x, weight).sub_(0.5 * scale * x.square().sum(dim=-1, keepdim=True))
+
+        return FeatureMaps(query_map, key_map, self.num_landmarks)
+
+    def current_noise(self, device: torch.device) -> torch.Tensor:
+        """The causal proposal noise of this pass: a fresh draw when training with `redraw`, else the buffer."""
+        return self.draw_noise().to(device) if (self.training and self.redraw) else self.proposal_noise
 
     def attend_causal(self, q, k, v, key_mask, scale):
-        lq, lk = self.causal_log_features(q, k, scale)
-        return causal_linear_attention(lq, lk, v, key_mask, self.chunk_size)[0]
+        maps = self.feature_maps(scale, q.dtype, self.current_noise(q.device))
+        return kernel_attention(q, k, v, key_mask, True, maps, self.chunk_size)
 
     def attend_unpadded(self, q, k, v, causal, scale):
         log_w, f = self.mixture(q, k, v, scale)

@@ -5,28 +5,77 @@ Every positive feature map in hf_lara (random features, LARA's causal proposals,
 the result immune to overflow and underflow:
 
 * each feature `s` gets its own key shift `M_s = max_m lk_ms`; `phi_s(q) phi_s(k) = exp(lq_s + M_s) exp(lk_s - M_s)`,
-  so the shift is folded into the query side, where a per-query row max cancels between numerator and denominator;
-* after both shifts every feature column of the key sums holds a 1 and every query row holds a 1, so the
-  normaliser is >= 1 in the bidirectional case and the output is a convex combination of the values;
-* inside a causal chunk a per-key shift plays the same role (see `_intra_chunk_scores`), so a large key late in a
-  chunk cannot make the earlier rows underflow.
+  so the shift is folded into the query side, where any per-query factor cancels between numerator and denominator
+  (queries are weighted by `softmax_s(lq_s + M_s)`, one fused op);
+* after the key shift every feature column of the key sums holds a 1, so no normaliser underflows;
+* query log-features are only defined up to a per-query constant (it cancels): feature maps may leave it out.
 
-The causal path is the chunkwise form (KERNELS_AND_PERF.md §2.1, form 4): an exact masked product inside each chunk
-plus a running `S x D` state for everything before it, rescaled whenever the running per-feature max grows. No
-`N x N` tensor and no `N x S x D` cumulative sum is ever built; memory is `O(N S + chunk^2 + S D)` per head.
+Values are carried with an extra column of ones, `[v, 1]` `(.., D + 1)`, so one product gives numerator and
+denominator together.
+
+**Bidirectional**: `phi(Q) (phi(K)^T [V, 1])`, two GEMMs.
+
+**Causal**: the chunkwise form (KERNELS_AND_PERF.md §2.1, form 4), batched over every chunk of a block of tokens:
+per chunk `c` the keys are shifted by the running max `M_c` (cumulative max over chunks, the state's shift
+included), the chunk sums `dS_c = phi(K_c)^T [V_c, 1]` are accumulated into the prefix states by one rescaled
+cumulative sum, and each query row gets `phi(q) prior_c + tril(phi(Q_c) phi(K_c)^T) [V_c, 1]`. A Python loop runs
+over *blocks* of `~2^20 / (B H S)` tokens only, carrying an `S x (D + 1)` state: temporaries stay a few MB
+(cache-resident, no page faults from fresh large allocations) and the loop costs a handful of iterations.
+
+The fast path is guarded. A row whose denominator falls below `sqrt(tiny)` although it sees a real key (a key far
+larger than every earlier one, late in its chunk, for every feature the query weighs) makes its block rerun with
+the exact per-chunk form (`_exact_block`: per-key shifts and log-domain intra-chunk scores, the running state
+rescaled chunk by chunk). The rescaled cumulative sum needs the running max of a block to grow by less than
+`_SCAN_RANGE` nats; otherwise the prefix states come from a sequential scan over the block's chunks. No `N x N`
+tensor and no `N x S x D` tensor is ever built; memory is `O(N S + N C + (N / C) S D)` per head.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
+
+#: `(B, H, n, D)` inputs -> `(B, H, n, S)` log-features; applied block by block.
+LogFeatureMap = Callable[[torch.Tensor], torch.Tensor]
 
 DEFAULT_CHUNK_SIZE = 64
+#: target number of elements of a `(B, H, block, S)` temporary on the blocked paths (4 MB in fp32)
+BLOCK_ELEMENTS = 1 << 20
 # A finite "minus infinity" for running maxima: exp(a - b) stays well defined when both are at the floor.
 _LOG_FLOOR = -1e30
+# Largest growth (nats) of the running key max inside one block for the rescaled cumulative sum: exp(-60) keeps
+# 26 orders of magnitude above fp32's smallest normal number.
+_SCAN_RANGE = {torch.float32: 60.0, torch.float64: 600.0}
 
 
 def _tiny(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny
+
+
+def _with_ones(v: torch.Tensor) -> torch.Tensor:
+    """`[v, 1]`: `(..., D)` -> `(..., D + 1)`."""
+    return F.pad(v, (0, 1), value=1.0)
+
+
+def _normalise(out: torch.Tensor) -> torch.Tensor:
+    """`num / den` for `out = [num, den]` `(..., D + 1)`; rows with nothing to attend to (`den = 0`) give 0.
+
+    Such rows divide by 1 rather than by a tiny clamp, so their gradients stay finite (and zero).
+    """
+    den = out[..., -1:]
+    return out[..., :-1] / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def block_length(batch_heads: int, width: int, multiple: int = 1, block_size: int | None = None) -> int:
+    """Tokens per block: `block_size` if given, else about `BLOCK_ELEMENTS / (batch_heads * width)`.
+
+    Always a positive multiple of `multiple` (the chunk size on the causal path).
+    """
+    tokens = block_size if block_size is not None else BLOCK_ELEMENTS // max(batch_heads * width, 1)
+    return max(tokens // multiple, 1) * multiple
 
 
 def _mask_keys(lk: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -41,57 +90,128 @@ def _key_shift(lk: torch.Tensor, dim: int = 2) -> torch.Tensor:
 
 
 def _query_weights(lq: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """`exp(lq + shift - rowmax)` for `lq` `(B, H, n, S)` and a key shift `(B, H, S)`."""
-    shifted = lq + shift[:, :, None, :]
-    return torch.exp(shifted - shifted.detach().amax(dim=-1, keepdim=True))
+    """`softmax_s(lq + shift)` for `lq` `(..., n, S)` and a key shift broadcastable as `(..., 1, S)`."""
+    return torch.softmax(lq + shift, dim=-1)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def bidirectional_linear_attention(
-    lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+    lq: torch.Tensor,
+    lk: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    block_size: int | None = None,
+    q_map: LogFeatureMap | None = None,
+    k_map: LogFeatureMap | None = None,
+    feature_dim: int | None = None,
 ) -> torch.Tensor:
-    """`phi(Q) (phi(K)^T V) / phi(Q) phi(K)^T 1` from log-features; `(B, H, N, D)`."""
-    lk = _mask_keys(lk, key_mask)
-    shift = _key_shift(lk)  # (B, H, S)
-    phi_k = torch.exp(lk - shift[:, :, None, :])
-    phi_q = _query_weights(lq, shift)
-    kv = phi_k.transpose(-1, -2) @ v  # (B, H, S, D)
-    z = phi_k.sum(dim=2)  # (B, H, S)
-    num = phi_q @ kv
-    den = (phi_q @ z[..., None]).clamp_min(_tiny(v.dtype))
-    return num / den
+    """`phi(Q) (phi(K)^T V) / phi(Q) phi(K)^T 1` from log-features, blocked over tokens.
+
+    Args:
+        lq (`torch.Tensor` of shape `(B, H, Nq, S)`): log query features (up to a per-query constant), or the
+            queries `(B, H, Nq, D)` when `q_map` is given.
+        lk (`torch.Tensor` of shape `(B, H, Nk, S)`): log key features, or the keys when `k_map` is given.
+        v (`torch.Tensor` of shape `(B, H, Nk, D)`): values.
+        key_mask (`torch.Tensor` of shape `(B, Nk)`, *optional*): True = real key.
+        block_size (`int`, *optional*): tokens per block (default: `block_length`).
+        q_map, k_map (`LogFeatureMap`, *optional*): applied to each block of `lq` / `lk` (default: identity), so
+            that no `(B, H, N, S)` feature tensor is ever built whole.
+        feature_dim (`int`, *optional*): `S` when maps are given (sizes the blocks).
+
+    Returns:
+        `torch.Tensor` of shape `(B, H, Nq, D)`.
+    """
+    q_map = q_map or _identity
+    B, H = lk.shape[:2]
+    block = block_length(B * H, max(feature_dim or lk.shape[-1], v.shape[-1] + 1), block_size=block_size)
+    state = LinearState.empty(B, H, feature_dim or lk.shape[-1], v)
+    state.absorb(lk, v, key_mask, k_map, block)
+    outs = [state.read(q_map(lq[:, :, i : i + block])) for i in range(0, lq.shape[2], block)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _block(mask: torch.Tensor | None, start: int, length: int) -> torch.Tensor | None:
+    return None if mask is None else mask[:, start : start + length]
 
 
 class LinearState:
     """Running prefix statistics of causal kernel attention, kept relative to a per-feature log shift.
 
+    Constant size: `S x (D + 1) + S` numbers per (batch, head), whatever the number of tokens absorbed.
+
     Attributes:
-        kv (`torch.Tensor` of shape `(B, H, S, D)`): `sum_m exp(lk_m - shift) v_m^T`.
-        z (`torch.Tensor` of shape `(B, H, S)`): `sum_m exp(lk_m - shift)`.
+        kvz (`torch.Tensor` of shape `(B, H, S, D + 1)`): `sum_m exp(lk_m - shift) [v_m, 1]^T`.
         shift (`torch.Tensor` of shape `(B, H, S)`): the running (detached) max of the key log-features.
     """
 
-    def __init__(self, kv: torch.Tensor, z: torch.Tensor, shift: torch.Tensor) -> None:
-        self.kv, self.z, self.shift = kv, z, shift
+    def __init__(self, kvz: torch.Tensor, shift: torch.Tensor) -> None:
+        self.kvz, self.shift = kvz, shift
+
+    @property
+    def kv(self) -> torch.Tensor:
+        """`sum_m exp(lk_m - shift) v_m^T`, `(B, H, S, D)`."""
+        return self.kvz[..., :-1]
+
+    @property
+    def z(self) -> torch.Tensor:
+        """`sum_m exp(lk_m - shift)`, `(B, H, S)`."""
+        return self.kvz[..., -1]
 
     @classmethod
-    def empty(cls, lk: torch.Tensor, v: torch.Tensor) -> LinearState:
-        B, H, _, S = lk.shape
-        kv = v.new_zeros(B, H, S, v.shape[-1])
-        return cls(kv, v.new_zeros(B, H, S), v.new_full((B, H, S), _LOG_FLOOR))
+    def empty(cls, batch_size: int, num_heads: int, num_features: int, like: torch.Tensor) -> LinearState:
+        """A state holding no token, for values like `like` `(..., D)` (dtype, device and `D`)."""
+        kvz = like.new_zeros(batch_size, num_heads, num_features, like.shape[-1] + 1)
+        return cls(kvz, like.new_full((batch_size, num_heads, num_features), _LOG_FLOOR))
 
-    def absorb(self, lk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Add keys `lk` `(B, H, n, S)` / values `(B, H, n, D)` to the state; returns their `phi(k)`."""
-        new_shift = torch.maximum(self.shift, _key_shift(lk))
-        decay = torch.exp(self.shift - new_shift)
-        phi_k = torch.exp(lk - new_shift[:, :, None, :])
-        self.kv = self.kv * decay[..., None] + phi_k.transpose(-1, -2) @ v
-        self.z = self.z * decay + phi_k.sum(dim=2)
-        self.shift = new_shift
-        return phi_k
+    def clone(self) -> LinearState:
+        return LinearState(self.kvz.clone(), self.shift.clone())
+
+    def to(self, dtype: torch.dtype) -> LinearState:
+        return LinearState(self.kvz.to(dtype), self.shift.to(dtype))
+
+    def nbytes(self) -> int:
+        """Bytes held by the state."""
+        return self.kvz.numel() * self.kvz.element_size() + self.shift.numel() * self.shift.element_size()
+
+    def absorb(
+        self,
+        lk: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        k_map: LogFeatureMap | None = None,
+        block_size: int | None = None,
+    ) -> None:
+        """Add keys and values `(B, H, n, D)` to the state, block by block with a running max shift.
+
+        Args:
+            lk (`torch.Tensor` of shape `(B, H, n, S)`): log key features (`-inf` rows are padding), or keys
+                `(B, H, n, D)` when `k_map` is given.
+            v (`torch.Tensor` of shape `(B, H, n, D)`): values.
+            key_mask (`torch.Tensor` of shape `(B, n)`, *optional*): True = real key.
+            k_map (`LogFeatureMap`, *optional*): applied to each block of `lk`.
+            block_size (`int`, *optional*): tokens per block.
+        """
+        B, H, S = self.shift.shape
+        block = block_length(B * H, max(S, v.shape[-1] + 1), block_size=block_size)
+        for start in range(0, lk.shape[2], block):
+            lk_b = (k_map or _identity)(lk[:, :, start : start + block])
+            lk_b = _mask_keys(lk_b, _block(key_mask, start, block))
+            new_shift = torch.maximum(self.shift, _key_shift(lk_b))
+            phi_k = torch.exp(lk_b - new_shift[:, :, None, :])
+            part = phi_k.transpose(-1, -2) @ _with_ones(v[:, :, start : start + block])
+            self.kvz = torch.addcmul(part, self.kvz, torch.exp(self.shift - new_shift)[..., None])
+            self.shift = new_shift
+
+    def read(self, lq: torch.Tensor) -> torch.Tensor:
+        """Attention of queries `lq` `(B, H, n, S)` over the absorbed tokens only, `(B, H, n, D)`."""
+        return _normalise(_query_weights(lq, self.shift[:, :, None, :]) @ self.kvz)
 
 
 def _intra_chunk_scores(lq: torch.Tensor, lk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal scores inside one chunk, `P_ij = phi(q_i).phi(k_j)` for `j <= i`, scaled per row.
+    """Causal scores inside one chunk, `P_ij = phi(q_i).phi(k_j)` for `j <= i`, scaled per row (exact path).
 
     A per-key shift `m_j` (its largest log-feature) absorbs the key's magnitude, so the `n x n` product of features
     in `[0, 1]` never underflows because of a large key that comes later in the chunk; the magnitudes come back as
@@ -112,6 +232,101 @@ def _intra_chunk_scores(lq: torch.Tensor, lk: torch.Tensor) -> tuple[torch.Tenso
     return torch.exp(logits - d[..., None]), d
 
 
+def _exact_block(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, chunk_size: int, state: LinearState) -> torch.Tensor:
+    """The exact per-chunk loop (robust to any feature range); updates `state`, returns `(B, H, n, D)`."""
+    outputs = []
+    for start in range(0, lq.shape[2], chunk_size):
+        lq_c, lk_c = lq[:, :, start : start + chunk_size], lk[:, :, start : start + chunk_size]
+        v1_c = _with_ones(v[:, :, start : start + chunk_size])
+        # earlier chunks through the state, scaled by exp(c); this chunk exactly, scaled by exp(d)
+        shifted = lq_c + state.shift[:, :, None, :]
+        c = shifted.detach().amax(dim=-1)
+        scores, d = _intra_chunk_scores(lq_c, lk_c)
+        top = torch.maximum(c, d)
+        inter = torch.exp(shifted - top[..., None]) @ state.kvz
+        outputs.append(_normalise(inter + torch.exp(d - top)[..., None] * (scores @ v1_c)))
+        state.absorb(lk_c, v1_c[..., :-1])
+    return torch.cat(outputs, dim=2)
+
+
+def _rescaled_prefix(
+    delta: torch.Tensor, running: torch.Tensor, state: LinearState
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Exclusive prefix sums of chunk statistics by one rescaled cumulative sum, or None if out of range.
+
+    Args:
+        delta (`torch.Tensor` of shape `(B, H, n, S, D + 1)`): chunk sums, chunk `c` relative to `running[c]`.
+        running (`torch.Tensor` of shape `(B, H, n, S)`): running max after each chunk (the state's included).
+        state (`LinearState`): statistics before the first chunk.
+
+    Returns:
+        `prior` `(B, H, n, S, D + 1)`, the statistics before chunk `c` relative to `running[c]`, and the final
+        statistics `(B, H, S, D + 1)` relative to `running[-1]`.
+    """
+    shifts = torch.cat([state.shift[:, :, None], running], dim=2)  # (B, H, n + 1, S)
+    top = running[:, :, -1:]
+    seen = shifts > _LOG_FLOOR / 2
+    limit = _SCAN_RANGE.get(delta.dtype, 60.0)
+    if bool(((top - shifts) * seen).amax() > limit):
+        return None
+    terms = torch.cat([state.kvz[:, :, None], delta], dim=2) * torch.exp(shifts - top)[..., None]
+    sums = terms.cumsum(dim=2)  # (B, H, n + 1, S, D + 1), relative to `top`
+    # before any real key `running` is at the floor and the sums are exactly 0: clamp the factor, not the sums
+    prior = sums[:, :, :-1] * torch.exp((top - running).clamp_max(limit))[..., None]
+    return prior, sums[:, :, -1]
+
+
+def _scanned_prefix(delta: torch.Tensor, running: torch.Tensor, state: LinearState) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same as `_rescaled_prefix` by a sequential scan over the chunks (any range of the running max)."""
+    current, shift, priors = state.kvz, state.shift, []
+    for c in range(delta.shape[2]):
+        current = current * torch.exp(shift - running[:, :, c])[..., None]
+        priors.append(current)
+        current, shift = current + delta[:, :, c], running[:, :, c]
+    return torch.stack(priors, dim=2), current
+
+
+def _fast_block(
+    lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, chunk_size: int, state: LinearState
+) -> tuple[torch.Tensor, LinearState] | None:
+    """Causal attention over one block, all chunks batched; None when a row underflows (use `_exact_block`).
+
+    Args:
+        lq, lk (`torch.Tensor` of shape `(B, H, L, S)`): log-features of the block (padded keys at `-inf`).
+        v (`torch.Tensor` of shape `(B, H, L, D)`): values.
+        visible (`torch.Tensor` of shape `(B, H or 1, L)`, *optional*): rows that see at least one real key
+            (None: all of them).
+        chunk_size (`int`): `C`.
+        state (`LinearState`): statistics before the block (not modified).
+
+    Returns:
+        The output `(B, H, L, D)` and the state after the block.
+    """
+    B, H, L, S = lk.shape
+    n = -(-L // chunk_size)
+    pad = n * chunk_size - L
+    if pad:
+        lq, lk, v = F.pad(lq, (0, 0, 0, pad)), F.pad(lk, (0, 0, 0, pad), value=float("-inf")), F.pad(v, (0, 0, 0, pad))
+    lq, lk = lq.reshape(B, H, n, chunk_size, S), lk.reshape(B, H, n, chunk_size, S)
+    v1 = _with_ones(v).reshape(B, H, n, chunk_size, -1)
+    chunk_max = lk.detach().amax(dim=3)  # (B, H, n, S)
+    running = torch.cummax(torch.maximum(chunk_max, state.shift[:, :, None]), dim=2).values.clamp_min(_LOG_FLOOR)
+    phi_k = torch.exp(lk - running[:, :, :, None])  # (B, H, n, C, S)
+    delta = phi_k.transpose(-1, -2) @ v1  # (B, H, n, S, D + 1)
+    prefix = _rescaled_prefix(delta, running, state)
+    prior, final = prefix if prefix is not None else _scanned_prefix(delta, running, state)
+    phi_q = _query_weights(lq, running[:, :, :, None])  # (B, H, n, C, S)
+    scores = (phi_q @ phi_k.transpose(-1, -2)).tril_()  # (B, H, n, C, C)
+    out = (phi_q @ prior + scores @ v1).reshape(B, H, n * chunk_size, -1)[:, :, :L]
+    den = out[..., -1].detach()
+    weak = den < _tiny(den.dtype) ** 0.5
+    if visible is not None:
+        weak &= visible
+    if bool(weak.any()):
+        return None
+    return _normalise(out), LinearState(final, running[:, :, -1])
+
+
 def causal_linear_attention(
     lq: torch.Tensor,
     lk: torch.Tensor,
@@ -119,40 +334,89 @@ def causal_linear_attention(
     key_mask: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     state: LinearState | None = None,
+    block_size: int | None = None,
+    q_map: LogFeatureMap | None = None,
+    k_map: LogFeatureMap | None = None,
+    feature_dim: int | None = None,
 ) -> tuple[torch.Tensor, LinearState]:
     """Causal kernel attention, chunkwise; queries are the last `Nq` of the `Nk` key positions.
 
     Args:
-        lq (`torch.Tensor` of shape `(B, H, Nq, S)`): log query features.
-        lk (`torch.Tensor` of shape `(B, H, Nk, S)`): log key features.
+        lq (`torch.Tensor` of shape `(B, H, Nq, S)`): log query features (up to a per-query constant), or the
+            queries `(B, H, Nq, D)` when `q_map` is given.
+        lk (`torch.Tensor` of shape `(B, H, Nk, S)`): log key features, or the keys when `k_map` is given.
         v (`torch.Tensor` of shape `(B, H, Nk, D)`): values.
         key_mask (`torch.Tensor` of shape `(B, Nk)`, *optional*): True = real key.
         chunk_size (`int`, defaults to 64): tokens per chunk of the intra-chunk masked product.
-        state (`LinearState`, *optional*): statistics of earlier tokens (not in `lk`) to continue from.
+        state (`LinearState`, *optional*): statistics of earlier tokens (not in `lk`) to continue from; it is
+            updated in place (its tensors are replaced, never modified) and returned.
+        block_size (`int`, *optional*): tokens per block of the batched path (default: `block_length`).
+        q_map, k_map (`LogFeatureMap`, *optional*): applied block by block to `lq` / `lk` (default: identity).
+        feature_dim (`int`, *optional*): `S` when maps are given (sizes the blocks and the empty state).
 
     Returns:
         The output `(B, H, Nq, D)` and the state after the last key (for continuing, e.g. decoding).
     """
-    lk = _mask_keys(lk, key_mask)
-    Nq, Nk = lq.shape[2], lk.shape[2]
-    state = LinearState.empty(lk, v) if state is None else state
+    q_map, k_map = q_map or _identity, k_map or _identity
+    (B, H, Nq), Nk, D = lq.shape[:3], lk.shape[2], v.shape[-1]
+    S = feature_dim or lk.shape[-1]
+    state = LinearState.empty(B, H, S, v) if state is None else state
     prefix = Nk - Nq
+    block = block_length(B * H, max(S, D + 1, chunk_size), chunk_size, block_size)
     if prefix:
-        state.absorb(lk[:, :, :prefix], v[:, :, :prefix])
+        state.absorb(lk[:, :, :prefix], v[:, :, :prefix], _block(key_mask, 0, prefix), k_map, block)
+    visible = _visible_rows(key_mask, state, prefix)
     outputs = []
-    for start in range(0, Nq, chunk_size):
-        stop = min(start + chunk_size, Nq)
-        lq_c = lq[:, :, start:stop]
-        lk_c, v_c = lk[:, :, prefix + start : prefix + stop], v[:, :, prefix + start : prefix + stop]
-        # earlier chunks through the state, scaled by exp(c); this chunk exactly, scaled by exp(d)
-        shifted = lq_c + state.shift[:, :, None, :]
-        c = shifted.detach().amax(dim=-1)
-        phi_q = torch.exp(shifted - c[..., None])
-        scores, d = _intra_chunk_scores(lq_c, lk_c)
-        top = torch.maximum(c, d)
-        inter_w, intra_w = torch.exp(c - top)[..., None], torch.exp(d - top)[..., None]
-        num = inter_w * (phi_q @ state.kv) + intra_w * (scores @ v_c)
-        den = inter_w * (phi_q @ state.z[..., None]) + intra_w * scores.sum(dim=-1, keepdim=True)
-        outputs.append(num / den.clamp_min(_tiny(v.dtype)))
-        state.absorb(lk_c, v_c)
-    return torch.cat(outputs, dim=2), state
+    for start in range(0, Nq, block):
+        keys = slice(prefix + start, prefix + start + block)
+        lq_b, v_b = q_map(lq[:, :, start : start + block]), v[:, :, keys]
+        lk_b = _mask_keys(k_map(lk[:, :, keys]), _block(key_mask, prefix + start, block))
+        seen = None if visible is None else visible[:, :, start : start + block]
+        result = _fast_block(lq_b, lk_b, v_b, seen, chunk_size, state)
+        if result is None:
+            outputs.append(_exact_block(lq_b, lk_b, v_b, chunk_size, state))
+        else:
+            out, after = result
+            outputs.append(out)
+            state.kvz, state.shift = after.kvz, after.shift
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)), state
+
+
+def _visible_rows(key_mask: torch.Tensor | None, state: LinearState, prefix: int) -> torch.Tensor | None:
+    """`(B, H, Nq)` bool: query rows that see at least one real key (earlier state or keys up to themselves)."""
+    if key_mask is None:
+        return None
+    seen_before = (state.shift > _LOG_FLOOR / 2).any(dim=-1)[:, :, None]  # (B, H, 1)
+    seen_here = key_mask[:, prefix:].cumsum(dim=-1)[:, None, :] > 0  # (B, 1, Nq)
+    return seen_before | seen_here
+
+
+@dataclass(frozen=True)
+class FeatureMaps:
+    """The block-wise log-feature maps of a kernel estimator.
+
+    Attributes:
+        query (`LogFeatureMap`): `(B, H, n, D)` queries -> `(B, H, n, S)` log-features (up to a per-row constant).
+        key (`LogFeatureMap`): `(B, H, n, D)` keys -> `(B, H, n, S)` log-features.
+        num_features (`int`): `S`.
+    """
+
+    query: LogFeatureMap
+    key: LogFeatureMap
+    num_features: int
+
+
+def kernel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    causal: bool,
+    maps: FeatureMaps,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Kernel attention of raw `q` `(B, H, Nq, D)` over `k`, `v` `(B, H, Nk, D)` with block-wise feature maps."""
+    kwargs = {"q_map": maps.query, "k_map": maps.key, "feature_dim": maps.num_features}
+    if causal:
+        return causal_linear_attention(q, k, v, key_mask, chunk_size, **kwargs)[0]
+    return bidirectional_linear_attention(q, k, v, key_mask, **kwargs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .base import AttentionEstimator, check_int, register_estimator
-from .linear import DEFAULT_CHUNK_SIZE, bidirectional_linear_attention, causal_linear_attention
+from .linear import DEFAULT_CHUNK_SIZE, FeatureMaps, kernel_attention
 from .random_features import gaussian, orthogonal_gaussian, positive_random_log_features
 
 
@@ -58,12 +58,30 @@ class RandomFeatureAttention(AttentionEstimator):
         """`log phi(x)` `(B, H, N, S)` for `x` `(B, H, N, D)`."""
         return positive_random_log_features(x * scale**0.5, omega)
 
+    def current_projection(self, device: torch.device) -> torch.Tensor:
+        """The `(H, S, D)` features of this pass: a fresh draw when training with `redraw`, else `projection`."""
+        return self.draw_features().to(device) if (self.training and self.redraw) else self.projection
+
+    def feature_maps(self, scale: float, dtype: torch.dtype, omega: torch.Tensor | None = None) -> FeatureMaps:
+        """Block-wise log-feature maps `(B, H, n, D) -> (B, H, n, S)` for queries and keys.
+
+        The scale is folded into the projection; the query map leaves out the per-query `-|q~|^2 / 2`, which
+        cancels in the normalised output.
+        """
+        omega = self.projection if omega is None else omega
+        weight = (omega.to(dtype) * scale**0.5).transpose(-1, -2)  # (H, D, S)
+
+        def query_map(x: torch.Tensor) -> torch.Tensor:
+            return x @ weight
+
+        def key_map(x: torch.Tensor) -> torch.Tensor:
+            return (x @ weight).sub_(0.5 * scale * x.square().sum(dim=-1, keepdim=True))
+
+        return FeatureMaps(query_map, key_map, self.num_features)
+
     def attend(self, q, k, v, key_mask, causal, scale):
-        omega = self.draw_features().to(q.device) if (self.training and self.redraw) else self.projection
-        lq, lk = self.log_features(q, scale, omega), self.log_features(k, scale, omega)
-        if causal:
-            return causal_linear_attention(lq, lk, v, key_mask, self.chunk_size)[0]
-        return bidirectional_linear_attention(lq, lk, v, key_mask)
+        maps = self.feature_maps(scale, q.dtype, self.current_projection(q.device))
+        return kernel_attention(q, k, v, key_mask, causal, maps, self.chunk_size)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_features={self.num_features}, orthogonal={self.orthogonal}"
