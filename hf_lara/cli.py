@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", help="method to include (repeatable; default: all)")
     p.add_argument("--length", type=int, default=4096, help="length for the speed column (default: 4096)")
     p.add_argument("--output-dir", default=".", help="folder for hf_lara_demo.png (default: current folder)")
-    p.add_argument("--repeats", type=int, default=2, help="timed calls per estimator, best counts (default: 2)")
+    p.add_argument("--repeats", type=int, default=3, help="timing rounds, best counts (default: 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", help="write the table rows as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

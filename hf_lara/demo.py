@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,22 +71,29 @@ class DemoResult:
 
 
 def time_estimators(
-    estimators: dict[str, torch.nn.Module], length: int, *, heads: int, head_dim: int, repeats: int = 2, bar=None
+    estimators: dict[str, torch.nn.Module], length: int, *, heads: int, head_dim: int, repeats: int = 3, bar=None
 ) -> dict[str, float]:
-    """Best-of-`repeats` milliseconds of each estimator on one `(1, heads, length, head_dim)` bidirectional input.
+    """Best milliseconds over `repeats` rounds of each estimator on one `(1, heads, length, head_dim)` input.
 
-    Quadratic estimators other than `softmax` (RA) are timed once: one call already takes seconds.
+    Rounds interleave the methods (after one warm-up call each), so that a burst of load on a shared machine hits
+    every method alike rather than one. Quadratic estimators other than `softmax` (RA) are called once: one call
+    already takes seconds.
     """
     q, k, v = clustered_qkv(1, heads, length, head_dim, generator=torch.Generator().manual_seed(0))
-    times = {}
+    quadratic = {m for m, e in estimators.items() if not e.is_linear and m != "softmax"}
+    best = dict.fromkeys(estimators, float("inf"))
     with torch.no_grad():
         for method, estimator in estimators.items():
-            quadratic = not estimator.is_linear and method != "softmax"
-            _, seconds = time_call(lambda e=estimator: e(q, k, v), 1 if quadratic else repeats, warmup=not quadratic)
-            times[method] = 1000 * seconds
-            if bar is not None:
-                bar.update()
-    return times
+            if method not in quadratic:
+                estimator(q, k, v)  # warm-up
+        for round_ in range(max(repeats, 1)):
+            for method, estimator in estimators.items():
+                if round_ == 0 or method not in quadratic:
+                    _, seconds = time_call(partial(estimator, q, k, v), 1, warmup=False)
+                    best[method] = min(best[method], seconds)
+                if bar is not None and round_ == 0:
+                    bar.update()
+    return {method: 1000 * seconds for method, seconds in best.items()}
 
 
 def run_demo(
@@ -93,7 +101,7 @@ def run_demo(
     *,
     length: int = DEMO_LENGTH,
     output_dir: str | Path = ".",
-    repeats: int = 2,
+    repeats: int = 3,
     progress: bool = True,
 ) -> DemoResult:
     """Convert all-MiniLM-L6-v2 with every method (or `methods`), measure it, draw the figure."""
