@@ -161,9 +161,15 @@ def test_auto_class_names(converted):
 
 def test_wheel_ships_template_and_sentences(tmp_path):
     """A non-editable build carries the card template and the demo sentences inside the package."""
+    import shutil
     import subprocess
     import sys
 
+    # build from a copy, so that no build/ folder lands in the checkout
+    source = tmp_path / "src"
+    shutil.copytree(ROOT / "hf_lara", source / "hf_lara", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     result = subprocess.run(
         [
             sys.executable,
@@ -175,7 +181,7 @@ def test_wheel_ships_template_and_sentences(tmp_path):
             "-q",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(source),
         ],
         capture_output=True,
         text=True,
