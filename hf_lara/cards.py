@@ -65,6 +65,16 @@ AUTO_CLASSES = (
     ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"),
     ("AutoModelForPreTraining", "MODEL_FOR_PRETRAINING_MAPPING_NAMES"),
 )
+#: The Hub's pipeline tag of each Auto class named in cards.
+PIPELINE_TAGS = {
+    "AutoModelForCausalLM": "text-generation",
+    "AutoModelForMaskedLM": "fill-mask",
+    "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForTokenClassification": "token-classification",
+    "AutoModelForQuestionAnswering": "question-answering",
+    "AutoModelForImageClassification": "image-classification",
+    "AutoModel": "feature-extraction",
+}
 
 
 def template_path() -> Path:
@@ -141,7 +151,8 @@ def build_card(
         fidelity (`FidelityReport` or `dict`, *optional*): a fidelity report or an earlier card's summary of one.
         recipe (`str`, *optional*): how the estimator was trained after conversion (Markdown).
         eval_results (`list[EvalResult]`, *optional*): evaluation results, written to the `model-index`.
-        model_name, license, language, datasets, pipeline_tag: standard card metadata.
+        model_name, license, language, datasets: standard card metadata.
+        pipeline_tag (`str`, *optional*): defaults to the task of the architecture's Auto class (`fill-mask`, ...).
         tags (`Sequence[str]`, *optional*): tags added to `hf-lara`, `linear-attention` and the method.
 
     Returns:
@@ -169,6 +180,7 @@ def build_card(
         record["fidelity"] = summary
     if recipe:
         record["recipe"] = recipe
+    auto_class = auto_class_name(config, architecture)
     card_data = ModelCardData(
         base_model=base_model,
         library_name="transformers",
@@ -178,7 +190,7 @@ def build_card(
         license=license,
         language=language,
         datasets=datasets,
-        pipeline_tag=pipeline_tag,
+        pipeline_tag=pipeline_tag or PIPELINE_TAGS.get(auto_class),
         **{CARD_KEY: record},
     )
     title, text = METHOD_INFO.get(method, (method, ""))
@@ -208,7 +220,7 @@ def build_card(
         fidelity=fidelity_view,
         recipe=recipe,
         eval_results=eval_results,
-        auto_class=auto_class_name(config, architecture),
+        auto_class=auto_class,
         repo_id=repo_id or REPO_PLACEHOLDER,
     )
 

@@ -170,26 +170,35 @@ def push_to_hub(
             model_or_folder.save_pretrained(folder)
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)
-            card = card or build_card(model_or_folder, repo_id=repo_id)
         else:
             folder = Path(model_or_folder)
             if tokenizer is not None:
                 raise ValueError("`tokenizer` is only for in-memory models; save it into the folder instead.")
         files = _check_folder(folder)
-        card = card or folder_card(folder, repo_id)
         operations = [CommitOperationAdd(p.relative_to(folder).as_posix(), str(p)) for p in files]
-        operations.append(CommitOperationAdd("README.md", str(card).encode()))
         config = json.loads((folder / "config.json").read_text())
         message = commit_message or f"Upload {config['lara_method']} model converted by hf-lara"
-        return _commit(endpoint, token, repo_id, operations, message, private, revision, create_pr)
+
+        def readme(full_repo_id: str) -> CommitOperationAdd:
+            # rendered once the repository exists, so the snippet names it with its namespace
+            if card is not None:
+                text = str(card)
+            elif isinstance(model_or_folder, PreTrainedModel):
+                text = str(build_card(model_or_folder, repo_id=full_repo_id))
+            else:
+                text = str(folder_card(folder, full_repo_id))
+            return CommitOperationAdd("README.md", text.encode())
+
+        return _commit(endpoint, token, repo_id, operations, readme, message, private, revision, create_pr)
 
 
-def _commit(endpoint, token, repo_id, operations, message, private, revision, create_pr) -> PushResult:
+def _commit(endpoint, token, repo_id, operations, readme, message, private, revision, create_pr) -> PushResult:
     if constants.is_offline_mode():
         raise HubError("`HF_HUB_OFFLINE` is set, so the Hub cannot be reached. Unset it to push.")
     api = HfApi(endpoint=endpoint, token=token)
     try:
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        operations = [*operations, readme(repo_id)]
         if revision is not None and revision != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.create_commit(repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr)

@@ -55,6 +55,7 @@ def test_card_content(converted):
     validate_card(card)
     data = card.data.to_dict()
     assert data["base_model"] == "org/base-model" and data["library_name"] == "transformers"
+    assert data["pipeline_tag"] == "fill-mask"
     assert data["tags"] == ["hf-lara", "linear-attention", "lara"]
     assert data["hf_lara"]["method"] == "lara" and data["hf_lara"]["hparams"] == {"num_landmarks": 2}
     assert data["hf_lara"]["layers"] == [1]

@@ -101,6 +101,8 @@ def test_pull_request_and_branch(hub, folder):
     assert out["result"]["pr_url"].endswith("/tester/tiny-pr/discussions/1")
     assert set(hub.files("tester/tiny-pr")) == {".gitattributes"}  # main untouched
     assert "config.json" in hub.files("tester/tiny-pr", "refs/pr/1")
+    # the card names the repository with the namespace the Hub gave it
+    assert 'from_pretrained("tester/tiny-pr")' in hub.files("tester/tiny-pr", "refs/pr/1")["README.md"].decode()
     assert hub.state.repos["tester/tiny-pr"].private
 
     assert branch["same"] and branch["result"]["revision"] == "dev"
