@@ -96,17 +96,20 @@ def repeat_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 def softmax_attention(query, key, value, padding_mask, causal, scaling):
     """Exact attention in fp32: output `(B, Nq, H, D)` and probabilities `(B, H, Nq, Nk)`; queries are the last keys."""
     num_heads, Nq, Nk = query.shape[1], query.shape[2], key.shape[2]
-    key, value = repeat_heads(key, num_heads).float(), repeat_heads(value, num_heads).float()
-    scores = query.float() @ key.transpose(-1, -2) * scaling  # (B, H, Nq, Nk)
+    query, key, value = query.float(), repeat_heads(key, num_heads).float(), repeat_heads(value, num_heads).float()
     allowed = torch.ones(Nq, Nk, dtype=torch.bool, device=query.device)
     if causal:
         allowed = allowed.tril(diagonal=Nk - Nq)
     allowed = allowed[None, None]
     if padding_mask is not None:
         allowed = allowed & padding_mask[:, None, None, :]
-    # a finite fill keeps rows without any allowed key (padded queries) finite; they are masked out of every loss
-    probs = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(dim=-1)
-    return (probs @ value).transpose(1, 2), probs
+    # the reference stays fp32 under bf16/fp16 autocast
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        scores = query @ key.transpose(-1, -2) * scaling  # (B, H, Nq, Nk)
+        # a finite fill keeps rows without any allowed key (padded queries) finite; every loss masks them out
+        probs = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(dim=-1)
+        out = probs @ value
+    return out.transpose(1, 2), probs
 
 
 def estimated_rows(student_fn, module, query, key, padding_mask, scaling, **kwargs) -> torch.Tensor:
@@ -293,8 +296,8 @@ def evaluate_fidelity(accelerator, model, dataloader) -> dict:
                 )
                 keep = rows.bool()
                 layer_metric.add_batch(
-                    predictions=student[keep].cpu().numpy(),
-                    references=teacher[keep].cpu().numpy(),
+                    predictions=student[keep].float().cpu().numpy(),
+                    references=teacher[keep].float().cpu().numpy(),
                     layer=[layer] * int(keep.sum()),
                 )
             teacher = mean_pooled(model, unwrapped, batch, "sdpa")
