@@ -158,17 +158,21 @@ def distillation_attention(module, query, key, value, attention_mask, scaling=No
     )
     if RECORDER.keep_outputs:
         RECORDER.outputs[layer] = (student.detach().flatten(2), teacher.flatten(2), rows.flatten(1))
-    else:
-        error = ((student - teacher) ** 2 * rows).sum() / ((teacher**2) * rows).sum().clamp_min(1e-12)
-        RECORDER.losses[layer] = error
-        if RECORDER.rows_weight > 0:
-            estimate = estimated_rows(student_fn, module, query, key, attention_mask, scaling, **kwargs).float()
-            cross_entropy = -(probs * estimate.clamp_min(1e-6).log()).sum(-1)  # (B, H, Nq)
-            row_mask = rows.flatten(1)[:, None, :]
-            RECORDER.losses[layer] = error + RECORDER.rows_weight * (cross_entropy * row_mask).sum() / (
-                row_mask.sum() * cross_entropy.shape[1]
-            )
+        return teacher.to(query.dtype), None
+    # relative squared error over real query rows
+    loss = ((student - teacher) ** 2 * rows).sum() / ((teacher**2) * rows).sum().clamp_min(1e-12)
+    if RECORDER.rows_weight > 0:
+        estimate = estimated_rows(student_fn, module, query, key, attention_mask, scaling, **kwargs)
+        loss = loss + RECORDER.rows_weight * row_cross_entropy(probs, estimate.float(), rows.flatten(1))
+    RECORDER.losses[layer] = loss
     return teacher.to(query.dtype), None
+
+
+def row_cross_entropy(probs: torch.Tensor, estimate: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Hedgehog's loss: mean over heads and real query rows of `-sum_j p_ij log(estimate_ij)`; `rows` is `(B, Nq)`."""
+    cross_entropy = -(probs * estimate.clamp_min(1e-6).log()).sum(-1)  # (B, H, Nq)
+    mask = rows[:, None, :].to(cross_entropy.dtype)
+    return (cross_entropy * mask).sum() / (mask.sum() * cross_entropy.shape[1])
 
 
 def register_distillation_attention() -> None:
