@@ -145,6 +145,8 @@ class AttentionEstimator(nn.Module):
     """
 
     method: ClassVar[str] = ""
+    #: True when the estimator has `prefill` / `step` (constant-size decoding state, see `recurrent.py`).
+    supports_recurrent_state: ClassVar[bool] = False
     #: True when cost and memory are linear in the sequence length (no N x N tensor anywhere).
     is_linear: ClassVar[bool] = True
     #: True when the output is a convex combination of the attended values.

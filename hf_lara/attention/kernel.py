@@ -28,6 +28,7 @@ from torch import nn
 from .base import AttentionEstimator, check_choice, check_float, check_int, register_estimator
 from .linear import DEFAULT_CHUNK_SIZE, FeatureMaps, kernel_attention
 from .random_features import orthogonal_gaussian
+from .recurrent import RecurrentStateMixin
 
 FEATURE_INITS = ("random", "identity")
 #: relu features are floored here before the log, so every feature is positive and every normaliser is > 0.
@@ -255,7 +256,7 @@ FEATURE_MAPS: dict[str, type[FeatureMap]] = {
 
 
 @register_estimator("kernel")
-class KernelAttention(AttentionEstimator):
+class KernelAttention(RecurrentStateMixin, AttentionEstimator):
     """Linear attention with a trainable feature map shared by queries and keys.
 
     Args:

@@ -57,6 +57,7 @@ from torch import nn
 from .base import AttentionEstimator, check_choice, check_float, check_int, register_estimator
 from .linear import DEFAULT_CHUNK_SIZE, FeatureMaps, kernel_attention
 from .random_features import orthogonal_gaussian, positive_random_log_features
+from .recurrent import RecurrentStateMixin
 
 MIS_TYPES = ("opt", "bh")
 _ALPHA_FLOOR = 1e-8
@@ -100,7 +101,7 @@ def _affine(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 @register_estimator("lara")
-class LinearRandomizedAttention(AttentionEstimator):
+class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
     """Linear randomized attention; bidirectional as in the paper, causal with learned data-independent proposals.
 
     Args:

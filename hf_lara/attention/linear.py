@@ -205,6 +205,22 @@ class LinearState:
             self.kvz = torch.addcmul(part, self.kvz, torch.exp(self.shift - new_shift)[..., None])
             self.shift = new_shift
 
+    def step(self, lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One token: absorb `lk` `(B, H, 1, S)` (`-inf` = padding), `v` `(B, H, 1, D)`, then read `lq` `(B, H, 1, S)`.
+
+        `O(S D)` per (batch, head) whatever the number of tokens absorbed before.
+        """
+        new_shift = torch.maximum(self.shift, lk.detach()[:, :, 0].clamp_min(_LOG_FLOOR))
+        phi_k = torch.exp(lk - new_shift[:, :, None, :])  # (B, H, 1, S)
+        part = phi_k.transpose(-1, -2) * _with_ones(v)  # outer product (B, H, S, D + 1)
+        self.kvz = torch.addcmul(part, self.kvz, torch.exp(self.shift - new_shift)[..., None])
+        self.shift = new_shift
+        return self.read(lq)
+
+    def index_select(self, index: torch.Tensor) -> LinearState:
+        """The state of batch rows `index` (beam-search reordering, dropping finished rows)."""
+        return LinearState(self.kvz.index_select(0, index), self.shift.index_select(0, index))
+
     def read(self, lq: torch.Tensor) -> torch.Tensor:
         """Attention of queries `lq` `(B, H, n, S)` over the absorbed tokens only, `(B, H, n, D)`."""
         return _normalise(_query_weights(lq, self.shift[:, :, None, :]) @ self.kvz)
@@ -361,6 +377,10 @@ def causal_linear_attention(
     (B, H, Nq), Nk, D = lq.shape[:3], lk.shape[2], v.shape[-1]
     S = feature_dim or lk.shape[-1]
     state = LinearState.empty(B, H, S, v) if state is None else state
+    if Nq == Nk == 1:
+        return state.step(q_map(lq), _mask_keys(k_map(lk), key_mask), v), state
+    # a chunk longer than the input changes nothing but padding work
+    chunk_size = min(chunk_size, Nq)
     prefix = Nk - Nq
     block = block_length(B * H, max(S, D + 1, chunk_size), chunk_size, block_size)
     if prefix:

@@ -13,10 +13,11 @@ import torch
 from .base import AttentionEstimator, check_int, register_estimator
 from .linear import DEFAULT_CHUNK_SIZE, FeatureMaps, kernel_attention
 from .random_features import gaussian, orthogonal_gaussian, positive_random_log_features
+from .recurrent import RecurrentStateMixin
 
 
 @register_estimator("rfa")
-class RandomFeatureAttention(AttentionEstimator):
+class RandomFeatureAttention(RecurrentStateMixin, AttentionEstimator):
     """Positive random-feature attention.
 
     Args:

@@ -1,0 +1,87 @@
+"""Constant-size decoding state for the kernel-type estimators (`rfa`, `kernel`, causal `lara`).
+
+A causal kernel estimator is an RNN: everything a query needs from the tokens before it is the `LinearState`
+`(kvz, shift)`, `S x (D + 1) + S` numbers per (batch, head), whatever the context length. `prefill` runs the
+chunkwise path over a prompt and returns that state; `step` continues from it with one or more new tokens. Both
+give the rows of the full causal forward (`module(q, k, v, causal=True)`) over prompt + new tokens, up to rounding.
+
+Feature maps are the stored ones (`projection`, `proposal_noise`): `redraw` never applies here, since a redraw
+between prefill and decoding would silently corrupt the state.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from .base import compute_dtype
+from .linear import FeatureMaps, LinearState, causal_linear_attention
+
+
+class RecurrentStateMixin:
+    """Adds `prefill` / `step` to an `AttentionEstimator` that provides `feature_maps(scale, dtype)`."""
+
+    #: True when `prefill` / `step` exist: decoding costs `O(S D)` per token and head with a constant-size state.
+    supports_recurrent_state: ClassVar[bool] = True
+
+    def feature_maps(self, scale: float, dtype: torch.dtype) -> FeatureMaps:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        padding_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> tuple[torch.Tensor, LinearState]:
+        """Causal attention over a prompt; returns the output and the state after its last token.
+
+        Args:
+            q, k, v (`torch.Tensor` of shape `(B, H, N, D)`): the prompt.
+            padding_mask (`torch.Tensor` of shape `(B, N)`, *optional*): True = real token (padded keys never
+                enter the state).
+            scale (`float`, *optional*): logit scale (default `D ** -0.5`).
+
+        Returns:
+            `out` `(B, H, N, D)` in `q.dtype` and the `LinearState` (fp32, fp64 for fp64 inputs).
+        """
+        return self.step(q, k, v, None, padding_mask=padding_mask, scale=scale)
+
+    def step(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        state: LinearState | None,
+        *,
+        padding_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> tuple[torch.Tensor, LinearState]:
+        """Attend `n >= 1` new tokens given the state of every earlier one; the input state is not modified.
+
+        Args:
+            q, k, v (`torch.Tensor` of shape `(B, H, n, D)`): the new tokens only.
+            state (`LinearState`, *optional*): from `prefill` or an earlier `step`; None = no earlier token.
+            padding_mask (`torch.Tensor` of shape `(B, n)`, *optional*): True = real token, for the new tokens.
+            scale (`float`, *optional*): logit scale (default `D ** -0.5`).
+
+        Returns:
+            `out` `(B, H, n, D)` in `q.dtype` and the new state. Cost `O(n S D)` per head.
+        """
+        self._check_inputs(q, k, v, padding_mask, True)
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"`step` takes the new tokens only: got {q.shape[2]} queries and {k.shape[2]} keys.")
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        input_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        maps = self.feature_maps(scale, dtype)
+        # a fresh container: the caller's state object keeps its tensors
+        state = None if state is None else LinearState(state.kvz.to(dtype), state.shift.to(dtype))
+        out, state = causal_linear_attention(
+            q, k, v, padding_mask, self.chunk_size, state, q_map=maps.query, k_map=maps.key,
+            feature_dim=maps.num_features,
+        )
+        return out.to(input_dtype), state
