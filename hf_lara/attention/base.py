@@ -177,10 +177,12 @@ class AttentionEstimator(nn.Module):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if padding_mask is not None and bool(padding_mask.all()):
             padding_mask = None
-        if self.packs_padding(causal):
-            out = self._attend_packed(q, k, v, padding_mask, causal, scale)
-        else:
-            out = self.attend(q, k, v, padding_mask, causal, scale)
+        # under mixed precision autocast would run the products in bf16/fp16: keep the estimator in `dtype`
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            if self.packs_padding(causal):
+                out = self._attend_packed(q, k, v, padding_mask, causal, scale)
+            else:
+                out = self.attend(q, k, v, padding_mask, causal, scale)
         return out.to(input_dtype)
 
     def packs_padding(self, causal: bool) -> bool:

@@ -172,3 +172,16 @@ def test_shape_and_mask_errors():
         attn(q, k, v, padding_mask=torch.ones(1, 5))
     with pytest.raises(ValueError, match="padding_mask"):
         attn(q, k, v, padding_mask=torch.ones(1, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("method", methods())
+def test_autocast_does_not_lower_the_estimator_precision(method):
+    """Under bf16 autocast the estimator still computes in fp32: same result as without autocast."""
+    attn = build_small(method, H, D).eval()
+    q, k, v = qkv(2, H, 21, D, dtype=torch.float32)
+    with torch.no_grad():
+        plain = attn(q, k, v, causal=True)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            mixed = attn(q, k, v, causal=True)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain, atol=1e-6, rtol=1e-6)
