@@ -184,9 +184,11 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         omega = mu if noise is None else mu + noise.to(mu.dtype)
         lq = positive_random_log_features(q_t, omega)  # (b, H, N, C)
         lk = positive_random_log_features(k_t, omega)  # (b, H, N, C)
-        f = torch.softmax(lk, dim=2).transpose(-1, -2) @ v  # (b, H, C, D)
+        log_z = torch.logsumexp(lk, dim=2)  # (b, H, C)
+        # softmax over keys from the one logsumexp (a strided softmax over dim 2 would redo the reduction)
+        f = torch.exp(lk - log_z[:, :, None, :]).transpose(-1, -2) @ v  # (b, H, C, D)
         log_density = proposal_log_density(omega, mu)  # (b, H, C, C)
-        log_w = lq + (torch.logsumexp(lk, dim=2) + log_inverse_proposal(log_density, self.mis))[:, :, None, :]
+        log_w = lq + (log_z + log_inverse_proposal(log_density, self.mis))[:, :, None, :]
         if self.mis == "opt":
             t = torch.softmax(q_t @ q_bar.transpose(-1, -2), dim=2)  # normalised over queries
             log_w = log_w + log_alpha(log_density, t, self.alpha_coeff)
