@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import PreTrainedModel
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 from .attention import ATTENTION_KEY
 from .config import LARA_FIELDS, LaraConfig
@@ -46,5 +47,8 @@ def convert(model: PreTrainedModel, method: str, layers: list[int] | None = None
     for name in LARA_FIELDS:
         setattr(model.config, name, getattr(config, name))
     model.__class__ = converted_class
+    # Transformers files each model's output-recording spec (hidden states, attentions) under its class when the
+    # model is built; file it under the new class too, as `PreTrainedModel.__init__` would have
+    _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
     model.set_attn_implementation(ATTENTION_KEY)
     return model

@@ -116,3 +116,24 @@ def test_cross_attention_stays_exact_softmax(family):
     assert len(model.lara_estimators()) == 2
     assert not any(hasattr(m, ESTIMATOR_ATTR) for n, m in model.named_modules() if "cross" in n)
     assert_close(run(model, inputs) * mask[..., None], expected)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_converted_in_place_model_still_returns_hidden_states(family, base_checkpoints):
+    """Transformers files output-recording specs per class; the converted class must get them too."""
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+    setup = SETUPS[family]
+    inputs = make_inputs(setup)
+    model = load_base(setup, base_checkpoints[family])
+    with torch.no_grad():
+        expected = model(**inputs, output_hidden_states=True).hidden_states
+    converted_class = hf_lara.integration.families.model_class_for(REGISTRY[family], type(model))
+    # forget what earlier tests may have filed when they built this class, so only `convert` can provide it
+    dict.pop(_CAN_RECORD_REGISTRY, str(converted_class), None)
+    hf_lara.convert(model, method="softmax")
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+    assert hidden is not None and len(hidden) == len(expected)
+    for h, e in zip(hidden, expected):
+        assert_close(h, e)
