@@ -1,7 +1,7 @@
 """hf_lara: linear-complexity randomized attention for pretrained HuggingFace Transformers models."""
 
 from .attention import AttentionEstimator, available_methods, build_attention, register_estimator
-from .integration import LaraConfig, LaraModelMixin, convert, register_family, supported_families
+from .integration import LaraCache, LaraConfig, LaraModelMixin, convert, register_family, supported_families
 from .integration.config import (
     LaraBertConfig,
     LaraDeiTConfig,
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionEstimator",
     "LaraBertConfig",
+    "LaraCache",
     "LaraConfig",
     "LaraDeiTConfig",
     "LaraDistilBertConfig",

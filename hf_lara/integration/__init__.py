@@ -5,6 +5,7 @@ distilbert, gpt2, llama, mistral, qwen2, vit, deit) with `AutoConfig` and every 
 """
 
 from .attention import ATTENTION_KEY, ESTIMATOR_ATTR, lara_attention_forward, lara_padding_mask, register_attention
+from .cache import LaraCache, LaraStateLayer
 from .config import LaraConfig
 from .convert import convert
 from .families import register_builtin_families, register_family
@@ -18,8 +19,10 @@ __all__ = [
     "ATTENTION_KEY",
     "ESTIMATOR_ATTR",
     "FAMILIES",
+    "LaraCache",
     "LaraConfig",
     "LaraModelMixin",
+    "LaraStateLayer",
     "convert",
     "lara_attention_forward",
     "lara_padding_mask",

@@ -7,8 +7,10 @@ Converted models set `config._attn_implementation = "hf_lara"`. Transformers the
    `lara_attention`) run it; layers left out by `layers=` keep exact softmax through Transformers' own SDPA function,
    with the 4-D mask they need rebuilt from the 2-D one for them alone.
 
-Decoding uses Transformers' KV cache: each step the estimator attends the new queries (the last `Nq` positions) over
-the whole cache. That is exact for every estimator but costs O(n) per generated token, not O(1). Estimators see
+Decoding with a `LaraCache` (`cache.py`, the default of `generate()` for converted decoders) runs recurrent estimators
+on a constant-size state: the attention function receives the layer's `LaraStateLayer` under `STATE_LAYER_KWARG` and
+only the new keys. Over Transformers' KV cache (any other cache, and non-recurrent estimators) each step attends the
+new queries (the last `Nq` positions) over the whole cache: exact for every estimator, but O(n) per generated token. Estimators see
 padding only through the 2-D mask: sequences packed without an `attention_mask` are not separated, and sliding
 windows (Mistral) are ignored by converted layers (a warning says so once) but kept by the softmax ones.
 """
@@ -33,6 +35,8 @@ logger = logging.get_logger(__name__)
 ATTENTION_KEY = "hf_lara"
 #: Attribute holding the estimator on each converted attention module; it prefixes every added weight name.
 ESTIMATOR_ATTR = "lara_attention"
+#: Keyword argument under which a converted module receives its `LaraStateLayer` (see `cache.py`).
+STATE_LAYER_KWARG = "lara_state_layer"
 
 
 def lara_padding_mask(
@@ -95,6 +99,9 @@ def lara_attention_forward(
     causal = kwargs.pop("is_causal", None)
     causal = bool(getattr(module, "is_causal", False) if causal is None else causal)
     estimator = getattr(module, ESTIMATOR_ATTR, None)
+    state_layer = kwargs.pop(STATE_LAYER_KWARG, None)
+    if state_layer is not None:
+        return recurrent_attention(estimator, state_layer, query, key, value, attention_mask, scaling)
     if estimator is None:
         return softmax_fallback(module, query, key, value, attention_mask, causal, scaling, dropout, **kwargs)
     check_mask(attention_mask, key)
@@ -102,6 +109,45 @@ def lara_attention_forward(
     num_heads = query.shape[1]
     key, value = repeat_kv(key, num_heads), repeat_kv(value, num_heads)
     out = estimator(query, key, value, padding_mask=attention_mask, causal=causal, scale=scaling)  # (B, H, Nq, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def recurrent_attention(
+    estimator: nn.Module,
+    state_layer,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention of the new tokens given the state of the earlier ones, kept in `state_layer.state`.
+
+    Args:
+        estimator (`nn.Module`): a recurrent estimator (`supports_recurrent_state`).
+        state_layer (`LaraStateLayer`): the layer's cache entry; its state is replaced by the one after the new tokens.
+        query (`torch.Tensor` of shape `(B, H, n, D)`): the new queries.
+        key, value (`torch.Tensor` of shape `(B, H_kv, n, D)`): the new keys and values only (the layer keeps none).
+        attention_mask (`torch.BoolTensor` of shape `(B, Nk)`, *optional*): padding mask whose last `n` columns are
+            the new tokens (`Nk >= n`: the mask may be sized for the KV layers of a hybrid model).
+        scaling (`float`, *optional*): logit scale.
+
+    Returns:
+        `(out, None)` with `out` of shape `(B, n, H, D)`.
+    """
+    if not getattr(estimator, "supports_recurrent_state", False):
+        raise RuntimeError(
+            "This cache holds a recurrent state for a layer whose estimator has none; build a new cache."
+        )
+    n = key.shape[2]
+    mask = None if attention_mask is None else attention_mask[..., -n:]
+    check_mask(mask, key)
+    if mask is not None and bool(mask.all()):
+        mask = None
+    num_heads = query.shape[1]
+    key, value = repeat_kv(key, num_heads), repeat_kv(value, num_heads)
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        out, state_layer.state = estimator.step(query, key, value, state_layer.state, padding_mask=mask, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

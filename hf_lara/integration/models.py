@@ -18,9 +18,17 @@ import itertools
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from .attention import ESTIMATOR_ATTR
+from .cache import (
+    LaraCache,
+    bind_state_layer,
+    provide_state_cache,
+    recurrent_layer_indices,
+    register_hook,
+    remove_hook,
+)
 from .config import LaraConfig
 from .registry import Family, get_family
 
@@ -41,6 +49,20 @@ class LaraModelMixin:
         """The estimators by self-attention layer index."""
         modules = get_family(self.config.model_type).attention_modules(self)
         return {i: getattr(m, ESTIMATOR_ATTR) for i, m in enumerate(modules) if hasattr(m, ESTIMATOR_ATTR)}
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """`generate()`'s cache: a `LaraCache` (constant-size state for recurrent layers) instead of the default
+        `DynamicCache`; a user cache, `cache_implementation="dynamic"` or assisted decoding keep the KV cache."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        default = type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
+        if (
+            default
+            and generation_config.cache_implementation is None
+            and not generation_config.is_assistant
+            and recurrent_layer_indices(self)
+        ):
+            model_kwargs["past_key_values"] = LaraCache(self)
 
     def initialize_weights(self):
         super().initialize_weights()
@@ -68,11 +90,14 @@ def attach_estimators(model: nn.Module, config: LaraConfig, family: Family, like
     selected = set(resolve_layers(config.lara_layers, len(modules)))
     num_heads, head_dim = family.head_shape(config)
     estimators = {i: config.build_estimator(num_heads, head_dim) for i in selected}
+    register_hook(model, provide_state_cache)
     for i, module in enumerate(modules):
         if hasattr(module, ESTIMATOR_ATTR):
             delattr(module, ESTIMATOR_ATTR)
         if i not in selected:
+            remove_hook(module, bind_state_layer)
             continue
+        register_hook(module, bind_state_layer)
         estimator = estimators[i]
         reference = next(module.parameters(), None)
         if like_model and reference is not None:
