@@ -26,31 +26,28 @@ Launch:
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 import transformers
 from accelerate.utils import set_seed
 from recipe_utils import (
-    TrainingProgress,
     add_data_args,
     add_model_args,
     add_training_args,
+    build_optimizer_and_scheduler,
     check_common_args,
-    checkpoint_name,
     isolated_rng,
     load_model,
     load_text_datasets,
     make_accelerator,
-    num_training_steps,
     require_columns,
-    resolve_checkpoint,
+    resume_progress,
     save_final,
     tracker_config,
+    train,
 )
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import AttentionInterface, AttentionMaskInterface, DataCollatorWithPadding, get_scheduler
+from transformers import AttentionInterface, AttentionMaskInterface, DataCollatorWithPadding
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -365,77 +362,36 @@ def training_function(args: argparse.Namespace) -> transformers.PreTrainedModel:
         f"on {accelerator.num_processes} process(es) ({accelerator.distributed_type.value})"
     )
 
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
-    max_train_steps, _ = num_training_steps(args, math.ceil(len(train_dataloader) / accelerator.num_processes))
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes,
-    )
+    optimizer, scheduler = build_optimizer_and_scheduler(accelerator, args, trainable, train_dataloader)
     model, optimizer, train_dataloader, eval_dataloader, scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader, scheduler
     )
     unwrapped = accelerator.unwrap_model(model)
-    max_train_steps, num_epochs = num_training_steps(args, len(train_dataloader))
     if args.with_tracking:
         accelerator.init_trackers("distill_attention", tracker_config(args))
 
-    progress = TrainingProgress()
-    accelerator.register_for_checkpointing(progress)
-    checkpoint = resolve_checkpoint(args)
-    if checkpoint is not None:
-        accelerator.print(f"Resumed from checkpoint: {checkpoint}")
-        accelerator.load_state(checkpoint)
+    progress = resume_progress(accelerator, args)
+
+    def compute_loss(batch) -> torch.Tensor:
+        RECORDER.clear()
+        model(**batch)
+        loss = distillation_loss(unwrapped, trainable)
+        RECORDER.clear()  # the loss holds the graph; the recorder need not
+        return loss
 
     before = evaluate_fidelity(accelerator, model, eval_dataloader)
-    progress_bar = tqdm(range(max_train_steps), disable=not accelerator.is_local_main_process)
-    progress_bar.update(progress.completed_steps)
-    starting_epoch, skipped_batches = progress.epoch, progress.batches
-    for epoch in range(starting_epoch, num_epochs):
-        student_mode(model, unwrapped)
-        train_dataloader.set_epoch(epoch)
-        progress.epoch, progress.batches = epoch, 0
-        active_dataloader = train_dataloader
-        if epoch == starting_epoch and skipped_batches:
-            active_dataloader = accelerator.skip_first_batches(train_dataloader, skipped_batches)
-            progress.batches = skipped_batches
-        window_loss, window_batches = 0.0, 0
-        for batch in active_dataloader:
-            with accelerator.accumulate(model):
-                RECORDER.clear()
-                model(**batch)
-                loss = distillation_loss(unwrapped, trainable)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            RECORDER.clear()
-            progress.batches += 1
-            window_loss, window_batches = window_loss + loss.detach(), window_batches + 1
-            if not accelerator.sync_gradients:
-                continue
-            progress.completed_steps += 1
-            progress_bar.update(1)
-            if progress.completed_steps % args.logging_steps == 0 or progress.completed_steps == max_train_steps:
-                step_loss = accelerator.reduce(window_loss / window_batches, reduction="mean").item()
-                accelerator.print(f"step {progress.completed_steps}: loss {step_loss:.8f}")
-                if args.with_tracking:
-                    accelerator.log(
-                        {"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=progress.completed_steps
-                    )
-            window_loss, window_batches = 0.0, 0
-            if name := checkpoint_name(args, progress, end_of_epoch=False):
-                accelerator.save_state(f"{args.output_dir}/{name}")
-            if progress.completed_steps >= max_train_steps:
-                break
-        progress.epoch, progress.batches = epoch + 1, 0
-        if name := checkpoint_name(args, progress, end_of_epoch=True):
-            accelerator.save_state(f"{args.output_dir}/{name}")
-        if progress.completed_steps >= max_train_steps:
-            break
+    train(
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        train_dataloader,
+        args,
+        progress,
+        compute_loss,
+        parameters=trainable,
+        train_mode=lambda: student_mode(model, unwrapped),
+    )
 
     after = evaluate_fidelity(accelerator, model, eval_dataloader)
     report(accelerator, before, after)

@@ -1,8 +1,9 @@
 """Pieces every hf_lara recipe shares: command-line options, the model (converted on load or already converted),
-local or Hub datasets, exact-resume bookkeeping and the final save.
+local or Hub datasets, the optimizer and scheduler, the training loop with exact resume, and the final save.
 
-The training loops themselves stay in the recipes, in full, so each reads top to bottom like Accelerate's
-`nlp_example.py`. Argument names follow Transformers' `examples/pytorch/*_no_trainer.py` scripts.
+Each recipe keeps what is its own (data, model, loss, evaluation) and reads top to bottom like Accelerate's
+`nlp_example.py`; `train` runs the loop they all share, through small callbacks. Argument names follow
+Transformers' `examples/pytorch/*_no_trainer.py` scripts.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from datasets import DatasetDict, load_dataset
+from tqdm.auto import tqdm
 
 import hf_lara
 
@@ -315,6 +318,127 @@ def num_training_steps(args: argparse.Namespace, batches_per_epoch: int) -> tupl
     if args.max_train_steps is None:
         return args.num_train_epochs * steps_per_epoch, args.num_train_epochs
     return args.max_train_steps, math.ceil(args.max_train_steps / steps_per_epoch)
+
+
+def resume_progress(accelerator: Accelerator, args: argparse.Namespace) -> TrainingProgress:
+    """A `TrainingProgress` registered for checkpointing, loaded with the whole training state from
+    `--resume_from_checkpoint` when given (call after `accelerator.prepare`)."""
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(progress)
+    checkpoint = resolve_checkpoint(args)
+    if checkpoint is not None:
+        accelerator.print(f"Resumed from checkpoint: {checkpoint}")
+        accelerator.load_state(checkpoint)
+    return progress
+
+
+# ---------------------------------------------------------------------------------------------------- optimisation
+#: Parameters kept out of weight decay by `decay_groups`.
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: `weight_decay` for the weights, none for biases and norm weights."""
+    return [
+        {"params": [p for n, p in model.named_parameters() if not n.endswith(NO_DECAY)], "weight_decay": weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n.endswith(NO_DECAY)], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer_and_scheduler(
+    accelerator: Accelerator, args: argparse.Namespace, params: Iterable, train_dataloader
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over `params` and the `--lr_scheduler_type` schedule, sized from the dataloader before `prepare`.
+
+    The prepared scheduler steps once per process at every optimizer step, hence the warm-up and total step counts
+    multiplied by the number of processes (as in Transformers' `*_no_trainer.py` scripts).
+    """
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    max_train_steps, _ = num_training_steps(args, math.ceil(len(train_dataloader) / accelerator.num_processes))
+    scheduler = transformers.get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    return optimizer, scheduler
+
+
+def train(
+    accelerator: Accelerator,
+    model,
+    optimizer,
+    scheduler,
+    train_dataloader,
+    args: argparse.Namespace,
+    progress: TrainingProgress,
+    compute_loss: Callable[[dict], torch.Tensor],
+    evaluate: Callable[[int], dict] | None = None,
+    *,
+    parameters: Iterable[torch.nn.Parameter] | None = None,
+    train_mode: Callable[[], None] | None = None,
+) -> dict:
+    """The training loop of every recipe (all arguments prepared); returns the last `evaluate` results (or `{}`).
+
+    Gradient accumulation, clipping of `parameters` (default: all of the model's) to `--max_grad_norm`, the
+    progress bar, the `step N: loss` lines every `--logging_steps`, `--checkpointing_steps`, and exact resume from
+    `progress`: the interrupted epoch skips the batches it had consumed. `compute_loss(batch)` runs the forward;
+    `train_mode()` (default `model.train()`) starts each epoch; `evaluate(epoch)`, if given, ends each epoch (before
+    its checkpoint) and its results are logged as `eval_*` with `--with_tracking`.
+    """
+    max_train_steps, num_epochs = num_training_steps(args, len(train_dataloader))
+    progress_bar = tqdm(range(max_train_steps), disable=not accelerator.is_local_main_process)
+    progress_bar.update(progress.completed_steps)
+    starting_epoch, skipped_batches = progress.epoch, progress.batches
+    results = {}
+    for epoch in range(starting_epoch, num_epochs):
+        (train_mode or model.train)()
+        train_dataloader.set_epoch(epoch)
+        progress.epoch, progress.batches = epoch, 0
+        active_dataloader = train_dataloader
+        if epoch == starting_epoch and skipped_batches:
+            active_dataloader = accelerator.skip_first_batches(train_dataloader, skipped_batches)
+            progress.batches = skipped_batches
+        window_loss, window_batches = 0.0, 0
+        for batch in active_dataloader:
+            with accelerator.accumulate(model):
+                loss = compute_loss(batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    clipped = model.parameters() if parameters is None else parameters
+                    accelerator.clip_grad_norm_(clipped, args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            progress.batches += 1
+            window_loss, window_batches = window_loss + loss.detach(), window_batches + 1
+            if not accelerator.sync_gradients:
+                continue
+            progress.completed_steps += 1
+            progress_bar.update(1)
+            if progress.completed_steps % args.logging_steps == 0 or progress.completed_steps == max_train_steps:
+                step_loss = accelerator.reduce(window_loss / window_batches, reduction="mean").item()
+                accelerator.print(f"step {progress.completed_steps}: loss {step_loss:.8f}")
+                if args.with_tracking:
+                    accelerator.log(
+                        {"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=progress.completed_steps
+                    )
+            window_loss, window_batches = 0.0, 0
+            if name := checkpoint_name(args, progress, end_of_epoch=False):
+                accelerator.save_state(f"{args.output_dir}/{name}")
+            if progress.completed_steps >= max_train_steps:
+                break
+
+        if evaluate is not None:
+            results = evaluate(epoch)
+            if args.with_tracking:
+                accelerator.log({f"eval_{k}": v for k, v in results.items()}, step=progress.completed_steps)
+        progress.epoch, progress.batches = epoch + 1, 0
+        if name := checkpoint_name(args, progress, end_of_epoch=True):
+            accelerator.save_state(f"{args.output_dir}/{name}")
+        if progress.completed_steps >= max_train_steps:
+            break
+    return results
 
 
 @contextlib.contextmanager
