@@ -29,13 +29,13 @@ from recipe_utils import (
     load_model,
     load_text_datasets,
     make_accelerator,
+    make_dataloaders,
     require_columns,
     resume_progress,
     save_final,
     tracker_config,
     train,
 )
-from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from hf_lara import metrics
@@ -98,17 +98,7 @@ def get_dataloaders(accelerator, args, tokenizer):
         )
     pad_to = 8 if accelerator.mixed_precision != "no" else None
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to)
-    # a generator of its own: each new iterator draws a seed from it, not from the global RNG, so a resumed
-    # run's dropout and estimator samples replay the uninterrupted run's exactly
-    generator = torch.Generator().manual_seed(args.seed)
-    train = DataLoader(
-        tokenized["train"],
-        shuffle=True,
-        collate_fn=collator,
-        batch_size=args.per_device_train_batch_size,
-        generator=generator,
-    )
-    valid = DataLoader(tokenized["validation"], collate_fn=collator, batch_size=args.per_device_eval_batch_size)
+    train, valid = make_dataloaders(tokenized["train"], tokenized["validation"], collator, args)
     return train, valid, [str(label) for label in labels]
 
 

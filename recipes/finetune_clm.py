@@ -30,13 +30,13 @@ from recipe_utils import (
     load_model,
     load_text_datasets,
     make_accelerator,
+    make_dataloaders,
     require_columns,
     resume_progress,
     save_final,
     tracker_config,
     train,
 )
-from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, default_data_collator
 
 from hf_lara import metrics
@@ -81,20 +81,7 @@ def get_dataloaders(accelerator, args, tokenizer):
             raise ValueError(
                 f"The {split} split has fewer than `--block_size` {block_size} tokens in total; lower `--block_size`."
             )
-    # a generator of its own: each new iterator draws a seed from it, not from the global RNG, so a resumed
-    # run's dropout and estimator samples replay the uninterrupted run's exactly
-    generator = torch.Generator().manual_seed(args.seed)
-    train = DataLoader(
-        blocks["train"],
-        shuffle=True,
-        collate_fn=default_data_collator,
-        batch_size=args.per_device_train_batch_size,
-        generator=generator,
-    )
-    valid = DataLoader(
-        blocks["validation"], collate_fn=default_data_collator, batch_size=args.per_device_eval_batch_size
-    )
-    return train, valid
+    return make_dataloaders(blocks["train"], blocks["validation"], default_data_collator, args)
 
 
 def evaluate_model(accelerator, model, dataloader) -> dict:

@@ -28,6 +28,7 @@ from recipe_utils import (
     isolated_rng,
     load_model,
     make_accelerator,
+    make_dataloaders,
     require_columns,
     resume_progress,
     save_final,
@@ -35,7 +36,6 @@ from recipe_utils import (
     train,
     with_validation_split,
 )
-from torch.utils.data import DataLoader
 from transformers import AutoModelForImageClassification
 
 from hf_lara import metrics
@@ -79,13 +79,7 @@ def get_dataloaders(accelerator, args, processor):
         }
 
     train, valid = raw["train"].with_transform(preprocess), raw["validation"].with_transform(preprocess)
-    # a generator of its own: each new iterator draws a seed from it, not from the global RNG, so a resumed
-    # run's dropout and estimator samples replay the uninterrupted run's exactly
-    generator = torch.Generator().manual_seed(args.seed)
-    train = DataLoader(
-        train, shuffle=True, collate_fn=collate, batch_size=args.per_device_train_batch_size, generator=generator
-    )
-    valid = DataLoader(valid, collate_fn=collate, batch_size=args.per_device_eval_batch_size)
+    train, valid = make_dataloaders(train, valid, collate, args)
     return train, valid, labels
 
 

@@ -23,6 +23,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from datasets import DatasetDict, load_dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import hf_lara
@@ -249,6 +250,24 @@ def require_columns(dataset, columns: dict[str, str | None]) -> None:
             raise ValueError(
                 f"`{option}` {column!r} is not a column of the dataset; its columns are {dataset.column_names}."
             )
+
+
+def make_dataloaders(train_set, eval_set, collate_fn, args: argparse.Namespace) -> tuple[DataLoader, DataLoader]:
+    """The shuffled training dataloader and the validation one, at the per-device batch sizes.
+
+    The training dataloader has a generator of its own: each new iterator draws a seed from it, not from the global
+    RNG, so a resumed run's dropout and estimator samples replay the uninterrupted run's exactly.
+    """
+    generator = torch.Generator().manual_seed(args.seed)
+    train = DataLoader(
+        train_set,
+        shuffle=True,
+        collate_fn=collate_fn,
+        batch_size=args.per_device_train_batch_size,
+        generator=generator,
+    )
+    valid = DataLoader(eval_set, collate_fn=collate_fn, batch_size=args.per_device_eval_batch_size)
+    return train, valid
 
 
 # ---------------------------------------------------------------------------------------------------- training state
