@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AttentionEstimator, check_choice, check_float, check_int, register_estimator
-from .linear import DEFAULT_CHUNK_SIZE, FeatureMaps, kernel_attention
+from .linear import _LOG_FLOOR, DEFAULT_CHUNK_SIZE, FeatureMaps, _normalise, block_length, kernel_attention
 from .random_features import orthogonal_gaussian, positive_random_log_features
 from .recurrent import RecurrentStateMixin
 
@@ -66,13 +66,24 @@ _ALPHA_FLOOR = 1e-8
 def segment_means(x: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Means of `x` `(b, H, N, D)` over the segments `[floor(c N / C), floor((c + 1) N / C))` -> `(b, H, C, D)`.
 
-    Position `p` lies in segment `ceil((p + 1) C / N) - 1`; an averaging matrix `(C, N)` keeps the cost linear.
+    Position `p` lies in segment `ceil((p + 1) C / N) - 1`. Equal segments (`C` divides `N`) are a reshape and a
+    mean; otherwise the rows are summed into their segments by one `index_add` (`O(N D)`, no `(C, N)` matrix).
     """
     N = x.shape[2]
+    if N % num_segments == 0:
+        return x.unflatten(2, (num_segments, N // num_segments)).mean(3)
     positions = torch.arange(N, device=x.device)
     segment = torch.div((positions + 1) * num_segments + N - 1, N, rounding_mode="floor") - 1
-    one_hot = F.one_hot(segment, num_segments).to(x.dtype).transpose(0, 1)  # (C, N)
-    return (one_hot / one_hot.sum(-1, keepdim=True)) @ x
+    counts = torch.bincount(segment, minlength=num_segments).to(x.dtype)[:, None]  # (C, 1)
+    sums = x.new_zeros(*x.shape[:2], num_segments, x.shape[3]).index_add(2, segment, x)
+    return sums / counts
+
+
+def _exp_shifted(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """`exp(x - shift)`; in place on `x` (a fresh temporary) when no gradient is recorded."""
+    if torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad):
+        return torch.exp(x - shift)
+    return x.sub_(shift).exp_()
 
 
 def proposal_log_density(omega: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
@@ -163,6 +174,112 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
             q_bar, k_bar = _affine(self.adapt_q, q_bar), _affine(self.adapt_k, k_bar)
         return q_bar, k_bar
 
+    def proposals(
+        self, q: torch.Tensor, k: torch.Tensor, scale: float, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tilde-space `q̄`, `mu = q̄ + k̄` and the samples `omega` `(b, H, C_eff, D)` of raw `q`, `k` `(b, H, N, D)`.
+
+        Segment means commute with the scaling, so they are taken on the raw inputs and scaled afterwards (no
+        `(b, H, N, D)` tilde copy). Training draws `noise ~ N(0, I)` when not given; eval uses none.
+        """
+        root = scale**0.5
+        num_segments = min(self.num_landmarks, q.shape[2])
+        q_bar, k_bar = segment_means(q, num_segments) * root, segment_means(k, num_segments) * root
+        if self.adaptive:
+            q_bar, k_bar = _affine(self.adapt_q, q_bar), _affine(self.adapt_k, k_bar)
+        mu = q_bar + k_bar
+        if noise is None and self.training:
+            noise = torch.randn_like(mu)
+        omega = mu if noise is None else mu + noise.to(mu.dtype)
+        return q_bar, mu, omega
+
+    def bidirectional(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        noise: torch.Tensor | None = None,
+        block_size: int | None = None,
+    ) -> torch.Tensor:
+        """Bidirectional LARA `softmax(log w, -1) @ f` on unpadded `(b, H, N, D)` inputs, blocked over tokens.
+
+        Same estimate as `mixture` without any `(b, H, N, C)` tensor built whole:
+
+        * keys: one pass of `LinearState.absorb` (running per-proposal max `s_c`) gives
+          `kvz_c = sum_m exp(lk_mc - s_c) [v_m, 1]`, i.e. `log Z_c = s_c + log kvz_c[-1]` and `f_c = kvz_c[:-1] /
+          kvz_c[-1]`;
+        * `"opt"` only: one pass over query blocks for the column logsumexp `l_c` of `q~ q̄^T` (running max), so
+          that `t_nc = exp(q~_n.q̄_c - l_c)`;
+        * queries: per block, one GEMM `q [omega, q̄]^T` gives `lq` (without the per-query `-|q~|^2 / 2`, which
+          cancels) and the `t` logits; `p_nc = exp(lq_nc + s_c - log q_c(w_c) - max_c) * alpha_nc` and
+          `out_n = (p_n kv) / (p_n z)`, which equals `softmax_c(log w_nc) f_c` (the `log Z_c - s_c = log z_c` part
+          comes in through `z`; `alpha` multiplies instead of going through `log`).
+
+        Args:
+            noise (`torch.Tensor` of shape `(b, H, C_eff, D)`, *optional*): as in `mixture`.
+            block_size (`int`, *optional*): tokens per block (default: about `2^20 / (b H 2C)`).
+        """
+        b, H, N, D = q.shape
+        q_bar, mu, omega = self.proposals(q, k, scale, noise)
+        C = omega.shape[2]
+        root = scale**0.5
+        block = block_length(b * H, max(2 * C, D + 1), block_size=block_size)
+        w_omega = (omega * root).transpose(-1, -2)  # (b, H, D, C)
+        # keys: kv_c = sum_m exp(lk_mc - s_c) v_m and z_c = sum_m exp(lk_mc - s_c), running max s_c (detached)
+        shift = q.new_full((b, H, 1, C), _LOG_FLOOR)
+        kv, z = v.new_zeros(b, H, C, D), v.new_zeros(b, H, 1, C)
+        for start in range(0, N, block):
+            k_b = k[:, :, start : start + block]
+            lk = torch.matmul(k_b, w_omega).sub_(0.5 * scale * k_b.square().sum(dim=-1, keepdim=True))
+            new_shift = torch.maximum(shift, lk.detach().amax(dim=2, keepdim=True))
+            phi = _exp_shifted(lk, new_shift)
+            decay = torch.exp(shift - new_shift)
+            kv = torch.addcmul(phi.transpose(-1, -2) @ v[:, :, start : start + block], kv, decay.transpose(-1, -2))
+            z = torch.addcmul(phi.sum(dim=2, keepdim=True), z, decay)
+            shift = new_shift
+        log_density = proposal_log_density(omega, mu)  # (b, H, C, C)
+        bias = shift + log_inverse_proposal(log_density, self.mis)[:, :, None, :]  # (b, H, 1, C)
+        opt = self.mis == "opt"
+        weight = w_omega
+        if opt:
+            w_t = (q_bar * root).transpose(-1, -2)  # (b, H, D, C): logits q~ q̄^T = q (root q̄)^T
+            run_max = q.new_full((b, H, 1, C), _LOG_FLOOR)
+            run_sum = q.new_zeros(b, H, 1, C)
+            for start in range(0, N, block):
+                logits = q[:, :, start : start + block] @ w_t
+                new_max = torch.maximum(run_max, logits.detach().amax(dim=2, keepdim=True))
+                part = _exp_shifted(logits, new_max).sum(dim=2, keepdim=True)
+                run_sum = torch.addcmul(part, run_sum, torch.exp(run_max - new_max))
+                run_max = new_max
+            log_t_norm = run_max + torch.log(run_sum)  # (b, H, 1, C)
+            own = torch.diagonal(log_density, dim1=-2, dim2=-1)
+            balance = torch.exp(own - torch.logsumexp(log_density, dim=-1))[:, :, None, :]  # (b, H, 1, C)
+            weight = torch.cat([w_omega, w_t], dim=-1)  # (b, H, D, 2C)
+            bias = torch.cat([bias, -log_t_norm], dim=-1)  # (b, H, 1, 2C)
+        kvz = torch.cat([kv, z.transpose(-1, -2)], dim=-1)  # (b, H, C, D + 1)
+        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, kvz, weight, bias))
+        out = None if grad else q.new_empty(b, H, N, D)
+        outs = []
+        for start in range(0, N, block):
+            # log w (shifted by s_c) and, for "opt", the t logits minus their logsumexp over queries: one GEMM
+            proj = torch.baddbmm(bias.flatten(0, 1), q[:, :, start : start + block].flatten(0, 1), weight.flatten(0, 1))
+            log_w = proj[..., :C]
+            p = _exp_shifted(log_w, log_w.detach().amax(dim=-1, keepdim=True))
+            if opt:
+                t = torch.exp(proj[..., C:])
+                alpha = torch.add(balance.flatten(0, 1), t, alpha=self.alpha_coeff)
+                alpha = alpha.sub_(self.alpha_coeff * t.mean(dim=-1, keepdim=True)).clamp_min(_ALPHA_FLOOR)
+                p = p.mul_(alpha) if not grad else p * alpha
+            num_den = (p @ kvz.flatten(0, 1)).unflatten(0, (b, H))
+            if grad:
+                outs.append(_normalise(num_den))
+            else:
+                torch.div(num_den[..., :-1], num_den[..., -1:], out=out[:, :, start : start + block])
+        if not grad:
+            return out
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
     def mixture(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,11 +294,7 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
             the output is `softmax(log w, -1) @ f`.
         """
         q_t, k_t = q * scale**0.5, k * scale**0.5
-        q_bar, k_bar = self.landmarks(q_t, k_t)
-        mu = q_bar + k_bar
-        if noise is None and self.training:
-            noise = torch.randn_like(mu)
-        omega = mu if noise is None else mu + noise.to(mu.dtype)
+        q_bar, mu, omega = self.proposals(q, k, scale, noise)
         lq = positive_random_log_features(q_t, omega)  # (b, H, N, C)
         lk = positive_random_log_features(k_t, omega)  # (b, H, N, C)
         log_z = torch.logsumexp(lk, dim=2)  # (b, H, C)
@@ -236,8 +349,7 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         return kernel_attention(q, k, v, key_mask, True, maps, self.chunk_size)
 
     def attend_unpadded(self, q, k, v, causal, scale):
-        log_w, f = self.mixture(q, k, v, scale)
-        return torch.softmax(log_w, dim=-1) @ f
+        return self.bidirectional(q, k, v, scale)
 
     def packs_padding(self, causal: bool) -> bool:
         # causal proposals ignore the data, so padding is masked in place rather than packed away

@@ -365,3 +365,53 @@ def test_gradients_reach_inputs_and_parameters():
 def test_bad_hyper_parameters_raise(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         build_attention("lara", num_heads=2, head_dim=8, **kwargs)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("mis", ["opt", "bh"])
+@pytest.mark.parametrize("block_size", [1, 4, 7, None])
+def test_blocked_bidirectional_matches_reference_with_gradients(block_size, mis, adaptive):
+    """The blocked fast path (`bidirectional`, tiny blocks included) equals `softmax(log w) @ f` of `mixture` in fp64,
+    values and gradients (inputs, noise and the adaptive maps), with and without autograd recording."""
+    B, H, N, D, C = 2, 2, 23, 8, 5  # C does not divide N: uneven segments
+    q, k, v = (x.clone().requires_grad_(True) for x in gaussian_inputs(B, H, N, N, D, std=1.0))
+    g = torch.Generator().manual_seed(SEED)
+    noise = torch.randn(B, H, C, D, generator=g, dtype=torch.float64).requires_grad_(True)
+    attn = LinearRandomizedAttention(H, D, num_landmarks=C, mis=mis, alpha_coeff=1.3, adaptive=adaptive).double()
+    attn.eval()
+    scale = D**-0.5
+    inputs = (q, k, v, noise, *attn.parameters())
+    for eps in (None, noise):
+        log_w, f = attn.mixture(q, k, v, scale, noise=eps)
+        ref = torch.softmax(log_w, dim=-1) @ f
+        out = attn.bidirectional(q, k, v, scale, noise=eps, block_size=block_size)
+        assert_close("blocked output", ref, out, 1e-12)
+        with torch.no_grad():
+            assert_close("blocked output (no grad)", ref, attn.bidirectional(q, k, v, scale, eps, block_size), 1e-12)
+        cot = torch.randn_like(ref)
+        used = [x for x in inputs if x.requires_grad and (eps is not None or x is not noise)]
+        ref_grads = torch.autograd.grad((ref * cot).sum(), used, allow_unused=True)
+        grads = torch.autograd.grad((out * cot).sum(), used, allow_unused=True)
+        for rg, gr in zip(ref_grads, grads, strict=True):
+            assert (rg is None) == (gr is None)
+            if rg is not None:
+                assert_close("blocked gradient", rg, gr, 1e-10)
+
+
+def test_blocked_bidirectional_gradcheck():
+    """`torch.autograd.gradcheck` of the blocked path with blocks shorter than a segment."""
+    B, H, N, D, C = 1, 2, 9, 4, 3
+    q, k, v = (x.requires_grad_(True) for x in gaussian_inputs(B, H, N, N, D, std=1.0))
+    attn = LinearRandomizedAttention(H, D, num_landmarks=C, alpha_coeff=1.5).double().eval()
+    assert torch.autograd.gradcheck(lambda a, b_, c: attn.bidirectional(a, b_, c, D**-0.5, block_size=2), (q, k, v))
+
+
+def test_segment_means_uneven_and_even():
+    """`segment_means` (reshape for equal segments, `index_add` otherwise) equals the explicit segment averages."""
+    from hf_lara.attention.lara import segment_means
+
+    x = torch.randn(2, 3, 23, 4, dtype=torch.float64)
+    for N, C in ((23, 5), (20, 5), (23, 23), (7, 1)):
+        bounds = [(c * N) // C for c in range(C + 1)]
+        ref = torch.stack([x[:, :, bounds[c] : bounds[c + 1]].mean(2) for c in range(C)], dim=2)
+        assert_close("segment means", ref, segment_means(x[:, :, :N], C), 1e-14)
