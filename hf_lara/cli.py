@@ -111,6 +111,25 @@ def load_preprocessor(path: str):
     return None
 
 
+def flags_as_hparams(extras: Sequence[str]) -> list[str]:
+    """`["--window_size", "16", "--adaptive=false"]` -> `["window_size=16", "adaptive=false"]` for `convert`.
+
+    Hyper-parameters may be given as `--hparam KEY=VALUE` or directly as `--KEY VALUE` (dashes read as underscores).
+    """
+    items, rest = [], list(extras)
+    while rest:
+        flag = rest.pop(0)
+        if not flag.startswith("--") or len(flag) == 2:
+            raise UsageError(f"unrecognized argument {flag!r}; hyper-parameters are `--KEY VALUE` or `--hparam KEY=VALUE`")
+        key, sep, value = flag[2:].partition("=")
+        if not sep:
+            if not rest or rest[0].startswith("--"):
+                raise UsageError(f"hyper-parameter `--{key}` needs a value")
+            value = rest.pop(0)
+        items.append(f"{key.replace('-', '_')}={value}")
+    return items
+
+
 # ----------------------------------------------------------------------------------------------- commands
 def cmd_convert(args: argparse.Namespace) -> int:
     from .cards import build_card
@@ -315,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="checkpoint folder or Hub id")
     p.add_argument("out", help="output folder")
     p.add_argument("--method", required=True, help="estimator (rfa, ra, lara, eva, kernel, softmax)")
-    p.add_argument("--hparam", action="append", metavar="KEY=VALUE", help="estimator hyper-parameter (repeatable)")
+    p.add_argument("--hparam", action="append", metavar="KEY=VALUE",
+                   help="estimator hyper-parameter (repeatable); `--KEY VALUE` works too, e.g. `--window_size 16`")
     p.add_argument("--layers", help="comma-separated self-attention layers to convert (default: all)")
     p.add_argument("--base-model", help="Hub id of the source, recorded in the card (default: SRC if it is a Hub id)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
@@ -374,7 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from .hub import HubError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras and args.command == "convert":
+        try:
+            args.hparam = (args.hparam or []) + flags_as_hparams(extras)
+        except UsageError as err:
+            parser.error(str(err))
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         return args.func(args)
     except (UsageError, ValueError, TypeError, NotImplementedError, FileNotFoundError) as err:
