@@ -229,13 +229,14 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         # keys: kv_c = sum_m exp(lk_mc - s_c) v_m and z_c = sum_m exp(lk_mc - s_c), running max s_c (detached)
         shift = q.new_full((b, H, 1, C), _LOG_FLOOR)
         kv, z = v.new_zeros(b, H, C, D), v.new_zeros(b, H, 1, C)
-        for start in range(0, N, block):
-            k_b = k[:, :, start : start + block]
+        # blocks by `split` rather than slicing (a slice's backward fills a zero tensor of the whole input)
+        q_blocks = q.split(block, dim=2)
+        for k_b, v_b in zip(k.split(block, dim=2), v.split(block, dim=2)):
             lk = torch.matmul(k_b, w_omega).sub_(0.5 * scale * k_b.square().sum(dim=-1, keepdim=True))
             new_shift = torch.maximum(shift, lk.detach().amax(dim=2, keepdim=True))
             phi = _exp_shifted(lk, new_shift)
             decay = torch.exp(shift - new_shift)
-            kv = torch.addcmul(phi.transpose(-1, -2) @ v[:, :, start : start + block], kv, decay.transpose(-1, -2))
+            kv = torch.addcmul(phi.transpose(-1, -2) @ v_b, kv, decay.transpose(-1, -2))
             z = torch.addcmul(phi.sum(dim=2, keepdim=True), z, decay)
             shift = new_shift
         log_density = proposal_log_density(omega, mu)  # (b, H, C, C)
@@ -246,8 +247,8 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
             w_t = (q_bar * root).transpose(-1, -2)  # (b, H, D, C): logits q~ q̄^T = q (root q̄)^T
             run_max = q.new_full((b, H, 1, C), _LOG_FLOOR)
             run_sum = q.new_zeros(b, H, 1, C)
-            for start in range(0, N, block):
-                logits = q[:, :, start : start + block] @ w_t
+            for q_b in q_blocks:
+                logits = q_b @ w_t
                 new_max = torch.maximum(run_max, logits.detach().amax(dim=2, keepdim=True))
                 part = _exp_shifted(logits, new_max).sum(dim=2, keepdim=True)
                 run_sum = torch.addcmul(part, run_sum, torch.exp(run_max - new_max))
@@ -261,9 +262,9 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, kvz, weight, bias))
         out = None if grad else q.new_empty(b, H, N, D)
         outs = []
-        for start in range(0, N, block):
+        for start, q_b in zip(range(0, N, block), q_blocks):
             # log w (shifted by s_c) and, for "opt", the t logits minus their logsumexp over queries: one GEMM
-            proj = torch.baddbmm(bias.flatten(0, 1), q[:, :, start : start + block].flatten(0, 1), weight.flatten(0, 1))
+            proj = torch.baddbmm(bias.flatten(0, 1), q_b.flatten(0, 1), weight.flatten(0, 1))
             log_w = proj[..., :C]
             p = _exp_shifted(log_w, log_w.detach().amax(dim=-1, keepdim=True))
             if opt:

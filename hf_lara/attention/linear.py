@@ -129,7 +129,7 @@ def bidirectional_linear_attention(
     block = block_length(B * H, max(feature_dim or lk.shape[-1], v.shape[-1] + 1), block_size=block_size)
     state = LinearState.empty(B, H, feature_dim or lk.shape[-1], v)
     state.absorb(lk, v, key_mask, k_map, block)
-    outs = [state.read(q_map(lq[:, :, i : i + block])) for i in range(0, lq.shape[2], block)]
+    outs = [state.read(q_map(lq_b)) for lq_b in lq.split(block, dim=2)]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
@@ -196,12 +196,13 @@ class LinearState:
         """
         B, H, S = self.shift.shape
         block = block_length(B * H, max(S, v.shape[-1] + 1), block_size=block_size)
-        for start in range(0, lk.shape[2], block):
-            lk_b = (k_map or _identity)(lk[:, :, start : start + block])
-            lk_b = _mask_keys(lk_b, _block(key_mask, start, block))
+        # `split`, not slicing: a slice's backward writes its gradient into a zero tensor of the whole input, so
+        # slicing block by block costs O(N^2 / block) in backward; one split node concatenates the block gradients
+        for start, lk_b, v_b in zip(range(0, lk.shape[2], block), lk.split(block, dim=2), v.split(block, dim=2)):
+            lk_b = _mask_keys((k_map or _identity)(lk_b), _block(key_mask, start, block))
             new_shift = torch.maximum(self.shift, _key_shift(lk_b))
             phi_k = torch.exp(lk_b - new_shift[:, :, None, :])
-            part = phi_k.transpose(-1, -2) @ _with_ones(v[:, :, start : start + block])
+            part = phi_k.transpose(-1, -2) @ _with_ones(v_b)
             self.kvz = torch.addcmul(part, self.kvz, torch.exp(self.shift - new_shift)[..., None])
             self.shift = new_shift
 
@@ -383,14 +384,16 @@ def causal_linear_attention(
     chunk_size = min(chunk_size, Nq)
     prefix = Nk - Nq
     block = block_length(B * H, max(S, D + 1, chunk_size), chunk_size, block_size)
+    # blocks by `split` rather than slicing: see `LinearState.absorb`
+    (lk_prefix, lk), (v_prefix, v) = lk.split([prefix, Nq], dim=2), v.split([prefix, Nq], dim=2)
     if prefix:
-        state.absorb(lk[:, :, :prefix], v[:, :, :prefix], _block(key_mask, 0, prefix), k_map, block)
+        state.absorb(lk_prefix, v_prefix, _block(key_mask, 0, prefix), k_map, block)
     visible = _visible_rows(key_mask, state, prefix)
     outputs = []
-    for start in range(0, Nq, block):
-        keys = slice(prefix + start, prefix + start + block)
-        lq_b, v_b = q_map(lq[:, :, start : start + block]), v[:, :, keys]
-        lk_b = _mask_keys(k_map(lk[:, :, keys]), _block(key_mask, prefix + start, block))
+    blocks = zip(range(0, Nq, block), lq.split(block, dim=2), lk.split(block, dim=2), v.split(block, dim=2))
+    for start, lq_b, lk_b, v_b in blocks:
+        lq_b = q_map(lq_b)
+        lk_b = _mask_keys(k_map(lk_b), _block(key_mask, prefix + start, block))
         seen = None if visible is None else visible[:, :, start : start + block]
         result = _fast_block(lq_b, lk_b, v_b, seen, chunk_size, state)
         if result is None:
