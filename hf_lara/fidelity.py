@@ -369,17 +369,3 @@ def plot_attention_error(
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def format_fidelity_table(reports: Mapping[str, FidelityReport]) -> str:
-    """Markdown table of the headline numbers of several reports."""
-    keys = []
-    for report in reports.values():
-        keys += [k for k in report.metrics if k not in keys]
-    head = ["method", "mean attention rel. MSE", *keys]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, report in reports.items():
-        cells = [label, f"{report.mean_attention_error:.3g}"]
-        cells += [f"{report.metrics[k]:.4g}" if k in report.metrics else "" for k in keys]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)

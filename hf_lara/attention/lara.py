@@ -308,12 +308,6 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
             log_w = log_w + log_alpha(log_density, t, self.alpha_coeff)
         return log_w, f
 
-    def causal_log_features(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log features `lq` `(B, H, Nq, C)`, `lk` `(B, H, Nk, C)` of causal LARA (see the module docstring)."""
-        maps = self.feature_maps(scale, q.dtype, self.current_noise(q.device))
-        q_t = q * scale**0.5
-        return maps.query(q) - 0.5 * (q_t * q_t).sum(-1, keepdim=True), maps.key(k)
-
     def feature_maps(self, scale: float, dtype: torch.dtype, noise: torch.Tensor | None = None) -> FeatureMaps:
         """Block-wise causal log-feature maps of raw queries and keys `(B, H, n, D) -> (B, H, n, C)`.
 

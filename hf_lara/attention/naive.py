@@ -29,18 +29,21 @@ def visibility_mask(
     return visible
 
 
-def masked_softmax_average(logits: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """`softmax(logits)` over visible keys times `values`; rows with nothing visible give zeros.
+def masked_softmax(logits: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """`softmax(logits)` over the visible keys (last axis); rows with nothing visible are all zero.
 
     Args:
-        logits (`torch.Tensor` of shape `(B, H, Nq, Nk)`)
-        values (`torch.Tensor` of shape `(B, H, Nk, D)`)
-        visible (`torch.Tensor` of shape broadcastable to `logits`, bool)
+        logits (`torch.Tensor` of shape `(..., Nq, Nk)`)
+        visible (`torch.Tensor` of a shape broadcastable to `logits`, bool)
     """
-    logits = logits.masked_fill(~visible, float("-inf"))
     has_key = visible.any(-1, keepdim=True)
-    probs = torch.softmax(logits.masked_fill(~has_key, 0.0), dim=-1)
-    return (probs * has_key) @ values
+    logits = logits.masked_fill(~visible, float("-inf")).masked_fill(~has_key, 0.0)
+    return torch.softmax(logits, dim=-1) * has_key
+
+
+def masked_softmax_average(logits: torch.Tensor, values: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """`masked_softmax(logits, visible) @ values`: `(B, H, Nq, Nk)` logits, `(B, H, Nk, D)` values."""
+    return masked_softmax(logits, visible) @ values
 
 
 def naive_softmax_attention(

@@ -23,14 +23,7 @@ from __future__ import annotations
 import torch
 
 from .base import AttentionEstimator, check_int, register_estimator
-from .naive import visibility_mask
-
-
-def attention_probs(logits: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Exact softmax probabilities `pi` `(B, H, Nq, Nk)` over visible keys; rows that see no key are all zero."""
-    has_key = visible.any(-1, keepdim=True)
-    logits = logits.masked_fill(~visible, float("-inf")).masked_fill(~has_key, 0.0)
-    return torch.softmax(logits, dim=-1) * has_key
+from .naive import masked_softmax, visibility_mask
 
 
 def sample_omega(q_t: torch.Tensor, k_t: torch.Tensor, probs: torch.Tensor, num_samples: int) -> torch.Tensor:
@@ -53,9 +46,7 @@ def key_average(omega: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, visible
     # one (Nq * S) x Nk product per head rather than Nq tiny ones
     logits = omega.reshape(B, H, Nq * S, D) @ k_t.transpose(-1, -2)
     logits = (logits - 0.5 * (k_t * k_t).sum(-1)[:, :, None, :]).reshape(B, H, Nq, S, -1)
-    has_key = visible.any(-1, keepdim=True)[:, :, :, None]
-    logits = logits.masked_fill(~visible[:, :, :, None], float("-inf")).masked_fill(~has_key, 0.0)
-    probs = torch.softmax(logits, dim=-1) * has_key
+    probs = masked_softmax(logits, visible[:, :, :, None])
     return (probs.reshape(B, H, Nq * S, -1) @ v).reshape(B, H, Nq, S, -1)
 
 
@@ -83,7 +74,7 @@ class RandomizedAttention(AttentionEstimator):
     def attend(self, q, k, v, key_mask, causal, scale):
         q_t, k_t = q * scale**0.5, k * scale**0.5
         visible = visibility_mask(key_mask, q.shape[2], k.shape[2], causal, q.device)  # (B or 1, 1, Nq, Nk)
-        probs = attention_probs(q_t @ k_t.transpose(-1, -2), visible)
+        probs = masked_softmax(q_t @ k_t.transpose(-1, -2), visible)
         if self.training:
             omega = sample_omega(q_t, k_t, probs, self.num_samples)
         else:
