@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainingAr
 
 import hf_lara
 
-from .tiny import BERT, GPT2, TEXTS, save_bert, tokenizer
+from .tiny import GPT2, TEXTS, save_bert, tokenizer
 
 
 def tiny_classifier(folder, method: str, **hparams) -> torch.nn.Module:
