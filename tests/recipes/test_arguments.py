@@ -36,11 +36,11 @@ def test_unknown_method(name, tiny_checkpoints, tmp_path, capsys):
     ("extra", "message"),
     [
         (
-            ("--method", "kernel", "--method_args", "bogus=1"),
-            "Unknown hyper-parameter\\(s\\) 'bogus' for method `kernel`",
+            ("--method", "kernel", "--hparam", "bogus=1"),
+            "Unknown hyper-parameter 'bogus' for method `kernel`; valid: feature_map",
         ),
-        (("--method", "kernel", "--method_args", "feature_map"), "KEY=VALUE pairs"),
-        (("--method", "eva", "--method_args", "window_size=6", "chunk_size=4"), "multiple of `chunk_size`"),
+        (("--method", "kernel", "--hparam", "feature_map"), "takes KEY=VALUE"),
+        (("--method", "eva", "--hparam", "window_size=6", "--hparam", "chunk_size=4"), "multiple of `chunk_size`"),
         (("--method", "kernel", "--layers", "5"), "`--layers` must be indices below 2"),
         ((), "is not an hf_lara-converted checkpoint"),
         (("--method", "kernel", "--checkpointing_steps", "often"), "`--checkpointing_steps` must be"),
@@ -113,7 +113,7 @@ def test_missing_columns(name, checkpoint, extra, message, tiny_checkpoints, tmp
 def test_distill_nothing_to_train(method, method_args, tiny_checkpoints, tmp_path):
     """Estimators without parameters, or whose parameters the encoder's attention never uses, are refused."""
     recipe = load_recipe("distill_attention")
-    extra = ["--method", method, *(["--method_args", *method_args] if method_args else []), *TXT]
+    extra = ["--method", method, *[a for item in method_args for a in ("--hparam", item)], *TXT]
     args = recipe.parse_args(base_args(tiny_checkpoints["bert"], tmp_path / "out", *extra))
     with pytest.raises(ValueError, match=f"Nothing to train: the `{method}` estimators"):
         recipe.training_function(args)

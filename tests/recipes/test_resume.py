@@ -17,7 +17,7 @@ from .conftest import FIXTURES, step_losses
 def test_resume_reproduces_uninterrupted_run(launch, tiny_checkpoints, tmp_path):
     common = (
         "--model_name_or_path", tiny_checkpoints["bert"],
-        "--method", "eva", "--method_args", "window_size=4", "num_chunks=2", "chunk_size=2",
+        "--method", "eva", "--hparam", "window_size=4", "--hparam", "num_chunks=2", "--hparam", "chunk_size=2",
         "--train_file", FIXTURES / "classification_train.csv",
         "--validation_file", FIXTURES / "classification_validation.csv",
         "--num_train_epochs", "2", "--per_device_train_batch_size", "6", "--gradient_accumulation_steps", "2",
