@@ -260,7 +260,9 @@ def read_data_file(path: str, option: str, builder: str, **kwargs: Any):
     try:
         dataset = load_dataset(builder, data_files={"train": path}, split="train", **kwargs)
     except Exception as error:  # datasets wraps pandas/pyarrow parse errors in several types
-        raise RecipeError(f"`{option}` {path!r} could not be read as {builder}: {first_line(error)}") from None
+        # datasets cannot build an empty split: a header without rows ends here
+        problem = "has no rows" if "corresponds to no data" in str(error) else f"could not be read as {builder}"
+        raise RecipeError(f"`{option}` {path!r} {problem}: {first_line(error)}") from None
     if len(dataset) == 0:
         raise RecipeError(f"`{option}` {path!r} has no rows.")
     return dataset

@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from .conftest import FIXTURES, RECIPES, results, step_losses
-
 
 #: Every method, with settings small enough for the tiny BERT's short inputs.
 METHODS = {
@@ -114,3 +114,24 @@ def test_two_processes_stay_in_sync(tiny_checkpoints, recipe_env, tmp_path):
             torch.testing.assert_close(tensor, original[name], rtol=0, atol=0, msg=f"frozen {name} changed")
     assert changed > 0
     assert len(results(out)["after"]["per_layer_relative_error"]) == 2
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="with accelerators the FSDP config shards for real")
+def test_fsdp_config_on_cpu_stops_with_a_clear_error(tiny_checkpoints, recipe_env, tmp_path):
+    """Accelerate drops the FSDP plugin on CPU and would silently train plain DDP: the recipe refuses instead."""
+    from accelerate.test_utils.testing import get_launch_command
+
+    out = tmp_path / "fsdp"
+    command = [
+        *get_launch_command(config_file=str(RECIPES / "configs" / "fsdp.yaml")),
+        RECIPES / "finetune_classification.py", "--model_name_or_path", tiny_checkpoints["bert"], "--method", "rfa",
+        "--train_file", FIXTURES / "classification_train.csv", "--max_train_steps", "1", "--output_dir", out,
+    ]  # fmt: skip
+    env = {**recipe_env, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(list(map(str, command)), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert (
+        "finetune_classification.py: error: The Accelerate config asks for FSDP, but on this machine Accelerate runs "
+        "MULTI_CPU (no GPU: FSDP is not available on CPU)" in done.stderr
+    )
+    assert not (out / "model.safetensors").exists()
