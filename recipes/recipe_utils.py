@@ -46,6 +46,8 @@ TEXT_BUILDERS = {"csv": "csv", "json": "json", "jsonl": "json", "txt": "text"}
 CHECKPOINT_PATTERN = re.compile(r"^(step|epoch)_(\d+)$")
 #: Training progress in each checkpoint, written last: its presence marks the checkpoint complete.
 PROGRESS_FILE = "training_progress.json"
+#: Files in a checkpoint that would be unpickled on loading; resuming refuses checkpoints that hold any.
+PICKLED_FILES = ("custom_checkpoint_*.pkl", ".metadata")
 #: Head dimension of the meta-device estimator `estimators_have_parameters` builds.
 ESTIMATOR_PROBE_DIM = 8
 
@@ -465,7 +467,8 @@ def resume_progress(accelerator: Accelerator, args: argparse.Namespace) -> Train
     checkpoint = resolve_checkpoint(args)
     if checkpoint is None:
         return TrainingProgress()
-    pickles = sorted(p.name for p in checkpoint.glob("custom_checkpoint_*.pkl"))
+    # Accelerate unpickles registered custom objects, torch.distributed.checkpoint its `.metadata` (sharded FSDP)
+    pickles = sorted(p.name for pattern in PICKLED_FILES for p in checkpoint.rglob(pattern))
     if pickles:
         raise RecipeError(
             f"Checkpoint {str(checkpoint)!r} holds {', '.join(pickles)}: pickled objects, which these recipes never "

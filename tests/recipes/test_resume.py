@@ -141,12 +141,21 @@ class Payload:
         return open, (self.path, "w")
 
 
-@pytest.mark.parametrize("how", ["explicit", "latest"])
-def test_planted_pickle_never_runs(how, full_run, tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize(
+    ("how", "planted"),
+    [
+        ("explicit", "custom_checkpoint_0.pkl"),  # what `register_for_checkpointing` objects are saved as
+        ("latest", "custom_checkpoint_0.pkl"),
+        ("explicit", "pytorch_model_fsdp_0/.metadata"),  # sharded FSDP state: torch.distributed.checkpoint metadata
+    ],
+)
+def test_planted_pickle_never_runs(how, planted, full_run, tiny_checkpoints, tmp_path):
     full, _ = full_run
     out, marker = tmp_path / "out", tmp_path / "code_ran"
     shutil.copytree(full / "step_3", out / "step_3")
-    torch.save(Payload(marker), out / "step_3" / "custom_checkpoint_0.pkl")
-    with pytest.raises(ValueError, match="holds custom_checkpoint_0.pkl: pickled objects"):
+    (out / "step_3" / planted).parent.mkdir(exist_ok=True)
+    torch.save(Payload(marker), out / "step_3" / planted)
+    name = planted.rsplit("/", 1)[-1]
+    with pytest.raises(ValueError, match=f"holds {re.escape(name)}: pickled objects"):
         resume_in_process(tiny_checkpoints, out / "step_3" if how == "explicit" else "latest", out)
     assert not marker.exists()
