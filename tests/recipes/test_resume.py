@@ -8,6 +8,7 @@ training, gradient accumulation over an epoch whose batch count (7) is not a mul
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 
@@ -154,7 +155,10 @@ def test_planted_pickle_never_runs(how, planted, full_run, tiny_checkpoints, tmp
     out, marker = tmp_path / "out", tmp_path / "code_ran"
     shutil.copytree(full / "step_3", out / "step_3")
     (out / "step_3" / planted).parent.mkdir(exist_ok=True)
-    torch.save(Payload(marker), out / "step_3" / planted)
+    if planted.endswith(".pkl"):
+        torch.save(Payload(marker), out / "step_3" / planted)  # as Accelerate's save_custom_state writes it
+    else:
+        (out / "step_3" / planted).write_bytes(pickle.dumps(Payload(marker)))  # as torch.distributed.checkpoint does
     name = planted.rsplit("/", 1)[-1]
     with pytest.raises(ValueError, match=f"holds {re.escape(name)}: pickled objects"):
         resume_in_process(tiny_checkpoints, out / "step_3" if how == "explicit" else "latest", out)
