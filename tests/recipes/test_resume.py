@@ -163,3 +163,39 @@ def test_planted_pickle_never_runs(how, planted, full_run, tiny_checkpoints, tmp
     with pytest.raises(ValueError, match=f"holds {re.escape(name)}: pickled objects"):
         resume_in_process(tiny_checkpoints, out / "step_3" if how == "explicit" else "latest", out)
     assert not marker.exists()
+
+
+def test_interrupted_save_leaves_no_checkpoint(tmp_path, monkeypatch):
+    """A save killed half-way leaves `step_N.partial`, never `step_N`; `latest` stays on the previous checkpoint, and
+    saving over an existing checkpoint replaces it whole."""
+    import argparse
+    import importlib
+
+    from accelerate import Accelerator
+
+    load_recipe("finetune_classification")  # puts recipes/ on sys.path, as when a recipe runs
+    utils = importlib.import_module("recipe_utils")
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(torch.nn.Linear(3, 2), torch.optim.SGD(torch.nn.Linear(3, 2).parameters()))
+    args = argparse.Namespace(output_dir=str(tmp_path), resume_from_checkpoint="latest")
+    utils.save_checkpoint(accelerator, args, utils.TrainingProgress(0, 6, 3), "step_3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_3"]
+
+    real_save_state = accelerator.save_state
+
+    def killed(output_dir):
+        real_save_state(output_dir)  # everything written but the progress file ...
+        raise KeyboardInterrupt  # ... when the process is stopped
+
+    monkeypatch.setattr(accelerator, "save_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        utils.save_checkpoint(accelerator, args, utils.TrainingProgress(1, 4, 6), "step_6")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_3", "step_6.partial"]
+    assert utils.resolve_checkpoint(args) == tmp_path / "step_3"
+
+    monkeypatch.setattr(accelerator, "save_state", real_save_state)
+    utils.save_checkpoint(accelerator, args, utils.TrainingProgress(1, 4, 6), "step_6")
+    utils.save_checkpoint(accelerator, args, utils.TrainingProgress(0, 7, 4), "step_3")  # a rerun overwrites step_3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_3", "step_6"]
+    assert json.loads((tmp_path / "step_3" / PROGRESS).read_text())["completed_steps"] == 4
+    assert utils.resolve_checkpoint(args) == tmp_path / "step_6"
