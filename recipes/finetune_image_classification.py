@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import torch
 import transformers
@@ -30,6 +31,7 @@ from recipe_utils import (
     checkpoint_name,
     estimators_have_parameters,
     exit_on_error,
+    first_line,
     isolated_rng,
     load_model,
     make_accelerator,
@@ -49,14 +51,26 @@ from hf_lara import metrics
 
 
 def load_image_datasets(args: argparse.Namespace):
-    """`train` and `validation` splits from the Hub or from local image folders."""
+    """`train` and `validation` splits from the Hub or from local image folders, read together so that both share
+    one list of classes; a folder without files, or that `datasets` cannot read, is a `RecipeError` naming it."""
     if args.dataset_name is not None:
-        raw = load_dataset(args.dataset_name, args.dataset_config_name)
-    else:
-        data_files = {"train": os.path.join(args.train_dir, "**")}
-        if args.validation_dir is not None:
-            data_files["validation"] = os.path.join(args.validation_dir, "**")
-        raw = load_dataset("imagefolder", data_files=data_files)
+        try:
+            raw = load_dataset(args.dataset_name, args.dataset_config_name)
+        except (OSError, ValueError) as error:  # offline, unknown name or configuration
+            raise RecipeError(
+                f"`--dataset_name` {args.dataset_name!r} could not be loaded: {first_line(error)}"
+            ) from None
+        return with_validation_split(raw, args)
+    folders = {"train": ("--train_dir", args.train_dir), "validation": ("--validation_dir", args.validation_dir)}
+    folders = {split: option for split, option in folders.items() if option[1] is not None}
+    for option, folder in folders.values():
+        if not any(path.is_file() for path in Path(folder).rglob("*")):
+            raise RecipeError(f"`{option}` {folder!r} holds no images (it needs one sub-folder of images per class).")
+    try:
+        raw = load_dataset("imagefolder", data_files={k: os.path.join(v[1], "**") for k, v in folders.items()})
+    except Exception as error:  # datasets raises several types for unreadable folders
+        names = " and ".join(f"`{option}` {folder!r}" for option, folder in folders.values())
+        raise RecipeError(f"{names} could not be read as image folders: {first_line(error)}") from None
     return with_validation_split(raw, args)
 
 

@@ -55,6 +55,15 @@ def test_empty_and_rowless_files(tiny_checkpoints, tmp_path, capsys):
     assert line == f"finetune_clm.py: error: `--train_file` '{text}' is empty."
 
 
+def test_empty_image_folder(tiny_checkpoints, tmp_path, capsys):
+    (tmp_path / "train" / "red").mkdir(parents=True)
+    args = ["--model_name_or_path", tiny_checkpoints["vit"], "--method", "rfa", "--train_dir", tmp_path / "train"]
+    line = run_main("finetune_image_classification", [*args, "--output_dir", tmp_path / "out"], capsys)
+    assert line.startswith(
+        f"finetune_image_classification.py: error: `--train_dir` '{tmp_path / 'train'}' holds no images (it needs one sub-folder"
+    )
+
+
 def test_train_and_validation_columns_differ(tiny_checkpoints, tmp_path, capsys):
     validation = write(tmp_path / "dev.csv", "text,label\nA fine day.,positive\n")
     args = classification_args(tiny_checkpoints["bert"], tmp_path, FIXTURES / "classification_train.csv", validation)
