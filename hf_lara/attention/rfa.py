@@ -46,8 +46,12 @@ class RandomFeatureAttention(RecurrentStateMixin, AttentionEstimator):
         super().__init__(num_heads, head_dim)
         self.num_features = check_int("num_features", num_features)
         self.chunk_size = check_int("chunk_size", chunk_size)
-        self.orthogonal = bool(orthogonal)
-        self.redraw = bool(redraw)
+        if not isinstance(orthogonal, bool):
+            raise TypeError(f"`orthogonal` must be True or False, got {orthogonal!r}.")
+        self.orthogonal = orthogonal
+        if not isinstance(redraw, bool):
+            raise TypeError(f"`redraw` must be True or False, got {redraw!r}.")
+        self.redraw = redraw
         self.register_buffer("projection", self.draw_features(), persistent=True)
 
     def draw_features(self, generator: torch.Generator | None = None) -> torch.Tensor:
