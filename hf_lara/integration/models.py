@@ -18,17 +18,11 @@ import itertools
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from .attention import ESTIMATOR_ATTR
-from .cache import (
-    LaraCache,
-    bind_state_layer,
-    provide_state_cache,
-    recurrent_layer_indices,
-    register_hook,
-    remove_hook,
-)
+from .cache import LaraCache, add_hook, bind_state_layer, provide_state_cache, wants_state_cache
+from .compat import CACHE_KWARG, is_initialized, mark_initialized
 from .config import LaraConfig
 from .registry import Family, get_family
 
@@ -50,19 +44,13 @@ class LaraModelMixin:
         modules = get_family(self.config.model_type).attention_modules(self)
         return {i: getattr(m, ESTIMATOR_ATTR) for i, m in enumerate(modules) if hasattr(m, ESTIMATOR_ATTR)}
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
-        """`generate()`'s cache: a `LaraCache` (constant-size state for recurrent layers) instead of the default
-        `DynamicCache`; a user cache, `cache_implementation="dynamic"` or assisted decoding keep the KV cache."""
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        default = type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
-        if (
-            default
-            and generation_config.cache_implementation is None
-            and not generation_config.is_assistant
-            and recurrent_layer_indices(self)
-        ):
-            model_kwargs["past_key_values"] = LaraCache(self)
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate` with a `LaraCache` (constant-size state for recurrent layers) where it would
+        build its default `DynamicCache`; a user cache, `cache_implementation="dynamic"` or assisted decoding keep
+        the KV cache, static caches raise `NotImplementedError`."""
+        if wants_state_cache(self, args, kwargs):
+            kwargs[CACHE_KWARG] = LaraCache(self)
+        return super().generate(*args, **kwargs)
 
     def initialize_weights(self):
         super().initialize_weights()
@@ -90,14 +78,14 @@ def attach_estimators(model: nn.Module, config: LaraConfig, family: Family, like
     selected = set(resolve_layers(config.lara_layers, len(modules)))
     num_heads, head_dim = family.head_shape(config)
     estimators = {i: config.build_estimator(num_heads, head_dim) for i in selected}
-    register_hook(model, provide_state_cache)
+    add_hook(model, provide_state_cache)
     for i, module in enumerate(modules):
+        # every attention layer, softmax ones included, checks the cache it is given
+        add_hook(module, bind_state_layer)
         if hasattr(module, ESTIMATOR_ATTR):
             delattr(module, ESTIMATOR_ATTR)
         if i not in selected:
-            remove_hook(module, bind_state_layer)
             continue
-        register_hook(module, bind_state_layer)
         estimator = estimators[i]
         reference = next(module.parameters(), None)
         if like_model and reference is not None:
@@ -105,7 +93,7 @@ def attach_estimators(model: nn.Module, config: LaraConfig, family: Family, like
             estimator.train(module.training)
         if not any(t.is_meta for t in estimator_tensors(estimator)):
             for tensor in estimator_tensors(estimator):
-                tensor._is_hf_initialized = True
+                mark_initialized(tensor)
         setattr(module, ESTIMATOR_ATTR, estimator)
 
 
@@ -120,7 +108,7 @@ def initialize_estimator(estimator: nn.Module, config: LaraConfig) -> None:
     pending = {
         name: tensor
         for name, tensor in itertools.chain(estimator.named_parameters(), estimator.named_buffers())
-        if not getattr(tensor, "_is_hf_initialized", False)
+        if not is_initialized(tensor)
     }
     if not pending:
         return
@@ -129,7 +117,7 @@ def initialize_estimator(estimator: nn.Module, config: LaraConfig) -> None:
     values = dict(itertools.chain(fresh.named_parameters(), fresh.named_buffers()))
     for name, tensor in pending.items():
         tensor.copy_(values[name])
-        tensor._is_hf_initialized = True
+        mark_initialized(tensor)
 
 
 def make_model_class(base: type[PreTrainedModel], config_class: type[LaraConfig]) -> type[PreTrainedModel]:
