@@ -14,7 +14,19 @@ import os
 from typing import Any
 
 import torch
-from transformers import AutoConfig, PreTrainedConfig
+from transformers import (
+    AutoConfig,
+    BertConfig,
+    DeiTConfig,
+    DistilBertConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedConfig,
+    Qwen2Config,
+    RobertaConfig,
+    ViTConfig,
+)
 from transformers.utils import logging
 
 from ..attention import AttentionEstimator, available_methods, build_attention
@@ -196,6 +208,103 @@ class LaraConfig:
         return converted
 
 
+# The built-in families' converted configs, written out so that readers, IDEs and type checkers see them. Each adds
+# the `LARA_FIELDS` to its family's config; `make_config_class` builds the same for families registered at run time.
+class LaraBertConfig(LaraConfig, BertConfig):
+    """`BertConfig` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_bert"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+class LaraRobertaConfig(LaraConfig, RobertaConfig):
+    """`RobertaConfig` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_roberta"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+class LaraDistilBertConfig(LaraConfig, DistilBertConfig):
+    """`DistilBertConfig` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_distilbert"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+class LaraGPT2Config(LaraConfig, GPT2Config):
+    """`GPT2Config` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_gpt2"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+class LaraLlamaConfig(LaraConfig, LlamaConfig):
+    """`LlamaConfig` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_llama"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+class LaraMistralConfig(LaraConfig, MistralConfig):
+    """`MistralConfig` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_mistral"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+class LaraQwen2Config(LaraConfig, Qwen2Config):
+    """`Qwen2Config` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_qwen2"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+class LaraViTConfig(LaraConfig, ViTConfig):
+    """`ViTConfig` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_vit"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+class LaraDeiTConfig(LaraConfig, DeiTConfig):
+    """`DeiTConfig` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_deit"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+#: The converted configs of the built-in families, in registration order.
+BUILTIN_CONFIG_CLASSES = (
+    LaraBertConfig,
+    LaraRobertaConfig,
+    LaraDistilBertConfig,
+    LaraGPT2Config,
+    LaraLlamaConfig,
+    LaraMistralConfig,
+    LaraQwen2Config,
+    LaraViTConfig,
+    LaraDeiTConfig,
+)
+
+
 def accepted_hparams(method: str) -> list[str] | None:
     """Keyword arguments of an estimator besides `num_heads`/`head_dim`; None when it takes `**kwargs`."""
     params = list(inspect.signature(ESTIMATORS[method].__init__).parameters.values())[1:]
@@ -254,6 +363,4 @@ def make_config_class(base: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
         "lara_hparams": dataclasses.field(default_factory=dict),
         "lara_layers": None,
     }
-    cls = type(f"Lara{base.__name__}", (LaraConfig, base), namespace)
-    globals()[cls.__name__] = cls
-    return cls
+    return type(f"Lara{base.__name__}", (LaraConfig, base), namespace)

@@ -18,17 +18,62 @@ import itertools
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import (
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+    DeiTForImageClassification,
+    DeiTModel,
+    DistilBertForMaskedLM,
+    DistilBertForSequenceClassification,
+    DistilBertModel,
+    GPT2LMHeadModel,
+    GPT2Model,
+    LlamaForCausalLM,
+    LlamaModel,
+    MistralForCausalLM,
+    MistralModel,
+    PreTrainedModel,
+    Qwen2ForCausalLM,
+    Qwen2Model,
+    RobertaForMaskedLM,
+    RobertaForSequenceClassification,
+    RobertaModel,
+    ViTForImageClassification,
+    ViTModel,
+)
 
 from .attention import ESTIMATOR_ATTR
 from .cache import LaraCache, add_hook, bind_state_layer, provide_state_cache, wants_state_cache
 from .compat import CACHE_KWARG, is_initialized, mark_initialized
-from .config import LaraConfig
-from .registry import Family, get_family
+from .config import (
+    LaraBertConfig,
+    LaraConfig,
+    LaraDeiTConfig,
+    LaraDistilBertConfig,
+    LaraGPT2Config,
+    LaraLlamaConfig,
+    LaraMistralConfig,
+    LaraQwen2Config,
+    LaraRobertaConfig,
+    LaraViTConfig,
+)
+from .registry import FAMILIES, Family, get_family
 
 
 class LaraModelMixin:
-    """Mixed into every converted model class, before the family's class."""
+    """Mixed into every converted model class, before the family's class.
+
+    Attributes:
+        lara_base_class (`type[PreTrainedModel]`): the family's class this one converts (the next base class).
+    """
+
+    lara_base_class: type[PreTrainedModel]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if LaraModelMixin in cls.__bases__:
+            cls.lara_base_class = cls.__bases__[cls.__bases__.index(LaraModelMixin) + 1]
 
     def __init__(self, config, *args, **kwargs):
         if not isinstance(config, LaraConfig) or config.lara_method is None:
@@ -128,8 +173,127 @@ def make_model_class(base: type[PreTrainedModel], config_class: type[LaraConfig]
         "__qualname__": name,
         "__doc__": f"`{base.__name__}` whose self-attention runs hf_lara estimators (`lara_attention` submodules).",
         "config_class": config_class,
-        "lara_base_class": base,
     }
-    cls = type(name, (LaraModelMixin, base), namespace)
-    globals()[name] = cls
-    return cls
+    return type(name, (LaraModelMixin, base), namespace)
+
+
+def __getattr__(name: str) -> type[PreTrainedModel]:
+    """Converted classes made at run time (`register_family`, other heads) by name, as `peft`'s auto mapping and
+    pickle look them up: `hf_lara.integration.models.LaraBertForTokenClassification`."""
+    for family in FAMILIES.values():
+        for cls in family.model_classes.values():
+            if cls.__name__ == name:
+                return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# The built-in families' main classes, written out so that readers, IDEs and type checkers see them; their other
+# classes (e.g. `LaraBertForTokenClassification`) are made by `register_family` and found through `__getattr__`.
+class LaraBertModel(LaraModelMixin, BertModel):
+    config_class = LaraBertConfig
+
+
+class LaraBertForMaskedLM(LaraModelMixin, BertForMaskedLM):
+    config_class = LaraBertConfig
+
+
+class LaraBertForSequenceClassification(LaraModelMixin, BertForSequenceClassification):
+    config_class = LaraBertConfig
+
+
+class LaraRobertaModel(LaraModelMixin, RobertaModel):
+    config_class = LaraRobertaConfig
+
+
+class LaraRobertaForMaskedLM(LaraModelMixin, RobertaForMaskedLM):
+    config_class = LaraRobertaConfig
+
+
+class LaraRobertaForSequenceClassification(LaraModelMixin, RobertaForSequenceClassification):
+    config_class = LaraRobertaConfig
+
+
+class LaraDistilBertModel(LaraModelMixin, DistilBertModel):
+    config_class = LaraDistilBertConfig
+
+
+class LaraDistilBertForMaskedLM(LaraModelMixin, DistilBertForMaskedLM):
+    config_class = LaraDistilBertConfig
+
+
+class LaraDistilBertForSequenceClassification(LaraModelMixin, DistilBertForSequenceClassification):
+    config_class = LaraDistilBertConfig
+
+
+class LaraGPT2Model(LaraModelMixin, GPT2Model):
+    config_class = LaraGPT2Config
+
+
+class LaraGPT2LMHeadModel(LaraModelMixin, GPT2LMHeadModel):
+    config_class = LaraGPT2Config
+
+
+class LaraLlamaModel(LaraModelMixin, LlamaModel):
+    config_class = LaraLlamaConfig
+
+
+class LaraLlamaForCausalLM(LaraModelMixin, LlamaForCausalLM):
+    config_class = LaraLlamaConfig
+
+
+class LaraMistralModel(LaraModelMixin, MistralModel):
+    config_class = LaraMistralConfig
+
+
+class LaraMistralForCausalLM(LaraModelMixin, MistralForCausalLM):
+    config_class = LaraMistralConfig
+
+
+class LaraQwen2Model(LaraModelMixin, Qwen2Model):
+    config_class = LaraQwen2Config
+
+
+class LaraQwen2ForCausalLM(LaraModelMixin, Qwen2ForCausalLM):
+    config_class = LaraQwen2Config
+
+
+class LaraViTModel(LaraModelMixin, ViTModel):
+    config_class = LaraViTConfig
+
+
+class LaraViTForImageClassification(LaraModelMixin, ViTForImageClassification):
+    config_class = LaraViTConfig
+
+
+class LaraDeiTModel(LaraModelMixin, DeiTModel):
+    config_class = LaraDeiTConfig
+
+
+class LaraDeiTForImageClassification(LaraModelMixin, DeiTForImageClassification):
+    config_class = LaraDeiTConfig
+
+
+#: The written-out converted model classes of the built-in families.
+BUILTIN_MODEL_CLASSES = (
+    LaraBertModel,
+    LaraBertForMaskedLM,
+    LaraBertForSequenceClassification,
+    LaraRobertaModel,
+    LaraRobertaForMaskedLM,
+    LaraRobertaForSequenceClassification,
+    LaraDistilBertModel,
+    LaraDistilBertForMaskedLM,
+    LaraDistilBertForSequenceClassification,
+    LaraGPT2Model,
+    LaraGPT2LMHeadModel,
+    LaraLlamaModel,
+    LaraLlamaForCausalLM,
+    LaraMistralModel,
+    LaraMistralForCausalLM,
+    LaraQwen2Model,
+    LaraQwen2ForCausalLM,
+    LaraViTModel,
+    LaraViTForImageClassification,
+    LaraDeiTModel,
+    LaraDeiTForImageClassification,
+)
