@@ -125,10 +125,12 @@ class LaraConfig:
         if model_type != cls.model_type and "lara_method" in missing:
             raise ValueError(
                 f"A `{model_type}` checkpoint is not converted, so `{cls.__name__}` cannot load it without a method: "
-                f"use `hf_lara.LaraConfig.from_pretrained(path, method=...)`. (peft reloads the base config from "
-                "`model.name_or_path` when saving an adapter: for a model converted in memory that path holds the "
-                "unconverted model, which an adapter could not be reloaded onto. Save the converted model with "
-                "`model.save_pretrained(dir)`, load it back from `dir`, then add the adapter.)"
+                "use `hf_lara.LaraConfig.from_pretrained(path, method=...)`. If this comes from peft saving an "
+                "adapter: the model's estimators were made in memory (`hf_lara.convert`, or `from_pretrained(path, "
+                "config=...)`) and exist in no checkpoint, while peft records `model.name_or_path`, the unconverted "
+                "model, as the adapter's base, so the adapter could never be reloaded onto the same model. Save the "
+                "converted model with `model.save_pretrained(dir)`, load it back from `dir`, then add the adapter (an "
+                "adapter already trained is kept by `peft_model.merge_and_unload().save_pretrained(dir)`)."
             )
         config_dict["lara_hparams"] = known_hparams(config_dict.get("lara_method"), config_dict.get("lara_hparams"))
         return super().from_dict(config_dict, **kwargs)
