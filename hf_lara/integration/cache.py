@@ -15,7 +15,7 @@ One decoding step, for a converted attention module `m` with layer index `i`:
    `LaraStateLayer` adds it to the module's keyword arguments under `STATE_LAYER_KWARG`. Llama-, GPT-2-style modules
    hand their extra keyword arguments to the attention function, so no module state is involved and nothing of
    Transformers is patched (the attention function itself never sees the cache).
-2. The module calls `past_key_values.update(k, v, i)` as usual: a `LaraStateLayer` only counts the tokens and returns
+2. The module calls `cache.update(k, v, i)` as usual: a `LaraStateLayer` only counts the tokens and returns
    the new `k`, `v` `(B, H_kv, n, D)` themselves.
 3. `lara_attention_forward` sees the state layer and runs `estimator.step(q, k, v, layer.state)` on the new tokens,
    storing the new state in the layer. The padding mask it receives is the tail of the 2-D mask for those tokens, so
