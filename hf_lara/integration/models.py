@@ -190,86 +190,128 @@ def __getattr__(name: str) -> type[PreTrainedModel]:
 # The built-in families' main classes, written out so that readers, IDEs and type checkers see them; their other
 # classes (e.g. `LaraBertForTokenClassification`) are made by `register_family` and found through `__getattr__`.
 class LaraBertModel(LaraModelMixin, BertModel):
+    """`BertModel` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraBertConfig
 
 
 class LaraBertForMaskedLM(LaraModelMixin, BertForMaskedLM):
+    """`BertForMaskedLM` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraBertConfig
 
 
 class LaraBertForSequenceClassification(LaraModelMixin, BertForSequenceClassification):
+    """`BertForSequenceClassification` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraBertConfig
 
 
 class LaraRobertaModel(LaraModelMixin, RobertaModel):
+    """`RobertaModel` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraRobertaConfig
 
 
 class LaraRobertaForMaskedLM(LaraModelMixin, RobertaForMaskedLM):
+    """`RobertaForMaskedLM` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraRobertaConfig
 
 
 class LaraRobertaForSequenceClassification(LaraModelMixin, RobertaForSequenceClassification):
+    """`RobertaForSequenceClassification` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraRobertaConfig
 
 
 class LaraDistilBertModel(LaraModelMixin, DistilBertModel):
+    """`DistilBertModel` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraDistilBertConfig
 
 
 class LaraDistilBertForMaskedLM(LaraModelMixin, DistilBertForMaskedLM):
+    """`DistilBertForMaskedLM` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraDistilBertConfig
 
 
 class LaraDistilBertForSequenceClassification(LaraModelMixin, DistilBertForSequenceClassification):
+    """`DistilBertForSequenceClassification` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraDistilBertConfig
 
 
 class LaraGPT2Model(LaraModelMixin, GPT2Model):
+    """`GPT2Model` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraGPT2Config
 
 
 class LaraGPT2LMHeadModel(LaraModelMixin, GPT2LMHeadModel):
+    """`GPT2LMHeadModel` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraGPT2Config
 
 
 class LaraLlamaModel(LaraModelMixin, LlamaModel):
+    """`LlamaModel` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraLlamaConfig
 
 
 class LaraLlamaForCausalLM(LaraModelMixin, LlamaForCausalLM):
+    """`LlamaForCausalLM` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraLlamaConfig
 
 
 class LaraMistralModel(LaraModelMixin, MistralModel):
+    """`MistralModel` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraMistralConfig
 
 
 class LaraMistralForCausalLM(LaraModelMixin, MistralForCausalLM):
+    """`MistralForCausalLM` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraMistralConfig
 
 
 class LaraQwen2Model(LaraModelMixin, Qwen2Model):
+    """`Qwen2Model` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraQwen2Config
 
 
 class LaraQwen2ForCausalLM(LaraModelMixin, Qwen2ForCausalLM):
+    """`Qwen2ForCausalLM` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraQwen2Config
 
 
 class LaraViTModel(LaraModelMixin, ViTModel):
+    """`ViTModel` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraViTConfig
 
 
 class LaraViTForImageClassification(LaraModelMixin, ViTForImageClassification):
+    """`ViTForImageClassification` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraViTConfig
 
 
 class LaraDeiTModel(LaraModelMixin, DeiTModel):
+    """`DeiTModel` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraDeiTConfig
 
 
 class LaraDeiTForImageClassification(LaraModelMixin, DeiTForImageClassification):
+    """`DeiTForImageClassification` whose self-attention runs hf_lara estimators."""
+
     config_class = LaraDeiTConfig
 
 
