@@ -148,8 +148,9 @@ class LaraConfig:
         """The converted config of a base (or already converted) checkpoint.
 
         Keyword arguments are split as `peft` and `AutoConfig` do: Hub arguments go to the loader, the estimator's
-        hyper-parameters (`hparams`, plus any keyword its `__init__` names) to `lara_hparams`, everything else to the
-        config, exactly as `AutoConfig.from_pretrained(path, num_labels=2)` sets it.
+        hyper-parameters (`hparams`, plus any keyword its `__init__` names) to `lara_hparams`, attributes of the
+        family's config to the config, exactly as `AutoConfig.from_pretrained(path, num_labels=2)` sets them. A
+        keyword that is none of these raises (a typo must not become a stray config attribute).
 
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): a checkpoint folder or Hub id.
@@ -318,22 +319,21 @@ def accepted_hparams(method: str) -> list[str] | None:
 def split_kwargs(
     method: str | None, kwargs: dict[str, Any], config: PreTrainedConfig
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`(hyper-parameters, config attributes)`: the keywords `method`'s estimator names, and all the others.
+    """`(hyper-parameters, config attributes)`: the keywords `method`'s estimator names, and those `config` has.
 
-    A keyword that is neither a hyper-parameter nor an attribute of `config` but looks like a hyper-parameter
-    (a typo such as `num_featurez`) raises rather than becoming a stray config attribute.
+    A keyword that is neither (a typo such as `num_featurez`) raises rather than becoming a stray config attribute.
     """
     accepted = (accepted_hparams(method) or []) if method in ESTIMATORS else []
     named = {k: v for k, v in kwargs.items() if k in accepted}
-    attributes = {k: v for k, v in kwargs.items() if k not in named}
-    for name in attributes:
-        close = difflib.get_close_matches(name, accepted, n=1, cutoff=0.8)
-        if close and not hasattr(config, name):
-            raise ValueError(
-                f"Unknown hyper-parameter {name!r} for method `{method}`; did you mean `{close[0]}`? Accepted: "
-                f"{', '.join(accepted)}. (Pass config attributes by their config name, hyper-parameters in "
-                "`hparams={...}`.)"
-            )
+    attributes = {k: v for k, v in kwargs.items() if k not in named and hasattr(config, k)}
+    unknown = [k for k in kwargs if k not in named and k not in attributes]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], accepted, n=1, cutoff=0.8)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        raise ValueError(
+            f"Unknown hyper-parameter(s) {', '.join(map(repr, unknown))} for method `{method}`, and no attribute of "
+            f"`{type(config).__name__}` either.{hint} Accepted hyper-parameters: {', '.join(accepted) or 'none'}."
+        )
     return named, attributes
 
 

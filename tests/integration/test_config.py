@@ -69,7 +69,7 @@ def test_bad_hyper_parameter(base_checkpoints):
         hf_lara.LaraConfig.from_pretrained(path, method="rfa", num_features=0)
     with pytest.raises(ValueError, match=r"Unknown hyper-parameter\(s\) 'num_featurez' for method `rfa`"):
         hf_lara.LaraConfig.from_pretrained(path, method="rfa", hparams={"num_featurez": 8})
-    with pytest.raises(ValueError, match=r"Unknown hyper-parameter 'num_featurez'.*did you mean `num_features`"):
+    with pytest.raises(ValueError, match=r"Unknown hyper-parameter\(s\) 'num_featurez'.*Did you mean `num_features`"):
         hf_lara.LaraConfig.from_pretrained(path, method="rfa", num_featurez=8)
     with pytest.raises(ValueError, match=r"Unknown hyper-parameter\(s\) 'num_featurez' for method `rfa`"):
         hf_lara.convert(load_base(SETUPS["bert"], path), method="rfa", num_featurez=8)
