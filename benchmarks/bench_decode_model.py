@@ -1,7 +1,7 @@
 """Decode-step latency of a converted GPT-2-shaped decoder vs context length: state cache, KV cache, original SDPA.
 
-One generation step = one `model(next_token, past_key_values=cache, use_cache=True)` call with the 2-D attention mask
-over the whole context, as `generate()` makes it. Variants, all with the same random weights:
+One generation step = one `model(next_token, cache=cache, use_cache=True)` call (`past_key_values=` before
+Transformers 5.24) with the 2-D attention mask over the whole context, as `generate()` makes it. Variants, all with the same random weights:
 
 * `sdpa (KV)`: the original model (`attn_implementation="sdpa"`) over its `DynamicCache`;
 * `<method> (KV)`: the converted model over a `DynamicCache` (the estimator re-reads every cached key each step);
@@ -34,6 +34,7 @@ import transformers
 from transformers import DynamicCache
 
 import hf_lara
+from hf_lara.integration.compat import CACHE_KWARG
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HPARAMS = {"rfa": {"num_features": 64}, "kernel": {}, "lara": {"num_landmarks": 64}}
@@ -70,7 +71,7 @@ def extend(model: torch.nn.Module, cache, length: int, chunk: int, vocab: int) -
     while (seen := cache.get_seq_length()) < length:
         n = min(chunk, length - seen)
         ids = torch.randint(vocab, (1, n), generator=g)
-        model(input_ids=ids, attention_mask=torch.ones(1, seen + n, dtype=torch.long), past_key_values=cache)
+        model(input_ids=ids, attention_mask=torch.ones(1, seen + n, dtype=torch.long), **{CACHE_KWARG: cache})
 
 
 @torch.no_grad()
@@ -82,7 +83,7 @@ def step_seconds(model: torch.nn.Module, cache, steps: int, threads: int) -> flo
     for i in range(steps + 1):
         mask = torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long)
         start = time.perf_counter()
-        logits = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=token, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache}).logits
         elapsed = time.perf_counter() - start
         token = logits[:, -1:].argmax(-1)
         if i:
