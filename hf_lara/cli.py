@@ -105,6 +105,29 @@ def load_config(path: str):
         raise UsageError(f"cannot load a model config from {path!r}: {str(error).splitlines()[0]}") from None
 
 
+def load_model(path: str, config):
+    """The model at `path`, from safetensors weights only: pickle files (`pytorch_model.bin`) are never opened."""
+    try:
+        return model_class_for(path, config).from_pretrained(path, use_safetensors=True)
+    except OSError as error:
+        raise UsageError(
+            f"cannot load safetensors weights from {path!r} ({str(error).splitlines()[0]}); hf_lara reads only "
+            "safetensors, never pickle files such as pytorch_model.bin"
+        ) from None
+
+
+def load_st(path: str):
+    """The sentence-transformers model at `path` (safetensors only, sentence-transformers modules only)."""
+    from .integration.sentence_transformers import load_sentence_transformer
+
+    try:
+        return load_sentence_transformer(path)
+    except OSError as error:
+        raise UsageError(
+            f"cannot load the sentence-transformers model {path!r}: {str(error).splitlines()[0]}"
+        ) from None
+
+
 def load_preprocessor(path: str):
     """The tokenizer of `path`, else its image processor, else None."""
     import transformers
@@ -158,17 +181,16 @@ def _save_converted(args: argparse.Namespace, config, layers, hparams, folder: P
     from .integration.sentence_transformers import (
         convert_sentence_transformer,
         is_sentence_transformer_folder,
-        load_sentence_transformer,
         transformer_model,
     )
 
     if is_sentence_transformer_folder(args.src):
-        st_model = load_sentence_transformer(args.src)
+        st_model = load_st(args.src)
         convert_sentence_transformer(st_model, args.method, layers=layers, **hparams)
         # sentence-transformers' own save: modules.json, 1_Pooling/, 2_Normalize/, sentence_bert_config.json, ...
         st_model.save(str(folder), create_model_card=False)
         return transformer_model(st_model)
-    model = model_class_for(args.src, config).from_pretrained(args.src)
+    model = load_model(args.src, config)
     convert(model, args.method, layers=layers, **hparams)
     model.save_pretrained(folder)
     preprocessor = load_preprocessor(args.src)
@@ -265,17 +287,17 @@ def check_output_files(args: argparse.Namespace, *names: str) -> None:
 def _measure(args: argparse.Namespace, config, texts: list[str]):
     """The fidelity report of MODEL: through sentence-transformers for such folders, else on the HF model."""
     from .fidelity import attention_fidelity, encode_texts, sentence_fidelity
-    from .integration.sentence_transformers import is_sentence_transformer_folder, load_sentence_transformer
+    from .integration.sentence_transformers import is_sentence_transformer_folder
 
     if is_sentence_transformer_folder(args.model):
-        st_model = load_sentence_transformer(args.model)
+        st_model = load_st(args.model)
         return sentence_fidelity(
             st_model, texts, batch_size=args.batch_size, max_length=args.max_length, progress=True
         )
     tokenizer = load_preprocessor(args.model)
     if tokenizer is None or not hasattr(tokenizer, "pad_token"):
         raise UsageError(f"{args.model} has no tokenizer; `hf-lara fidelity` measures text models")
-    model = model_class_for(args.model, config).from_pretrained(args.model)
+    model = load_model(args.model, config)
     batches = encode_texts(tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length)
     return attention_fidelity(model, batches, progress=True)
 

@@ -3,7 +3,10 @@
 `PreTrainedModel.push_to_hub` writes its own README.md over ours, so we do not use it. Instead everything (weights
 as safetensors, config, tokenizer or processor files, the card) goes up in a single `create_commit`: the Hub applies
 a commit entirely or not at all, so a failed push leaves nothing half-written. After the commit we list the files of
-the new revision and only report success when every file is there.
+the new revision and only report success when every file is there with the size and hash that was sent (sha256 for
+LFS files, the git blob sha1 for the others, as the Hub reports them); a commit that landed but does not match is
+reported as such (`HubVerificationError`), never as a refused push. Symbolic links that resolve outside the folder
+are refused before anything is sent.
 
 Errors are raised before anything is sent when possible: a malformed repository id, no token, offline mode, a
 folder that is not a converted model. Network and HTTP failures become `HubError` with the endpoint and a fix.
@@ -11,17 +14,19 @@ folder that is not a converted model. Network and HTTP failures become `HubError
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants, get_token
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, RepoFile, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, PreTrainedModel
 
 from .cards import build_card, is_hf_lara_card, load_folder_card, update_card
+from .io import files_inside
 
 #: Files a converted checkpoint needs besides its weights.
 REQUIRED_FILES = ("config.json",)
@@ -92,23 +97,37 @@ def _resolve_token(token: str | None) -> str:
 
 
 def _check_folder(folder: Path) -> list[Path]:
-    """The files to upload from a converted checkpoint folder (README.md excepted); raises if it is not one."""
+    """The files to upload from a converted checkpoint folder (README.md excepted); raises if it is not one.
+
+    Nothing that resolves outside `folder` (a symbolic link to a file or folder elsewhere) is read or uploaded:
+    such a folder is refused as a whole, before anything is sent.
+    """
     if not folder.is_dir():
         raise ValueError(
             f"`{folder}` is not a folder. Pass a folder written by `save_pretrained` or `hf-lara convert`."
+        )
+    files, outside = files_inside(folder)
+    if outside:
+        raise ValueError(
+            f"`{folder}` holds symbolic links that resolve outside it ({'; '.join(outside)}); refusing to upload "
+            "files from outside the folder. Replace the links by copies of the files, or remove them."
         )
     for name in REQUIRED_FILES:
         if not (folder / name).is_file():
             raise ValueError(f"`{folder}` has no {name}: it is not a saved model folder.")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise ValueError(f"`{folder}` has no safetensors weights ({' or '.join(WEIGHT_FILES)}).")
-    config = json.loads((folder / "config.json").read_text())
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"`{folder}/config.json` is not readable JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"`{folder}/config.json` must hold a JSON object, got {type(config).__name__}.")
     if "lara_method" not in config:
         raise ValueError(
             f"`{folder}` holds a `{config.get('model_type')}` model that was not converted by hf_lara. Convert it first "
             "(`hf-lara convert SRC OUT --method NAME`)."
         )
-    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
     return [p for p in files if p.relative_to(folder).as_posix() != "README.md" and ".git" not in p.parts]
 
 
@@ -153,11 +172,12 @@ def push_to_hub(
         endpoint (`str`, *optional*): Hub endpoint (default: `HF_ENDPOINT`, else huggingface.co).
 
     Returns:
-        A `PushResult`, only once every file is verified present in the new revision.
+        A `PushResult`, only once every file is verified in the new revision (size, and sha256 or git blob sha).
 
     Raises:
-        `ValueError` for a bad `repo_id` or a folder that is not a converted model, `HubError` for a missing
-        token, offline mode, an unreachable endpoint or a refused request.
+        `ValueError` for a bad `repo_id`, a folder that is not a converted model or one with links resolving outside
+        it; `HubError` for a missing token, offline mode, an unreachable endpoint or a refused request;
+        `HubVerificationError` (a `HubError`) for a commit that landed but does not hold what was sent.
     """
     check_repo_id(repo_id)
     token = _resolve_token(token)
@@ -192,6 +212,10 @@ def push_to_hub(
         return _commit(endpoint, token, repo_id, operations, readme, message, private, revision, create_pr)
 
 
+class HubVerificationError(HubError):
+    """The commit landed on the Hub, but what the Hub holds does not match what was sent (or could not be read)."""
+
+
 def _commit(endpoint, token, repo_id, operations, readme, message, private, revision, create_pr) -> PushResult:
     if constants.is_offline_mode():
         raise HubError("`HF_HUB_OFFLINE` is set, so the Hub cannot be reached. Unset it to push.")
@@ -202,7 +226,6 @@ def _commit(endpoint, token, repo_id, operations, readme, message, private, revi
         if revision is not None and revision != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.create_commit(repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr)
-        present = set(api.list_repo_files(repo_id, revision=info.oid))
     except OfflineModeIsEnabled as error:
         raise HubError(f"`HF_HUB_OFFLINE` is set, so the Hub cannot be reached: {error}") from None
     except RuntimeError as error:
@@ -225,15 +248,56 @@ def _commit(endpoint, token, repo_id, operations, readme, message, private, revi
             f"Could not reach the Hub at {endpoint}: {type(error).__name__}: {error}. Check your connection and "
             "`HF_ENDPOINT`."
         ) from None
-    expected = [op.path_in_repo for op in operations]
-    missing = sorted(set(expected) - present)
-    if missing:
-        raise HubError(f"The commit {info.oid} on {repo_id!r} lacks {', '.join(missing)}; the push is incomplete.")
+    verify_commit(api, repo_id, info.oid, operations)
     return PushResult(
         repo_id=repo_id,
         commit_oid=info.oid,
         commit_url=info.commit_url,
         pr_url=info.pr_url,
         revision=revision or constants.DEFAULT_REVISION,
-        files=expected,
+        files=[op.path_in_repo for op in operations],
     )
+
+
+def local_digests(operation: CommitOperationAdd) -> tuple[int, str, str]:
+    """Size, sha256 and git blob sha1 of what `operation` uploads (read from its file or bytes once)."""
+    size = operation.upload_info.size
+    sha256, blob = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
+    with operation.as_file() as file:
+        while chunk := file.read(1 << 20):
+            sha256.update(chunk)
+            blob.update(chunk)
+    return size, sha256.hexdigest(), blob.hexdigest()
+
+
+def verify_commit(api: HfApi, repo_id: str, oid: str, operations: list[CommitOperationAdd]) -> None:
+    """Check that commit `oid` holds every uploaded file with the size and hash that was sent.
+
+    The Hub reports, per file, its size and git blob sha1, and for LFS files (weights) the sha256 of the content;
+    each is compared with the local file. Raises `HubVerificationError`, saying that the commit landed, otherwise.
+    """
+    landed = f"The commit {oid} landed on {repo_id!r}"
+    try:
+        remote = {entry.path: entry for entry in api.list_repo_tree(repo_id, revision=oid, recursive=True)}
+    except (HfHubHTTPError, *_network_errors()) as error:
+        raise HubVerificationError(
+            f"{landed} but could not be verified ({type(error).__name__}: {str(error).splitlines()[0]}). Check the "
+            "files on the Hub, or push again."
+        ) from None
+    problems = []
+    for operation in operations:
+        path, entry = operation.path_in_repo, remote.get(operation.path_in_repo)
+        size, sha256, blob = local_digests(operation)
+        if not isinstance(entry, RepoFile):
+            problems.append(f"{path} is missing")
+        elif entry.size != size:
+            problems.append(f"{path} has {entry.size} bytes on the Hub, {size} were sent")
+        elif entry.lfs is not None and entry.lfs.sha256 != sha256:
+            problems.append(f"{path} has sha256 {entry.lfs.sha256[:12]}... on the Hub, {sha256[:12]}... was sent")
+        elif entry.lfs is None and entry.blob_id != blob:
+            problems.append(f"{path} has git blob {entry.blob_id[:12]}... on the Hub, {blob[:12]}... was sent")
+    if problems:
+        raise HubVerificationError(
+            f"{landed} but does not match what was sent: {'; '.join(problems)}. That revision on the Hub is "
+            "damaged: push again, or revert the commit."
+        )

@@ -58,11 +58,20 @@ def check_modules(path: str | Path) -> list[dict[str, Any]]:
 
 
 def load_sentence_transformer(path: str | Path, device: str = "cpu"):
-    """`SentenceTransformer(path)` for a local folder, after `check_modules`; no remote code is trusted."""
+    """`SentenceTransformer(path)` for a local folder, after `check_modules`.
+
+    No remote code is trusted and the Transformer module reads safetensors weights only (never a pickle file).
+    """
     from sentence_transformers import SentenceTransformer
 
     check_modules(path)
-    return SentenceTransformer(str(path), device=device, trust_remote_code=False, local_files_only=True)
+    return SentenceTransformer(
+        str(path),
+        device=device,
+        trust_remote_code=False,
+        local_files_only=True,
+        model_kwargs={"use_safetensors": True},
+    )
 
 
 def transformer_model(st_model: nn.Module) -> PreTrainedModel:
