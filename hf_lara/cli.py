@@ -202,7 +202,7 @@ def _save_converted(args: argparse.Namespace, config, layers, hparams, folder: P
 def cmd_convert(args: argparse.Namespace) -> int:
     from .cards import build_card
     from .integration import LaraConfig
-    from .integration.sentence_transformers import check_modules, is_sentence_transformer_folder
+    from .integration.sentence_transformers import is_sentence_transformer_folder, transformer_folder
     from .io import atomic_write_text, check_output_folder, staged_folder
 
     out = check_output_folder(args.out, "OUT", overwrite=args.overwrite)
@@ -211,11 +211,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     check_methods([args.method])
     hparams = parse_hparams(args.hparam)
     layers = parse_ints(args.layers, "--layers") if args.layers else None
-    config = load_config(args.src)
-    check_model_config(config, args.src)
     sentence_transformer = is_sentence_transformer_folder(args.src)
-    if sentence_transformer:
-        check_modules(args.src)
+    config = load_config(str(transformer_folder(args.src)) if sentence_transformer else args.src)
+    check_model_config(config, args.src)
     # check the method and hyper-parameters before loading any weights
     LaraConfig.from_config(config, method=args.method, layers=layers, **hparams)
     base_model = args.base_model
@@ -305,11 +303,13 @@ def _measure(args: argparse.Namespace, config, texts: list[str]):
 def cmd_fidelity(args: argparse.Namespace) -> int:
     from .cards import load_folder_card, update_card
     from .fidelity import plot_attention_error
+    from .integration.sentence_transformers import is_sentence_transformer_folder, transformer_folder
     from .io import atomic_write_text
 
     check_positive(args, "num_samples", "max_length", "batch_size")
     check_output_files(args, "json", "plot")
-    config = load_config(args.model)
+    sentence_transformer = is_sentence_transformer_folder(args.model)
+    config = load_config(str(transformer_folder(args.model)) if sentence_transformer else args.model)
     check_model_config(config, args.model)
     if getattr(config, "lara_method", None) is None:
         raise UsageError(f"{args.model} is not converted by hf_lara; run `hf-lara convert` first")

@@ -57,6 +57,15 @@ def check_modules(path: str | Path) -> list[dict[str, Any]]:
     return modules
 
 
+def transformer_folder(path: str | Path) -> Path:
+    """The folder of the Transformer module of a sentence-transformers folder: the root, or `0_Transformer/` in
+    folders saved by older versions."""
+    for module in check_modules(path):
+        if module["type"].rsplit(".", 1)[-1] == "Transformer":
+            return Path(path) / module.get("path", "")
+    return Path(path)
+
+
 def load_sentence_transformer(path: str | Path, device: str = "cpu"):
     """`SentenceTransformer(path)` for a local folder, after `check_modules`.
 
