@@ -118,7 +118,8 @@ def staged_folder(target: str | Path) -> Iterator[Path]:
     >>> with staged_folder("out") as tmp:
     ...     model.save_pretrained(tmp)
     """
-    target = Path(target)
+    # absolute and normalised (`.`, `..`), links not resolved: the rename then targets the folder asked for
+    target = Path(os.path.abspath(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
