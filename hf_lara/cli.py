@@ -1,8 +1,13 @@
 """The `hf-lara` command line: convert, fidelity, bench, push, demo.
 
-Every command has `--help`. Bad input (unknown method, bad hyper-parameter, missing file, malformed repo id, ...)
-prints one line `hf-lara <command>: error: ...` and exits with code 2; a push the Hub refuses or cannot receive
-exits with code 1; success exits with 0.
+Every command has `--help`. Bad input (unknown method, bad hyper-parameter, missing file, malformed repo id, an
+output path that is a file or a folder where the other is needed, a number out of range, ...) prints one line
+`hf-lara <command>: error: ...` and exits with code 2, before any weights are loaded; a push the Hub refuses,
+cannot receive, or stores damaged exits with code 1; Ctrl-C prints one line and exits with code 130; success
+exits with 0.
+
+`convert` writes the whole output folder beside OUT and renames it into place at the end (`hf_lara.io`), so OUT
+is either as it was or complete; weights are read from safetensors only, never from pickle files.
 """
 
 from __future__ import annotations
