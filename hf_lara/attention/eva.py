@@ -103,14 +103,8 @@ def _blocks(x: torch.Tensor, front: int, length: int, block: int) -> torch.Tenso
 
 
 def bidirectional_eva(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window_size: int,
-    num_chunks: int,
-    key_map: Map,
-    mu_map: Map,
-    sample: bool,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int, num_chunks: int,
+    key_map: Map, mu_map: Map, sample: bool,
 ) -> torch.Tensor:
     """Bidirectional EVA; every token is real (the estimator cuts padding away first).
 
@@ -160,14 +154,8 @@ def bidirectional_eva(
 
 
 def causal_eva(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window_size: int,
-    chunk_size: int,
-    key_map: Map,
-    mu_map: Map,
-    sample: bool,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int, chunk_size: int,
+    key_map: Map, mu_map: Map, sample: bool,
 ) -> torch.Tensor:
     """Causal EVA; queries are positions `N - Nq .. N - 1` (`Nq < N` decodes over a cache), all tokens real.
 

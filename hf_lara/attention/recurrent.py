@@ -81,14 +81,7 @@ class RecurrentStateMixin:
         # a fresh container: the caller's state object keeps its tensors
         state = None if state is None else LinearState(state.kvz.to(dtype), state.shift.to(dtype))
         out, state = causal_linear_attention(
-            q,
-            k,
-            v,
-            padding_mask,
-            self.chunk_size,
-            state,
-            q_map=maps.query,
-            k_map=maps.key,
+            q, k, v, padding_mask, self.chunk_size, state, q_map=maps.query, k_map=maps.key,
             feature_dim=maps.num_features,
         )
         return out.to(input_dtype), state
