@@ -211,8 +211,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .io import atomic_write_text, check_output_folder, staged_folder
 
     out = check_output_folder(args.out, "OUT", overwrite=args.overwrite)
-    if Path(args.src).resolve() == out.resolve():
-        raise UsageError("OUT must differ from SRC: the converted model replaces OUT as a whole")
+    if Path(args.src).resolve().is_relative_to(out.resolve()):
+        raise UsageError("OUT must not be SRC or hold it: the converted model replaces OUT as a whole")
     check_methods([args.method])
     hparams = parse_hparams(args.hparam)
     layers = parse_ints(args.layers, "--layers") if args.layers else None

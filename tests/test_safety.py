@@ -266,7 +266,7 @@ def user_errors(src, tmp_path):
         "convert: config of no model": (["convert", str(tokenizer_only), str(tmp_path / "o"), "--method", "rfa"], ""),
         "convert: unsupported model": (["convert", str(unsupported), str(tmp_path / "o"), "--method", "rfa"], "t5"),
         "convert: config is a list": (["convert", str(listed), str(tmp_path / "o"), "--method", "rfa"], ""),
-        "convert: OUT is SRC": (["convert", str(src), str(src), "--method", "rfa", "--overwrite"], "differ"),
+        "convert: OUT is SRC": (["convert", str(src), str(src), "--method", "rfa", "--overwrite"], "hold it"),
         "fidelity: --json folder": ([*fid, "--json", str(a_dir)], "--json"),
         "fidelity: --plot folder": ([*fid, "--plot", str(a_dir)], "--plot"),
         "fidelity: --json under a file": ([*fid, "--json", str(a_file / "r.json")], "--json"),
