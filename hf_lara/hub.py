@@ -23,9 +23,11 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, RepoFile, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
+from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
 from .cards import build_card, is_hf_lara_card, load_folder_card, update_card
+from .integration.sentence_transformers import transformer_model
 from .io import files_inside
 
 #: Files a converted checkpoint needs besides its weights.
@@ -143,7 +145,7 @@ def folder_card(folder: Path, repo_id: str | None) -> ModelCard:
 
 
 def push_to_hub(
-    model_or_folder: PreTrainedModel | str | Path,
+    model_or_folder: PreTrainedModel | nn.Module | str | Path,
     repo_id: str,
     *,
     tokenizer=None,
@@ -158,8 +160,9 @@ def push_to_hub(
     """Push a converted model, its tokenizer/processor and its model card to a Hub repository, in one commit.
 
     Args:
-        model_or_folder (`PreTrainedModel`, `str` or `Path`): a converted model, or a folder it was saved to
-            (`save_pretrained`, `hf-lara convert`), whose files are uploaded as they are.
+        model_or_folder (`PreTrainedModel`, `SentenceTransformer`, `str` or `Path`): a converted model, a
+            `SentenceTransformer` converted with `convert_sentence_transformer` (saved with its own `save`, modules
+            included), or a folder either was saved to (`save_pretrained`, `hf-lara convert`), uploaded as it is.
         repo_id (`str`): `namespace/name`, or `name` for the token owner's namespace; created if missing.
         tokenizer (*optional*): a tokenizer or processor saved alongside (in-memory models only).
         card (`ModelCard`, *optional*): the card; by default the folder's README.md (an hf_lara card is
@@ -183,17 +186,7 @@ def push_to_hub(
     token = _resolve_token(token)
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     with tempfile.TemporaryDirectory(prefix="hf_lara_push_") as staging:
-        if isinstance(model_or_folder, PreTrainedModel):
-            if getattr(model_or_folder.config, "lara_method", None) is None:
-                raise ValueError("`model` was not converted by hf_lara; convert it with `hf_lara.convert` first.")
-            folder = Path(staging)
-            model_or_folder.save_pretrained(folder)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(folder)
-        else:
-            folder = Path(model_or_folder)
-            if tokenizer is not None:
-                raise ValueError("`tokenizer` is only for in-memory models; save it into the folder instead.")
+        folder, in_memory, tags = _stage(model_or_folder, tokenizer, Path(staging))
         files = _check_folder(folder)
         operations = [CommitOperationAdd(p.relative_to(folder).as_posix(), str(p)) for p in files]
         config = json.loads((folder / "config.json").read_text())
@@ -203,13 +196,37 @@ def push_to_hub(
             # rendered once the repository exists, so the snippet names it with its namespace
             if card is not None:
                 text = str(card)
-            elif isinstance(model_or_folder, PreTrainedModel):
-                text = str(build_card(model_or_folder, repo_id=full_repo_id))
+            elif in_memory is not None:
+                text = str(build_card(in_memory, repo_id=full_repo_id, tags=tags))
             else:
                 text = str(folder_card(folder, full_repo_id))
             return CommitOperationAdd("README.md", text.encode())
 
         return _commit(endpoint, token, repo_id, operations, readme, message, private, revision, create_pr)
+
+
+def _is_sentence_transformer(obj) -> bool:
+    return isinstance(obj, nn.Module) and not isinstance(obj, PreTrainedModel) and hasattr(obj, "encode")
+
+
+def _stage(model_or_folder, tokenizer, staging: Path) -> tuple[Path, PreTrainedModel | None, tuple[str, ...]]:
+    """The folder to upload, the in-memory model it was saved from (None for a folder) and extra card tags."""
+    if isinstance(model_or_folder, PreTrainedModel) or _is_sentence_transformer(model_or_folder):
+        sentence_transformer = _is_sentence_transformer(model_or_folder)
+        model = transformer_model(model_or_folder) if sentence_transformer else model_or_folder
+        if getattr(model.config, "lara_method", None) is None:
+            raise ValueError("`model` was not converted by hf_lara; convert it with `hf_lara.convert` first.")
+        if sentence_transformer:
+            # sentence-transformers' own save keeps modules.json, pooling, normalisation, max_seq_length
+            model_or_folder.save(str(staging), create_model_card=False)
+        else:
+            model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        return staging, model, ("sentence-transformers",) if sentence_transformer else ()
+    if tokenizer is not None:
+        raise ValueError("`tokenizer` is only for in-memory models; save it into the folder instead.")
+    return Path(model_or_folder), None, ()
 
 
 class HubVerificationError(HubError):

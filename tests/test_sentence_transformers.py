@@ -23,6 +23,8 @@ from hf_lara.integration.sentence_transformers import (
     transformer_model,
 )
 
+from . import tiny
+from .hub_server import LocalHub
 from .test_cli import run_main
 
 TEXTS = demo_sentences()[:8]
@@ -138,3 +140,45 @@ def test_convert_returns_the_same_object(original):
     assert isinstance(transformer_model(st_model), hf_lara.LaraModelMixin)
     with pytest.raises(ValueError, match="auto_model"):
         transformer_model(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+PUSH_SENTENCE_TRANSFORMER = """
+import json, sys, torch, hf_lara
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+from hf_lara.hub import push_to_hub
+from hf_lara.integration.sentence_transformers import convert_sentence_transformer
+texts = ["the cat sat on the mat", "a big red dog ran to the park and then sat", "it was blue"]
+modules = [Transformer(sys.argv[1], max_seq_length=12), Pooling(16, pooling_mode="cls"), Normalize()]
+st = SentenceTransformer(modules=modules, device="cpu")
+torch.manual_seed(0)
+convert_sentence_transformer(st, "rfa", num_features=8)
+result = push_to_hub(st, "tester/tiny-st")
+remote = SentenceTransformer("tester/tiny-st", device="cpu")
+same = torch.equal(st.encode(texts, convert_to_tensor=True), remote.encode(texts, convert_to_tensor=True))
+layout = [type(m).__name__ for m in remote] + [remote.max_seq_length, remote[1].get_config_dict()["pooling_mode"]]
+# the inner Hugging Face model, in memory, with its tokenizer
+import transformers
+from hf_lara.integration.sentence_transformers import transformer_model
+inner = transformer_model(st)
+push_to_hub(inner, "tester/tiny-hf", tokenizer=st.tokenizer)
+loaded = transformers.AutoModel.from_pretrained("tester/tiny-hf").eval()
+batch = transformers.AutoTokenizer.from_pretrained("tester/tiny-hf")(texts, padding=True, return_tensors="pt")
+with torch.no_grad():
+    inner_same = torch.equal(loaded(**batch).last_hidden_state, inner(**batch).last_hidden_state)
+print(json.dumps({"files": result.files, "same": same, "layout": layout, "inner_same": inner_same}))
+"""
+
+
+def test_push_an_in_memory_sentence_transformer(tmp_path):
+    """`push_to_hub(st)` uploads sentence-transformers' own save; `SentenceTransformer(repo)` gets the same model."""
+    src = tiny.save_bert(tmp_path / "tiny-bert")
+    with LocalHub() as hub:
+        code = f"import sys; sys.argv = ['x', {str(src)!r}]" + PUSH_SENTENCE_TRANSFORMER
+        proc = tiny.run_python(code, hub.env(HF_HOME=str(tmp_path / "hf")))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        readme = hub.files("tester/tiny-st")["README.md"].decode()
+    assert out["same"] and out["layout"] == ["Transformer", "Pooling", "Normalize", 12, "cls"] and out["inner_same"]
+    assert {"modules.json", "1_Pooling/config.json", "sentence_bert_config.json"} <= set(out["files"])
+    assert "- sentence-transformers" in readme and "hf-lara" in readme
