@@ -204,6 +204,35 @@ def _save_converted(args: argparse.Namespace, config, layers, hparams, folder: P
     return model
 
 
+#: Files fetched from a sentence-transformers repository on the Hub: configurations, safetensors weights and
+#: tokenizer files; never pickle files or code.
+SENTENCE_TRANSFORMER_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+
+def resolve_source(src: str) -> str:
+    """SRC, or for a sentence-transformers repository on the Hub (one with a `modules.json`) a local snapshot of its
+    configurations, safetensors weights and tokenizer, so that its modules are converted and kept."""
+    if Path(src).exists() or src.count("/") != 1:
+        return src
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+
+    from .hub import _network_errors
+
+    try:
+        hf_hub_download(src, "modules.json")
+    except (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        HFValidationError,
+        OfflineModeIsEnabled,
+        ValueError,
+        *_network_errors(),
+    ):
+        return src  # not a sentence-transformers repository, or not reachable: loaded as a Transformers id
+    return snapshot_download(src, allow_patterns=SENTENCE_TRANSFORMER_FILES)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .cards import build_card
     from .integration import LaraConfig
@@ -216,14 +245,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     check_methods([args.method])
     hparams = parse_hparams(args.hparam)
     layers = parse_ints(args.layers, "--layers") if args.layers else None
+    base_model = args.base_model
+    if base_model is None and not Path(args.src).exists() and args.src.count("/") == 1:
+        base_model = args.src
+    name, args.src = args.src, resolve_source(args.src)
     sentence_transformer = is_sentence_transformer_folder(args.src)
     config = load_config(str(transformer_folder(args.src)) if sentence_transformer else args.src)
     check_model_config(config, args.src)
     # check the method and hyper-parameters before loading any weights
     LaraConfig.from_config(config, method=args.method, layers=layers, **hparams)
-    base_model = args.base_model
-    if base_model is None and not Path(args.src).exists() and args.src.count("/") == 1:
-        base_model = args.src
     # written beside OUT and renamed at the end: an error or Ctrl-C leaves OUT as it was, --overwrite leaves no
     # stale file, and nothing is written through a link planted in OUT
     with staged_folder(out) as folder:
@@ -233,8 +263,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     converted = len(model.lara_estimators())
     kind = ", sentence-transformers modules kept" if sentence_transformer else ""
     print(
-        f"Converted {args.src} ({type(model).__name__}, {converted} attention layers{kind}) with `{args.method}` "
-        f"-> {out}"
+        f"Converted {name} ({type(model).__name__}, {converted} attention layers{kind}) with `{args.method}` -> {out}"
     )
     return 0
 

@@ -166,15 +166,30 @@ loaded = transformers.AutoModel.from_pretrained("tester/tiny-hf").eval()
 batch = transformers.AutoTokenizer.from_pretrained("tester/tiny-hf")(texts, padding=True, return_tensors="pt")
 with torch.no_grad():
     inner_same = torch.equal(loaded(**batch).last_hidden_state, inner(**batch).last_hidden_state)
-print(json.dumps({"files": result.files, "same": same, "layout": layout, "inner_same": inner_same}))
+# `hf-lara convert HUB_ID OUT` of a sentence-transformers repository keeps its modules
+from huggingface_hub import HfApi
+from hf_lara.cli import main
+plain = SentenceTransformer(modules=[Transformer(sys.argv[1], max_seq_length=12), Pooling(16, pooling_mode="cls"),
+                                     Normalize()], device="cpu")
+plain.save(sys.argv[2] + "/plain")
+HfApi().create_repo("tester/plain-st")
+HfApi().upload_folder(repo_id="tester/plain-st", folder_path=sys.argv[2] + "/plain")
+assert main(["convert", "tester/plain-st", sys.argv[2] + "/out", "--method", "softmax"]) == 0
+converted = SentenceTransformer(sys.argv[2] + "/out", device="cpu")
+hub_layout = [type(m).__name__ for m in converted] + [converted.max_seq_length]
+reference = SentenceTransformer("tester/plain-st", device="cpu").encode(texts, convert_to_tensor=True)
+hub_error = (converted.encode(texts, convert_to_tensor=True) - reference).abs().max().item()
+print(json.dumps({"files": result.files, "same": same, "layout": layout, "inner_same": inner_same,
+                  "hub_layout": hub_layout, "hub_error": hub_error}))
 """
 
 
-def test_push_an_in_memory_sentence_transformer(tmp_path):
-    """`push_to_hub(st)` uploads sentence-transformers' own save; `SentenceTransformer(repo)` gets the same model."""
+def test_push_an_in_memory_sentence_transformer_and_convert_a_hub_id(tmp_path):
+    """`push_to_hub(st)` uploads sentence-transformers' own save; `SentenceTransformer(repo)` gets the same model;
+    `hf-lara convert user/st-repo OUT` keeps the repository's modules."""
     src = tiny.save_bert(tmp_path / "tiny-bert")
     with LocalHub() as hub:
-        code = f"import sys; sys.argv = ['x', {str(src)!r}]" + PUSH_SENTENCE_TRANSFORMER
+        code = f"import sys; sys.argv = ['x', {str(src)!r}, {str(tmp_path)!r}]" + PUSH_SENTENCE_TRANSFORMER
         proc = tiny.run_python(code, hub.env(HF_HOME=str(tmp_path / "hf")))
         assert proc.returncode == 0, proc.stderr[-3000:]
         out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -182,3 +197,6 @@ def test_push_an_in_memory_sentence_transformer(tmp_path):
     assert out["same"] and out["layout"] == ["Transformer", "Pooling", "Normalize", 12, "cls"] and out["inner_same"]
     assert {"modules.json", "1_Pooling/config.json", "sentence_bert_config.json"} <= set(out["files"])
     assert "- sentence-transformers" in readme and "hf-lara" in readme
+    # converted from a Hub id: the same modules, and softmax equals the original up to float32 rounding
+    assert out["hub_layout"] == ["Transformer", "Pooling", "Normalize", 12] and out["hub_error"] < 1e-5
+    assert "base_model: tester/plain-st" in (tmp_path / "out" / "README.md").read_text()
