@@ -342,17 +342,18 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 
     check_positive(args, "num_samples", "max_length", "batch_size")
     check_output_files(args, "json", "plot")
-    sentence_transformer = is_sentence_transformer_folder(args.model)
-    config = load_config(str(transformer_folder(args.model)) if sentence_transformer else args.model)
-    check_model_config(config, args.model)
-    if getattr(config, "lara_method", None) is None:
-        raise UsageError(f"{args.model} is not converted by hf_lara; run `hf-lara convert` first")
     if args.update_card and not Path(args.model).is_dir():
         raise UsageError("--update-card needs MODEL to be a local folder")
+    name, args.model = args.model, resolve_source(args.model)
+    sentence_transformer = is_sentence_transformer_folder(args.model)
+    config = load_config(str(transformer_folder(args.model)) if sentence_transformer else args.model)
+    check_model_config(config, name)
+    if getattr(config, "lara_method", None) is None:
+        raise UsageError(f"{name} is not converted by hf_lara; run `hf-lara convert` first")
     texts = read_texts(args)
     report = _measure(args, config, texts)
     print(
-        f"{args.model}: `{report.method}` {report.hparams or ''} on {report.num_sequences} texts "
+        f"{name}: `{report.method}` {report.hparams or ''} on {report.num_sequences} texts "
         f"({report.num_tokens} tokens)\n"
     )
     print("| layer | " + " | ".join(map(str, range(len(report.attention_error)))) + " |")
