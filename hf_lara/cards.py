@@ -298,6 +298,6 @@ def validate_card(card: ModelCard | str) -> None:
 
 
 def load_folder_card(folder: str | Path) -> ModelCard | None:
-    """The card in `folder/README.md`, or None."""
+    """The card in `folder/README.md`, or None (also when README.md is a symbolic link: it is never followed)."""
     path = Path(folder) / "README.md"
-    return ModelCard.load(path) if path.is_file() else None
+    return ModelCard.load(path) if path.is_file() and not path.is_symlink() else None

