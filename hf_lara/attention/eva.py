@@ -218,6 +218,10 @@ class EVAAttention(AttentionEstimator):
         adaptive (`bool`, *optional*, defaults to `True`): learn the chunk key and proposal mean maps
             (`chunk_key_proj`, `proposal_proj`: `nn.Linear(D, D)` shared by the heads, initialised to the identity).
 
+    Trained (with `adaptive=True`, the default): `chunk_key_proj` (the summaries' keys `kappa_T`, EVA's adaptive
+    chunk keys) and `proposal_proj` (the proposal means `mu_T`), identity at init so that a fresh conversion uses
+    plain means; both get gradients in both modes.
+
     Training draws one proposal sample per (batch, head, chunk) at every forward pass; eval uses the proposal mean,
     which makes the module deterministic.
 

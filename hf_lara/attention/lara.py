@@ -42,10 +42,13 @@ softmax_c(q~_n.mu_c)` is normalised over *proposals* (over queries it would see 
 through `causal_linear_attention` (padding and `Nq < Nk` decoding included). At init (`mu = 0`) `BH_c = 1/C`, `t` is
 uniform and `alpha = 1/C` cancels: causal LARA is exactly RFA with the `C` orthogonal features `proposal_noise`.
 
-Every `lara` module holds `proposal_mean` and `proposal_noise` whatever the mode it will run in (plus `adapt_q`,
-`adapt_k` when `adaptive=True`), so saving and loading are uniform; each mode reads only its own tensors: the
-bidirectional path never touches `proposal_mean`/`proposal_noise` and the causal path never touches the adaptive
-maps. The unused ones get no gradient (DDP then needs `find_unused_parameters=True`).
+**What is trained.** `proposal_mean` `(H, C, D)` in both modes: the causal proposals' means, and bidirectionally a
+learned offset added to the data-dependent means, `mu_c = q̄_c + k̄_c + proposal_mean_c` (first `C_eff` rows; any
+proposal means give a valid MIS estimate, and at init, 0, the paper's estimator is unchanged). With `adaptive=True`
+also the bidirectional maps `adapt_q`, `adapt_k`. Every `lara` module holds `proposal_mean` and `proposal_noise`
+whatever the mode it will run in (plus the adaptive maps), so saving and loading are uniform; the bidirectional path
+never reads `proposal_noise` and the causal path never reads the adaptive maps, which then get no gradient (DDP needs
+`find_unused_parameters=True` with `adaptive=True`).
 """
 
 from __future__ import annotations
@@ -185,7 +188,7 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
     def proposals(
         self, q: torch.Tensor, k: torch.Tensor, scale: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tilde-space `q̄`, `mu = q̄ + k̄` and the samples `omega` `(b, H, C_eff, D)` of raw `q`, `k` `(b, H, N, D)`.
+        """Tilde-space `q̄`, `mu = q̄ + k̄ + proposal_mean[:C_eff]` and the samples `omega` `(b, H, C_eff, D)` of raw `q`, `k` `(b, H, N, D)`.
 
         Segment means commute with the scaling, so they are taken on the raw inputs and scaled afterwards (no
         `(b, H, N, D)` tilde copy). Training draws `noise ~ N(0, I)` when not given; eval uses none.
@@ -195,7 +198,8 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         q_bar, k_bar = segment_means(q, num_segments) * root, segment_means(k, num_segments) * root
         if self.adaptive:
             q_bar, k_bar = _affine(self.adapt_q, q_bar), _affine(self.adapt_k, k_bar)
-        mu = q_bar + k_bar
+        # the learned offset `proposal_mean` (init 0) gives bidirectional LARA something to train by default
+        mu = q_bar + k_bar + self.proposal_mean[:, :num_segments].to(q_bar.dtype)
         if noise is None and self.training:
             noise = torch.randn_like(mu)
         omega = mu if noise is None else mu + noise.to(mu.dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from .base import AttentionEstimator, check_int, register_estimator
 from .linear import DEFAULT_CHUNK_SIZE, FeatureMaps, kernel_attention
@@ -35,8 +36,13 @@ class RandomFeatureAttention(RecurrentStateMixin, AttentionEstimator):
             (causal: the last `W`, itself included) and through the random features to the others, under one
             normaliser (`window.py`). `phi(q).phi(k) / S` estimates `exp(scale q.k)`, so both parts share a scale
             with no extra parameter. 0 = features only.
+        learn_features (`bool`, *optional*, defaults to `False`): make `projection` a trainable `nn.Parameter`
+            (distillation moves the feature directions away from the Gaussian draw; the estimate is then a learned
+            kernel, no longer unbiased). Same name and initial values as the buffer, so outputs at conversion and
+            checkpoints are unchanged. Incompatible with `redraw`.
 
-    The features live in the persistent buffer `projection` `(H, S, D)`, so a saved model reproduces exactly.
+    The features live in `projection` `(H, S, D)` (a persistent buffer, or a parameter with `learn_features`), so a
+    saved model reproduces exactly. Trained: nothing by default; `projection` with `learn_features=True`.
 
     >>> attn = RandomFeatureAttention(num_heads=2, head_dim=16, num_features=32)
     """
@@ -50,14 +56,23 @@ class RandomFeatureAttention(RecurrentStateMixin, AttentionEstimator):
         redraw: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         window_size: int | None = 0,
+        learn_features: bool = False,
     ) -> None:
         super().__init__(num_heads, head_dim)
         self.num_features = check_int("num_features", num_features)
         self.window_size = check_int("window_size", window_size or 0, minimum=0)
+        if not isinstance(learn_features, bool):
+            raise TypeError(f"`learn_features` must be a bool, got {learn_features!r}.")
+        if learn_features and redraw:
+            raise ValueError("`learn_features=True` trains the features and `redraw=True` replaces them: choose one.")
+        self.learn_features = learn_features
         self.chunk_size = check_int("chunk_size", chunk_size)
         self.orthogonal = bool(orthogonal)
         self.redraw = bool(redraw)
-        self.register_buffer("projection", self.draw_features(), persistent=True)
+        if learn_features:
+            self.projection = nn.Parameter(self.draw_features())
+        else:
+            self.register_buffer("projection", self.draw_features(), persistent=True)
 
     def draw_features(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """A fresh `(H, S, D)` draw of feature directions."""
@@ -109,5 +124,5 @@ class RandomFeatureAttention(RecurrentStateMixin, AttentionEstimator):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, num_features={self.num_features}, orthogonal={self.orthogonal}, "
-            f"window_size={self.window_size}"
+            f"window_size={self.window_size}, learn_features={self.learn_features}"
         )

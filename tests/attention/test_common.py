@@ -187,3 +187,55 @@ def test_autocast_does_not_lower_the_estimator_precision(method):
             mixed = attn(q, k, v, causal=True)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, plain, atol=1e-6, rtol=1e-6)
+
+
+#: options that give every method something to train, and the parameters that must learn in *each* mode
+TRAINABLE = {
+    "rfa": ({"learn_features": True}, ["projection"]),
+    "lara": ({}, ["proposal_mean"]),
+    "eva": ({}, ["chunk_key_proj.weight", "proposal_proj.weight"]),
+    "kernel": ({}, ["feature_map.weight"]),
+    "rfa-window": ({"learn_features": True}, ["projection"]),
+    "lara-window": ({}, ["proposal_mean"]),
+    "kernel-window": ({}, ["feature_map.weight", "window_log_factor"]),
+}
+
+
+@pytest.mark.parametrize("method", sorted(TRAINABLE))
+@pytest.mark.parametrize("causal", MODES)
+def test_each_mode_has_parameters_that_learn(method, causal):
+    """Distillation has something to train in every method and mode: the listed parameters get finite, non-zero
+    gradients (training mode, a padded batch)."""
+    options, names = TRAINABLE[method]
+    attn = build_small(method, H, D, **options).train()
+    q, k, v = qkv(2, H, 41, D, dtype=torch.float32)
+    mask = torch.ones(2, 41, dtype=torch.bool)
+    mask[0, :6] = False
+    attn(q, k, v, padding_mask=mask, causal=causal).square().sum().backward()
+    for name in names:
+        grad = attn.get_parameter(name).grad
+        assert grad is not None and bool(grad.isfinite().all()) and grad.abs().sum() > 0, f"{name} does not learn"
+
+
+@pytest.mark.parametrize("method", ["rfa", "rfa-window"])
+def test_learnable_features_do_not_change_a_fresh_conversion(method):
+    """`learn_features=True` only turns the buffer into a parameter: same draw, same outputs, same state dict."""
+    q, k, v = qkv(2, H, 37, D)
+    torch.manual_seed(5)
+    fixed = build_small(method, H, D).double().eval()
+    torch.manual_seed(5)
+    learned = build_small(method, H, D, learn_features=True).double().eval()
+    assert fixed.state_dict().keys() == learned.state_dict().keys()
+    assert [n for n, _ in learned.named_parameters()] == ["projection"]
+    for causal in (False, True):
+        assert torch.equal(fixed(q, k, v, causal=causal), learned(q, k, v, causal=causal))
+    reloaded = build_small(method, H, D, learn_features=True).double().eval()
+    reloaded.load_state_dict(fixed.state_dict())
+    assert torch.equal(fixed(q, k, v), reloaded(q, k, v))
+
+
+def test_learnable_features_and_redraw_are_exclusive():
+    with pytest.raises(ValueError, match="redraw"):
+        build_attention("rfa", num_heads=H, head_dim=D, learn_features=True, redraw=True)
+    with pytest.raises(TypeError, match="learn_features"):
+        build_attention("rfa", num_heads=H, head_dim=D, learn_features="yes")
