@@ -18,9 +18,9 @@ from typing import ClassVar
 
 import torch
 
-from .base import compute_dtype
+from .base import compute_dtype, is_empty, resolve_scale
 from .linear import FeatureMaps, LinearState, causal_linear_attention
-from .window import WindowMaps, WindowState, window_step, windowed_attention
+from .window import WindowMaps, WindowState, empty_window_state, window_step, windowed_attention
 
 
 class RecurrentStateMixin:
@@ -38,6 +38,12 @@ class RecurrentStateMixin:
     def window_maps(self, scale: float, dtype: torch.dtype) -> WindowMaps:  # pragma: no cover - abstract
         """Complete log-feature maps on the scale of `exp(scale q.k)` (see `window.WindowMaps`)."""
         raise NotImplementedError
+
+    def _empty_state(self, batch_size: int, like: torch.Tensor) -> LinearState | WindowState:
+        """The state before any token, for values like `like` `(..., D)`."""
+        if self.window_size:
+            return empty_window_state(batch_size, self.num_heads, self.window_maps(1.0, like.dtype).num_features, like)
+        return LinearState.empty(batch_size, self.num_heads, self.feature_maps(1.0, like.dtype).num_features, like)
 
     def attend_windowed(self, q, k, v, key_mask, causal, scale, maps: WindowMaps | None = None) -> torch.Tensor:
         """The window hybrid of `window.py` with this estimator's maps."""
@@ -93,15 +99,18 @@ class RecurrentStateMixin:
         self._check_inputs(q, k, v, padding_mask, True)
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"`step` takes the new tokens only: got {q.shape[2]} queries and {k.shape[2]} keys.")
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        scale = resolve_scale(scale, q.shape[-1])
         input_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         expected = WindowState if self.window_size else LinearState
         if state is not None and not isinstance(state, expected):
             raise TypeError(
                 f"`state` must be a {expected.__name__} for this estimator (window_size={self.window_size}), got "
                 f"{type(state).__name__}; start from `prefill` or `state=None`."
             )
+        if is_empty(q):
+            # no batch row or no new token: an empty output and the state unchanged (an empty one if None)
+            return q * 0, state if state is not None else self._empty_state(q.shape[0], v.to(dtype))
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if self.window_size:
             state = None if state is None else state.to(dtype)
             maps = self.window_maps(scale, dtype)

@@ -239,3 +239,60 @@ def test_learnable_features_and_redraw_are_exclusive():
         build_attention("rfa", num_heads=H, head_dim=D, learn_features=True, redraw=True)
     with pytest.raises(TypeError, match="learn_features"):
         build_attention("rfa", num_heads=H, head_dim=D, learn_features="yes")
+
+
+# (B, Nq, Nk, causal); fewer queries than keys is a causal (decoding) case only
+EMPTY_SHAPES = [
+    pytest.param(0, 5, 5, False, id="empty-batch-bidirectional"),
+    pytest.param(0, 5, 5, True, id="empty-batch-causal"),
+    pytest.param(2, 0, 0, False, id="empty-sequence-bidirectional"),
+    pytest.param(2, 0, 0, True, id="empty-sequence-causal"),
+    pytest.param(2, 0, 5, True, id="no-query-causal"),
+]
+
+
+@pytest.mark.parametrize("method", methods())
+@pytest.mark.parametrize("B, Nq, Nk, causal", EMPTY_SHAPES)
+def test_degenerate_shapes_give_empty_outputs_like_softmax(method, B, Nq, Nk, causal):
+    """Empty batch, empty sequence, no query: the same empty output as SDPA, still differentiable."""
+    attn = build_small(method, H, D).eval()
+    q = torch.randn(B, H, Nq, D, requires_grad=True)
+    k, v = torch.randn(B, H, Nk, D), torch.randn(B, H, Nk, D)
+    mask = torch.ones(B, Nk, dtype=torch.bool)
+    out = attn(q, k, v, padding_mask=mask, causal=causal)
+    assert out.shape == (B, H, Nq, D) and out.dtype == q.dtype
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+RECURRENT = [m for m in methods() if build_small(m, H, D).supports_recurrent_state]
+
+
+@pytest.mark.parametrize("method", RECURRENT)
+def test_prefill_and_step_accept_empty_inputs(method):
+    """prefill of 0 tokens gives a usable empty state; a step of 0 tokens leaves the state as it was; an empty batch
+    prefills and steps."""
+    attn = build_small(method, H, D).double().eval()
+    q, k, v = qkv(2, H, 6, D)
+    out, empty = attn.prefill(q[:, :, :0], k[:, :, :0], v[:, :, :0])
+    assert out.shape == (2, H, 0, D)
+    after, _ = attn.step(q, k, v, empty)
+    torch.testing.assert_close(after, attn.prefill(q, k, v)[0], rtol=0, atol=1e-12)
+    _, state = attn.prefill(q, k, v)
+    out, same = attn.step(q[:, :, :0], k[:, :, :0], v[:, :, :0], state)
+    assert out.shape == (2, H, 0, D) and same is state
+    out, none = attn.prefill(*qkv(0, H, 4, D))
+    assert out.shape == (0, H, 4, D)
+    assert attn.step(*qkv(0, H, 1, D), none)[0].shape == (0, H, 1, D)
+
+
+@pytest.mark.parametrize("method", methods())
+@pytest.mark.parametrize("scale", [0.0, -0.125, float("nan"), float("inf"), "0.1", True])
+def test_invalid_scale_is_a_clear_error(method, scale):
+    attn = build_small(method, H, D)
+    q, k, v = qkv(1, H, 5, D)
+    with pytest.raises(ValueError, match="`scale` must be a finite number > 0"):
+        attn(q, k, v, scale=scale)
+    if attn.supports_recurrent_state:
+        with pytest.raises(ValueError, match="`scale`"):
+            attn.step(q, k, v, None, scale=scale)
