@@ -278,6 +278,9 @@ class KernelAttention(RecurrentStateMixin, AttentionEstimator):
             the kernel part is multiplied by `exp(window_log_factor)`, a trainable per-head parameter `(H,)`
             initialised to `-log S` (`S` the number of features: exact in expectation for `hedgehog`'s random
             init, the antithetic Performer features). 0 = kernel only (no extra parameter).
+        sink_tokens (`int`, *optional*, defaults to 0): with a window, the first `G` real tokens (bidirectional:
+            and the last `G`, e.g. `[CLS]` and `[SEP]`) are attended exactly by every query, as attention sinks
+            (StreamingLLM, arXiv 2309.17453); they never enter the estimator. Decoding keeps them in the state.
 
     Trained: the feature map's weights (`feature_map.*`) and, with a window, `window_log_factor`.
 
@@ -295,9 +298,10 @@ class KernelAttention(RecurrentStateMixin, AttentionEstimator):
         ortho_penalty: float = 0.0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         window_size: int | None = 0,
+        sink_tokens: int | None = 0,
     ) -> None:
         super().__init__(num_heads, head_dim)
-        self.window_size = check_int("window_size", window_size or 0, minimum=0)
+        self._check_window(window_size, sink_tokens)
         self.feature_map_name = check_choice("feature_map", feature_map, tuple(FEATURE_MAPS))
         self.num_features = check_int("num_features", head_dim if num_features is None else num_features)
         self.depth = check_int("depth", depth)
@@ -344,5 +348,5 @@ class KernelAttention(RecurrentStateMixin, AttentionEstimator):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, feature_map={self.feature_map_name!r}, num_features={self.num_features}, "
-            f"feature_init={self.feature_init!r}, ortho_penalty={self.ortho_penalty}, window_size={self.window_size}"
+            f"feature_init={self.feature_init!r}, ortho_penalty={self.ortho_penalty}, window_size={self.window_size}, sink_tokens={self.sink_tokens}"
         )

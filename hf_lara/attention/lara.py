@@ -136,6 +136,9 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
             (`window.py`). LARA is kernel attention with `phi_q(n)_c = alpha_nc xi(q_n, w_c) / q_c(w_c)` and
             `phi_k(m)_c = xi(k_m, w_c)` (relative to `N(0, I)`), whose product is a multiple-importance estimate of
             `exp(scale q.k)`: both parts share a scale with no extra parameter. 0 = LARA only.
+        sink_tokens (`int`, *optional*, defaults to 0): with a window, the first `G` real tokens (bidirectional:
+            and the last `G`, e.g. `[CLS]` and `[SEP]`) are attended exactly by every query, as attention sinks
+            (StreamingLLM, arXiv 2309.17453); they never enter the estimator. Decoding keeps them in the state.
 
     >>> attn = LinearRandomizedAttention(num_heads=2, head_dim=16, num_landmarks=8)
     """
@@ -152,10 +155,11 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         redraw: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         window_size: int | None = 0,
+        sink_tokens: int | None = 0,
     ) -> None:
         super().__init__(num_heads, head_dim)
         self.num_landmarks = check_int("num_landmarks", num_landmarks)
-        self.window_size = check_int("window_size", window_size or 0, minimum=0)
+        self._check_window(window_size, sink_tokens)
         self.mis = check_choice("mis", mis, MIS_TYPES)
         self.alpha_coeff = check_float("alpha_coeff", alpha_coeff, minimum=0.0)
         self.chunk_size = check_int("chunk_size", chunk_size)
@@ -410,5 +414,5 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, num_landmarks={self.num_landmarks}, mis={self.mis!r}, "
-            f"alpha_coeff={self.alpha_coeff}, adaptive={self.adaptive}, window_size={self.window_size}"
+            f"alpha_coeff={self.alpha_coeff}, adaptive={self.adaptive}, window_size={self.window_size}, sink_tokens={self.sink_tokens}"
         )

@@ -114,15 +114,25 @@ def naive_windowed_feature_attention(
     key_mask: torch.Tensor | None = None,
     causal: bool = False,
     scale: float | None = None,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """Window hybrid written out: one softmax over `scale q.k` inside the window and `log phi(q).phi(k)` outside.
 
     `log_phi_q` `(B, H, Nq, S)` and `log_phi_k` `(B, H, Nk, S)` are *complete* log-features (on the scale of
-    `exp(scale q.k)`), e.g. `log xi(x, w) - log S / 2` on both sides for `S` positive random features.
+    `exp(scale q.k)`), e.g. `log xi(x, w) - log S / 2` on both sides for `S` positive random features. With
+    `sinks=G` the first `G` real keys (bidirectional: and the last `G`) are exact for every query too.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     exact = scale * q @ k.transpose(-1, -2)
     kernel = torch.logsumexp(log_phi_q[:, :, :, None, :] + log_phi_k[:, :, None, :, :], dim=-1)
     inside = window_mask(key_mask, q.shape[2], k.shape[2], causal, window, q.device)
+    if sinks:
+        rows = key_mask if key_mask is not None else torch.ones(1, k.shape[2], dtype=torch.bool, device=q.device)
+        sink = torch.zeros_like(rows)
+        for b, row in enumerate(rows):
+            real = torch.nonzero(row).flatten().tolist()
+            chosen = real[:sinks] + ([] if causal else real[-sinks:])
+            sink[b, chosen] = True
+        inside = inside | sink[:, None, None, :]
     visible = visibility_mask(key_mask, q.shape[2], k.shape[2], causal, q.device)
     return masked_softmax_average(torch.where(inside, exact, kernel), v, visible)

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import compute_dtype, is_empty, resolve_scale
+from .base import check_int, compute_dtype, is_empty, resolve_scale
 from .linear import FeatureMaps, LinearState, causal_linear_attention
 from .window import WindowMaps, WindowState, empty_window_state, window_step, windowed_attention
 
@@ -31,6 +31,8 @@ class RecurrentStateMixin:
 
     #: `W` of the window hybrid; 0 = plain kernel attention
     window_size: int = 0
+    #: `G` of the window hybrid: the first `G` real tokens (bidirectional: and the last `G`) are always exact
+    sink_tokens: int = 0
 
     def feature_maps(self, scale: float, dtype: torch.dtype) -> FeatureMaps:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -42,13 +44,21 @@ class RecurrentStateMixin:
     def _empty_state(self, batch_size: int, like: torch.Tensor) -> LinearState | WindowState:
         """The state before any token, for values like `like` `(..., D)`."""
         if self.window_size:
-            return empty_window_state(batch_size, self.num_heads, self.window_maps(1.0, like.dtype).num_features, like)
+            num_features = self.window_maps(1.0, like.dtype).num_features
+            return empty_window_state(batch_size, self.num_heads, num_features, like, self.sink_tokens)
         return LinearState.empty(batch_size, self.num_heads, self.feature_maps(1.0, like.dtype).num_features, like)
+
+    def _check_window(self, window_size, sink_tokens) -> None:
+        """Set `window_size` and `sink_tokens` (both ints >= 0; sinks need a window)."""
+        self.window_size = check_int("window_size", window_size or 0, minimum=0)
+        self.sink_tokens = check_int("sink_tokens", sink_tokens or 0, minimum=0)
+        if self.sink_tokens and not self.window_size:
+            raise ValueError(f"`sink_tokens={self.sink_tokens}` needs a window: set `window_size` > 0 as well.")
 
     def attend_windowed(self, q, k, v, key_mask, causal, scale, maps: WindowMaps | None = None) -> torch.Tensor:
         """The window hybrid of `window.py` with this estimator's maps."""
         maps = self.window_maps(scale, q.dtype) if maps is None else maps
-        return windowed_attention(q, k, v, key_mask, causal, scale, self.window_size, maps)
+        return windowed_attention(q, k, v, key_mask, causal, scale, self.window_size, maps, sinks=self.sink_tokens)
 
     def prefill(
         self,
@@ -114,13 +124,20 @@ class RecurrentStateMixin:
         if self.window_size:
             state = None if state is None else state.to(dtype)
             maps = self.window_maps(scale, dtype)
-            out, state = window_step(q, k, v, padding_mask, state, scale, self.window_size, maps)
+            out, state = window_step(q, k, v, padding_mask, state, scale, self.window_size, maps, self.sink_tokens)
             return out.to(input_dtype), state
         maps = self.feature_maps(scale, dtype)
         # a fresh container: the caller's state object keeps its tensors
         state = None if state is None else LinearState(state.kvz.to(dtype), state.shift.to(dtype))
         out, state = causal_linear_attention(
-            q, k, v, padding_mask, self.chunk_size, state, q_map=maps.query, k_map=maps.key,
+            q,
+            k,
+            v,
+            padding_mask,
+            self.chunk_size,
+            state,
+            q_map=maps.query,
+            k_map=maps.key,
             feature_dim=maps.num_features,
         )
         return out.to(input_dtype), state

@@ -36,6 +36,9 @@ class RandomFeatureAttention(RecurrentStateMixin, AttentionEstimator):
             (causal: the last `W`, itself included) and through the random features to the others, under one
             normaliser (`window.py`). `phi(q).phi(k) / S` estimates `exp(scale q.k)`, so both parts share a scale
             with no extra parameter. 0 = features only.
+        sink_tokens (`int`, *optional*, defaults to 0): with a window, the first `G` real tokens (bidirectional:
+            and the last `G`, e.g. `[CLS]` and `[SEP]`) are attended exactly by every query, as attention sinks
+            (StreamingLLM, arXiv 2309.17453); they never enter the estimator. Decoding keeps them in the state.
         learn_features (`bool`, *optional*, defaults to `False`): make `projection` a trainable `nn.Parameter`
             (distillation moves the feature directions away from the Gaussian draw; the estimate is then a learned
             kernel, no longer unbiased). Same name and initial values as the buffer, so outputs at conversion and
@@ -56,11 +59,12 @@ class RandomFeatureAttention(RecurrentStateMixin, AttentionEstimator):
         redraw: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         window_size: int | None = 0,
+        sink_tokens: int | None = 0,
         learn_features: bool = False,
     ) -> None:
         super().__init__(num_heads, head_dim)
         self.num_features = check_int("num_features", num_features)
-        self.window_size = check_int("window_size", window_size or 0, minimum=0)
+        self._check_window(window_size, sink_tokens)
         if not isinstance(learn_features, bool):
             raise TypeError(f"`learn_features` must be a bool, got {learn_features!r}.")
         if learn_features and redraw:
@@ -124,5 +128,5 @@ class RandomFeatureAttention(RecurrentStateMixin, AttentionEstimator):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, num_features={self.num_features}, orthogonal={self.orthogonal}, "
-            f"window_size={self.window_size}, learn_features={self.learn_features}"
+            f"window_size={self.window_size}, sink_tokens={self.sink_tokens}, learn_features={self.learn_features}"
         )

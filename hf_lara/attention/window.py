@@ -105,6 +105,30 @@ def window_bounds(
     return torch.minimum(torch.maximum(lo, first), torch.maximum(last - window + 1, first))
 
 
+def sink_positions(
+    key_mask: torch.Tensor | None, batch_size: int, num_keys: int, sinks: int, causal: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions `(B, G2)` of the sink keys and which of them exist (`(B, G2)` bool).
+
+    The first `G` real tokens, plus bidirectionally the last `G` real tokens not already among them (`G2 = G` or
+    `2G`). Real tokens are assumed contiguous (padding on the left or the right). Attention sinks: StreamingLLM
+    (Xiao et al., arXiv 2309.17453); encoders' `[CLS]` and `[SEP]` play that role.
+    """
+    offsets = torch.arange(sinks, device=device)
+    if key_mask is None:
+        first = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        last = torch.full((batch_size, 1), num_keys - 1, dtype=torch.long, device=device)
+    else:
+        positions = torch.arange(num_keys, device=device)
+        first = torch.where(key_mask, positions, num_keys).amin(-1, keepdim=True)
+        last = torch.where(key_mask, positions, -1).amax(-1, keepdim=True)
+    pos, ok = first + offsets, first + offsets <= last
+    if not causal:
+        tail = last - offsets
+        pos, ok = torch.cat([pos, tail], dim=1), torch.cat([ok, tail >= first + sinks], dim=1)
+    return pos.clamp(0, max(num_keys - 1, 0)), ok
+
+
 def _kernel_logits(lq: torch.Tensor, lk: torch.Tensor) -> torch.Tensor:
     """`log sum_s exp(lq_is + lk_js)` `(..., n, m)` by one GEMM of max-shifted features (see `linear.py`)."""
     e = lq.detach().amax(dim=-1, keepdim=True)
@@ -180,6 +204,7 @@ def windowed_attention(
     maps: WindowMaps,
     state: LinearState | None = None,
     block_size: int | None = None,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """Window + kernel hybrid; queries are the last `Nq` of the `Nk` key positions.
 
@@ -193,6 +218,8 @@ def windowed_attention(
         maps (`WindowMaps`): complete log-feature maps.
         state (`LinearState`, *optional*): causal only; kernel statistics of keys before position 0 (decoding).
         block_size (`int`, *optional*): block length `T` (at least `W`; default `max(W, 16)`).
+        sinks (`int`, *optional*, defaults to 0): `G`; the first `G` real keys (bidirectional: and the last `G`) are
+            attended exactly by every query that may see them (`sink_positions`); not with `state`.
 
     Returns:
         `torch.Tensor` of shape `(B, H, Nq, D)`.
@@ -204,6 +231,12 @@ def windowed_attention(
     lk = maps.key(k)
     S = lk.shape[-1]
     empty = LinearState.empty(B, H, S, v)
+    bounds_mask = key_mask
+    if sinks:
+        sink_pos, sink_ok = sink_positions(key_mask, B, Nk, sinks, causal, q.device)
+        is_sink = ((torch.arange(Nk, device=q.device) == sink_pos[..., None]) & sink_ok[..., None]).any(1)
+        # sink keys leave the window and the kernel part: they are attended exactly, once
+        key_mask = ~is_sink if key_mask is None else key_mask & ~is_sink
     left, left_shift = _block_statistics(_mask_keys(lk, key_mask), v, T, nB, state or empty, False)
     if not causal:
         right, right_shift = _block_statistics(_mask_keys(lk, key_mask), v, T, nB, empty, True)
@@ -225,7 +258,7 @@ def windowed_attention(
     real = ((key_pos >= 0) & (key_pos < Nk))[None]  # (1, nQ, 3T)
     if key_mask is not None:
         real = real & (_near(key_mask[:, None, :, None].to(q.dtype), T, nB)[:, 0, first:, :, 0] > 0.5)
-    lo = window_bounds(query_pos, key_mask, Nk, window, causal)[..., None]  # (B or 1, nQ, T, 1)
+    lo = window_bounds(query_pos, bounds_mask, Nk, window, causal)[..., None]  # (B or 1, nQ, T, 1)
     kp = key_pos[None, :, None, :]
     in_window = real[:, :, None, :] & (kp >= lo) & (kp < lo + window)
     linear = real[:, :, None, :] & ~in_window
@@ -235,6 +268,15 @@ def windowed_attention(
     in_window, linear = in_window[:, None], linear[:, None]  # (B or 1, 1, nQ, T, 3T)
 
     logits = _near_logits(qb, kn, lqb, lkn, in_window, linear, scale)
+    if sinks:
+        index = sink_pos[:, None, :, None].expand(B, H, -1, D)
+        ks, vs1 = k.gather(2, index), _with_ones(v.gather(2, index))  # (B, H, G2, D), (B, H, G2, D + 1)
+        seen = sink_ok[:, None, None, None, :]
+        if causal:
+            seen = seen & (sink_pos[:, None, None, None, :] <= query_pos[None, None, :, :, None])
+        sink_logits = (qb @ ks[:, :, None].transpose(-1, -2) * scale).masked_fill(~seen, float("-inf"))
+        logits = torch.cat([logits, sink_logits], dim=-1)
+        vn1 = torch.cat([vn1, vs1[:, :, None].expand(-1, -1, nQ, -1, -1)], dim=3)
     far = [_state_read(lqb, left[:, :, first:], left_shift[:, :, first:])]
     if not causal:
         far.append(_state_read(lqb, right[:, :, first:], right_shift[:, :, first:]))
@@ -245,15 +287,19 @@ def windowed_attention(
 
 @dataclass
 class WindowState:
-    """Decoding state of a window hybrid: the last `W - 1` tokens exactly plus the kernel state of the others.
+    """Decoding state of a window hybrid: the last `W - 1` tokens and the sinks exactly, plus the kernel state of
+    the others.
 
-    Constant size: `(W - 1) (2 D + S) + S (D + 2)` numbers per (batch, head) plus a `(B, W - 1)` mask.
+    Constant size: `(W - 1) (2 D + S) + 2 G D + S (D + 2)` numbers per (batch, head) plus a `(B, W - 1)` mask and a
+    `(B,)` count.
 
     Attributes:
-        linear (`LinearState`): kernel statistics of the tokens that left the window.
+        linear (`LinearState`): kernel statistics of the tokens that left the window (sinks excluded).
         keys, values (`torch.Tensor` of shape `(B, H, w, D)`): the last `w <= W - 1` tokens (raw keys).
         log_features (`torch.Tensor` of shape `(B, H, w, S)`): their key log-features.
-        mask (`torch.Tensor` of shape `(B, w)`, bool): True = real token.
+        mask (`torch.Tensor` of shape `(B, w)`, bool): True = real token that is not a sink.
+        sink_keys, sink_values (`torch.Tensor` of shape `(B, H, G, D)`): the first `G` real tokens of each row.
+        sink_count (`torch.Tensor` of shape `(B,)`, long): how many of the `G` slots are filled.
     """
 
     linear: LinearState
@@ -261,9 +307,19 @@ class WindowState:
     values: torch.Tensor
     log_features: torch.Tensor
     mask: torch.Tensor
+    sink_keys: torch.Tensor
+    sink_values: torch.Tensor
+    sink_count: torch.Tensor
 
     def _tensors(self) -> list[torch.Tensor]:
-        return [self.linear.kvz, self.linear.shift, self.keys, self.values, self.log_features, self.mask]
+        return [
+            self.linear.kvz, self.linear.shift, self.keys, self.values, self.log_features, self.mask,
+            self.sink_keys, self.sink_values, self.sink_count,
+        ]  # fmt: skip
+
+    @classmethod
+    def _from(cls, tensors: list[torch.Tensor]) -> WindowState:
+        return cls(LinearState(*tensors[:2]), *tensors[2:])
 
     @property
     def device(self) -> torch.device:
@@ -279,19 +335,17 @@ class WindowState:
 
     def index_select(self, index: torch.Tensor) -> WindowState:
         """The state of batch rows `index` (beam-search reordering, dropping finished rows)."""
-        picked = [t.index_select(0, index) for t in self._tensors()]
-        return WindowState(LinearState(*picked[:2]), *picked[2:])
+        return self._from([t.index_select(0, index) for t in self._tensors()])
 
     def to(self, *args, **kwargs) -> WindowState:
-        """A copy on another device (`state.to("cpu")`), as `torch.Tensor.to`; the mask stays bool."""
-        moved = [
+        """A copy on another device (`state.to("cpu")`), as `torch.Tensor.to`; the mask and count keep their dtype."""
+        return self._from([
             t.to(*args, **kwargs) if t.is_floating_point() else t.to(device=_device(args, kwargs, t))
             for t in self._tensors()
-        ]
-        return WindowState(LinearState(*moved[:2]), *moved[2:])
+        ])  # fmt: skip
 
     def clone(self) -> WindowState:
-        return WindowState(self.linear.clone(), *(t.clone() for t in self._tensors()[2:]))
+        return self._from([t.clone() for t in self._tensors()])
 
 
 def _device(args: tuple, kwargs: dict, t: torch.Tensor) -> torch.device:
@@ -304,8 +358,10 @@ def _device(args: tuple, kwargs: dict, t: torch.Tensor) -> torch.device:
     return t.device
 
 
-def empty_window_state(batch_size: int, num_heads: int, num_features: int, like: torch.Tensor) -> WindowState:
-    """A state holding no token, for inputs like `like` `(..., D)` (dtype, device and `D`)."""
+def empty_window_state(
+    batch_size: int, num_heads: int, num_features: int, like: torch.Tensor, sinks: int = 0
+) -> WindowState:
+    """A state holding no token, for inputs like `like` `(..., D)` (dtype, device and `D`) and `G = sinks`."""
     D = like.shape[-1]
     tokens = like.new_zeros(batch_size, num_heads, 0, D)
     return WindowState(
@@ -314,21 +370,44 @@ def empty_window_state(batch_size: int, num_heads: int, num_features: int, like:
         tokens.clone(),
         like.new_zeros(batch_size, num_heads, 0, num_features),
         torch.zeros(batch_size, 0, dtype=torch.bool, device=like.device),
+        like.new_zeros(batch_size, num_heads, sinks, D),
+        like.new_zeros(batch_size, num_heads, sinks, D),
+        torch.zeros(batch_size, dtype=torch.long, device=like.device),
     )
+
+
+def _capture_sinks(
+    state: WindowState, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sink slots, counts and the buffer mask after new tokens: real tokens ranked `<= G` among a row's real
+    tokens become sinks and leave the window/kernel parts (their mask turns False)."""
+    sinks = state.sink_keys.shape[2]
+    rank = state.sink_count[:, None] + mask.long().cumsum(dim=1)  # 1-based rank of each new real token
+    new = mask & (rank <= sinks)
+    sink_keys, sink_values = state.sink_keys, state.sink_values
+    if sinks and bool(new.any()):
+        rows, cols = new.nonzero(as_tuple=True)
+        slots = rank[rows, cols] - 1
+        sink_keys, sink_values = sink_keys.clone(), sink_values.clone()
+        sink_keys[rows, :, slots] = k[rows, :, cols]
+        sink_values[rows, :, slots] = v[rows, :, cols]
+    return sink_keys, sink_values, state.sink_count + new.sum(dim=1), mask & ~new
 
 
 def advance(
     state: WindowState, k: torch.Tensor, v: torch.Tensor, lk: torch.Tensor, mask: torch.Tensor, window: int
 ) -> WindowState:
-    """The state after tokens `k`, `v` `(B, H, n, D)` with log-features `lk` and mask `(B, n)`: the last `W - 1`
-    tokens stay in the buffer, the older ones are absorbed into the kernel statistics."""
+    """The state after tokens `k`, `v` `(B, H, n, D)` with log-features `lk` and mask `(B, n)`: sinks go to their
+    slots, the last `W - 1` tokens stay in the buffer, the older ones are absorbed into the kernel statistics."""
+    sink_keys, sink_values, sink_count, mask = _capture_sinks(state, k, v, mask)
     keys, values = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)
     lks, masks = torch.cat([state.log_features, lk], dim=2), torch.cat([state.mask, mask], dim=1)
     leaving = max(keys.shape[2] - (window - 1), 0)
     linear = state.linear.clone()
     if leaving:
         linear.absorb(lks[:, :, :leaving], values[:, :, :leaving], masks[:, :leaving])
-    return WindowState(linear, keys[:, :, leaving:], values[:, :, leaving:], lks[:, :, leaving:], masks[:, leaving:])
+    kept = keys[:, :, leaving:], values[:, :, leaving:], lks[:, :, leaving:], masks[:, leaving:]
+    return WindowState(linear, *kept, sink_keys, sink_values, sink_count)
 
 
 def window_step(
@@ -340,20 +419,32 @@ def window_step(
     scale: float,
     window: int,
     maps: WindowMaps,
+    sinks: int = 0,
 ) -> tuple[torch.Tensor, WindowState]:
     """Causal window hybrid for `n` new tokens `(B, H, n, D)` given the state of the earlier ones.
 
-    `n <= W` runs directly on the buffer (`O(n (W + n) D + n S D)`); longer inputs (a prompt) take the blocked
-    path with the buffer in front and the kernel state as prefix. Returns the output and the new state.
+    `n <= W` runs directly on the buffer and the sinks (`O(n (W + G + n) D + n S D)`); a longer input takes the
+    blocked path (a prompt, or any input without sinks: the buffer in front, the kernel state as prefix) or, with
+    sinks and an earlier state, chunks of `W` tokens. Returns the output and the new state.
     """
     B, H, n, _ = q.shape
-    state = state or empty_window_state(B, H, maps.num_features, v)
+    fresh = state is None
+    state = state or empty_window_state(B, H, maps.num_features, v, sinks)
     mask = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask
+    if n > window and sinks and not fresh:
+        outs = []
+        for start in range(0, n, window):
+            part = slice(start, start + window)
+            out, state = window_step(q[:, :, part], k[:, :, part], v[:, :, part], mask[:, part], state, scale,
+                                     window, maps, sinks)  # fmt: skip
+            outs.append(out)
+        return torch.cat(outs, dim=2), state
     keys, values = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)
     key_mask = torch.cat([state.mask, mask], dim=1)
     lk = maps.key(k)
     if n > window:
-        out = windowed_attention(q, keys, values, key_mask, True, scale, window, maps, state.linear)
+        prefix = None if fresh else state.linear
+        out = windowed_attention(q, keys, values, key_mask, True, scale, window, maps, prefix, sinks=sinks)
         return out, advance(state, k, v, lk, mask, window)
     w = state.keys.shape[2]
     lq = maps.query(q)
@@ -366,6 +457,13 @@ def window_step(
     logits = logits.masked_fill(~in_window, float("-inf"))
     if w + n > window:  # some buffered keys are outside the window of the first new queries
         logits = torch.where(seen & ~in_window, _kernel_logits(lq, lks), logits)
+    values1 = _with_ones(values)
+    if sinks:
+        # sinks captured before this step (new ones are inside every later new query's window, as n <= W)
+        filled = torch.arange(sinks, device=q.device) < state.sink_count[:, None]  # (B, G)
+        sink_logits = (q @ state.sink_keys.transpose(-1, -2) * scale).masked_fill(~filled[:, None, None], -torch.inf)
+        logits = torch.cat([logits, sink_logits], dim=-1)
+        values1 = torch.cat([values1, _with_ones(state.sink_values)], dim=2)
     far = [_state_read(lq, state.linear.kvz, state.linear.shift)]
-    out = _combine(logits, _with_ones(values), far)
+    out = _combine(logits, values1, far)
     return out, advance(state, k, v, lk, mask, window)

@@ -52,16 +52,16 @@ def _perturb(attn):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("causal", MODES)
-@pytest.mark.parametrize("window", [1, 5, 16, 23])
-def test_matches_naive_twin_outputs_and_gradients(method, causal, window):
+@pytest.mark.parametrize("window, sinks", [(1, 0), (5, 0), (16, 0), (23, 0), (1, 2), (5, 1), (23, 3)])
+def test_matches_naive_twin_outputs_and_gradients(method, causal, window, sinks):
     """fp64, several 16-token blocks (near and far), window shorter and longer than a block: outputs and
     gradients of q, k, v and of every parameter equal the quadratic twin's."""
-    attn = _perturb(build_small(method, H, D, window_size=window).double().eval())
+    attn = _perturb(build_small(method, H, D, window_size=window, sink_tokens=sinks).double().eval())
     q, k, v = (t.requires_grad_() for t in qkv(2, H, 83, D))
     scale = 0.4
     out = attn(q, k, v, causal=causal, scale=scale)
     ref = naive_windowed_feature_attention(
-        q, k, v, *_complete_features(attn, q, k, scale, causal), window, causal=causal, scale=scale
+        q, k, v, *_complete_features(attn, q, k, scale, causal), window, causal=causal, scale=scale, sinks=sinks
     )
     assert_close("out", ref, out, 1e-12)
     grad = torch.randn_like(out)
@@ -77,9 +77,10 @@ def test_matches_naive_twin_outputs_and_gradients(method, causal, window):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("causal", MODES)
-def test_matches_naive_twin_with_padding(method, causal):
-    """Left- and right-padded rows: the bidirectional window stays inside the real tokens (twin's definition)."""
-    attn = _perturb(build_small(method, H, D, window_size=6).double().eval())
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_matches_naive_twin_with_padding(method, causal, sinks):
+    """Left- and right-padded rows: the bidirectional window and the sinks stay inside the real tokens."""
+    attn = _perturb(build_small(method, H, D, window_size=6, sink_tokens=sinks).double().eval())
     q, k, v = qkv(3, H, 71, D)
     mask = _mask(3, 71)
     out = attn(q, k, v, padding_mask=mask, causal=causal)
@@ -88,7 +89,7 @@ def test_matches_naive_twin_with_padding(method, causal):
         qr, kr, vr = (t[row : row + 1, :, real] for t in (q, k, v))
         scale = D**-0.5
         ref = naive_windowed_feature_attention(
-            qr, kr, vr, *_complete_features(attn, qr, kr, scale, causal), 6, causal=causal
+            qr, kr, vr, *_complete_features(attn, qr, kr, scale, causal), 6, causal=causal, sinks=sinks
         )
         assert_close(f"row {row}", ref[0], out[row][:, real], 1e-12)
 
@@ -99,8 +100,8 @@ def test_exact_when_the_window_covers_the_sequence(method, causal):
     """W >= N: every key is in the window, so the hybrid is softmax attention (also with padding)."""
     q, k, v = qkv(3, H, 45, D)
     mask = _mask(3, 45)
-    for window in (45, 64, 200):
-        attn = _perturb(build_small(method, H, D, window_size=window).double().eval())
+    for window, sinks in ((45, 0), (64, 2), (200, 0)):
+        attn = _perturb(build_small(method, H, D, window_size=window, sink_tokens=sinks).double().eval())
         out = attn(q, k, v, padding_mask=mask, causal=causal)
         ref = naive_softmax_attention(q, k, v, key_mask=mask, causal=causal)
         assert_close(f"W={window}", ref * mask[:, None, :, None], out * mask[:, None, :, None], 1e-12)
@@ -132,17 +133,19 @@ def test_rfa_window_shares_the_softmax_scale():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_decoding_equals_the_full_causal_forward(method):
-    """prefill + steps of 1..20 tokens (some longer than W) on a left-padded batch equal the full forward; the
-    state stays constant in size and the caller's state is never modified."""
+@pytest.mark.parametrize("sinks, prompt", [(0, 30), (2, 30), (3, 2)], ids=["no-sink", "sinks", "sinks-after-prompt"])
+def test_decoding_equals_the_full_causal_forward(method, sinks, prompt):
+    """prefill + steps of 1..20 tokens (some longer than W) on a left-padded batch equal the full forward, sinks
+    included (also when they arrive after the prompt); the state stays constant in size and the caller's state is
+    never modified."""
     window = 5
-    attn = _perturb(build_small(method, H, D, window_size=window).double().eval())
+    attn = _perturb(build_small(method, H, D, window_size=window, sink_tokens=sinks).double().eval())
     q, k, v = qkv(2, H, 80, D)
     mask = torch.ones(2, 80, dtype=torch.bool)
     mask[0, :9] = False
     full = attn(q, k, v, padding_mask=mask, causal=True)
-    out, state = attn.prefill(q[:, :, :30], k[:, :, :30], v[:, :, :30], padding_mask=mask[:, :30])
-    outs, t, sizes = [out], 30, set()
+    out, state = attn.prefill(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], padding_mask=mask[:, :prompt])
+    outs, t, sizes = [out], prompt, set()
     for n in (1, 1, 3, 20, 1, 7, 1, 1, 15):
         before = state.clone()
         o, new = attn.step(
@@ -151,10 +154,12 @@ def test_decoding_equals_the_full_causal_forward(method):
         assert all(torch.equal(a, b) for a, b in zip(before._tensors(), state._tensors()))
         outs.append(o)
         state, t = new, t + n
-        sizes.add(state.nbytes())
+        if state.keys.shape[2] == window - 1:  # the buffer is full: the size may not change any more
+            sizes.add(state.nbytes())
     assert isinstance(state, WindowState) and state.keys.shape[2] == window - 1
+    assert state.sink_count.tolist() == [sinks, sinks]
     assert len(sizes) == 1
-    assert_close("decode", full, torch.cat(outs, dim=2), 1e-12)
+    assert_close("decode", full[:, :, :t], torch.cat(outs, dim=2), 1e-12)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -230,3 +235,7 @@ def test_bad_window_size_raises(method):
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="window_size"):
             build_small(method, H, D, window_size=bad)
+        with pytest.raises(ValueError, match="sink_tokens"):
+            build_small(method, H, D, window_size=4, sink_tokens=bad)
+    with pytest.raises(ValueError, match="needs a window"):
+        build_small(method, H, D, sink_tokens=1)

@@ -17,7 +17,8 @@ SMALL_HPARAMS: dict[str, dict] = {
 }
 
 
-#: the window hybrid of `window.py` (W = 4: with 16-token blocks, inputs of ~40 tokens use near and far blocks)
+#: the window hybrid of `window.py` (W = 4: with 16-token blocks, inputs of ~40 tokens use near and far blocks),
+#: with one sink token
 WINDOWED = {"rfa-window": "rfa", "kernel-window": "kernel", "lara-window": "lara"}
 WINDOW_SIZE = 4
 
@@ -30,7 +31,7 @@ def methods() -> list[str]:
 def build_small(method: str, num_heads: int, head_dim: int, **overrides) -> torch.nn.Module:
     extra = {}
     if method in WINDOWED:
-        method, extra = WINDOWED[method], {"window_size": WINDOW_SIZE}
+        method, extra = WINDOWED[method], {"window_size": WINDOW_SIZE, "sink_tokens": 1}
     hparams = {**SMALL_HPARAMS.get(method, {}), **extra, **overrides}
     return build_attention(method, num_heads=num_heads, head_dim=head_dim, **hparams)
 
