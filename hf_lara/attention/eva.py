@@ -98,8 +98,14 @@ def _sampled_log_weights(k: torch.Tensor, mu: torch.Tensor, sample: bool) -> tor
 
 
 def bidirectional_eva(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int, num_chunks: int,
-    key_map: Map, mu_map: Map, sample: bool,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window_size: int,
+    num_chunks: int,
+    key_map: Map,
+    mu_map: Map,
+    sample: bool,
 ) -> torch.Tensor:
     """Bidirectional EVA; every token is real (the estimator cuts padding away first).
 
@@ -149,8 +155,14 @@ def bidirectional_eva(
 
 
 def causal_eva(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: int, chunk_size: int,
-    key_map: Map, mu_map: Map, sample: bool,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window_size: int,
+    chunk_size: int,
+    key_map: Map,
+    mu_map: Map,
+    sample: bool,
 ) -> torch.Tensor:
     """Causal EVA; queries are positions `N - Nq .. N - 1` (`Nq < N` decodes over a cache), all tokens real.
 

@@ -143,7 +143,6 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
     >>> attn = LinearRandomizedAttention(num_heads=2, head_dim=16, num_landmarks=8)
     """
 
-
     def __init__(
         self,
         num_heads: int,

