@@ -169,8 +169,17 @@ class LinearState:
     def clone(self) -> LinearState:
         return LinearState(self.kvz.clone(), self.shift.clone())
 
-    def to(self, dtype: torch.dtype) -> LinearState:
-        return LinearState(self.kvz.to(dtype), self.shift.to(dtype))
+    def to(self, *args, **kwargs) -> LinearState:
+        """A copy with both tensors moved or cast as by `torch.Tensor.to` (`state.to("cpu")`, `state.to(dtype)`)."""
+        return LinearState(self.kvz.to(*args, **kwargs), self.shift.to(*args, **kwargs))
+
+    @property
+    def device(self) -> torch.device:
+        return self.kvz.device
+
+    @property
+    def batch_size(self) -> int:
+        return self.kvz.shape[0]
 
     def nbytes(self) -> int:
         """Bytes held by the state."""
@@ -249,7 +258,9 @@ def _intra_chunk_scores(lq: torch.Tensor, lk: torch.Tensor) -> tuple[torch.Tenso
     return torch.exp(logits - d[..., None]), d
 
 
-def _exact_block(lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, chunk_size: int, state: LinearState) -> torch.Tensor:
+def _exact_block(
+    lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, chunk_size: int, state: LinearState
+) -> torch.Tensor:
     """The exact per-chunk loop (robust to any feature range); updates `state`, returns `(B, H, n, D)`."""
     outputs = []
     for start in range(0, lq.shape[2], chunk_size):
@@ -293,7 +304,9 @@ def _rescaled_prefix(
     return prior, sums[:, :, -1]
 
 
-def _scanned_prefix(delta: torch.Tensor, running: torch.Tensor, state: LinearState) -> tuple[torch.Tensor, torch.Tensor]:
+def _scanned_prefix(
+    delta: torch.Tensor, running: torch.Tensor, state: LinearState
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same as `_rescaled_prefix` by a sequential scan over the chunks (any range of the running max)."""
     current, shift, priors = state.kvz, state.shift, []
     for c in range(delta.shape[2]):
@@ -304,7 +317,12 @@ def _scanned_prefix(delta: torch.Tensor, running: torch.Tensor, state: LinearSta
 
 
 def _fast_block(
-    lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, chunk_size: int, state: LinearState
+    lq: torch.Tensor,
+    lk: torch.Tensor,
+    v: torch.Tensor,
+    visible: torch.Tensor | None,
+    chunk_size: int,
+    state: LinearState,
 ) -> tuple[torch.Tensor, LinearState] | None:
     """Causal attention over one block, all chunks batched; None when a row underflows (use `_exact_block`).
 

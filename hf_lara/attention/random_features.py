@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def orthogonal_gaussian(num_heads: int, num_rows: int, dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def orthogonal_gaussian(
+    num_heads: int, num_rows: int, dim: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Rows with the marginal law of `N(0, I_dim)` that are exactly orthogonal within each block of `dim` rows.
 
     Each block is the Q factor of a Gaussian matrix (sign-corrected so it is Haar distributed), with every row

@@ -56,7 +56,9 @@ def test_split_and_resume_equals_one_pass(split):
     lq, lk, v = _inputs(2, 2, 61, 7)
     full, final = causal_linear_attention(lq, lk, v, chunk_size=8)
     first, state = causal_linear_attention(lq[:, :, :split], lk[:, :, :split], v[:, :, :split], chunk_size=8)
-    rest, resumed = causal_linear_attention(lq[:, :, split:], lk[:, :, split:], v[:, :, split:], chunk_size=8, state=state)
+    rest, resumed = causal_linear_attention(
+        lq[:, :, split:], lk[:, :, split:], v[:, :, split:], chunk_size=8, state=state
+    )
     assert_close("out", full, torch.cat([first, rest], dim=2), 1e-12)
     # the states agree once expressed at the same shift
     assert_close("kv", final.kv * final.shift.exp()[..., None], resumed.kv * resumed.shift.exp()[..., None], 1e-12)
@@ -67,7 +69,9 @@ def test_token_by_token_recurrence_equals_full_pass():
     full, _ = causal_linear_attention(lq, lk, v, chunk_size=4)
     state, steps = None, []
     for t in range(23):
-        out, state = causal_linear_attention(lq[:, :, t : t + 1], lk[:, :, t : t + 1], v[:, :, t : t + 1], chunk_size=1, state=state)
+        out, state = causal_linear_attention(
+            lq[:, :, t : t + 1], lk[:, :, t : t + 1], v[:, :, t : t + 1], chunk_size=1, state=state
+        )
         steps.append(out)
     assert_close("recurrent", full, torch.cat(steps, dim=2), 1e-12)
 
