@@ -52,6 +52,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from ..attention.linear import LinearState
+from ..attention.window import WindowState
 from .attention import ESTIMATOR_ATTR, STATE_LAYER_KWARG
 from .compat import CACHE_KWARG, cache_from_kwargs
 
@@ -63,7 +64,8 @@ class LaraStateLayer(CacheLayerMixin):
     """Cache layer of a recurrent estimator: a constant-size `LinearState` and a count of the tokens seen.
 
     Attributes:
-        state (`LinearState`, *optional*): `kvz` `(B, H, S, D + 1)` and `shift` `(B, H, S)`; None before any token.
+        state (`LinearState` or `WindowState`, *optional*): the estimator's decoding state (`attention/recurrent.py`);
+            None before any token.
         seen (`int`): tokens absorbed (padding included, as a KV cache counts them).
     """
 
@@ -72,7 +74,7 @@ class LaraStateLayer(CacheLayerMixin):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
-        self.state: LinearState | None = None
+        self.state: LinearState | WindowState | None = None
         self.seen = 0
 
     def __repr__(self) -> str:
@@ -121,19 +123,19 @@ class LaraStateLayer(CacheLayerMixin):
 
     def _move(self, device: torch.device | str) -> None:
         if self.state is not None:
-            self.state = LinearState(self.state.kvz.to(device), self.state.shift.to(device))
+            self.state = self.state.to(device)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Keep batch rows `beam_idx` `(B',)` (beam search)."""
         if self.state is not None:
-            self.state = self.state.index_select(beam_idx.to(self.state.kvz.device))
+            self.state = self.state.index_select(beam_idx.to(self.state.device))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(torch.as_tensor(indices).reshape(-1).long())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.state is not None:
-            rows = torch.arange(self.state.kvz.shape[0], device=self.state.kvz.device)
+            rows = torch.arange(self.state.batch_size, device=self.state.device)
             self.reorder_cache(rows.repeat_interleave(repeats))
 
 

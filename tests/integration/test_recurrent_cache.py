@@ -12,6 +12,7 @@ from transformers.cache_utils import DynamicLayer
 
 import hf_lara
 from hf_lara.attention.linear import LinearState
+from hf_lara.attention.window import WindowState
 from hf_lara.integration.cache import LaraStateLayer
 from hf_lara.integration.compat import CACHE_KWARG, output_cache
 
@@ -199,3 +200,22 @@ def test_static_cache_is_refused(layers, models):
     cache = StaticCache(config=model.config, max_cache_len=32)
     with pytest.raises(NotImplementedError, match="StaticLayer"), torch.no_grad():
         model(input_ids=ids, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
+
+
+@pytest.mark.parametrize("method", RECURRENT)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_window_hybrid_generates_with_its_state_as_with_the_kv_path(family, method, base_checkpoints):
+    """`window_size` + `sink_tokens`: `generate()` keeps a constant-size `WindowState` and agrees with the KV path
+    (which re-runs the full windowed estimator over every cached key) and with each prompt run alone."""
+    model = load_converted(SETUPS[family], base_checkpoints[family], method, window_size=3, sink_tokens=1)
+    batch = prompts(family)
+    ids, mask = left_padded(batch, pad=0)
+    tokens, logits, cache = greedy(model, ids, mask)
+    assert isinstance(cache, hf_lara.LaraCache)
+    assert all(isinstance(layer.state, WindowState) for layer in cache.layers)
+    kv_tokens, kv_logits, _ = greedy(model, ids, mask, cache_implementation="dynamic")
+    assert torch.equal(tokens, kv_tokens)
+    assert_close(logits, kv_logits, msg="window state vs KV logits")
+    for row, prompt in enumerate(batch):
+        alone_tokens, _, _ = greedy(model, prompt[None], torch.ones(1, len(prompt), dtype=torch.long))
+        assert torch.equal(tokens[row], alone_tokens[0]), f"prompt {row}"
