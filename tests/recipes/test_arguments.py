@@ -107,11 +107,11 @@ def test_missing_columns(name, checkpoint, extra, message, tiny_checkpoints, tmp
 
 @pytest.mark.parametrize(
     ("method", "method_args"),
-    [("rfa", []), ("softmax", []), ("lara", ["adaptive=false"])],
-    ids=["rfa", "softmax", "lara-fixed"],
+    [("rfa", []), ("softmax", []), ("rfa", ["learn_features=false", "window_size=2"])],
+    ids=["rfa", "softmax", "rfa-window"],
 )
 def test_distill_nothing_to_train(method, method_args, tiny_checkpoints, tmp_path):
-    """Estimators without parameters, or whose parameters the encoder's attention never uses, are refused."""
+    """Estimators without parameters (fixed random features, softmax) are refused."""
     recipe = load_recipe("distill_attention")
     extra = ["--method", method, *[a for item in method_args for a in ("--hparam", item)], *TXT]
     args = recipe.parse_args(base_args(tiny_checkpoints["bert"], tmp_path / "out", *extra))
