@@ -75,8 +75,10 @@ class DistillConfig:
         max_length (`int`, *optional*, defaults to 512): truncate training texts to this many tokens.
         batch_tokens (`int`, *optional*, defaults to 2048): padded tokens per batch (batches are formed by length).
         stage1_lr (`float`, *optional*, defaults to 1e-2): peak learning rate of the estimator parameters, stage 1.
-        stage2_lr (`float`, *optional*, defaults to 1e-3): peak learning rate of the LoRA adapters (and estimator
-            parameters) in stage 2; with `full_finetune` use about 2e-5.
+        stage2_lr (`float`, *optional*, defaults to 2e-3): peak learning rate of the LoRA adapters in stage 2; with
+            `full_finetune` use about 5e-5.
+        stage2_estimator_lr (`float`, *optional*, defaults to 3e-3): peak learning rate of the estimator parameters
+            in stage 2.
         warmup (`float`, *optional*, defaults to 0.05): share of each stage spent warming the learning rate up.
         rows_weight (`float`, *optional*, defaults to 0.0): weight of Hedgehog's row cross-entropy in stage 1
             (costs `N / D` extra estimator calls per layer; the output error is always in the loss).
@@ -95,7 +97,8 @@ class DistillConfig:
     max_length: int = 512
     batch_tokens: int = 2048
     stage1_lr: float = 1e-2
-    stage2_lr: float = 1e-3
+    stage2_lr: float = 2e-3
+    stage2_estimator_lr: float = 3e-3
     warmup: float = 0.05
     rows_weight: float = 0.0
     hidden_weight: float = 1.0
@@ -117,7 +120,7 @@ class DistillConfig:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"`max_steps` must be >= 1 or None, got {self.max_steps}.")
-        for name in ("stage1_lr", "stage2_lr"):
+        for name in ("stage1_lr", "stage2_lr", "stage2_estimator_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
         for name in ("rows_weight", "hidden_weight", "warmup"):
@@ -393,16 +396,20 @@ class _Clock:
             self.bar.close()
 
 
-def _train_loop(parameters, batches, clock: _Clock, lr: float, warmup: float, step_loss) -> dict[str, Any]:
-    """AdamW over `parameters` until `clock` says done; `step_loss(index, batch)` returns the loss tensor."""
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+def _train_loop(groups: list[dict], batches, clock: _Clock, warmup: float, step_loss) -> dict[str, Any]:
+    """AdamW over parameter `groups` (`{"params": [...], "lr": peak}`) until `clock` says done; `step_loss(index,
+    batch)` returns the loss tensor."""
+    groups = [{**g, "peak_lr": g["lr"]} for g in groups if g["params"]]
+    parameters = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     losses = []
+    cpu_start = time.process_time()
     try:
         for index, batch in _cycle(batches):
             if clock.done():
                 break
             for group in optimizer.param_groups:
-                group["lr"] = lr * _schedule(clock.progress(), warmup)
+                group["lr"] = group["peak_lr"] * _schedule(clock.progress(), warmup)
             loss = step_loss(index, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -415,6 +422,7 @@ def _train_loop(parameters, batches, clock: _Clock, lr: float, warmup: float, st
     return {
         "steps": len(losses),
         "minutes": clock.elapsed() / 60,
+        "cpu_minutes": (time.process_time() - cpu_start) / 60,
         "loss_first": losses[0] if losses else None,
         "loss_last": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
         "losses": losses,
@@ -473,7 +481,9 @@ def attention_transfer(
     clock = _Clock(seconds or config.max_minutes * 60, config.max_steps, "attention transfer", config.progress)
     try:
         with _implementation(model, DISTILL_KEY):
-            stats = _train_loop(parameters, batches, clock, config.stage1_lr, config.warmup, step_loss)
+            stats = _train_loop(
+                [{"params": parameters, "lr": config.stage1_lr}], batches, clock, config.warmup, step_loss
+            )
     finally:
         model.requires_grad_(False)
         model.train(training)
@@ -580,7 +590,6 @@ def end_to_end(
         teacher = copy.deepcopy(model).requires_grad_(False)
         teacher.set_attn_implementation(TEACHER_IMPLEMENTATION)
         student = model.requires_grad_(True)
-        parameters = [p for p in model.parameters() if p.requires_grad]
         teacher_context = contextlib.nullcontext
     else:
         import peft
@@ -592,7 +601,6 @@ def end_to_end(
         student = peft.get_peft_model(model, lora)
         for p in estimators:
             p.requires_grad_(True)
-        parameters = [p for p in student.parameters() if p.requires_grad]
         teacher = model
         teacher_context = student.disable_adapter
     cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -616,13 +624,16 @@ def end_to_end(
 
     clock = _Clock(seconds or config.max_minutes * 60, config.max_steps, "end to end", config.progress)
     try:
-        stats = _train_loop(parameters, batches, clock, config.stage2_lr, config.warmup, step_loss)
+        chosen = {id(p) for p in estimators}
+        others = [p for p in student.parameters() if p.requires_grad and id(p) not in chosen]
+        groups = [{"params": others, "lr": config.stage2_lr}, {"params": estimators, "lr": config.stage2_estimator_lr}]
+        stats = _train_loop(groups, batches, clock, config.warmup, step_loss)
     finally:
         if not config.full_finetune:
             model = student.merge_and_unload()
         model.requires_grad_(False)
         model.train(training)
-    stats["trainable_parameters"] = sum(p.numel() for p in parameters)
+    stats["trainable_parameters"] = sum(p.numel() for g in groups for p in g["params"])
     return model, stats
 
 

@@ -221,3 +221,13 @@ def test_keep_softmax_checks_its_arguments(tok):
         hf_lara.convert(tiny_bert(), "rfa", keep_softmax=1)
     with pytest.raises(ValueError, match="keep_softmax"):
         hf_lara.convert(tiny_bert(), "rfa", keep_softmax=2, calibration=tiny.batch(tok))
+
+
+def test_cli_convert_keep_softmax(tmp_path):
+    from hf_lara.cli import main
+
+    src = tiny.save_bert(tmp_path / "bert")
+    assert main(["convert", str(src), str(tmp_path / "out"), "--method", "rfa", "--hparam", "num_features=8",
+                 "--keep-softmax", "1"]) == 0  # fmt: skip
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert len(config["lara_layers"]) == 1 and config["lara_layers"][0] in (0, 1)
