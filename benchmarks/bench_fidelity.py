@@ -7,8 +7,8 @@ the unconverted model:
 * embedding cosine: mean cosine between the converted and the original sentence-transformers embeddings;
 * top-1 / top-5 NN agreement: within the evaluation set, the share of texts whose nearest neighbour is unchanged /
   the mean overlap of the 5 nearest neighbours;
-* per-layer attention error: relative MSE of each layer's attention output, fed the teacher's input
-  (`hf_lara.fidelity.attention_fidelity`);
+* per-layer attention error: relative MSE of each layer's attention output against softmax on the same queries,
+  keys and values, every layer fed the teacher's hidden states (`hf_lara.integration.calibration`);
 * training minutes (wall clock of `hf_lara.distill`, which is what `hf-lara distill` runs).
 
 Training text: docstrings of numpy/torch/transformers; evaluation text: docstrings of Python's standard library
@@ -41,7 +41,8 @@ from hf_lara.distill import (  # noqa: E402
     length_batches,
     sentence_transformers_pooler,  # noqa: E402
 )
-from hf_lara.fidelity import attention_fidelity, encode_texts  # noqa: E402
+from hf_lara.fidelity import encode_texts  # noqa: E402
+from hf_lara.integration.calibration import measure_layer_errors  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # regime -> (token range of evaluation/training texts, max_length, window of windowed methods)
@@ -80,12 +81,12 @@ def compare(st, reference: torch.Tensor, texts: list[str], max_length: int) -> d
     overlap = [len(set(a.tolist()) & set(b.tolist())) / 5 for a, b in zip(out5, ref5, strict=True)]
     tokenizer = st.tokenizer
     model = st[0].auto_model
-    report = attention_fidelity(model, encode_texts(tokenizer, texts, batch_size=16, max_length=max_length))
+    errors, _ = measure_layer_errors(model, encode_texts(tokenizer, texts, batch_size=16, max_length=max_length))
     return {
         "cosine": (emb * reference).sum(-1).mean().item(),
         "top1": (out1 == ref1).float().mean().item(),
         "top5": sum(overlap) / len(overlap),
-        "attention_error": report.attention_error,
+        "attention_error": [errors[i] for i in sorted(errors)],
     }
 
 
@@ -103,6 +104,7 @@ def run_one(base, method: str, regime: str, data: dict, args) -> dict:
         row["stage1"], row["stage2"], row["train_minutes"], row["train_cpu_minutes"] = {}, {}, 0.0, 0.0
         return row
     config = DistillConfig(
+        hidden_weight=args.hidden_weight,
         max_minutes=args.minutes,
         stage1_share=args.stage1_share,
         max_length=max_length,
@@ -216,6 +218,7 @@ def main(argv=None) -> None:
     parser.add_argument("--minutes", type=float, default=5.0, help="distillation budget per (method, regime)")
     parser.add_argument("--stage1_share", type=float, default=0.3)
     parser.add_argument("--batch_tokens", type=int, default=2048)
+    parser.add_argument("--hidden_weight", type=float, default=1.0)
     parser.add_argument("--num_eval", type=int, default=64)
     parser.add_argument("--num_train_long", type=int, default=400)
     parser.add_argument("--num_train_short", type=int, default=2000)

@@ -546,12 +546,15 @@ def output_loss(
 
 
 def lora_targets(model: nn.Module) -> list[str]:
-    """Names of the `nn.Linear` modules that get LoRA adapters: all but the estimators' and the output embedding."""
+    """Names of the linear modules (`nn.Linear`, GPT-2's `Conv1D`) that get LoRA adapters: all but the estimators'
+    and the output embedding."""
+    from transformers.pytorch_utils import Conv1D
+
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and ESTIMATOR_ATTR not in name.split(".") and module is not output
+        if isinstance(module, nn.Linear | Conv1D) and ESTIMATOR_ATTR not in name.split(".") and module is not output
     ]
 
 
@@ -595,8 +598,20 @@ def end_to_end(
         import peft
 
         torch.manual_seed(config.seed)
+        from transformers.pytorch_utils import Conv1D
+
+        targets = lora_targets(model)
+        if not targets:
+            raise ValueError(
+                f"No linear layer to put LoRA adapters on in this `{type(model).__name__}`; use `full_finetune=True`."
+            )
         lora = peft.LoraConfig(
-            r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0, target_modules=lora_targets(model)
+            r=config.lora_rank,
+            lora_alpha=2 * config.lora_rank,
+            lora_dropout=0.0,
+            target_modules=targets,
+            # GPT-2's Conv1D stores its weight transposed
+            fan_in_fan_out=any(isinstance(model.get_submodule(t), Conv1D) for t in targets),
         )
         student = peft.get_peft_model(model, lora)
         for p in estimators:

@@ -231,3 +231,17 @@ def test_cli_convert_keep_softmax(tmp_path):
                  "--keep-softmax", "1"]) == 0  # fmt: skip
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert len(config["lara_layers"]) == 1 and config["lara_layers"][0] in (0, 1)
+
+
+def test_decoder_distillation_lowers_logits_kl(tok):
+    """GPT-2 (Conv1D layers, causal): both stages run, LoRA merges, KL to the teacher's next-token law falls."""
+    torch.manual_seed(0)
+    original = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**tiny.GPT2, "initializer_range": 0.5})).eval()
+    model = hf_lara.convert(copy.deepcopy(original), "kernel", feature_map="hedgehog")
+    batches = length_batches(tok, TRAIN_TEXTS, max_length=64, batch_tokens=256)
+    before = attention_fidelity(model, batches, teacher=original).metrics["logits_kl"]
+    result = hf_lara.distill.distill(model, tok, TRAIN_TEXTS, quiet(max_steps=30, max_length=64, batch_tokens=256))
+    after = attention_fidelity(model, batches, teacher=original).metrics["logits_kl"]
+    assert set(result.stages) == {"attention_transfer", "end_to_end"}
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    assert after < 0.6 * before, (before, after)
