@@ -11,6 +11,7 @@ cache). Work happens in fp32 (fp64 stays fp64) and the output is cast back to th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -83,6 +84,22 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")
     return value
+
+
+def resolve_scale(scale: Any, head_dim: int) -> float:
+    """The logit scale: `head_dim ** -0.5` for None, else `scale` if it is a finite number > 0."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"`scale` must be a finite number > 0 (or None for head_dim ** -0.5), got {scale!r}.")
+    return float(scale)
+
+
+def is_empty(q: torch.Tensor) -> bool:
+    """No batch row or no query: `(0, H, N, D)` or `(B, H, 0, D)`."""
+    return q.shape[0] == 0 or q.shape[2] == 0
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -172,7 +189,10 @@ class AttentionEstimator(nn.Module):
     ) -> torch.Tensor:
         """Attend `q` `(B, H, Nq, D)` over `k`, `v` `(B, H, Nk, D)`; returns `(B, H, Nq, D)` in `q.dtype`."""
         self._check_inputs(q, k, v, padding_mask, causal)
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        scale = resolve_scale(scale, q.shape[-1])
+        if is_empty(q):
+            # an empty batch or no query: an empty output, as softmax gives (still attached to the graph)
+            return q * 0
         input_dtype, dtype = q.dtype, compute_dtype(q.dtype)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if padding_mask is not None and bool(padding_mask.all()):

@@ -52,6 +52,7 @@ from torch import nn
 
 from .base import AttentionEstimator, check_int, register_estimator
 from .random_features import positive_random_log_features
+from .window import blocks as _blocks
 
 # A finite floor for detached max shifts: exp(x - floor) stays well defined for empty sets.
 _LOG_FLOOR = -1e30
@@ -94,12 +95,6 @@ def _sampled_log_weights(k: torch.Tensor, mu: torch.Tensor, sample: bool) -> tor
     omega = mu + torch.randn_like(mu) if sample else mu
     omega = omega.reshape(omega.shape[:3] + (1,) * (k.dim() - 4) + omega.shape[-1:])
     return positive_random_log_features(k, omega).squeeze(-1)
-
-
-def _blocks(x: torch.Tensor, front: int, length: int, block: int) -> torch.Tensor:
-    """Zero-pad `x` `(B, H, N, D)` to `length` rows (`front` of them first); -> `(B, H, length / block, block, D)`."""
-    x = F.pad(x, (0, 0, front, length - front - x.shape[2]))
-    return x.reshape(x.shape[0], x.shape[1], length // block, block, x.shape[-1])
 
 
 def bidirectional_eva(
@@ -222,6 +217,10 @@ class EVAAttention(AttentionEstimator):
         chunk_size (`int`, *optional*, defaults to 16): tokens per chunk summary (causal); must divide `window_size`.
         adaptive (`bool`, *optional*, defaults to `True`): learn the chunk key and proposal mean maps
             (`chunk_key_proj`, `proposal_proj`: `nn.Linear(D, D)` shared by the heads, initialised to the identity).
+
+    Trained (with `adaptive=True`, the default): `chunk_key_proj` (the summaries' keys `kappa_T`, EVA's adaptive
+    chunk keys) and `proposal_proj` (the proposal means `mu_T`), identity at init so that a fresh conversion uses
+    plain means; both get gradients in both modes.
 
     Training draws one proposal sample per (batch, head, chunk) at every forward pass; eval uses the proposal mean,
     which makes the module deterministic.

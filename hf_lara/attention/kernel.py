@@ -29,6 +29,7 @@ from .base import AttentionEstimator, check_choice, check_float, check_int, regi
 from .linear import DEFAULT_CHUNK_SIZE, FeatureMaps, kernel_attention
 from .random_features import orthogonal_gaussian
 from .recurrent import RecurrentStateMixin
+from .window import WindowMaps
 
 FEATURE_INITS = ("random", "identity")
 #: relu features are floored here before the log, so every feature is positive and every normaliser is > 0.
@@ -271,6 +272,14 @@ class KernelAttention(RecurrentStateMixin, AttentionEstimator):
         ortho_penalty (`float`, *optional*, defaults to 0.0): weight `lambda` of the orthogonality penalty
             returned by `auxiliary_loss`.
         chunk_size (`int`, *optional*, defaults to 64): chunk length of the causal path.
+        window_size (`int`, *optional*, defaults to 0): `W > 0` attends exactly (softmax) to the `W` nearest keys
+            (causal: the last `W`, itself included) and through the feature map to the others, under one normaliser
+            (`window.py`, LoLCATs arXiv 2410.10254). A learned feature map need not estimate `exp(scale q.k)`, so
+            the kernel part is multiplied by `exp(window_log_factor)`, a trainable per-head parameter `(H,)`
+            initialised to `-log S` (`S` the number of features: exact in expectation for `hedgehog`'s random
+            init, the antithetic Performer features). 0 = kernel only (no extra parameter).
+
+    Trained: the feature map's weights (`feature_map.*`) and, with a window, `window_log_factor`.
 
     >>> attn = KernelAttention(num_heads=2, head_dim=16, feature_map="glu", ortho_penalty=0.1)
     """
@@ -285,8 +294,10 @@ class KernelAttention(RecurrentStateMixin, AttentionEstimator):
         feature_init: str = "random",
         ortho_penalty: float = 0.0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        window_size: int | None = 0,
     ) -> None:
         super().__init__(num_heads, head_dim)
+        self.window_size = check_int("window_size", window_size or 0, minimum=0)
         self.feature_map_name = check_choice("feature_map", feature_map, tuple(FEATURE_MAPS))
         self.num_features = check_int("num_features", head_dim if num_features is None else num_features)
         self.depth = check_int("depth", depth)
@@ -297,12 +308,28 @@ class KernelAttention(RecurrentStateMixin, AttentionEstimator):
         self.feature_map = FEATURE_MAPS[feature_map](
             num_heads, head_dim, self.num_features, feature_init=self.feature_init, **extra
         )
+        if self.window_size:
+            log_s = math.log(self.feature_map.output_features)
+            self.window_log_factor = nn.Parameter(torch.full((num_heads,), -log_s))
 
     def feature_maps(self, scale: float, dtype: torch.dtype) -> FeatureMaps:
         """Block-wise log-feature maps of raw queries and keys (see `FeatureMap.block_maps`)."""
         return self.feature_map.block_maps(scale)
 
+    def window_maps(self, scale: float, dtype: torch.dtype) -> WindowMaps:
+        """Complete log-features of the map for keys; queries add `window_log_factor` (per head)."""
+
+        def key_map(x: torch.Tensor) -> torch.Tensor:
+            return self.feature_map(x, scale, False)
+
+        def query_map(x: torch.Tensor) -> torch.Tensor:
+            return key_map(x) + self.window_log_factor.to(x.dtype)[:, None, None]
+
+        return WindowMaps(query_map, key_map, self.feature_map.output_features)
+
     def attend(self, q, k, v, key_mask, causal, scale):
+        if self.window_size:
+            return self.attend_windowed(q, k, v, key_mask, causal, scale)
         return kernel_attention(q, k, v, key_mask, causal, self.feature_maps(scale, q.dtype), self.chunk_size)
 
     def auxiliary_loss(self) -> torch.Tensor | None:
@@ -317,5 +344,5 @@ class KernelAttention(RecurrentStateMixin, AttentionEstimator):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, feature_map={self.feature_map_name!r}, num_features={self.num_features}, "
-            f"feature_init={self.feature_init!r}, ortho_penalty={self.ortho_penalty}"
+            f"feature_init={self.feature_init!r}, ortho_penalty={self.ortho_penalty}, window_size={self.window_size}"
         )

@@ -42,10 +42,13 @@ softmax_c(q~_n.mu_c)` is normalised over *proposals* (over queries it would see 
 through `causal_linear_attention` (padding and `Nq < Nk` decoding included). At init (`mu = 0`) `BH_c = 1/C`, `t` is
 uniform and `alpha = 1/C` cancels: causal LARA is exactly RFA with the `C` orthogonal features `proposal_noise`.
 
-Every `lara` module holds `proposal_mean` and `proposal_noise` whatever the mode it will run in (plus `adapt_q`,
-`adapt_k` when `adaptive=True`), so saving and loading are uniform; each mode reads only its own tensors: the
-bidirectional path never touches `proposal_mean`/`proposal_noise` and the causal path never touches the adaptive
-maps. The unused ones get no gradient (DDP then needs `find_unused_parameters=True`).
+**What is trained.** `proposal_mean` `(H, C, D)` in both modes: the causal proposals' means, and bidirectionally a
+learned offset added to the data-dependent means, `mu_c = q̄_c + k̄_c + proposal_mean_c` (first `C_eff` rows; any
+proposal means give a valid MIS estimate, and at init, 0, the paper's estimator is unchanged). With `adaptive=True`
+also the bidirectional maps `adapt_q`, `adapt_k`. Every `lara` module holds `proposal_mean` and `proposal_noise`
+whatever the mode it will run in (plus the adaptive maps), so saving and loading are uniform; the bidirectional path
+never reads `proposal_noise` and the causal path never reads the adaptive maps, which then get no gradient (DDP needs
+`find_unused_parameters=True` with `adaptive=True`).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from .base import AttentionEstimator, check_choice, check_float, check_int, regi
 from .linear import _LOG_FLOOR, DEFAULT_CHUNK_SIZE, FeatureMaps, _normalise, block_length, kernel_attention
 from .random_features import orthogonal_gaussian, positive_random_log_features
 from .recurrent import RecurrentStateMixin
+from .window import WindowMaps
 
 MIS_TYPES = ("opt", "bh")
 _ALPHA_FLOOR = 1e-8
@@ -127,6 +131,11 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
             `adapt_q`, `adapt_k` (shared across heads, initialised to the identity). Bidirectional only.
         redraw (`bool`, *optional*, defaults to `False`): causal only; fresh `proposal_noise` at every training pass.
         chunk_size (`int`, *optional*, defaults to 64): chunk length of the causal path.
+        window_size (`int`, *optional*, defaults to 0): `W > 0` attends exactly (softmax) to the `W` nearest keys
+            (causal: the last `W`, itself included) and through LARA to the others, under one normaliser
+            (`window.py`). LARA is kernel attention with `phi_q(n)_c = alpha_nc xi(q_n, w_c) / q_c(w_c)` and
+            `phi_k(m)_c = xi(k_m, w_c)` (relative to `N(0, I)`), whose product is a multiple-importance estimate of
+            `exp(scale q.k)`: both parts share a scale with no extra parameter. 0 = LARA only.
 
     >>> attn = LinearRandomizedAttention(num_heads=2, head_dim=16, num_landmarks=8)
     """
@@ -142,9 +151,11 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         adaptive: bool = False,
         redraw: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        window_size: int | None = 0,
     ) -> None:
         super().__init__(num_heads, head_dim)
         self.num_landmarks = check_int("num_landmarks", num_landmarks)
+        self.window_size = check_int("window_size", window_size or 0, minimum=0)
         self.mis = check_choice("mis", mis, MIS_TYPES)
         self.alpha_coeff = check_float("alpha_coeff", alpha_coeff, minimum=0.0)
         self.chunk_size = check_int("chunk_size", chunk_size)
@@ -177,7 +188,7 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
     def proposals(
         self, q: torch.Tensor, k: torch.Tensor, scale: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tilde-space `q̄`, `mu = q̄ + k̄` and the samples `omega` `(b, H, C_eff, D)` of raw `q`, `k` `(b, H, N, D)`.
+        """Tilde-space `q̄`, `mu = q̄ + k̄ + proposal_mean[:C_eff]` and the samples `omega` `(b, H, C_eff, D)` of raw `q`, `k` `(b, H, N, D)`.
 
         Segment means commute with the scaling, so they are taken on the raw inputs and scaled afterwards (no
         `(b, H, N, D)` tilde copy). Training draws `noise ~ N(0, I)` when not given; eval uses none.
@@ -187,7 +198,8 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         q_bar, k_bar = segment_means(q, num_segments) * root, segment_means(k, num_segments) * root
         if self.adaptive:
             q_bar, k_bar = _affine(self.adapt_q, q_bar), _affine(self.adapt_k, k_bar)
-        mu = q_bar + k_bar
+        # the learned offset `proposal_mean` (init 0) gives bidirectional LARA something to train by default
+        mu = q_bar + k_bar + self.proposal_mean[:, :num_segments].to(q_bar.dtype)
         if noise is None and self.training:
             noise = torch.randn_like(mu)
         omega = mu if noise is None else mu + noise.to(mu.dtype)
@@ -335,15 +347,57 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
 
         return FeatureMaps(query_map, key_map, self.num_landmarks)
 
+    def window_maps(self, scale: float, dtype: torch.dtype, noise: torch.Tensor | None = None) -> WindowMaps:
+        """Causal complete log-features: `feature_maps` with the query's `-|q~|^2 / 2` put back."""
+        maps = self.feature_maps(scale, dtype, noise)
+
+        def query_map(x: torch.Tensor) -> torch.Tensor:
+            return maps.query(x).sub_(0.5 * scale * x.square().sum(dim=-1, keepdim=True))
+
+        return WindowMaps(query_map, maps.key, maps.num_features)
+
+    def bidirectional_window_maps(
+        self, q: torch.Tensor, k: torch.Tensor, scale: float, noise: torch.Tensor | None = None
+    ) -> WindowMaps:
+        """Complete log-features of bidirectional LARA on unpadded `(b, H, N, D)` inputs (proposals from `q`, `k`).
+
+        `lk_mc = log xi(k_m, w_c)` and `lq_nc = log alpha_nc + log xi(q_n, w_c) - log q_c(w_c)`, the kernel form of
+        `mixture` (`sum_c softmax_c(log w_nc) f_c` with `f_c`, `Z_c` expanded); `t` is normalised over all queries.
+        """
+        root = scale**0.5
+        q_bar, mu, omega = self.proposals(q, k, scale, noise)
+        weight = (omega * root).transpose(-1, -2)  # (b, H, D, C)
+        log_density = proposal_log_density(omega, mu)  # (b, H, C, C)
+        bias = log_inverse_proposal(log_density, self.mis)[:, :, None, :]  # (b, H, 1, C)
+        w_t = (q_bar * root).transpose(-1, -2)
+        log_t_norm = torch.logsumexp(q @ w_t, dim=2, keepdim=True) if self.mis == "opt" else None
+
+        def key_map(x: torch.Tensor) -> torch.Tensor:
+            return torch.matmul(x, weight).sub_(0.5 * scale * x.square().sum(dim=-1, keepdim=True))
+
+        def query_map(x: torch.Tensor) -> torch.Tensor:
+            lq = key_map(x) + bias
+            if log_t_norm is not None:
+                t = torch.exp(x @ w_t - log_t_norm)  # softmax over queries, as in `mixture`
+                lq = lq + log_alpha(log_density, t, self.alpha_coeff)
+            return lq
+
+        return WindowMaps(query_map, key_map, omega.shape[2])
+
     def current_noise(self, device: torch.device) -> torch.Tensor:
         """The causal proposal noise of this pass: a fresh draw when training with `redraw`, else the buffer."""
         return self.draw_noise().to(device) if (self.training and self.redraw) else self.proposal_noise
 
     def attend_causal(self, q, k, v, key_mask, scale):
+        if self.window_size:
+            maps = self.window_maps(scale, q.dtype, self.current_noise(q.device))
+            return self.attend_windowed(q, k, v, key_mask, True, scale, maps)
         maps = self.feature_maps(scale, q.dtype, self.current_noise(q.device))
         return kernel_attention(q, k, v, key_mask, True, maps, self.chunk_size)
 
     def attend_unpadded(self, q, k, v, causal, scale):
+        if self.window_size:
+            return self.attend_windowed(q, k, v, None, False, scale, self.bidirectional_window_maps(q, k, scale))
         return self.bidirectional(q, k, v, scale)
 
     def packs_padding(self, causal: bool) -> bool:
@@ -356,5 +410,5 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, num_landmarks={self.num_landmarks}, mis={self.mis!r}, "
-            f"alpha_coeff={self.alpha_coeff}, adaptive={self.adaptive}"
+            f"alpha_coeff={self.alpha_coeff}, adaptive={self.adaptive}, window_size={self.window_size}"
         )

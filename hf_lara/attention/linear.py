@@ -169,8 +169,17 @@ class LinearState:
     def clone(self) -> LinearState:
         return LinearState(self.kvz.clone(), self.shift.clone())
 
-    def to(self, dtype: torch.dtype) -> LinearState:
-        return LinearState(self.kvz.to(dtype), self.shift.to(dtype))
+    def to(self, *args, **kwargs) -> LinearState:
+        """A copy with both tensors moved or cast as by `torch.Tensor.to` (`state.to("cpu")`, `state.to(dtype)`)."""
+        return LinearState(self.kvz.to(*args, **kwargs), self.shift.to(*args, **kwargs))
+
+    @property
+    def device(self) -> torch.device:
+        return self.kvz.device
+
+    @property
+    def batch_size(self) -> int:
+        return self.kvz.shape[0]
 
     def nbytes(self) -> int:
         """Bytes held by the state."""

@@ -5,6 +5,9 @@ A causal kernel estimator is an RNN: everything a query needs from the tokens be
 chunkwise path over a prompt and returns that state; `step` continues from it with one or more new tokens. Both
 give the rows of the full causal forward (`module(q, k, v, causal=True)`) over prompt + new tokens, up to rounding.
 
+With `window_size > 0` (the window hybrid of `window.py`) the state is a `WindowState`: the last `W - 1` tokens
+exactly plus the `LinearState` of the tokens that left the window, still constant in size.
+
 Feature maps are the stored ones (`projection`, `proposal_noise`): `redraw` never applies here, since a redraw
 between prefill and decoding would silently corrupt the state.
 """
@@ -15,8 +18,9 @@ from typing import ClassVar
 
 import torch
 
-from .base import compute_dtype
+from .base import compute_dtype, is_empty, resolve_scale
 from .linear import FeatureMaps, LinearState, causal_linear_attention
+from .window import WindowMaps, WindowState, empty_window_state, window_step, windowed_attention
 
 
 class RecurrentStateMixin:
@@ -25,8 +29,26 @@ class RecurrentStateMixin:
     #: True when `prefill` / `step` exist: decoding costs `O(S D)` per token and head with a constant-size state.
     supports_recurrent_state: ClassVar[bool] = True
 
+    #: `W` of the window hybrid; 0 = plain kernel attention
+    window_size: int = 0
+
     def feature_maps(self, scale: float, dtype: torch.dtype) -> FeatureMaps:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def window_maps(self, scale: float, dtype: torch.dtype) -> WindowMaps:  # pragma: no cover - abstract
+        """Complete log-feature maps on the scale of `exp(scale q.k)` (see `window.WindowMaps`)."""
+        raise NotImplementedError
+
+    def _empty_state(self, batch_size: int, like: torch.Tensor) -> LinearState | WindowState:
+        """The state before any token, for values like `like` `(..., D)`."""
+        if self.window_size:
+            return empty_window_state(batch_size, self.num_heads, self.window_maps(1.0, like.dtype).num_features, like)
+        return LinearState.empty(batch_size, self.num_heads, self.feature_maps(1.0, like.dtype).num_features, like)
+
+    def attend_windowed(self, q, k, v, key_mask, causal, scale, maps: WindowMaps | None = None) -> torch.Tensor:
+        """The window hybrid of `window.py` with this estimator's maps."""
+        maps = self.window_maps(scale, q.dtype) if maps is None else maps
+        return windowed_attention(q, k, v, key_mask, causal, scale, self.window_size, maps)
 
     def prefill(
         self,
@@ -36,7 +58,7 @@ class RecurrentStateMixin:
         *,
         padding_mask: torch.Tensor | None = None,
         scale: float | None = None,
-    ) -> tuple[torch.Tensor, LinearState]:
+    ) -> tuple[torch.Tensor, LinearState | WindowState]:
         """Causal attention over a prompt; returns the output and the state after its last token.
 
         Args:
@@ -46,7 +68,8 @@ class RecurrentStateMixin:
             scale (`float`, *optional*): logit scale (default `D ** -0.5`).
 
         Returns:
-            `out` `(B, H, N, D)` in `q.dtype` and the `LinearState` (fp32, fp64 for fp64 inputs).
+            `out` `(B, H, N, D)` in `q.dtype` and the `LinearState` (`WindowState` with a window; fp32, fp64 for
+            fp64 inputs).
         """
         return self.step(q, k, v, None, padding_mask=padding_mask, scale=scale)
 
@@ -55,28 +78,44 @@ class RecurrentStateMixin:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        state: LinearState | None,
+        state: LinearState | WindowState | None,
         *,
         padding_mask: torch.Tensor | None = None,
         scale: float | None = None,
-    ) -> tuple[torch.Tensor, LinearState]:
+    ) -> tuple[torch.Tensor, LinearState | WindowState]:
         """Attend `n >= 1` new tokens given the state of every earlier one; the input state is not modified.
 
         Args:
             q, k, v (`torch.Tensor` of shape `(B, H, n, D)`): the new tokens only.
-            state (`LinearState`, *optional*): from `prefill` or an earlier `step`; None = no earlier token.
+            state (`LinearState` or `WindowState`, *optional*): from `prefill` or an earlier `step`; None = no
+                earlier token.
             padding_mask (`torch.Tensor` of shape `(B, n)`, *optional*): True = real token, for the new tokens.
             scale (`float`, *optional*): logit scale (default `D ** -0.5`).
 
         Returns:
-            `out` `(B, H, n, D)` in `q.dtype` and the new state. Cost `O(n S D)` per head.
+            `out` `(B, H, n, D)` in `q.dtype` and the new state. Cost `O(n S D)` per head (`O(n (W + S) D)` with a
+            window).
         """
         self._check_inputs(q, k, v, padding_mask, True)
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"`step` takes the new tokens only: got {q.shape[2]} queries and {k.shape[2]} keys.")
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        scale = resolve_scale(scale, q.shape[-1])
         input_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+        expected = WindowState if self.window_size else LinearState
+        if state is not None and not isinstance(state, expected):
+            raise TypeError(
+                f"`state` must be a {expected.__name__} for this estimator (window_size={self.window_size}), got "
+                f"{type(state).__name__}; start from `prefill` or `state=None`."
+            )
+        if is_empty(q):
+            # no batch row or no new token: an empty output and the state unchanged (an empty one if None)
+            return q * 0, state if state is not None else self._empty_state(q.shape[0], v.to(dtype))
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if self.window_size:
+            state = None if state is None else state.to(dtype)
+            maps = self.window_maps(scale, dtype)
+            out, state = window_step(q, k, v, padding_mask, state, scale, self.window_size, maps)
+            return out.to(input_dtype), state
         maps = self.feature_maps(scale, dtype)
         # a fresh container: the caller's state object keeps its tensors
         state = None if state is None else LinearState(state.kvz.to(dtype), state.shift.to(dtype))

@@ -8,12 +8,16 @@ importance sampling with the data-independent proposal `N(0, I)`.
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import nn
 
 from .base import AttentionEstimator, check_int, register_estimator
 from .linear import DEFAULT_CHUNK_SIZE, FeatureMaps, kernel_attention
 from .random_features import gaussian, orthogonal_gaussian, positive_random_log_features
 from .recurrent import RecurrentStateMixin
+from .window import WindowMaps
 
 
 @register_estimator("rfa")
@@ -28,8 +32,17 @@ class RandomFeatureAttention(RecurrentStateMixin, AttentionEstimator):
         redraw (`bool`, *optional*, defaults to `False`): draw fresh features at every training forward pass
             (eval always uses the stored ones).
         chunk_size (`int`, *optional*, defaults to 64): chunk length of the causal path.
+        window_size (`int`, *optional*, defaults to 0): `W > 0` attends exactly (softmax) to the `W` nearest keys
+            (causal: the last `W`, itself included) and through the random features to the others, under one
+            normaliser (`window.py`). `phi(q).phi(k) / S` estimates `exp(scale q.k)`, so both parts share a scale
+            with no extra parameter. 0 = features only.
+        learn_features (`bool`, *optional*, defaults to `False`): make `projection` a trainable `nn.Parameter`
+            (distillation moves the feature directions away from the Gaussian draw; the estimate is then a learned
+            kernel, no longer unbiased). Same name and initial values as the buffer, so outputs at conversion and
+            checkpoints are unchanged. Incompatible with `redraw`.
 
-    The features live in the persistent buffer `projection` `(H, S, D)`, so a saved model reproduces exactly.
+    The features live in `projection` `(H, S, D)` (a persistent buffer, or a parameter with `learn_features`), so a
+    saved model reproduces exactly. Trained: nothing by default; `projection` with `learn_features=True`.
 
     >>> attn = RandomFeatureAttention(num_heads=2, head_dim=16, num_features=32)
     """
@@ -42,13 +55,24 @@ class RandomFeatureAttention(RecurrentStateMixin, AttentionEstimator):
         orthogonal: bool = True,
         redraw: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        window_size: int | None = 0,
+        learn_features: bool = False,
     ) -> None:
         super().__init__(num_heads, head_dim)
         self.num_features = check_int("num_features", num_features)
+        self.window_size = check_int("window_size", window_size or 0, minimum=0)
+        if not isinstance(learn_features, bool):
+            raise TypeError(f"`learn_features` must be a bool, got {learn_features!r}.")
+        if learn_features and redraw:
+            raise ValueError("`learn_features=True` trains the features and `redraw=True` replaces them: choose one.")
+        self.learn_features = learn_features
         self.chunk_size = check_int("chunk_size", chunk_size)
         self.orthogonal = bool(orthogonal)
         self.redraw = bool(redraw)
-        self.register_buffer("projection", self.draw_features(), persistent=True)
+        if learn_features:
+            self.projection = nn.Parameter(self.draw_features())
+        else:
+            self.register_buffer("projection", self.draw_features(), persistent=True)
 
     def draw_features(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """A fresh `(H, S, D)` draw of feature directions."""
@@ -80,9 +104,25 @@ class RandomFeatureAttention(RecurrentStateMixin, AttentionEstimator):
 
         return FeatureMaps(query_map, key_map, self.num_features)
 
+    def window_maps(self, scale: float, dtype: torch.dtype, omega: torch.Tensor | None = None) -> WindowMaps:
+        """Complete log-features: `log xi(x, w_s)` for keys and queries, minus `log S` on the query side."""
+        key_map = self.feature_maps(scale, dtype, omega).key
+        log_s = math.log(self.num_features)
+
+        def query_map(x: torch.Tensor) -> torch.Tensor:
+            return key_map(x).sub_(log_s)
+
+        return WindowMaps(query_map, key_map, self.num_features)
+
     def attend(self, q, k, v, key_mask, causal, scale):
-        maps = self.feature_maps(scale, q.dtype, self.current_projection(q.device))
+        omega = self.current_projection(q.device)
+        if self.window_size:
+            return self.attend_windowed(q, k, v, key_mask, causal, scale, self.window_maps(scale, q.dtype, omega))
+        maps = self.feature_maps(scale, q.dtype, omega)
         return kernel_attention(q, k, v, key_mask, causal, maps, self.chunk_size)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, num_features={self.num_features}, orthogonal={self.orthogonal}"
+        return (
+            f"{super().extra_repr()}, num_features={self.num_features}, orthogonal={self.orthogonal}, "
+            f"window_size={self.window_size}, learn_features={self.learn_features}"
+        )

@@ -88,7 +88,9 @@ def test_eval_is_deterministic(method, causal):
         assert torch.equal(attn(q, k, v, causal=causal), attn(q, k, v, causal=causal))
 
 
-@pytest.mark.parametrize("method", methods())
+# the windowed variants' gradients are checked against their quadratic twin in test_window.py (cheaper than
+# finite differences through the blocked path)
+@pytest.mark.parametrize("method", available_methods())
 @pytest.mark.parametrize("causal", MODES)
 def test_gradcheck(method, causal):
     """fp64 gradcheck through q, k, v and every trainable parameter, on a tiny case (eval mode)."""
@@ -158,7 +160,7 @@ def test_unknown_method_lists_the_valid_ones():
 def test_bad_sizes_raise(method, field, value):
     sizes = {"num_heads": 2, "head_dim": 8, field: value}
     with pytest.raises(ValueError, match=field):
-        build_attention(method, **sizes)
+        build_small(method, sizes["num_heads"], sizes["head_dim"])
 
 
 def test_shape_and_mask_errors():
@@ -185,3 +187,112 @@ def test_autocast_does_not_lower_the_estimator_precision(method):
             mixed = attn(q, k, v, causal=True)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, plain, atol=1e-6, rtol=1e-6)
+
+
+#: options that give every method something to train, and the parameters that must learn in *each* mode
+TRAINABLE = {
+    "rfa": ({"learn_features": True}, ["projection"]),
+    "lara": ({}, ["proposal_mean"]),
+    "eva": ({}, ["chunk_key_proj.weight", "proposal_proj.weight"]),
+    "kernel": ({}, ["feature_map.weight"]),
+    "rfa-window": ({"learn_features": True}, ["projection"]),
+    "lara-window": ({}, ["proposal_mean"]),
+    "kernel-window": ({}, ["feature_map.weight", "window_log_factor"]),
+}
+
+
+@pytest.mark.parametrize("method", sorted(TRAINABLE))
+@pytest.mark.parametrize("causal", MODES)
+def test_each_mode_has_parameters_that_learn(method, causal):
+    """Distillation has something to train in every method and mode: the listed parameters get finite, non-zero
+    gradients (training mode, a padded batch)."""
+    options, names = TRAINABLE[method]
+    attn = build_small(method, H, D, **options).train()
+    q, k, v = qkv(2, H, 41, D, dtype=torch.float32)
+    mask = torch.ones(2, 41, dtype=torch.bool)
+    mask[0, :6] = False
+    attn(q, k, v, padding_mask=mask, causal=causal).square().sum().backward()
+    for name in names:
+        grad = attn.get_parameter(name).grad
+        assert grad is not None and bool(grad.isfinite().all()) and grad.abs().sum() > 0, f"{name} does not learn"
+
+
+@pytest.mark.parametrize("method", ["rfa", "rfa-window"])
+def test_learnable_features_do_not_change_a_fresh_conversion(method):
+    """`learn_features=True` only turns the buffer into a parameter: same draw, same outputs, same state dict."""
+    q, k, v = qkv(2, H, 37, D)
+    torch.manual_seed(5)
+    fixed = build_small(method, H, D).double().eval()
+    torch.manual_seed(5)
+    learned = build_small(method, H, D, learn_features=True).double().eval()
+    assert fixed.state_dict().keys() == learned.state_dict().keys()
+    assert [n for n, _ in learned.named_parameters()] == ["projection"]
+    for causal in (False, True):
+        assert torch.equal(fixed(q, k, v, causal=causal), learned(q, k, v, causal=causal))
+    reloaded = build_small(method, H, D, learn_features=True).double().eval()
+    reloaded.load_state_dict(fixed.state_dict())
+    assert torch.equal(fixed(q, k, v), reloaded(q, k, v))
+
+
+def test_learnable_features_and_redraw_are_exclusive():
+    with pytest.raises(ValueError, match="redraw"):
+        build_attention("rfa", num_heads=H, head_dim=D, learn_features=True, redraw=True)
+    with pytest.raises(TypeError, match="learn_features"):
+        build_attention("rfa", num_heads=H, head_dim=D, learn_features="yes")
+
+
+# (B, Nq, Nk, causal); fewer queries than keys is a causal (decoding) case only
+EMPTY_SHAPES = [
+    pytest.param(0, 5, 5, False, id="empty-batch-bidirectional"),
+    pytest.param(0, 5, 5, True, id="empty-batch-causal"),
+    pytest.param(2, 0, 0, False, id="empty-sequence-bidirectional"),
+    pytest.param(2, 0, 0, True, id="empty-sequence-causal"),
+    pytest.param(2, 0, 5, True, id="no-query-causal"),
+]
+
+
+@pytest.mark.parametrize("method", methods())
+@pytest.mark.parametrize("B, Nq, Nk, causal", EMPTY_SHAPES)
+def test_degenerate_shapes_give_empty_outputs_like_softmax(method, B, Nq, Nk, causal):
+    """Empty batch, empty sequence, no query: the same empty output as SDPA, still differentiable."""
+    attn = build_small(method, H, D).eval()
+    q = torch.randn(B, H, Nq, D, requires_grad=True)
+    k, v = torch.randn(B, H, Nk, D), torch.randn(B, H, Nk, D)
+    mask = torch.ones(B, Nk, dtype=torch.bool)
+    out = attn(q, k, v, padding_mask=mask, causal=causal)
+    assert out.shape == (B, H, Nq, D) and out.dtype == q.dtype
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+RECURRENT = [m for m in methods() if build_small(m, H, D).supports_recurrent_state]
+
+
+@pytest.mark.parametrize("method", RECURRENT)
+def test_prefill_and_step_accept_empty_inputs(method):
+    """prefill of 0 tokens gives a usable empty state; a step of 0 tokens leaves the state as it was; an empty batch
+    prefills and steps."""
+    attn = build_small(method, H, D).double().eval()
+    q, k, v = qkv(2, H, 6, D)
+    out, empty = attn.prefill(q[:, :, :0], k[:, :, :0], v[:, :, :0])
+    assert out.shape == (2, H, 0, D)
+    after, _ = attn.step(q, k, v, empty)
+    torch.testing.assert_close(after, attn.prefill(q, k, v)[0], rtol=0, atol=1e-12)
+    _, state = attn.prefill(q, k, v)
+    out, same = attn.step(q[:, :, :0], k[:, :, :0], v[:, :, :0], state)
+    assert out.shape == (2, H, 0, D) and same is state
+    out, none = attn.prefill(*qkv(0, H, 4, D))
+    assert out.shape == (0, H, 4, D)
+    assert attn.step(*qkv(0, H, 1, D), none)[0].shape == (0, H, 1, D)
+
+
+@pytest.mark.parametrize("method", methods())
+@pytest.mark.parametrize("scale", [0.0, -0.125, float("nan"), float("inf"), "0.1", True])
+def test_invalid_scale_is_a_clear_error(method, scale):
+    attn = build_small(method, H, D)
+    q, k, v = qkv(1, H, 5, D)
+    with pytest.raises(ValueError, match="`scale` must be a finite number > 0"):
+        attn(q, k, v, scale=scale)
+    if attn.supports_recurrent_state:
+        with pytest.raises(ValueError, match="`scale`"):
+            attn.step(q, k, v, None, scale=scale)

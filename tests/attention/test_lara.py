@@ -305,15 +305,20 @@ def test_causal_noise_is_fixed_unless_redraw():
     assert torch.equal(redraw.eval()(q, k, v, causal=True), redraw(q, k, v, causal=True))
 
 
-def test_bidirectional_ignores_causal_parameters_and_state_dict_is_uniform():
+def test_bidirectional_learns_a_proposal_offset_and_state_dict_is_uniform():
+    """Bidirectional LARA ignores `proposal_noise`; `proposal_mean` (init 0, so a fresh module is the paper's
+    estimator) is a learned offset of the segment-mean proposals."""
     H, D = 2, 8
     q, k, v = gaussian_inputs(2, H, 15, 15, D)
     attn = LinearRandomizedAttention(H, D, num_landmarks=4).eval()
     before = attn(q, k, v)
+    assert_close("fresh = paper", naive_bidirectional_lara(q, k, v, D**-0.5, 4, "opt", 1.0)[2], before, 1e-10)
     with torch.no_grad():
-        attn.proposal_mean.normal_()
         attn.proposal_noise.normal_()
     assert torch.equal(before, attn(q, k, v))
+    with torch.no_grad():
+        attn.proposal_mean.normal_()
+    assert (attn(q, k, v) - before).abs().max() > 1e-3
     assert set(attn.state_dict()) == {"proposal_mean", "proposal_noise"}
     adaptive = LinearRandomizedAttention(H, D, num_landmarks=4, adaptive=True).eval()
     assert set(adaptive.state_dict()) == {
@@ -344,11 +349,12 @@ def test_gradients_reach_inputs_and_parameters():
         attn(*leaves, padding_mask=mask, causal=causal).square().sum().backward()
         for name, x in zip("qkv", leaves, strict=True):
             assert bool(x.grad.isfinite().all()) and x.grad.abs().sum() > 0, f"{name} ({causal=})"
-        used = [attn.proposal_mean] if causal else [attn.adapt_q.weight, attn.adapt_k.weight, attn.adapt_q.bias]
+        used = [attn.proposal_mean]
+        used += [] if causal else [attn.adapt_q.weight, attn.adapt_k.weight, attn.adapt_q.bias]
         for p in used:
             assert p.grad is not None and bool(p.grad.isfinite().all()) and p.grad.abs().sum() > 0
-        unused = [attn.adapt_q.weight] if causal else [attn.proposal_mean]
-        assert all(p.grad is None for p in unused)
+        if causal:
+            assert attn.adapt_q.weight.grad is None
 
 
 @pytest.mark.parametrize(

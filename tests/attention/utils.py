@@ -17,12 +17,21 @@ SMALL_HPARAMS: dict[str, dict] = {
 }
 
 
+#: the window hybrid of `window.py` (W = 4: with 16-token blocks, inputs of ~40 tokens use near and far blocks)
+WINDOWED = {"rfa-window": "rfa", "kernel-window": "kernel", "lara-window": "lara"}
+WINDOW_SIZE = 4
+
+
 def methods() -> list[str]:
-    return available_methods()
+    """Every registered method plus its windowed variant (`"<method>-window"`) where it has one."""
+    return available_methods() + sorted(WINDOWED)
 
 
 def build_small(method: str, num_heads: int, head_dim: int, **overrides) -> torch.nn.Module:
-    hparams = {**SMALL_HPARAMS.get(method, {}), **overrides}
+    extra = {}
+    if method in WINDOWED:
+        method, extra = WINDOWED[method], {"window_size": WINDOW_SIZE}
+    hparams = {**SMALL_HPARAMS.get(method, {}), **extra, **overrides}
     return build_attention(method, num_heads=num_heads, head_dim=head_dim, **hparams)
 
 

@@ -1,0 +1,232 @@
+"""The window hybrid (`attention/window.py`): exact local softmax + estimator under one normaliser, for `rfa`,
+`kernel` and `lara`, against the quadratic twin `naive_windowed_feature_attention` and exact softmax."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hf_lara.attention import build_attention
+from hf_lara.attention.linear import LinearState
+from hf_lara.attention.naive import naive_softmax_attention, naive_windowed_feature_attention, window_mask
+from hf_lara.attention.random_features import positive_random_log_features
+from hf_lara.attention.window import WindowMaps, WindowState, windowed_attention
+
+from .utils import assert_close, build_small, qkv
+
+H, D = 2, 8
+METHODS = ["rfa", "kernel", "lara"]
+MODES = [pytest.param(False, id="bidirectional"), pytest.param(True, id="causal")]
+
+
+def _mask(B: int, N: int) -> torch.Tensor:
+    """Row 0 left-padded by 13, row 1 right-padded by 21, row 2 full."""
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[0, :13] = False
+    mask[1, N - 21 :] = False
+    return mask
+
+
+def _complete_features(attn, q, k, scale, causal):
+    """Complete log-features `(lq, lk)` for the naive twin, from each method's definition."""
+    if attn.method == "rfa":
+        # independent of the module's code: log xi(x, w) for the stored features, -log S on the query side
+        omega = attn.projection.to(q.dtype)
+        lq = positive_random_log_features(q * scale**0.5, omega) - math.log(attn.num_features)
+        return lq, positive_random_log_features(k * scale**0.5, omega)
+    if attn.method == "kernel":
+        lk = attn.feature_map(k * scale**0.5)
+        return attn.feature_map(q * scale**0.5) + attn.window_log_factor.to(q.dtype)[:, None, None], lk
+    maps = attn.window_maps(scale, q.dtype) if causal else attn.bidirectional_window_maps(q, k, scale)
+    return maps.query(q), maps.key(k)
+
+
+def _perturb(attn):
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return attn
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("causal", MODES)
+@pytest.mark.parametrize("window", [1, 5, 16, 23])
+def test_matches_naive_twin_outputs_and_gradients(method, causal, window):
+    """fp64, several 16-token blocks (near and far), window shorter and longer than a block: outputs and
+    gradients of q, k, v and of every parameter equal the quadratic twin's."""
+    attn = _perturb(build_small(method, H, D, window_size=window).double().eval())
+    q, k, v = (t.requires_grad_() for t in qkv(2, H, 83, D))
+    scale = 0.4
+    out = attn(q, k, v, causal=causal, scale=scale)
+    ref = naive_windowed_feature_attention(
+        q, k, v, *_complete_features(attn, q, k, scale, causal), window, causal=causal, scale=scale
+    )
+    assert_close("out", ref, out, 1e-12)
+    grad = torch.randn_like(out)
+    inputs = [q, k, v, *attn.parameters()]
+    got = torch.autograd.grad(out, inputs, grad, allow_unused=True)
+    want = torch.autograd.grad(ref, inputs, grad, allow_unused=True)
+    for name, a, b in zip(["q", "k", "v", *(n for n, _ in attn.named_parameters())], want, got, strict=True):
+        if a is None:
+            assert b is None or b.abs().max() == 0, name
+        else:
+            assert_close(f"grad {name}", a, b, 1e-10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("causal", MODES)
+def test_matches_naive_twin_with_padding(method, causal):
+    """Left- and right-padded rows: the bidirectional window stays inside the real tokens (twin's definition)."""
+    attn = _perturb(build_small(method, H, D, window_size=6).double().eval())
+    q, k, v = qkv(3, H, 71, D)
+    mask = _mask(3, 71)
+    out = attn(q, k, v, padding_mask=mask, causal=causal)
+    for row in range(3):
+        real = mask[row]
+        qr, kr, vr = (t[row : row + 1, :, real] for t in (q, k, v))
+        scale = D**-0.5
+        ref = naive_windowed_feature_attention(
+            qr, kr, vr, *_complete_features(attn, qr, kr, scale, causal), 6, causal=causal
+        )
+        assert_close(f"row {row}", ref[0], out[row][:, real], 1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("causal", MODES)
+def test_exact_when_the_window_covers_the_sequence(method, causal):
+    """W >= N: every key is in the window, so the hybrid is softmax attention (also with padding)."""
+    q, k, v = qkv(3, H, 45, D)
+    mask = _mask(3, 45)
+    for window in (45, 64, 200):
+        attn = _perturb(build_small(method, H, D, window_size=window).double().eval())
+        out = attn(q, k, v, padding_mask=mask, causal=causal)
+        ref = naive_softmax_attention(q, k, v, key_mask=mask, causal=causal)
+        assert_close(f"W={window}", ref * mask[:, None, :, None], out * mask[:, None, :, None], 1e-12)
+
+
+def test_window_masks_are_the_documented_tables():
+    causal = window_mask(None, 4, 4, True, 2, torch.device("cpu"))[0, 0].int()
+    assert causal.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    bidir = window_mask(None, 5, 5, False, 3, torch.device("cpu"))[0, 0].int()
+    assert bidir.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [0, 0, 1, 1, 1]]
+
+
+def test_rfa_window_shares_the_softmax_scale():
+    """The random-feature part is on the scale of exp(s q.k): among kernel parts multiplied by 1/2, 1 and 2, the
+    hybrid's error to softmax is smallest at 1 (with 2048 features the Monte-Carlo noise is well below the gap)."""
+    torch.manual_seed(0)
+    q, k, v = qkv(2, H, 60, 16, std=0.6)
+    ref = naive_softmax_attention(q, k, v)
+    torch.manual_seed(1)
+    attn = build_attention("rfa", num_heads=H, head_dim=16, num_features=2048, window_size=8).double().eval()
+    maps = attn.window_maps(0.25, torch.float64)
+    errors = {}
+    for factor in (0.5, 1.0, 2.0):
+        shifted = WindowMaps(lambda x, f=factor: maps.query(x) + math.log(f), maps.key, maps.num_features)
+        out = windowed_attention(q, k, v, None, False, 0.25, 8, shifted)
+        errors[factor] = ((out - ref).norm() / ref.norm()).item()
+    print(f"rfa window hybrid relative error vs softmax, kernel part x0.5/x1/x2: {errors}")
+    assert errors[1.0] < 0.9 * min(errors[0.5], errors[2.0]), errors
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_decoding_equals_the_full_causal_forward(method):
+    """prefill + steps of 1..20 tokens (some longer than W) on a left-padded batch equal the full forward; the
+    state stays constant in size and the caller's state is never modified."""
+    window = 5
+    attn = _perturb(build_small(method, H, D, window_size=window).double().eval())
+    q, k, v = qkv(2, H, 80, D)
+    mask = torch.ones(2, 80, dtype=torch.bool)
+    mask[0, :9] = False
+    full = attn(q, k, v, padding_mask=mask, causal=True)
+    out, state = attn.prefill(q[:, :, :30], k[:, :, :30], v[:, :, :30], padding_mask=mask[:, :30])
+    outs, t, sizes = [out], 30, set()
+    for n in (1, 1, 3, 20, 1, 7, 1, 1, 15):
+        before = state.clone()
+        o, new = attn.step(
+            q[:, :, t : t + n], k[:, :, t : t + n], v[:, :, t : t + n], state, padding_mask=mask[:, t : t + n]
+        )
+        assert all(torch.equal(a, b) for a, b in zip(before._tensors(), state._tensors()))
+        outs.append(o)
+        state, t = new, t + n
+        sizes.add(state.nbytes())
+    assert isinstance(state, WindowState) and state.keys.shape[2] == window - 1
+    assert len(sizes) == 1
+    assert_close("decode", full, torch.cat(outs, dim=2), 1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_interface_for_the_cache(method):
+    """index_select (beams), to(device/dtype) and the type check on a state from another estimator."""
+    attn = build_small(method, H, D, window_size=3).double().eval()
+    q, k, v = qkv(3, H, 10, D)
+    _, state = attn.prefill(q, k, v)
+    picked = state.index_select(torch.tensor([2, 0]))
+    assert picked.keys.shape[0] == 2 and torch.equal(picked.values[0], state.values[2])
+    assert state.batch_size == 3 and state.device == q.device
+    moved = state.to("cpu")
+    assert moved.mask.dtype == torch.bool and moved.nbytes() == state.nbytes()
+    assert state.to(torch.float32).keys.dtype == torch.float32 and state.to(torch.float32).mask.dtype == torch.bool
+    plain = build_small(method, H, D).double().eval()
+    _, linear_state = plain.prefill(q, k, v)
+    assert isinstance(linear_state.to("cpu"), LinearState) and linear_state.batch_size == 3
+    with pytest.raises(TypeError, match="WindowState"):
+        attn.step(q[:, :, :1], k[:, :, :1], v[:, :, :1], linear_state)
+    with pytest.raises(TypeError, match="LinearState"):
+        plain.step(q[:, :, :1], k[:, :, :1], v[:, :, :1], state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("causal", MODES)
+def test_low_precision_large_norms_stay_finite_and_convex(dtype, causal):
+    """Norms x30 in fp16/bf16 on several blocks: finite, and inside the range of the values."""
+    for method in METHODS:
+        attn = build_small(method, H, 16, window_size=7).eval()
+        q, k, v = qkv(2, H, 90, 16, dtype=torch.float32)
+        q, k, v = (q * 30).to(dtype), (k * 30).to(dtype), v.to(dtype)
+        with torch.no_grad():
+            out = attn(q, k, v, causal=causal).float()
+        assert torch.isfinite(out).all(), method
+        slack = 4 * torch.finfo(dtype).eps * v.float().abs().max()
+        assert (out >= v.float().amin(2, keepdim=True) - slack).all(), method
+        assert (out <= v.float().amax(2, keepdim=True) + slack).all(), method
+
+
+def test_blocked_path_never_builds_an_n_by_n_tensor(monkeypatch):
+    """Every tensor built by the blocked path has fewer than N^2 / 4 elements per (batch, head) at N = 1024."""
+    N = 1024
+    attn = build_small("rfa", 1, D, window_size=8).double().eval()
+    q, k, v = qkv(1, 1, N, D)
+    largest = []
+    real_combine = __import__("hf_lara.attention.window", fromlist=["_combine"])._combine
+
+    def spy(logits, v1, far):
+        largest.append(logits.numel())
+        return real_combine(logits, v1, far)
+
+    monkeypatch.setattr("hf_lara.attention.window._combine", spy)
+    for causal in (False, True):
+        windowed_attention(q, k, v, None, causal, D**-0.5, 8, attn.window_maps(D**-0.5, q.dtype))
+    assert max(largest) < N * N / 4
+
+
+@pytest.mark.parametrize("method", ["rfa", "kernel", "lara"])
+def test_window_size_zero_is_todays_estimator(method):
+    """`window_size=0` (the default) is the plain estimator: same state dict keys and the same outputs."""
+    torch.manual_seed(3)
+    plain = build_small(method, H, D).double().eval()
+    torch.manual_seed(3)
+    zero = build_small(method, H, D, window_size=0).double().eval()
+    assert plain.state_dict().keys() == zero.state_dict().keys()
+    q, k, v = qkv(2, H, 30, D)
+    for causal in (False, True):
+        assert torch.equal(plain(q, k, v, causal=causal), zero(q, k, v, causal=causal))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bad_window_size_raises(method):
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="window_size"):
+            build_small(method, H, D, window_size=bad)
