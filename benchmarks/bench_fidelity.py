@@ -49,9 +49,9 @@ RESULTS = Path(__file__).parent / "results"
 REGIMES = {"short": ((24, 64), 64, 16), "long": ((256, 512), 512, 64)}
 METHODS = {
     "eva": lambda w: {"window_size": w, "num_chunks": 64, "chunk_size": min(16, w)},
-    "kernel": lambda w: {"feature_map": "hedgehog"},
-    "rfa": lambda w: {"num_features": 64},
-    "lara": lambda w: {"num_landmarks": 64, "adaptive": True},
+    "kernel": lambda w: {"feature_map": "hedgehog", "window_size": w},
+    "rfa": lambda w: {"num_features": 64, "window_size": w, "learn_features": True},
+    "lara": lambda w: {"num_landmarks": 16, "window_size": w, "adaptive": True},
 }
 
 
@@ -103,9 +103,10 @@ def run_one(base, method: str, regime: str, data: dict, args) -> dict:
     if method not in args.train_methods.split(","):
         row["stage1"], row["stage2"], row["train_minutes"], row["train_cpu_minutes"] = {}, {}, 0.0, 0.0
         return row
+    minutes = args.minutes_short if regime == "short" and args.minutes_short else args.minutes
     config = DistillConfig(
         hidden_weight=args.hidden_weight,
-        max_minutes=args.minutes,
+        max_minutes=minutes,
         stage1_share=args.stage1_share,
         max_length=max_length,
         batch_tokens=args.batch_tokens,
@@ -130,7 +131,7 @@ def run_one(base, method: str, regime: str, data: dict, args) -> dict:
     except ValueError as err:  # nothing to train in stage 1 for this estimator
         row["stage1"] = {"skipped": str(err)}
     # the evaluation between the stages is not training time
-    remaining = args.minutes * 60 - row["stage1"].get("minutes", 0) * 60
+    remaining = minutes * 60 - row["stage1"].get("minutes", 0) * 60
     _, s2 = end_to_end(model, batches, config, remaining, sentence_transformers_pooler(st))
     row["stage2"] = {
         **compare(st, reference, texts, max_length),
@@ -215,10 +216,13 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", default="eva,kernel,rfa,lara")
     parser.add_argument("--regimes", default="short,long")
     parser.add_argument("--train_methods", default="eva,kernel", help="methods also distilled (others: fresh only)")
-    parser.add_argument("--minutes", type=float, default=5.0, help="distillation budget per (method, regime)")
+    parser.add_argument("--minutes", type=float, default=4.0, help="distillation budget per (method, regime)")
+    parser.add_argument(
+        "--minutes_short", type=float, default=None, help="budget for short texts (default: --minutes)"
+    )
     parser.add_argument("--stage1_share", type=float, default=0.3)
     parser.add_argument("--batch_tokens", type=int, default=2048)
-    parser.add_argument("--hidden_weight", type=float, default=1.0)
+    parser.add_argument("--hidden_weight", type=float, default=0.1)
     parser.add_argument("--num_eval", type=int, default=64)
     parser.add_argument("--num_train_long", type=int, default=400)
     parser.add_argument("--num_train_short", type=int, default=2000)

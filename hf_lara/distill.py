@@ -82,7 +82,7 @@ class DistillConfig:
         warmup (`float`, *optional*, defaults to 0.05): share of each stage spent warming the learning rate up.
         rows_weight (`float`, *optional*, defaults to 0.0): weight of Hedgehog's row cross-entropy in stage 1
             (costs `N / D` extra estimator calls per layer; the output error is always in the loss).
-        hidden_weight (`float`, *optional*, defaults to 1.0): weight of the final hidden states' relative error next
+        hidden_weight (`float`, *optional*, defaults to 0.1): weight of the final hidden states' relative error next
             to the pooled-embedding cosine loss (encoders, stage 2).
         lora_rank (`int`, *optional*, defaults to 16): LoRA rank `r`; `lora_alpha = 2 r`.
         full_finetune (`bool`, *optional*, defaults to `False`): stage 2 trains every weight instead of LoRA adapters.
@@ -101,7 +101,7 @@ class DistillConfig:
     stage2_estimator_lr: float = 3e-3
     warmup: float = 0.05
     rows_weight: float = 0.0
-    hidden_weight: float = 1.0
+    hidden_weight: float = 0.1
     lora_rank: int = 16
     full_finetune: bool = False
     seed: int = 0

@@ -70,7 +70,16 @@ def test_distillation_attention_forwards_the_teacher(tok):
     torch.testing.assert_close(out[mask], ref[mask], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method,hparams", [("kernel", {"feature_map": "hedgehog"}), ("eva", tiny.HPARAMS["eva"])])
+@pytest.mark.parametrize(
+    "method,hparams",
+    [
+        ("kernel", {"feature_map": "hedgehog"}),
+        ("kernel", {"feature_map": "hedgehog", "window_size": 2}),
+        ("rfa", {"num_features": 8, "window_size": 2, "learn_features": True}),
+        ("eva", tiny.HPARAMS["eva"]),
+    ],
+    ids=["kernel", "kernel-window2", "rfa-window2", "eva"],
+)
 def test_attention_transfer_lowers_loss_and_measured_error(tok, method, hparams):
     model = hf_lara.convert(tiny_bert(), method, **hparams)
     frozen = {n: p.clone() for n, p in model.named_parameters() if "lara_attention" not in n}
