@@ -252,6 +252,7 @@ def main(argv=None) -> None:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "budget_minutes_per_run": args.minutes,
+        "budget_minutes_short": args.minutes_short or args.minutes,
         "stage1_share": args.stage1_share,
         "data": {
             r: {"eval": len(data[r]["eval"]), "train": len(data[r]["train"]), "eval_tokens": data[r]["eval_tokens"]}
