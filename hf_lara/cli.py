@@ -1,4 +1,4 @@
-"""The `hf-lara` command line: convert, fidelity, bench, push, demo.
+"""The `hf-lara` command line: convert, distill, fidelity, bench, push, demo.
 
 Every command has `--help`. Bad input (unknown method, bad hyper-parameter, missing file, malformed repo id, ...)
 prints one line `hf-lara <command>: error: ...` and exits with code 2; a push the Hub refuses or cannot receive
