@@ -1,4 +1,4 @@
-"""The `hf-lara` command line: convert, fidelity, bench, push, demo.
+"""The `hf-lara` command line: convert, distill, fidelity, bench, push, demo.
 
 Every command has `--help`. Bad input (unknown method, bad hyper-parameter, missing file, malformed repo id, an
 output path that is a file or a folder where the other is needed, a number out of range, ...) prints one line
@@ -205,8 +205,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     LaraConfig.from_config(config, method=args.method, layers=layers, **hparams)
     # written beside OUT and renamed at the end: an error or Ctrl-C leaves OUT as it was, --overwrite leaves no
     # stale file, and nothing is written through a link planted in OUT
+    # `keep_softmax` and its calibration batches ride with the hyper-parameters into `convert`
+    convert_kwargs = {**hparams, **keep_softmax_args(args)}
     with staged_folder(out) as folder:
-        model = _save_converted(args, config, layers, hparams, folder)
+        model = _save_converted(args, config, layers, convert_kwargs, folder)
         tags = ("sentence-transformers",) if sentence_transformer else ()
         atomic_write_text(folder / "README.md", str(build_card(model, base_model=base_model, tags=tags)))
     converted = len(model.lara_estimators())
@@ -215,6 +217,76 @@ def cmd_convert(args: argparse.Namespace) -> int:
         f"Converted {name} ({type(model).__name__}, {converted} attention layers{kind}) with `{args.method}` -> {out}"
     )
     return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import DistillConfig, distill_checkpoint, read_train_texts
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    check_methods([args.method])
+    hparams = parse_hparams(args.hparam)
+    layers = parse_ints(args.layers, "--layers") if args.layers else None
+    stages = tuple(parse_ints(args.stages, "--stages", minimum=1))
+    set_threads(args.threads)
+    config = DistillConfig(
+        stages=stages,
+        max_minutes=args.max_minutes,
+        max_steps=args.max_steps,
+        max_length=args.max_length,
+        batch_tokens=args.batch_tokens,
+        stage1_lr=args.stage1_lr,
+        stage2_lr=args.stage2_lr,
+        rows_weight=args.rows_weight,
+        lora_rank=args.lora_rank,
+        full_finetune=args.full_finetune,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    texts = read_train_texts(args.train_file)
+    # check the method and hyper-parameters before loading any weights
+    from .integration import LaraConfig
+
+    LaraConfig.from_config(load_config(args.src), method=args.method, layers=layers, **hparams)
+    result = distill_checkpoint(
+        args.src,
+        out,
+        args.method,
+        texts,
+        config,
+        layers=layers,
+        keep_softmax=args.keep_softmax,
+        overwrite=args.overwrite,
+        **hparams,
+    )
+    for name, stage in result.stages.items():
+        print(
+            f"{name}: {stage['steps']} steps in {stage['minutes']:.1f} min, loss {stage['loss_first']:.4f} -> "
+            f"{stage['loss_last']:.4f}"
+        )
+    print(f"Distilled {args.src} with `{args.method}` in {result.minutes:.1f} min -> {out}")
+    return 0
+
+
+def keep_softmax_args(args: argparse.Namespace) -> dict[str, Any]:
+    """`keep_softmax` and its calibration batches for `convert`, from `--keep-softmax` and `--calibration-file`."""
+    if not args.keep_softmax:
+        return {}
+    from .demo import demo_sentences
+    from .fidelity import encode_texts
+
+    if args.calibration_file:
+        path = Path(args.calibration_file)
+        if not path.is_file():
+            raise UsageError(f"--calibration-file {path} does not exist")
+        texts = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+    else:
+        texts = demo_sentences()
+    tokenizer = load_preprocessor(args.src)
+    if tokenizer is None or not callable(tokenizer):
+        raise UsageError(f"--keep-softmax needs the tokenizer of {args.src}, which was not found")
+    return {"keep_softmax": args.keep_softmax, "calibration": encode_texts(tokenizer, texts, max_length=512)}
 
 
 def read_texts(args: argparse.Namespace) -> list[str]:
@@ -463,7 +535,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help="comma-separated self-attention layers to convert (default: all)")
     p.add_argument("--base-model", help="Hub id of the source, recorded in the card (default: SRC if it is a Hub id)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    p.add_argument("--keep-softmax", type=int, default=0, metavar="K",
+                   help="leave the K layers with the largest attention error on calibration text on exact softmax")
+    p.add_argument("--calibration-file", help="calibration texts for --keep-softmax, one per line "
+                   "(default: the 30 bundled sentences)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("distill", help="convert a checkpoint, distil it towards its softmax teacher, save it")
+    p.add_argument("src", help="checkpoint folder or Hub id (sentence-transformers folders stay loadable as such)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--method", required=True, help="estimator (rfa, ra, lara, eva, kernel, softmax)")
+    p.add_argument("--hparam", action="append", metavar="KEY=VALUE", help="estimator hyper-parameter (repeatable)")
+    p.add_argument(
+        "--train-file",
+        "--train_file",
+        dest="train_file",
+        required=True,
+        help="training texts: .txt (one per line), .jsonl (`text` field) or .json (list)",
+    )
+    p.add_argument(
+        "--max-minutes",
+        "--max_minutes",
+        dest="max_minutes",
+        type=float,
+        default=10.0,
+        help="wall-clock budget of all stages together (default: 10)",
+    )
+    p.add_argument("--stages", default="1,2", help="1 = attention transfer, 2 = end to end (default: 1,2)")
+    p.add_argument(
+        "--max-steps",
+        "--max_steps",
+        dest="max_steps",
+        type=int,
+        default=None,
+        help="at most this many steps per stage",
+    )
+    p.add_argument(
+        "--max-length",
+        "--max_length",
+        dest="max_length",
+        type=int,
+        default=512,
+        help="truncate training texts to this many tokens; train as long as you will use (default: 512)",
+    )
+    p.add_argument(
+        "--batch-tokens",
+        "--batch_tokens",
+        dest="batch_tokens",
+        type=int,
+        default=2048,
+        help="padded tokens per batch, texts batched by length (default: 2048)",
+    )
+    p.add_argument("--stage1-lr", "--stage1_lr", dest="stage1_lr", type=float, default=1e-2)
+    p.add_argument("--stage2-lr", "--stage2_lr", dest="stage2_lr", type=float, default=1e-3)
+    p.add_argument(
+        "--rows-weight",
+        "--rows_weight",
+        dest="rows_weight",
+        type=float,
+        default=0.0,
+        help="weight of Hedgehog's attention-row cross-entropy in stage 1 (default: 0)",
+    )
+    p.add_argument("--lora-rank", "--lora_rank", dest="lora_rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument(
+        "--full-finetune",
+        "--full_finetune",
+        dest="full_finetune",
+        action="store_true",
+        help="stage 2 trains every weight instead of LoRA adapters",
+    )
+    p.add_argument("--layers", help="comma-separated self-attention layers to convert (default: all)")
+    p.add_argument(
+        "--keep-softmax",
+        "--keep_softmax",
+        dest="keep_softmax",
+        type=int,
+        default=0,
+        help="leave the K layers with the largest attention error (measured on the training texts) exact",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("fidelity", help="measure a converted model against its softmax teacher")
     p.add_argument("model", help="converted model folder or Hub id")

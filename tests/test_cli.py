@@ -20,7 +20,7 @@ from hf_lara.cli import build_parser, main
 from . import tiny
 from .hub_server import LocalHub
 
-COMMANDS = ["convert", "fidelity", "bench", "push", "demo"]
+COMMANDS = ["convert", "distill", "fidelity", "bench", "push", "demo"]
 
 
 def hf_lara_cli(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:

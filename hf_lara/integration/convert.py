@@ -7,14 +7,23 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from .attention import ATTENTION_KEY
+from .calibration import keep_worst_on_softmax
 from .compat import file_output_recording
 from .config import LARA_FIELDS, LaraConfig
 from .families import model_class_for
-from .models import attach_estimators
+from .models import attach_estimators, resolve_layers
 from .registry import get_family
 
 
-def convert(model: PreTrainedModel, method: str, layers: list[int] | None = None, **hparams: Any) -> PreTrainedModel:
+def convert(
+    model: PreTrainedModel,
+    method: str,
+    layers: list[int] | None = None,
+    *,
+    keep_softmax: int = 0,
+    calibration: Any = None,
+    **hparams: Any,
+) -> PreTrainedModel:
     """Replace the softmax self-attention of `model` by the estimator `method`, in place.
 
     The model keeps its parameters (same tensors, device and dtype); its class becomes the family's converted
@@ -27,6 +36,10 @@ def convert(model: PreTrainedModel, method: str, layers: list[int] | None = None
         model (`PreTrainedModel`): a model of a supported family (`hf_lara.supported_families()`).
         method (`str`): the estimator, one of `hf_lara.available_methods()`.
         layers (`list[int]`, *optional*): self-attention layers to convert, from 0; the others keep exact softmax.
+        keep_softmax (`int`, *optional*, defaults to 0): after converting, measure every converted layer's attention
+            error on `calibration` and leave the `keep_softmax` worst layers on exact softmax (see `calibration.py`);
+            the measurement is kept as `model.lara_calibration`.
+        calibration (texts, a batch or a list of batches, *optional*): inputs for `keep_softmax`.
         **hparams: the estimator's hyper-parameters.
 
     Returns:
@@ -38,6 +51,8 @@ def convert(model: PreTrainedModel, method: str, layers: list[int] | None = None
     family = get_family(model.config.model_type)
     converted_class = model_class_for(family, getattr(type(model), "lara_base_class", type(model)))
     config = LaraConfig.from_config(model.config, method=method, layers=layers, **hparams)
+    num_converted = len(resolve_layers(config.lara_layers, len(family.attention_modules(model))))
+    check_keep_softmax(keep_softmax, calibration, num_converted)
     # build (and check) everything before touching the model, so that a failure leaves it as it was
     attach_estimators(model, config, family, like_model=True)
     # modules keep references to the config object, so convert that object rather than replacing it
@@ -51,4 +66,20 @@ def convert(model: PreTrainedModel, method: str, layers: list[int] | None = None
     # model is built; file it under the new class too, as `PreTrainedModel.__init__` would have
     file_output_recording(model)
     model.set_attn_implementation(ATTENTION_KEY)
+    if keep_softmax:
+        keep_worst_on_softmax(model, keep_softmax, calibration)
     return model
+
+
+def check_keep_softmax(keep_softmax: int, calibration: Any, num_converted: int) -> None:
+    """`keep_softmax` must leave at least one converted layer and comes with calibration inputs."""
+    if isinstance(keep_softmax, bool) or not isinstance(keep_softmax, int) or not 0 <= keep_softmax < num_converted:
+        raise ValueError(
+            f"`keep_softmax` must be an integer from 0 to {num_converted - 1} (the layers to convert minus one), "
+            f"got {keep_softmax!r}."
+        )
+    if keep_softmax and calibration is None:
+        raise ValueError(
+            "`keep_softmax` needs `calibration` inputs to measure each layer's error on: texts, a tokenised batch or "
+            "a list of batches."
+        )
