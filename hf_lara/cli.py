@@ -17,6 +17,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -221,14 +222,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from .distill import DistillConfig, distill_checkpoint, read_train_texts
+    from .io import check_output_folder
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    out = check_output_folder(args.out, "OUT", overwrite=args.overwrite)
     check_methods([args.method])
-    hparams = parse_hparams(args.hparam)
-    layers = parse_ints(args.layers, "--layers") if args.layers else None
-    stages = tuple(parse_ints(args.stages, "--stages", minimum=1))
+    hparams = arguments.parse_hparams(args.hparam, args.method)
+    layers = arguments.parse_layers(args.layers) if args.layers else None
+    stages = tuple(arguments.parse_ints(args.stages, "--stages", minimum=1))
     set_threads(args.threads)
     config = DistillConfig(
         stages=stages,
@@ -674,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
-    if extras and args.command == "convert":
+    if extras and args.command in ("convert", "distill"):
         try:
             args.hparam = (args.hparam or []) + arguments.flags_as_hparams(extras)
         except ValueError as err:

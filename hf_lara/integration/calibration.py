@@ -24,7 +24,6 @@ from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
 
 from .attention import ESTIMATOR_ATTR, lara_attention_forward, lara_padding_mask, softmax_fallback
-from .cache import bind_state_layer, remove_hook
 from .registry import get_family
 
 #: Attention implementation used while measuring: teacher output forward, estimator error accumulated.
@@ -166,8 +165,8 @@ def keep_worst_on_softmax(model: PreTrainedModel, keep_softmax: int, calibration
     worst = sorted(errors, key=lambda i: errors[i], reverse=True)[:keep_softmax]
     modules = get_family(model.config.model_type).attention_modules(model)
     for i in worst:
+        # the module's cache hook stays: without an estimator it binds no state (`cache.bind_state_layer`)
         delattr(modules[i], ESTIMATOR_ATTR)
-        remove_hook(modules[i], bind_state_layer)
     model.config.lara_layers = sorted(set(errors) - set(worst))
     report = CalibrationReport(method=model.config.lara_method, errors=errors, kept_softmax=worst, num_tokens=tokens)
     model.lara_calibration = report
