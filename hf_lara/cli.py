@@ -8,14 +8,14 @@ exits with code 1; success exits with 0.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from . import arguments
 
 
 class UsageError(Exception):
@@ -30,36 +30,6 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------------------------- argument parsing
-def parse_value(text: str) -> Any:
-    """`64` -> 64, `true` -> True, `[1, 2]` -> [1, 2], `hedgehog` -> 'hedgehog'."""
-    for parse in (json.loads, ast.literal_eval):
-        try:
-            return parse(text)
-        except (ValueError, SyntaxError):
-            continue
-    return text
-
-
-def parse_hparams(items: Sequence[str] | None) -> dict[str, Any]:
-    hparams = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--hparam must be KEY=VALUE, got {item!r}")
-        hparams[key.strip()] = parse_value(value.strip())
-    return hparams
-
-
-def parse_ints(text: str, name: str, minimum: int = 0) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"{name} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < minimum:
-        raise UsageError(f"{name} must be integers >= {minimum}, got {text!r}")
-    return values
-
-
 def check_methods(methods: Sequence[str] | None) -> list[str]:
     from .attention import available_methods
 
@@ -111,25 +81,6 @@ def load_preprocessor(path: str):
     return None
 
 
-def flags_as_hparams(extras: Sequence[str]) -> list[str]:
-    """`["--window_size", "16", "--adaptive=false"]` -> `["window_size=16", "adaptive=false"]` for `convert`.
-
-    Hyper-parameters may be given as `--hparam KEY=VALUE` or directly as `--KEY VALUE` (dashes read as underscores).
-    """
-    items, rest = [], list(extras)
-    while rest:
-        flag = rest.pop(0)
-        if not flag.startswith("--") or len(flag) == 2:
-            raise UsageError(f"unrecognized argument {flag!r}; hyper-parameters are `--KEY VALUE` or `--hparam KEY=VALUE`")
-        key, sep, value = flag[2:].partition("=")
-        if not sep:
-            if not rest or rest[0].startswith("--"):
-                raise UsageError(f"hyper-parameter `--{key}` needs a value")
-            value = rest.pop(0)
-        items.append(f"{key.replace('-', '_')}={value}")
-    return items
-
-
 # ----------------------------------------------------------------------------------------------- commands
 def cmd_convert(args: argparse.Namespace) -> int:
     from .cards import build_card
@@ -139,8 +90,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"{out} exists and is not empty; pass --overwrite to write into it")
     check_methods([args.method])
-    hparams = parse_hparams(args.hparam)
-    layers = parse_ints(args.layers, "--layers") if args.layers else None
+    hparams = arguments.parse_hparams(args.hparam, args.method)
+    layers = arguments.parse_layers(args.layers) if args.layers else None
     config = load_config(args.src)
     # check the method and hyper-parameters before loading any weights
     LaraConfig.from_config(config, method=args.method, layers=layers, **hparams)
@@ -232,24 +183,13 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_method_hparams(items: Sequence[str] | None) -> dict[str, dict[str, Any]]:
-    """`eva.window_size=32` -> {'eva': {'window_size': 32}}."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in items or []:
-        method, dot, rest = item.partition(".")
-        if not dot:
-            raise UsageError(f"--hparam must be METHOD.KEY=VALUE, got {item!r}")
-        out.setdefault(method, {}).update(parse_hparams([rest]))
-    return out
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import estimator_table, format_table
 
     methods = check_methods(args.method)
-    lengths = parse_ints(args.lengths, "--lengths", minimum=1)
+    lengths = arguments.parse_ints(args.lengths, "--lengths", minimum=1)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    hparams = parse_method_hparams(args.hparam)
+    hparams = arguments.parse_method_hparams(args.hparam)
     check_methods(list(hparams))
     set_threads(args.threads)
     for name in ("heads", "head_dim", "repeats"):
@@ -334,8 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="checkpoint folder or Hub id")
     p.add_argument("out", help="output folder")
     p.add_argument("--method", required=True, help="estimator (rfa, ra, lara, eva, kernel, softmax)")
-    p.add_argument("--hparam", action="append", metavar="KEY=VALUE",
-                   help="estimator hyper-parameter (repeatable); `--KEY VALUE` works too, e.g. `--window_size 16`")
+    p.add_argument(
+        "--hparam",
+        action="append",
+        metavar="KEY=VALUE",
+        help="estimator hyper-parameter (repeatable); `--KEY VALUE` works too, e.g. `--window_size 16`",
+    )
     p.add_argument("--layers", help="comma-separated self-attention layers to convert (default: all)")
     p.add_argument("--base-model", help="Hub id of the source, recorded in the card (default: SRC if it is a Hub id)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
@@ -398,8 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extras = parser.parse_known_args(argv)
     if extras and args.command == "convert":
         try:
-            args.hparam = (args.hparam or []) + flags_as_hparams(extras)
-        except UsageError as err:
+            args.hparam = (args.hparam or []) + arguments.flags_as_hparams(extras)
+        except ValueError as err:
             parser.error(str(err))
     elif extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")

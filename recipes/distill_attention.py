@@ -18,7 +18,7 @@ of the converted model running on its own and of the original model.
 
 Launch:
     accelerate launch recipes/distill_attention.py \
-        --model_name_or_path sentence-transformers/all-MiniLM-L6-v2 --method kernel --method_args feature_map=hedgehog \
+        --model_name_or_path sentence-transformers/all-MiniLM-L6-v2 --method kernel --hparam feature_map=hedgehog \
         --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 --max_seq_length 128 \
         --learning_rate 1e-2 --max_train_steps 500 --output_dir minilm-hedgehog
 """
@@ -31,22 +31,28 @@ import torch
 import transformers
 from accelerate.utils import set_seed
 from recipe_utils import (
+    LossWindow,
+    RecipeError,
     add_data_args,
     add_model_args,
     add_training_args,
     build_optimizer_and_scheduler,
     check_common_args,
+    checkpoint_name,
+    exit_on_error,
     isolated_rng,
     load_model,
     load_text_datasets,
     make_accelerator,
     make_dataloaders,
+    num_training_steps,
     require_columns,
     resume_progress,
+    save_checkpoint,
     save_final,
     tracker_config,
-    train,
 )
+from tqdm.auto import tqdm
 from transformers import AttentionInterface, AttentionMaskInterface, DataCollatorWithPadding
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -231,7 +237,7 @@ def get_dataloaders(accelerator, args, tokenizer):
     """Tokenised `train` and `validation` dataloaders (dynamic padding)."""
     raw = load_text_datasets(args, keep_linebreaks=False)
     column = args.text_column_name or ("text" if "text" in raw["train"].column_names else raw["train"].column_names[0])
-    require_columns(raw["train"], {"--text_column_name": column})
+    require_columns(raw, {"--text_column_name": column}, args)
 
     def tokenize(examples):
         return tokenizer(examples[column], truncation=True, max_length=args.max_seq_length)
@@ -339,7 +345,7 @@ def training_function(args: argparse.Namespace) -> transformers.PreTrainedModel:
     model = load_model(auto_class_for(config), args, dtype=torch.float32)
     trainable = trainable_parameters(model)
     if not trainable:
-        raise ValueError(
+        raise RecipeError(
             f"Nothing to train: the `{model.config.lara_method}` estimators of this model have no parameters that "
             "take part in its attention. Distil a trainable estimator: `kernel` (feature maps), `eva` "
             "(`adaptive=true`, the default), `lara` with `adaptive=true` (encoders) or `lara` (decoders: proposal means)."
@@ -360,27 +366,51 @@ def training_function(args: argparse.Namespace) -> transformers.PreTrainedModel:
         accelerator.init_trackers("distill_attention", tracker_config(args))
 
     progress = resume_progress(accelerator, args)
-
-    def compute_loss(batch) -> torch.Tensor:
-        RECORDER.clear()
-        model(**batch)
-        loss = distillation_loss(unwrapped, trainable)
-        RECORDER.clear()  # the loss holds the graph; the recorder need not
-        return loss
-
     before = evaluate_fidelity(accelerator, model, eval_dataloader)
-    train(
-        accelerator,
-        model,
-        optimizer,
-        scheduler,
-        train_dataloader,
-        args,
-        progress,
-        compute_loss,
-        parameters=trainable,
-        train_mode=lambda: student_mode(model, unwrapped),
-    )
+    max_train_steps, num_epochs = num_training_steps(args, len(train_dataloader))
+    progress_bar = tqdm(range(max_train_steps), disable=not accelerator.is_local_main_process)
+    progress_bar.update(progress.completed_steps)
+    starting_epoch, resumed_batches = progress.epoch, progress.batches
+    window = LossWindow()
+    for epoch in range(starting_epoch, num_epochs):
+        student_mode(model, unwrapped)
+        train_dataloader.set_epoch(epoch)
+        progress.epoch, progress.batches = epoch, 0
+        active_dataloader = train_dataloader
+        if epoch == starting_epoch and resumed_batches:
+            # resuming inside an epoch: skip the batches the checkpoint had already consumed
+            active_dataloader = accelerator.skip_first_batches(train_dataloader, resumed_batches)
+            progress.batches = resumed_batches
+        for batch in active_dataloader:
+            with accelerator.accumulate(model):
+                RECORDER.clear()
+                model(**batch)
+                loss = distillation_loss(unwrapped, trainable)
+                RECORDER.clear()  # the loss holds the graph; the recorder need not
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            progress.batches += 1
+            window.add(loss)
+            if not accelerator.sync_gradients:
+                continue
+            progress.completed_steps += 1
+            progress_bar.update(1)
+            last = progress.completed_steps >= max_train_steps
+            window.log(accelerator, args, progress.completed_steps, scheduler.get_last_lr()[0], last)
+            if name := checkpoint_name(args, progress, end_of_epoch=False):
+                save_checkpoint(accelerator, args, progress, name)
+            if last:
+                break
+
+        progress.epoch, progress.batches = epoch + 1, 0
+        if name := checkpoint_name(args, progress, end_of_epoch=True):
+            save_checkpoint(accelerator, args, progress, name)
+        if progress.completed_steps >= max_train_steps:
+            break
 
     after = evaluate_fidelity(accelerator, model, eval_dataloader)
     report(accelerator, before, after)
@@ -417,7 +447,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    training_function(parse_args(argv))
+    try:
+        args = parse_args(argv)
+    except ValueError as error:
+        exit_on_error(__file__, error)
+    try:
+        training_function(args)
+    except RecipeError as error:
+        exit_on_error(__file__, error)
 
 
 if __name__ == "__main__":

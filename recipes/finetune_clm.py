@@ -6,7 +6,7 @@ and cut into blocks of `--block_size` tokens, as in Transformers' `run_clm_no_tr
 
 Launch:
     accelerate launch recipes/finetune_clm.py \
-        --model_name_or_path gpt2 --method kernel --method_args feature_map=hedgehog \
+        --model_name_or_path gpt2 --method kernel --hparam feature_map=hedgehog \
         --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 --block_size 512 \
         --learning_rate 1e-4 --num_train_epochs 1 --checkpointing_steps 500 --output_dir gpt2-hedgehog
 """
@@ -20,23 +20,30 @@ import torch
 import transformers
 from accelerate.utils import set_seed
 from recipe_utils import (
+    LossWindow,
+    RecipeError,
     add_data_args,
     add_model_args,
     add_training_args,
     build_optimizer_and_scheduler,
     check_common_args,
+    checkpoint_name,
     decay_groups,
+    estimators_have_parameters,
+    exit_on_error,
     isolated_rng,
     load_model,
     load_text_datasets,
     make_accelerator,
     make_dataloaders,
+    num_training_steps,
     require_columns,
     resume_progress,
+    save_checkpoint,
     save_final,
     tracker_config,
-    train,
 )
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, default_data_collator
 
 from hf_lara import metrics
@@ -46,7 +53,7 @@ def get_dataloaders(accelerator, args, tokenizer):
     """`train` and `validation` dataloaders of `--block_size`-token blocks (inputs are their own labels)."""
     raw = load_text_datasets(args, keep_linebreaks=not args.no_keep_linebreaks)
     column = args.text_column_name or ("text" if "text" in raw["train"].column_names else raw["train"].column_names[0])
-    require_columns(raw["train"], {"--text_column_name": column})
+    require_columns(raw, {"--text_column_name": column}, args)
     block_size = min(args.block_size, tokenizer.model_max_length)
 
     def tokenize(examples):
@@ -78,7 +85,7 @@ def get_dataloaders(accelerator, args, tokenizer):
         )
     for split in ("train", "validation"):
         if len(blocks[split]) == 0:
-            raise ValueError(
+            raise RecipeError(
                 f"The {split} split has fewer than `--block_size` {block_size} tokens in total; lower `--block_size`."
             )
     return make_dataloaders(blocks["train"], blocks["validation"], default_data_collator, args)
@@ -104,7 +111,8 @@ def evaluate_model(accelerator, model, dataloader) -> dict:
 
 def training_function(args: argparse.Namespace) -> transformers.PreTrainedModel:
     """Train, evaluate and save; returns the trained model, unwrapped (for callers that import the recipe)."""
-    accelerator = make_accelerator(args)
+    # DDP must tolerate estimator parameters without a gradient in some steps
+    accelerator = make_accelerator(args, find_unused_parameters=estimators_have_parameters(args))
     set_seed(args.seed)
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
@@ -121,19 +129,52 @@ def training_function(args: argparse.Namespace) -> transformers.PreTrainedModel:
         accelerator.init_trackers("finetune_clm", tracker_config(args))
 
     progress = resume_progress(accelerator, args)
+    max_train_steps, num_epochs = num_training_steps(args, len(train_dataloader))
+    progress_bar = tqdm(range(max_train_steps), disable=not accelerator.is_local_main_process)
+    progress_bar.update(progress.completed_steps)
+    starting_epoch, resumed_batches = progress.epoch, progress.batches
+    window, results = LossWindow(), {}
+    for epoch in range(starting_epoch, num_epochs):
+        model.train()
+        train_dataloader.set_epoch(epoch)
+        progress.epoch, progress.batches = epoch, 0
+        active_dataloader = train_dataloader
+        if epoch == starting_epoch and resumed_batches:
+            # resuming inside an epoch: skip the batches the checkpoint had already consumed
+            active_dataloader = accelerator.skip_first_batches(train_dataloader, resumed_batches)
+            progress.batches = resumed_batches
+        for batch in active_dataloader:
+            with accelerator.accumulate(model):
+                # blocks are full, so the mean token loss of each batch weighs every token equally
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            progress.batches += 1
+            window.add(loss)
+            if not accelerator.sync_gradients:
+                continue
+            progress.completed_steps += 1
+            progress_bar.update(1)
+            last = progress.completed_steps >= max_train_steps
+            window.log(accelerator, args, progress.completed_steps, scheduler.get_last_lr()[0], last)
+            if name := checkpoint_name(args, progress, end_of_epoch=False):
+                save_checkpoint(accelerator, args, progress, name)
+            if last:
+                break
 
-    def compute_loss(batch) -> torch.Tensor:
-        # blocks are full, so the mean token loss of each batch weighs every token equally
-        return model(**batch).loss
-
-    def evaluate(epoch: int) -> dict:
         results = evaluate_model(accelerator, model, eval_dataloader)
         accelerator.print(f"epoch {epoch}: perplexity {results['perplexity']:.4f} eval_loss {results['loss']:.4f}")
-        return results
-
-    results = train(
-        accelerator, model, optimizer, scheduler, train_dataloader, args, progress, compute_loss, evaluate=evaluate
-    )
+        if args.with_tracking:
+            accelerator.log({f"eval_{k}": v for k, v in results.items()}, step=progress.completed_steps)
+        progress.epoch, progress.batches = epoch + 1, 0
+        if name := checkpoint_name(args, progress, end_of_epoch=True):
+            save_checkpoint(accelerator, args, progress, name)
+        if progress.completed_steps >= max_train_steps:
+            break
 
     if args.with_tracking:
         accelerator.end_training()
@@ -161,7 +202,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    training_function(parse_args(argv))
+    try:
+        args = parse_args(argv)
+    except ValueError as error:
+        exit_on_error(__file__, error)
+    try:
+        training_function(args)
+    except RecipeError as error:
+        exit_on_error(__file__, error)
 
 
 if __name__ == "__main__":

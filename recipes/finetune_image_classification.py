@@ -7,7 +7,7 @@ is no random augmentation, which keeps resumed runs exact (add your own transfor
 
 Launch:
     accelerate launch recipes/finetune_image_classification.py \
-        --model_name_or_path google/vit-base-patch16-224-in21k --method lara --method_args adaptive=true \
+        --model_name_or_path google/vit-base-patch16-224-in21k --method lara --hparam adaptive=true \
         --dataset_name beans --learning_rate 5e-5 --num_train_epochs 3 --output_dir vit-lara-beans
 """
 
@@ -15,41 +15,62 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import torch
 import transformers
 from accelerate.utils import set_seed
 from datasets import load_dataset
 from recipe_utils import (
+    LossWindow,
+    RecipeError,
     add_model_args,
     add_training_args,
     build_optimizer_and_scheduler,
     check_common_args,
+    checkpoint_name,
+    estimators_have_parameters,
+    exit_on_error,
+    first_line,
     isolated_rng,
     load_model,
     make_accelerator,
     make_dataloaders,
+    num_training_steps,
     require_columns,
     resume_progress,
+    save_checkpoint,
     save_final,
     tracker_config,
-    train,
     with_validation_split,
 )
+from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification
 
 from hf_lara import metrics
 
 
 def load_image_datasets(args: argparse.Namespace):
-    """`train` and `validation` splits from the Hub or from local image folders."""
+    """`train` and `validation` splits from the Hub or from local image folders, read together so that both share
+    one list of classes; a folder without files, or that `datasets` cannot read, is a `RecipeError` naming it."""
     if args.dataset_name is not None:
-        raw = load_dataset(args.dataset_name, args.dataset_config_name)
-    else:
-        data_files = {"train": os.path.join(args.train_dir, "**")}
-        if args.validation_dir is not None:
-            data_files["validation"] = os.path.join(args.validation_dir, "**")
-        raw = load_dataset("imagefolder", data_files=data_files)
+        try:
+            raw = load_dataset(args.dataset_name, args.dataset_config_name)
+        except (OSError, ValueError) as error:  # offline, unknown name or configuration
+            raise RecipeError(
+                f"`--dataset_name` {args.dataset_name!r} could not be loaded: {first_line(error)}"
+            ) from None
+        return with_validation_split(raw, args)
+    folders = {"train": ("--train_dir", args.train_dir), "validation": ("--validation_dir", args.validation_dir)}
+    folders = {split: option for split, option in folders.items() if option[1] is not None}
+    for option, folder in folders.values():
+        if not any(path.is_file() for path in Path(folder).rglob("*")):
+            raise RecipeError(f"`{option}` {folder!r} holds no images (it needs one sub-folder of images per class).")
+    try:
+        raw = load_dataset("imagefolder", data_files={k: os.path.join(v[1], "**") for k, v in folders.items()})
+    except Exception as error:  # datasets raises several types for unreadable folders
+        names = " and ".join(f"`{option}` {folder!r}" for option, folder in folders.values())
+        raise RecipeError(f"{names} could not be read as image folders: {first_line(error)}") from None
     return with_validation_split(raw, args)
 
 
@@ -58,11 +79,11 @@ def get_dataloaders(accelerator, args, processor):
     with accelerator.main_process_first():
         raw = load_image_datasets(args)
     require_columns(
-        raw["train"], {"--image_column_name": args.image_column_name, "--label_column_name": args.label_column_name}
+        raw, {"--image_column_name": args.image_column_name, "--label_column_name": args.label_column_name}, args
     )
     feature = raw["train"].features[args.label_column_name]
     if not hasattr(feature, "names"):
-        raise ValueError(
+        raise RecipeError(
             f"`--label_column_name` {args.label_column_name!r} must be a `ClassLabel` column, got {feature}."
         )
     labels = list(feature.names)
@@ -97,7 +118,8 @@ def evaluate_model(accelerator, model, dataloader) -> dict:
 
 def training_function(args: argparse.Namespace) -> transformers.PreTrainedModel:
     """Train, evaluate and save; returns the trained model, unwrapped (for callers that import the recipe)."""
-    accelerator = make_accelerator(args)
+    # DDP must tolerate estimator parameters without a gradient in some steps
+    accelerator = make_accelerator(args, find_unused_parameters=estimators_have_parameters(args))
     set_seed(args.seed)
 
     processor = transformers.AutoImageProcessor.from_pretrained(args.tokenizer_name or args.model_name_or_path)
@@ -120,23 +142,51 @@ def training_function(args: argparse.Namespace) -> transformers.PreTrainedModel:
         accelerator.init_trackers("finetune_image_classification", tracker_config(args))
 
     progress = resume_progress(accelerator, args)
+    max_train_steps, num_epochs = num_training_steps(args, len(train_dataloader))
+    progress_bar = tqdm(range(max_train_steps), disable=not accelerator.is_local_main_process)
+    progress_bar.update(progress.completed_steps)
+    starting_epoch, resumed_batches = progress.epoch, progress.batches
+    window, results = LossWindow(), {}
+    for epoch in range(starting_epoch, num_epochs):
+        model.train()
+        train_dataloader.set_epoch(epoch)
+        progress.epoch, progress.batches = epoch, 0
+        active_dataloader = train_dataloader
+        if epoch == starting_epoch and resumed_batches:
+            # resuming inside an epoch: skip the batches the checkpoint had already consumed
+            active_dataloader = accelerator.skip_first_batches(train_dataloader, resumed_batches)
+            progress.batches = resumed_batches
+        for batch in active_dataloader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            progress.batches += 1
+            window.add(loss)
+            if not accelerator.sync_gradients:
+                continue
+            progress.completed_steps += 1
+            progress_bar.update(1)
+            last = progress.completed_steps >= max_train_steps
+            window.log(accelerator, args, progress.completed_steps, scheduler.get_last_lr()[0], last)
+            if name := checkpoint_name(args, progress, end_of_epoch=False):
+                save_checkpoint(accelerator, args, progress, name)
+            if last:
+                break
 
-    def evaluate(epoch: int) -> dict:
         results = evaluate_model(accelerator, model, eval_dataloader)
         accelerator.print(f"epoch {epoch}: accuracy {results['accuracy']:.4f}")
-        return results
-
-    results = train(
-        accelerator,
-        model,
-        optimizer,
-        scheduler,
-        train_dataloader,
-        args,
-        progress,
-        compute_loss=lambda batch: model(**batch).loss,
-        evaluate=evaluate,
-    )
+        if args.with_tracking:
+            accelerator.log({f"eval_{k}": v for k, v in results.items()}, step=progress.completed_steps)
+        progress.epoch, progress.batches = epoch + 1, 0
+        if name := checkpoint_name(args, progress, end_of_epoch=True):
+            save_checkpoint(accelerator, args, progress, name)
+        if progress.completed_steps >= max_train_steps:
+            break
 
     if args.with_tracking:
         accelerator.end_training()
@@ -153,7 +203,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--train_dir", default=None, help="Local image folder: one sub-folder of images per class.")
     group.add_argument("--validation_dir", default=None, help="Local validation image folder, same layout.")
     group.add_argument(
-        "--validation_split_percentage", type=int, default=15, help="Held out when there is no validation split."
+        "--train_val_split",
+        type=float,
+        default=0.15,
+        help="Fraction of the training data held out when there is no validation split.",
     )
     group.add_argument("--max_train_samples", type=int, default=None)
     group.add_argument("--max_eval_samples", type=int, default=None)
@@ -175,7 +228,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    training_function(parse_args(argv))
+    try:
+        args = parse_args(argv)
+    except ValueError as error:
+        exit_on_error(__file__, error)
+    try:
+        training_function(args)
+    except RecipeError as error:
+        exit_on_error(__file__, error)
 
 
 if __name__ == "__main__":

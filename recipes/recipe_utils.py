@@ -1,9 +1,10 @@
 """Pieces every hf_lara recipe shares: command-line options, the model (converted on load or already converted),
-local or Hub datasets, the optimizer and scheduler, the training loop with exact resume, and the final save.
+local or Hub datasets with clear data errors, the optimizer and scheduler, resume bookkeeping (atomic checkpoints,
+progress as JSON, nothing unpickled) and the final save.
 
-Each recipe keeps what is its own (data, model, loss, evaluation) and reads top to bottom like Accelerate's
-`nlp_example.py`; `train` runs the loop they all share, through small callbacks. Argument names follow
-Transformers' `examples/pytorch/*_no_trainer.py` scripts.
+Each recipe keeps its training loop in its own `training_function`, like Accelerate's `nlp_example.py`. Argument
+names follow Transformers' `examples/pytorch/*_no_trainer.py` scripts; hyper-parameters and layers are read by
+`hf_lara.arguments`, as in the `hf-lara` command line.
 """
 
 from __future__ import annotations
@@ -13,30 +14,51 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import re
-from collections.abc import Callable, Iterable
+import shutil
+import sys
+from collections.abc import Iterable
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    DistributedType,
+    ProjectConfiguration,
+)
 from datasets import DatasetDict, load_dataset
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 import hf_lara
+from hf_lara.arguments import parse_hparams, parse_layers
+from hf_lara.attention import build_attention
 
 #: Local file extensions the text recipes read, mapped to the `datasets` builder that reads them.
 TEXT_BUILDERS = {"csv": "csv", "json": "json", "jsonl": "json", "txt": "text"}
 #: Checkpoint folder names written by `--checkpointing_steps`.
 CHECKPOINT_PATTERN = re.compile(r"^(step|epoch)_(\d+)$")
+#: Training progress in each checkpoint, written last: its presence marks the checkpoint complete.
+PROGRESS_FILE = "training_progress.json"
+#: Files in a checkpoint that would be unpickled on loading; resuming refuses checkpoints that hold any.
+PICKLED_FILES = ("custom_checkpoint_*.pkl", ".metadata")
+#: Head dimension of the meta-device estimator `estimators_have_parameters` builds.
+ESTIMATOR_PROBE_DIM = 8
+
+
+class RecipeError(ValueError):
+    """A problem with the user's arguments, data or checkpoints: `main` prints it as one line and exits with 2."""
 
 
 # ---------------------------------------------------------------------------------------------------- arguments
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """`--model_name_or_path` plus the conversion options (`--method`, `--method_args`, `--layers`)."""
+    """`--model_name_or_path` plus the conversion options (`--method`, `--hparam`, `--layers`)."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model_name_or_path",
@@ -51,16 +73,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "converts again (new estimators), otherwise the checkpoint's own estimators are kept.",
     )
     group.add_argument(
-        "--method_args",
-        nargs="*",
+        "--hparam",
+        action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="Hyper-parameters of the estimator, e.g. `feature_map=hedgehog num_features=32 adaptive=true`; "
-        "values are read as JSON when they parse, else as strings.",
+        help="Estimator hyper-parameter, repeatable: `--hparam feature_map=hedgehog --hparam num_features=32`. Values "
+        "take the estimator's declared types; booleans are true/false/1/0.",
     )
-    group.add_argument(
-        "--layers", type=int, nargs="+", default=None, help="Self-attention layers to convert (default: all)."
-    )
+    group.add_argument("--layers", default=None, help="Self-attention layers to convert, e.g. `0,2` (default: all).")
     group.add_argument("--tokenizer_name", default=None, help="Tokenizer or processor, if not the model's.")
 
 
@@ -120,22 +140,8 @@ def add_training_args(parser: argparse.ArgumentParser, *, learning_rate: float =
     group.add_argument("--hub_token", default=None, help="Token for `--push_to_hub`.")
 
 
-def parse_method_args(items: list[str]) -> dict[str, Any]:
-    """`["feature_map=hedgehog", "num_features=32"]` -> `{"feature_map": "hedgehog", "num_features": 32}`."""
-    hparams = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise ValueError(f"`--method_args` takes KEY=VALUE pairs such as `num_features=64`, got {item!r}.")
-        try:
-            hparams[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            hparams[key] = raw
-    return hparams
-
-
 def check_common_args(args: argparse.Namespace, *, builders: dict[str, str] | None = TEXT_BUILDERS) -> None:
-    """Refuse bad arguments before anything heavy runs; fills `args.method_args` with the parsed dict.
+    """Refuse bad arguments before anything heavy runs; sets `args.hparams` (a dict) and `args.layers` (a list).
 
     Checks the data source, the local file types, the checkpointing and Hub options, and the conversion (loading
     only the config): a base checkpoint needs `--method`, and the method's hyper-parameters must build.
@@ -153,17 +159,18 @@ def check_common_args(args: argparse.Namespace, *, builders: dict[str, str] | No
         )
     if args.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         raise ValueError("`--push_to_hub` needs the Hub, but HF_HUB_OFFLINE is set; unset it or drop `--push_to_hub`.")
-    args.method_args = parse_method_args(args.method_args)
     check_conversion(args)
 
 
 def check_data_args(args: argparse.Namespace, builders: dict[str, str]) -> None:
     """A Hub dataset or local files of a supported type."""
-    if args.dataset_name is None and args.train_file is None:
+    if args.dataset_name is None and args.train_file is None and getattr(args, "task_name", None) is None:
         raise ValueError(
             "No training data: pass `--dataset_name` (a Hub dataset) or `--train_file` "
             f"(a local {'/'.join(sorted(builders))} file)."
         )
+    if getattr(args, "task_name", None) is not None and args.train_file is not None:
+        raise ValueError("Pass either `--task_name` (GLUE through `datasets`) or `--train_file`, not both.")
     for name in ("train_file", "validation_file"):
         path = getattr(args, name)
         if path is None:
@@ -184,8 +191,9 @@ def check_data_args(args: argparse.Namespace, builders: dict[str, str]) -> None:
 def check_conversion(args: argparse.Namespace) -> None:
     """A base checkpoint needs `--method`; the method and its hyper-parameters must build (config only)."""
     if args.method is None:
-        if args.method_args or args.layers is not None:
-            raise ValueError("`--method_args` and `--layers` need `--method`.")
+        if args.hparam or args.layers is not None:
+            raise ValueError("`--hparam` and `--layers` need `--method`.")
+        args.hparams = {}
         config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
         if not isinstance(config, hf_lara.LaraConfig):
             raise ValueError(
@@ -193,13 +201,22 @@ def check_conversion(args: argparse.Namespace) -> None:
                 f"pass `--method` (one of {', '.join(hf_lara.available_methods())}) to convert it."
             )
         return
-    # builds one estimator: unknown hyper-parameters, bad values and unsupported families fail here
+    args.hparams = parse_hparams(args.hparam, args.method)
+    if args.layers is not None:
+        args.layers = parse_layers(args.layers)
+    # builds one estimator: bad values and unsupported families fail here
     config = hf_lara.LaraConfig.from_pretrained(
-        args.model_name_or_path, method=args.method, layers=args.layers, **args.method_args
+        args.model_name_or_path, method=args.method, layers=args.layers, **args.hparams
     )
     num_layers = getattr(config, "num_hidden_layers", None)
     if args.layers is not None and num_layers is not None and max(args.layers) >= num_layers:
         raise ValueError(f"`--layers` must be indices below {num_layers} (the model's layers), got {args.layers}.")
+
+
+def exit_on_error(script: str, error: ValueError) -> NoReturn:
+    """Print `error` as one line, `<script>: error: ...` as argparse does, and exit with code 2."""
+    print(f"{Path(script).name}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(2)
 
 
 # ---------------------------------------------------------------------------------------------------- model and data
@@ -207,34 +224,90 @@ def load_model(auto_class: type, args: argparse.Namespace, **kwargs: Any) -> tra
     """`auto_class.from_pretrained(...)`, then `hf_lara.convert` when `--method` is given."""
     model = auto_class.from_pretrained(args.model_name_or_path, **kwargs)
     if args.method is not None:
-        hf_lara.convert(model, args.method, layers=args.layers, **args.method_args)
+        hf_lara.convert(model, args.method, layers=args.layers, **args.hparams)
     return model
 
 
 def load_text_datasets(args: argparse.Namespace, **builder_kwargs: Any) -> DatasetDict:
-    """`train` and `validation` splits from the Hub or local files; holds out a validation split if there is none."""
+    """`train` and `validation` splits from the Hub or local files; holds out a validation split if there is none.
+
+    Local files are read one by one, so that an empty or unreadable file, or a validation file whose columns differ
+    from the training file's, is reported naming the file (and the column) instead of as a `datasets` error.
+    """
     if args.dataset_name is not None:
-        raw = load_dataset(args.dataset_name, args.dataset_config_name)
-    else:
-        data_files = {"train": args.train_file}
-        if args.validation_file is not None:
-            data_files["validation"] = args.validation_file
-        builder = TEXT_BUILDERS[Path(args.train_file).suffix.lstrip(".")]
-        extra = builder_kwargs if builder == "text" else {}
-        raw = load_dataset(builder, data_files=data_files, **extra)
+        try:
+            raw = load_dataset(args.dataset_name, args.dataset_config_name)
+        except (OSError, ValueError) as error:  # offline, unknown name or configuration
+            raise RecipeError(
+                f"`--dataset_name` {args.dataset_name!r} could not be loaded: {first_line(error)}"
+            ) from None
+        return with_validation_split(raw, args)
+    builder = TEXT_BUILDERS[Path(args.train_file).suffix.lstrip(".")]
+    extra = builder_kwargs if builder == "text" else {}
+    raw = DatasetDict(train=read_data_file(args.train_file, "--train_file", builder, **extra))
+    if args.validation_file is not None:
+        raw["validation"] = read_data_file(args.validation_file, "--validation_file", builder, **extra)
+        check_same_columns(raw, args)
     return with_validation_split(raw, args)
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def read_data_file(path: str, option: str, builder: str, **kwargs: Any):
+    """One local file as a `Dataset`; an empty, unreadable or row-less file is a `RecipeError` naming it."""
+    if Path(path).stat().st_size == 0:
+        raise RecipeError(f"`{option}` {path!r} is empty.")
+    try:
+        dataset = load_dataset(builder, data_files={"train": path}, split="train", **kwargs)
+    except Exception as error:  # datasets wraps pandas/pyarrow parse errors in several types
+        # datasets cannot build an empty split: a header without rows ends here
+        problem = "has no rows" if "corresponds to no data" in str(error) else f"could not be read as {builder}"
+        raise RecipeError(f"`{option}` {path!r} {problem}: {first_line(error)}") from None
+    if len(dataset) == 0:
+        raise RecipeError(f"`{option}` {path!r} has no rows.")
+    return dataset
+
+
+def check_same_columns(raw: DatasetDict, args: argparse.Namespace) -> None:
+    """The validation file must have the training file's columns."""
+    train, valid = raw["train"].column_names, raw["validation"].column_names
+    missing, extra = [c for c in train if c not in valid], [c for c in valid if c not in train]
+    if missing or extra:
+        problem = f"lacks column {missing[0]!r}" if missing else f"has column {extra[0]!r}"
+        raise RecipeError(
+            f"`--validation_file` {args.validation_file!r} {problem}, unlike `--train_file` {args.train_file!r}: "
+            f"columns {valid} vs {train}."
+        )
+
+
+def data_source(args: argparse.Namespace, split: str) -> str:
+    """Where `split` came from, for messages: "`--train_file` 'data.csv'" or "`--dataset_name` 'glue' (train)"."""
+    path = getattr(args, f"{split}_file", None) if split in ("train", "validation") else None
+    if getattr(args, "dataset_name", None) is None and path is not None:
+        return f"`--{split}_file` {path!r}"
+    if getattr(args, "dataset_name", None) is None and split == "validation" and getattr(args, "train_file", None):
+        return f"`--train_file` {args.train_file!r}"
+    name = getattr(args, "dataset_name", None) or getattr(args, "train_dir", None)
+    return f"the dataset {name!r} ({split} split)"
 
 
 def with_validation_split(raw: DatasetDict, args: argparse.Namespace) -> DatasetDict:
     """Hold out `--validation_split_percentage` of `train` when there is no `validation` split; apply the caps."""
     if "train" not in raw:
-        raise ValueError(f"The dataset has no `train` split; its splits are {list(raw)}.")
+        raise RecipeError(f"The dataset has no `train` split; its splits are {list(raw)}.")
+    if len(raw["train"]) == 0:
+        raise RecipeError(f"{data_source(args, 'train')} has no rows.")
     if "validation" not in raw:
-        if not 0 < args.validation_split_percentage < 100:
-            raise ValueError(
-                "No validation split: pass `--validation_file` or a `--validation_split_percentage` in 1-99."
+        # `--train_val_split` (a fraction) in the image recipe, `--validation_split_percentage` in the text ones
+        holdout = getattr(args, "train_val_split", None) or args.validation_split_percentage / 100
+        if not 0 < holdout < 1:
+            raise RecipeError(
+                "No validation split: pass a validation file or folder, or hold out a fraction of the training data "
+                f"strictly between 0 and 1 (`--validation_split_percentage` 1-99, `--train_val_split`), got {holdout}."
             )
-        split = raw["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+        split = raw["train"].train_test_split(test_size=holdout, seed=args.seed)
         raw = DatasetDict(train=split["train"], validation=split["test"])
     if args.max_train_samples is not None:
         raw["train"] = raw["train"].select(range(min(args.max_train_samples, len(raw["train"]))))
@@ -243,13 +316,15 @@ def with_validation_split(raw: DatasetDict, args: argparse.Namespace) -> Dataset
     return raw
 
 
-def require_columns(dataset, columns: dict[str, str | None]) -> None:
-    """Every named column must exist: `{"--text_column_name": "text"}`; None values are skipped."""
-    for option, column in columns.items():
-        if column is not None and column not in dataset.column_names:
-            raise ValueError(
-                f"`{option}` {column!r} is not a column of the dataset; its columns are {dataset.column_names}."
-            )
+def require_columns(raw: DatasetDict, columns: dict[str, str | None], args: argparse.Namespace) -> None:
+    """Every named column must exist in every split: `{"--text_column_name": "text"}`; None values are skipped."""
+    for split, dataset in raw.items():
+        for option, column in columns.items():
+            if column is not None and column not in dataset.column_names:
+                raise RecipeError(
+                    f"`{option}` {column!r} is not a column of {data_source(args, split)}; "
+                    f"its columns are {dataset.column_names}."
+                )
 
 
 def make_dataloaders(train_set, eval_set, collate_fn, args: argparse.Namespace) -> tuple[DataLoader, DataLoader]:
@@ -271,54 +346,179 @@ def make_dataloaders(train_set, eval_set, collate_fn, args: argparse.Namespace) 
 
 
 # ---------------------------------------------------------------------------------------------------- training state
-def make_accelerator(args: argparse.Namespace) -> Accelerator:
+def make_accelerator(args: argparse.Namespace, *, find_unused_parameters: bool = False) -> Accelerator:
     """An `Accelerator` with gradient accumulation, trackers and a seedable sampler (shuffling that resumes exactly).
 
-    Mixed precision, the distributed type, FSDP and DeepSpeed come from the `accelerate launch` config.
+    Mixed precision, the distributed type, FSDP and DeepSpeed come from the `accelerate launch` config. Under DDP,
+    `find_unused_parameters` lets a step leave some parameters without a gradient (see `estimators_have_parameters`).
+    A config asking for FSDP or DeepSpeed that Accelerate cannot honour on this machine is an error, not a silent
+    fall-back to plain data parallelism.
     """
     # under `torchrun` on a machine without accelerators, Accelerate only forms a (gloo) process group when told to
     # use the CPU; otherwise every process would train alone on all the data
     cpu_only = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
-    return Accelerator(
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    accelerator = Accelerator(
         cpu=cpu_only,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None,
         project_config=ProjectConfiguration(project_dir=args.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=handlers,
     )
+    for flag, wanted in (
+        ("ACCELERATE_USE_FSDP", DistributedType.FSDP),
+        ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED),
+    ):
+        if os.environ.get(flag, "false").lower() == "true" and accelerator.distributed_type != wanted:
+            raise RecipeError(
+                f"The Accelerate config asks for {wanted.value}, but on this machine Accelerate runs "
+                f"{accelerator.distributed_type.value} (no GPU: {wanted.value} is not available on CPU). Use a GPU "
+                "machine, or recipes/configs/cpu.yaml (one process) or `torchrun --nproc_per_node N` (DDP over gloo)."
+            )
+    return accelerator
 
 
+def estimators_have_parameters(args: argparse.Namespace) -> bool:
+    """Whether the converted model's estimators own parameters (LARA, EVA, kernel), built on the meta device.
+
+    Such parameters can miss a gradient in a step (LARA's causal proposal means in an encoder, EVA's chunk
+    projections when a batch fits its window), which DDP only accepts with `find_unused_parameters=True`.
+    """
+    method, hparams = args.method, args.hparams
+    if method is None:
+        config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
+        method, hparams = config.lara_method, dict(config.lara_hparams or {})
+    with torch.device("meta"):
+        estimator = build_attention(method, num_heads=1, head_dim=ESTIMATOR_PROBE_DIM, **hparams)
+    return any(True for _ in estimator.parameters())
+
+
+@dataclass
 class TrainingProgress:
-    """Where training stands: registered with `accelerator.register_for_checkpointing`, so checkpoints record it.
+    """Where training stands, saved as plain JSON (`PROGRESS_FILE`) in every checkpoint: nothing is unpickled.
 
     `batches` counts the dataloader batches consumed in `epoch`, which is what `skip_first_batches` needs; it is
     exact with gradient accumulation and with epochs whose length is not a multiple of the accumulation steps.
     """
 
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.batches = 0
-        self.completed_steps = 0
+    epoch: int = 0
+    batches: int = 0
+    completed_steps: int = 0
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.batches, "completed_steps": self.completed_steps}
+    @classmethod
+    def read(cls, checkpoint: Path) -> TrainingProgress:
+        """The progress recorded in `checkpoint`, checked to be three non-negative integers."""
+        try:
+            state = json.loads((checkpoint / PROGRESS_FILE).read_text())
+            progress = cls(**{key: state[key] for key in ("epoch", "batches", "completed_steps")})
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise RecipeError(f"Checkpoint {str(checkpoint)!r} has no valid {PROGRESS_FILE}: {error}.") from None
+        values = astuple(progress)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise RecipeError(f"Checkpoint {str(checkpoint)!r}: {PROGRESS_FILE} holds {state}, not step counts.")
+        return progress
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batches, self.completed_steps = state["epoch"], state["batches"], state["completed_steps"]
+
+def complete_checkpoints(output_dir: str) -> list[tuple[TrainingProgress, Path]]:
+    """The complete `step_N`/`epoch_N` checkpoints of `output_dir`, oldest first (by optimizer steps, then epoch)."""
+    found = []
+    for path in Path(output_dir).glob("*"):
+        if CHECKPOINT_PATTERN.match(path.name) and path.is_dir() and (path / PROGRESS_FILE).is_file():
+            with contextlib.suppress(RecipeError):
+                found.append((TrainingProgress.read(path), path))
+    return sorted(found, key=lambda item: (item[0].completed_steps, item[0].epoch, item[0].batches))
 
 
-def resolve_checkpoint(args: argparse.Namespace) -> str | None:
-    """The folder `--resume_from_checkpoint` names; `latest` is the most advanced `step_N`/`epoch_N` in `--output_dir`."""
+def resolve_checkpoint(args: argparse.Namespace) -> Path | None:
+    """The folder `--resume_from_checkpoint` names; `latest` is the most advanced complete one in `--output_dir`.
+
+    A checkpoint is complete once its `PROGRESS_FILE` exists: `save_checkpoint` writes it last, in a temporary
+    folder renamed into place. Folders left by an interrupted save are skipped by `latest` and refused by name.
+    """
     if args.resume_from_checkpoint is None:
         return None
-    if args.resume_from_checkpoint != "latest":
-        if not Path(args.resume_from_checkpoint).is_dir():
-            raise ValueError(f"`--resume_from_checkpoint` {args.resume_from_checkpoint!r} is not a folder.")
-        return args.resume_from_checkpoint
-    found = [p for p in Path(args.output_dir).glob("*") if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
-    if not found:
-        raise ValueError(f"`--resume_from_checkpoint latest`: no step_N or epoch_N folder in {args.output_dir!r}.")
-    return str(max(found, key=lambda p: p.stat().st_mtime))
+    if args.resume_from_checkpoint == "latest":
+        found = complete_checkpoints(args.output_dir)
+        if not found:
+            raise RecipeError(
+                f"`--resume_from_checkpoint latest`: no complete step_N or epoch_N checkpoint in {args.output_dir!r}."
+            )
+        return found[-1][1]
+    checkpoint = Path(args.resume_from_checkpoint)
+    if not checkpoint.is_dir():
+        raise RecipeError(f"`--resume_from_checkpoint` {str(checkpoint)!r} is not a folder.")
+    if not (checkpoint / PROGRESS_FILE).is_file():
+        raise RecipeError(
+            f"`--resume_from_checkpoint` {str(checkpoint)!r} is incomplete or damaged (no {PROGRESS_FILE}, which is "
+            "written last): its save was interrupted or it is not a checkpoint of these recipes. Resume from an "
+            "earlier checkpoint or from `latest`."
+        )
+    return checkpoint
+
+
+def resume_progress(accelerator: Accelerator, args: argparse.Namespace) -> TrainingProgress:
+    """The `TrainingProgress` to start from: fresh, or the model, optimizer, scheduler, sampler and random states
+    of `--resume_from_checkpoint` loaded into the prepared objects (call after `accelerator.prepare`).
+
+    Nothing in the checkpoint is unpickled: Accelerate loads tensors with `weights_only=True`, the progress is JSON,
+    and a checkpoint holding a pickled custom object (which these recipes never write) is refused.
+    """
+    checkpoint = resolve_checkpoint(args)
+    if checkpoint is None:
+        return TrainingProgress()
+    # Accelerate unpickles registered custom objects, torch.distributed.checkpoint its `.metadata` (sharded FSDP)
+    pickles = sorted(p.name for pattern in PICKLED_FILES for p in checkpoint.rglob(pattern))
+    if pickles:
+        raise RecipeError(
+            f"Checkpoint {str(checkpoint)!r} holds {', '.join(pickles)}: pickled objects, which these recipes never "
+            "write and will not load (unpickling runs code). Remove them or resume from a checkpoint of these recipes."
+        )
+    progress = TrainingProgress.read(checkpoint)
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (OSError, EOFError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError) as error:
+        raise RecipeError(
+            f"Checkpoint {str(checkpoint)!r} is damaged: {str(error).splitlines()[0] if str(error) else type(error).__name__}."
+        ) from None
+    accelerator.print(f"Resumed from checkpoint: {checkpoint} (step {progress.completed_steps})")
+    return progress
+
+
+def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, progress: TrainingProgress, name: str) -> None:
+    """`accelerator.save_state` into `<output_dir>/<name>`, atomically.
+
+    Every process writes into `<name>.partial`; then the main process adds `PROGRESS_FILE` (JSON) and renames the
+    folder, replacing an older one of the same name. A run killed before the rename leaves only `<name>.partial`.
+    """
+    final = Path(args.output_dir) / name
+    partial = final.with_name(f"{name}.partial")
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(partial / PROGRESS_FILE, asdict(progress))
+        if final.exists():
+            stale = final.with_name(f"{name}.stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            final.rename(stale)
+            partial.rename(final)
+            shutil.rmtree(stale)
+        else:
+            partial.rename(final)
+    accelerator.wait_for_everyone()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """`json.dump` into a temporary file beside `path`, flushed to disk, then renamed onto it."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
 
 
 def checkpoint_name(args: argparse.Namespace, progress: TrainingProgress, end_of_epoch: bool) -> str | None:
@@ -337,18 +537,6 @@ def num_training_steps(args: argparse.Namespace, batches_per_epoch: int) -> tupl
     if args.max_train_steps is None:
         return args.num_train_epochs * steps_per_epoch, args.num_train_epochs
     return args.max_train_steps, math.ceil(args.max_train_steps / steps_per_epoch)
-
-
-def resume_progress(accelerator: Accelerator, args: argparse.Namespace) -> TrainingProgress:
-    """A `TrainingProgress` registered for checkpointing, loaded with the whole training state from
-    `--resume_from_checkpoint` when given (call after `accelerator.prepare`)."""
-    progress = TrainingProgress()
-    accelerator.register_for_checkpointing(progress)
-    checkpoint = resolve_checkpoint(args)
-    if checkpoint is not None:
-        accelerator.print(f"Resumed from checkpoint: {checkpoint}")
-        accelerator.load_state(checkpoint)
-    return progress
 
 
 # ---------------------------------------------------------------------------------------------------- optimisation
@@ -383,81 +571,23 @@ def build_optimizer_and_scheduler(
     return optimizer, scheduler
 
 
-def train(
-    accelerator: Accelerator,
-    model,
-    optimizer,
-    scheduler,
-    train_dataloader,
-    args: argparse.Namespace,
-    progress: TrainingProgress,
-    compute_loss: Callable[[dict], torch.Tensor],
-    evaluate: Callable[[int], dict] | None = None,
-    *,
-    parameters: Iterable[torch.nn.Parameter] | None = None,
-    train_mode: Callable[[], None] | None = None,
-) -> dict:
-    """The training loop of every recipe (all arguments prepared); returns the last `evaluate` results (or `{}`).
+class LossWindow:
+    """The mean training loss of the batches since the last optimizer step, printed as `step N: loss X`."""
 
-    Gradient accumulation, clipping of `parameters` (default: all of the model's) to `--max_grad_norm`, the
-    progress bar, the `step N: loss` lines every `--logging_steps`, `--checkpointing_steps`, and exact resume from
-    `progress`: the interrupted epoch skips the batches it had consumed. `compute_loss(batch)` runs the forward;
-    `train_mode()` (default `model.train()`) starts each epoch; `evaluate(epoch)`, if given, ends each epoch (before
-    its checkpoint) and its results are logged as `eval_*` with `--with_tracking`.
-    """
-    max_train_steps, num_epochs = num_training_steps(args, len(train_dataloader))
-    progress_bar = tqdm(range(max_train_steps), disable=not accelerator.is_local_main_process)
-    progress_bar.update(progress.completed_steps)
-    starting_epoch, skipped_batches = progress.epoch, progress.batches
-    results = {}
-    for epoch in range(starting_epoch, num_epochs):
-        (train_mode or model.train)()
-        train_dataloader.set_epoch(epoch)
-        progress.epoch, progress.batches = epoch, 0
-        active_dataloader = train_dataloader
-        if epoch == starting_epoch and skipped_batches:
-            active_dataloader = accelerator.skip_first_batches(train_dataloader, skipped_batches)
-            progress.batches = skipped_batches
-        window_loss, window_batches = 0.0, 0
-        for batch in active_dataloader:
-            with accelerator.accumulate(model):
-                loss = compute_loss(batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    clipped = model.parameters() if parameters is None else parameters
-                    accelerator.clip_grad_norm_(clipped, args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            progress.batches += 1
-            window_loss, window_batches = window_loss + loss.detach(), window_batches + 1
-            if not accelerator.sync_gradients:
-                continue
-            progress.completed_steps += 1
-            progress_bar.update(1)
-            if progress.completed_steps % args.logging_steps == 0 or progress.completed_steps == max_train_steps:
-                step_loss = accelerator.reduce(window_loss / window_batches, reduction="mean").item()
-                accelerator.print(f"step {progress.completed_steps}: loss {step_loss:.8f}")
-                if args.with_tracking:
-                    accelerator.log(
-                        {"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=progress.completed_steps
-                    )
-            window_loss, window_batches = 0.0, 0
-            if name := checkpoint_name(args, progress, end_of_epoch=False):
-                accelerator.save_state(f"{args.output_dir}/{name}")
-            if progress.completed_steps >= max_train_steps:
-                break
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
 
-        if evaluate is not None:
-            results = evaluate(epoch)
+    def add(self, loss: torch.Tensor) -> None:
+        self.total, self.count = self.total + loss.detach(), self.count + 1
+
+    def log(self, accelerator: Accelerator, args: argparse.Namespace, step: int, lr: float, last: bool) -> None:
+        """Print (and track) the mean over processes every `--logging_steps` and at the last step; then reset."""
+        if step % args.logging_steps == 0 or last:
+            loss = accelerator.reduce(self.total / self.count, reduction="mean").item()
+            accelerator.print(f"step {step}: loss {loss:.8f}")
             if args.with_tracking:
-                accelerator.log({f"eval_{k}": v for k, v in results.items()}, step=progress.completed_steps)
-        progress.epoch, progress.batches = epoch + 1, 0
-        if name := checkpoint_name(args, progress, end_of_epoch=True):
-            accelerator.save_state(f"{args.output_dir}/{name}")
-        if progress.completed_steps >= max_train_steps:
-            break
-    return results
+                accelerator.log({"train_loss": loss, "lr": lr}, step=step)
+        self.total, self.count = 0.0, 0
 
 
 @contextlib.contextmanager

@@ -253,7 +253,9 @@ class EVAAttention(AttentionEstimator):
                 f"window_size={window_size} and chunk_size={chunk_size}. Try "
                 f"chunk_size={math.gcd(window_size, chunk_size)}."
             )
-        self.adaptive = bool(adaptive)
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"`adaptive` must be True or False, got {adaptive!r}.")
+        self.adaptive = adaptive
         self.chunk_key_proj = _identity_linear(head_dim) if self.adaptive else None
         self.proposal_proj = _identity_linear(head_dim) if self.adaptive else None
 

@@ -159,8 +159,12 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         self.mis = check_choice("mis", mis, MIS_TYPES)
         self.alpha_coeff = check_float("alpha_coeff", alpha_coeff, minimum=0.0)
         self.chunk_size = check_int("chunk_size", chunk_size)
-        self.adaptive = bool(adaptive)
-        self.redraw = bool(redraw)
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"`adaptive` must be True or False, got {adaptive!r}.")
+        self.adaptive = adaptive
+        if not isinstance(redraw, bool):
+            raise TypeError(f"`redraw` must be True or False, got {redraw!r}.")
+        self.redraw = redraw
         self.adapt_q = self._identity_map() if self.adaptive else None
         self.adapt_k = self._identity_map() if self.adaptive else None
         self.proposal_mean = nn.Parameter(torch.zeros(num_heads, num_landmarks, head_dim))

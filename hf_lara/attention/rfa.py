@@ -63,12 +63,16 @@ class RandomFeatureAttention(RecurrentStateMixin, AttentionEstimator):
         self.window_size = check_int("window_size", window_size or 0, minimum=0)
         if not isinstance(learn_features, bool):
             raise TypeError(f"`learn_features` must be a bool, got {learn_features!r}.")
-        if learn_features and redraw:
-            raise ValueError("`learn_features=True` trains the features and `redraw=True` replaces them: choose one.")
         self.learn_features = learn_features
         self.chunk_size = check_int("chunk_size", chunk_size)
-        self.orthogonal = bool(orthogonal)
-        self.redraw = bool(redraw)
+        if not isinstance(orthogonal, bool):
+            raise TypeError(f"`orthogonal` must be True or False, got {orthogonal!r}.")
+        self.orthogonal = orthogonal
+        if not isinstance(redraw, bool):
+            raise TypeError(f"`redraw` must be True or False, got {redraw!r}.")
+        self.redraw = redraw
+        if learn_features and redraw:
+            raise ValueError("`learn_features=True` trains the features and `redraw=True` replaces them: choose one.")
         if learn_features:
             self.projection = nn.Parameter(self.draw_features())
         else:

@@ -9,11 +9,13 @@ softmax layers of hybrid models (`layers=[...]`), `eva`, `ra`, bidirectional est
 
 One decoding step, for a converted attention module `m` with layer index `i`:
 
-1. `bind_state_layer`, a forward pre-hook (`with_kwargs=True`) that hf_lara puts on every converted attention module,
-   finds `past_key_values.layers[i]`; when it is a `LaraStateLayer` it adds it to the module's keyword arguments
-   under `STATE_LAYER_KWARG`. Llama-, GPT-2-style modules hand their extra keyword arguments to the attention
-   function, so no module state is involved and nothing of Transformers is patched.
-2. The module calls `past_key_values.update(k, v, i)` as usual: a `LaraStateLayer` only counts the tokens and returns
+1. `bind_state_layer`, a forward pre-hook (`with_kwargs=True`) that hf_lara puts on every attention module of a
+   converted model, finds the cache the module receives (`cache=`, `past_key_values=` before Transformers 5.24; see
+   `compat.py`), refuses caches with preallocated slots (`check_cache`), and when `cache.layers[i]` is a
+   `LaraStateLayer` adds it to the module's keyword arguments under `STATE_LAYER_KWARG`. Llama-, GPT-2-style modules
+   hand their extra keyword arguments to the attention function, so no module state is involved and nothing of
+   Transformers is patched (the attention function itself never sees the cache).
+2. The module calls `cache.update(k, v, i)` as usual: a `LaraStateLayer` only counts the tokens and returns
    the new `k`, `v` `(B, H_kv, n, D)` themselves.
 3. `lara_attention_forward` sees the state layer and runs `estimator.step(q, k, v, layer.state)` on the new tokens,
    storing the new state in the layer. The padding mask it receives is the tail of the 2-D mask for those tokens, so
@@ -33,21 +35,28 @@ e.g. GPT-2 small with 64 features: `12 * 64 * 66 * 4` bytes = 203 KB per layer a
 grows by 6 KB per layer and token (the state is smaller past 34 tokens). KV layers grow by `2 * B * H_kv * D` numbers per token as usual.
 
 `generate()` creates a `LaraCache` on its own for converted decoders with at least one recurrent layer
-(`LaraModelMixin._prepare_cache_for_generation`); a cache passed by the user, or `cache_implementation="dynamic"`,
-keeps the KV path. A forward call with `use_cache=True` and no cache also gets a `LaraCache` (`provide_state_cache`).
+(`LaraModelMixin.generate` passes one where Transformers would build its default `DynamicCache`: `wants_state_cache`);
+a cache passed by the user, or `cache_implementation="dynamic"`, keeps the KV path; static caches raise
+`NotImplementedError`. A forward call with `use_cache=True` and no cache also gets a `LaraCache`
+(`provide_state_cache`).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import DynamicCache
-from transformers.cache_utils import CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from ..attention.linear import LinearState
 from .attention import ESTIMATOR_ATTR, STATE_LAYER_KWARG
+from .compat import CACHE_KWARG, cache_from_kwargs
+
+#: Attribute holding the `RemovableHandle` of the forward pre-hook hf_lara puts on a module.
+HOOK_ATTR = "lara_cache_hook"
 
 
 class LaraStateLayer(CacheLayerMixin):
@@ -128,6 +137,10 @@ class LaraStateLayer(CacheLayerMixin):
             self.reorder_cache(rows.repeat_interleave(repeats))
 
 
+#: Cache layers converted models decode with: keys of the tokens seen so far (dynamic, sliding, quantized), or a state.
+SUPPORTED_LAYERS = (DynamicLayer, LaraStateLayer)
+
+
 class LaraCache(DynamicCache):
     """`DynamicCache` with a `LaraStateLayer` for each recurrent layer of a converted model, KV layers elsewhere.
 
@@ -135,7 +148,8 @@ class LaraCache(DynamicCache):
         model (`nn.Module`): a converted model (`LaraModelMixin`); its config shapes the KV layers.
 
     >>> cache = hf_lara.LaraCache(model)
-    >>> out = model(input_ids=prompt, past_key_values=cache, use_cache=True)  # prefill, then one token at a time
+    >>> out = model(input_ids=prompt, cache=cache, use_cache=True)  # prefill (`past_key_values=` before 5.24)
+    >>> out = model(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)  # then one token at a time
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -183,10 +197,31 @@ def recurrent_layer_indices(model: nn.Module) -> list[int]:
     )
 
 
-def bind_state_layer(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Forward pre-hook of converted attention modules: pass their `LaraStateLayer`, if any, to the attention function."""
-    cache = kwargs.get("past_key_values")
+def check_cache(cache) -> None:
+    """Refuse caches whose layers preallocate keys (static, sliding static, ...): estimators cannot mask their slots.
+
+    Converted layers take the keys of the tokens seen so far and nothing else: a dynamic KV layer, or the state of a
+    `LaraStateLayer`. A static layer hands over `max_cache_len` keys whatever the position, which neither the
+    estimators nor the softmax fallback's offsets expect.
+    """
     # encoder-decoder wrappers (BERT decoders, GPT-2 with cross-attention) keep the self-attention cache inside
+    cache = getattr(cache, "self_attention_cache", cache)
+    bad = [type(layer).__name__ for layer in getattr(cache, "layers", ()) if not isinstance(layer, SUPPORTED_LAYERS)]
+    if bad:
+        raise NotImplementedError(
+            f"hf_lara models decode with a dynamic cache, got a `{type(cache).__name__}` with `{bad[0]}` layers "
+            "(e.g. `cache_implementation='static'`), whose preallocated key slots the estimators cannot mask. Use "
+            "the default cache of `generate()` (a `LaraCache`), `cache_implementation='dynamic'` or a `DynamicCache`, "
+            "or switch to exact attention with `model.set_attn_implementation('sdpa')`."
+        )
+
+
+def bind_state_layer(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of attention modules: check the cache and pass their `LaraStateLayer`, if any, on."""
+    cache = cache_from_kwargs(kwargs)
+    if cache is None:
+        return None
+    check_cache(cache)
     cache = getattr(cache, "self_attention_cache", cache)
     if not isinstance(cache, LaraCache) or not is_recurrent(module):
         return None
@@ -196,22 +231,34 @@ def bind_state_layer(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
 
 def provide_state_cache(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook of converted decoders: `use_cache=True` without a cache gets a `LaraCache` (eval mode)."""
-    if kwargs.get("use_cache") is not True or kwargs.get("past_key_values") is not None or model.training:
+    if kwargs.get("use_cache") is not True or cache_from_kwargs(kwargs) is not None or model.training:
         return None
     if not recurrent_layer_indices(model):
         return None
-    return args, {**kwargs, "past_key_values": LaraCache(model)}
+    return args, {**kwargs, CACHE_KWARG: LaraCache(model)}
 
 
-def register_hook(module: nn.Module, hook, **kwargs: Any) -> None:
-    """Register a forward pre-hook once (re-conversion calls this again on the same modules)."""
-    if hook not in module._forward_pre_hooks.values():
-        module.register_forward_pre_hook(hook, with_kwargs=True, **kwargs)
+def wants_state_cache(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether `model.generate(*args, **kwargs)` should decode with a new `LaraCache` rather than a KV cache.
+
+    Only when generate would build its default dynamic cache: no cache passed, no `cache_implementation`, caching on,
+    no assisted decoding (it crops the cache, which a state cannot undo), and at least one recurrent layer.
+    """
+    if cache_from_kwargs(kwargs) is not None or not recurrent_layer_indices(model):
+        return False
+    given = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+    config = copy.deepcopy(given or model.generation_config)
+    config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
+    assisted = kwargs.get("assistant_model") is not None or getattr(config, "prompt_lookup_num_tokens", None)
+    return (
+        config.cache_implementation is None
+        and config.use_cache is not False
+        and not assisted
+        and not getattr(config, "is_assistant", False)
+    )
 
 
-def remove_hook(module: nn.Module, hook) -> None:
-    """Remove a forward pre-hook registered by `register_hook`."""
-    for key, registered in list(module._forward_pre_hooks.items()):
-        if registered is hook:
-            del module._forward_pre_hooks[key]
-            module._forward_pre_hooks_with_kwargs.pop(key, None)
+def add_hook(module: nn.Module, hook) -> None:
+    """Register `hook` as a forward pre-hook of `module` once; its handle is kept on the module under `HOOK_ATTR`."""
+    if getattr(module, HOOK_ATTR, None) is None:
+        setattr(module, HOOK_ATTR, module.register_forward_pre_hook(hook, with_kwargs=True))

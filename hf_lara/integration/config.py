@@ -7,18 +7,34 @@ implementation itself is not serialised by Transformers, so `__post_init__` defa
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import json
 import os
 from typing import Any
 
 import torch
-from transformers import AutoConfig, PreTrainedConfig
+from transformers import (
+    AutoConfig,
+    BertConfig,
+    DeiTConfig,
+    DistilBertConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedConfig,
+    Qwen2Config,
+    RobertaConfig,
+    ViTConfig,
+)
+from transformers.utils import logging
 
 from ..attention import AttentionEstimator, available_methods, build_attention
 from ..attention.base import ESTIMATORS
 from .attention import ATTENTION_KEY
 from .registry import MODEL_TYPE_PREFIX, get_family
+
+logger = logging.get_logger(__name__)
 
 #: The fields every converted config adds to its family's config.
 LARA_FIELDS = ("lara_method", "lara_hparams", "lara_layers")
@@ -91,6 +107,11 @@ class LaraConfig:
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
         """Load a converted config; a `lara_*` config missing one of `LARA_FIELDS` raises a `ValueError`."""
         if cls is LaraConfig:
+            config_dict = dict(config_dict)
+            if "lara_hparams" in config_dict:
+                config_dict["lara_hparams"] = known_hparams(
+                    config_dict.get("lara_method"), config_dict["lara_hparams"]
+                )
             return LaraConfig.from_config(AutoConfig.for_model(**config_dict), **kwargs)
         config_dict = dict(config_dict)
         model_type = config_dict.pop("model_type", cls.model_type)
@@ -103,9 +124,15 @@ class LaraConfig:
             )
         if model_type != cls.model_type and "lara_method" in missing:
             raise ValueError(
-                f"A `{model_type}` config has no attention method: convert it with "
-                f"`hf_lara.LaraConfig.from_pretrained(path, method=...)`."
+                f"A `{model_type}` checkpoint is not converted, so `{cls.__name__}` cannot load it without a method: "
+                "use `hf_lara.LaraConfig.from_pretrained(path, method=...)`. If this comes from peft saving an "
+                "adapter: the model's estimators were made in memory (`hf_lara.convert`, or `from_pretrained(path, "
+                "config=...)`) and exist in no checkpoint, while peft records `model.name_or_path`, the unconverted "
+                "model, as the adapter's base, so the adapter could never be reloaded onto the same model. Save the "
+                "converted model with `model.save_pretrained(dir)`, load it back from `dir`, then add the adapter (an "
+                "adapter already trained is kept by `peft_model.merge_and_unload().save_pretrained(dir)`)."
             )
+        config_dict["lara_hparams"] = known_hparams(config_dict.get("lara_method"), config_dict.get("lara_hparams"))
         return super().from_dict(config_dict, **kwargs)
 
     @classmethod
@@ -115,24 +142,39 @@ class LaraConfig:
         *,
         method: str | None = None,
         layers: list[int] | None = None,
+        hparams: dict[str, Any] | None = None,
         **kwargs,
     ):
         """The converted config of a base (or already converted) checkpoint.
+
+        Keyword arguments are split as `peft` and `AutoConfig` do: Hub arguments go to the loader, the estimator's
+        hyper-parameters (`hparams`, plus any keyword its `__init__` names) to `lara_hparams`, attributes of the
+        family's config to the config, exactly as `AutoConfig.from_pretrained(path, num_labels=2)` sets them. A
+        keyword that is none of these raises (a typo must not become a stray config attribute).
 
         Args:
             pretrained_model_name_or_path (`str` or `os.PathLike`): a checkpoint folder or Hub id.
             method (`str`, *optional*): the estimator; required unless the checkpoint is already converted.
             layers (`list[int]`, *optional*): self-attention layers to convert (default: all).
-            **kwargs: Hub arguments (`revision`, `cache_dir`, ...) and the estimator's hyper-parameters.
+            hparams (`dict`, *optional*): the estimator's hyper-parameters, checked strictly.
+            **kwargs: Hub arguments (`revision`, `cache_dir`, ...), hyper-parameters named in the estimator's
+                signature, and config attributes (`num_labels`, `id2label`, ...).
 
         Returns:
             The family's converted config (e.g. `LaraBertConfig`).
+
+        >>> cfg = hf_lara.LaraConfig.from_pretrained(path, method="lara", num_landmarks=16, num_labels=2)
+        >>> cfg.lara_hparams, cfg.num_labels
+        ({'num_landmarks': 16}, 2)
         """
-        if cls is not LaraConfig and method is None and layers is None:
+        if cls is not LaraConfig and method is None and layers is None and hparams is None:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         hub_kwargs = {name: kwargs.pop(name) for name in HUB_KWARGS if name in kwargs}
         base = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        converted = LaraConfig.from_config(base, method=method, layers=layers, **kwargs)
+        named, attributes = split_kwargs(method or getattr(base, "lara_method", None), kwargs, base)
+        if attributes:
+            base = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs, **attributes)
+        converted = LaraConfig.from_config(base, method=method, layers=layers, **named, **(hparams or {}))
         if not isinstance(converted, cls):
             raise ValueError(
                 f"`{cls.__name__}` cannot convert a `{base.model_type}` checkpoint; use `hf_lara.LaraConfig`, which "
@@ -144,7 +186,11 @@ class LaraConfig:
     def from_config(
         config: PreTrainedConfig, *, method: str | None = None, layers: list[int] | None = None, **hparams: Any
     ):
-        """The converted config of an in-memory config (base or converted; a converted one keeps unset fields)."""
+        """The converted config of an in-memory config (base or converted; a converted one keeps unset fields).
+
+        Every keyword is a hyper-parameter of the estimator, checked strictly (`convert` uses this). Checking builds
+        one estimator under a forked RNG, so the global random state is left as it was.
+        """
         family = get_family(config.model_type)
         if isinstance(config, LaraConfig):
             same_method = method is None or method == config.lara_method
@@ -159,10 +205,107 @@ class LaraConfig:
             lara_method=method, lara_hparams=dict(hparams), lara_layers=None if layers is None else list(layers)
         )
         converted = family.config_class(**data)
-        # fail now, not at the first forward, on bad hyper-parameters
-        with torch.device("cpu"):
+        # fail now, not at the first forward, on bad hyper-parameters; without drawing from the global RNG
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
             converted.build_estimator(*family.head_shape(converted))
         return converted
+
+
+# The built-in families' converted configs, written out so that readers, IDEs and type checkers see them. Each adds
+# the `LARA_FIELDS` to its family's config; `make_config_class` builds the same for families registered at run time.
+class LaraBertConfig(LaraConfig, BertConfig):
+    """`BertConfig` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_bert"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+class LaraRobertaConfig(LaraConfig, RobertaConfig):
+    """`RobertaConfig` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_roberta"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+class LaraDistilBertConfig(LaraConfig, DistilBertConfig):
+    """`DistilBertConfig` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_distilbert"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+class LaraGPT2Config(LaraConfig, GPT2Config):
+    """`GPT2Config` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_gpt2"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+class LaraLlamaConfig(LaraConfig, LlamaConfig):
+    """`LlamaConfig` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_llama"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+class LaraMistralConfig(LaraConfig, MistralConfig):
+    """`MistralConfig` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_mistral"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+class LaraQwen2Config(LaraConfig, Qwen2Config):
+    """`Qwen2Config` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_qwen2"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+class LaraViTConfig(LaraConfig, ViTConfig):
+    """`ViTConfig` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_vit"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+class LaraDeiTConfig(LaraConfig, DeiTConfig):
+    """`DeiTConfig` converted by hf_lara; see `hf_lara.LaraConfig` for the added fields."""
+
+    model_type = "lara_deit"
+    lara_method: str | None = None
+    lara_hparams: dict = dataclasses.field(default_factory=dict)
+    lara_layers: list | None = None
+
+
+#: The converted configs of the built-in families, in registration order.
+BUILTIN_CONFIG_CLASSES = (
+    LaraBertConfig,
+    LaraRobertaConfig,
+    LaraDistilBertConfig,
+    LaraGPT2Config,
+    LaraLlamaConfig,
+    LaraMistralConfig,
+    LaraQwen2Config,
+    LaraViTConfig,
+    LaraDeiTConfig,
+)
 
 
 def accepted_hparams(method: str) -> list[str] | None:
@@ -171,6 +314,43 @@ def accepted_hparams(method: str) -> list[str] | None:
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return [p.name for p in params if p.name not in ("num_heads", "head_dim")]
+
+
+def split_kwargs(
+    method: str | None, kwargs: dict[str, Any], config: PreTrainedConfig
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`(hyper-parameters, config attributes)`: the keywords `method`'s estimator names, and those `config` has.
+
+    A keyword that is neither (a typo such as `num_featurez`) raises rather than becoming a stray config attribute.
+    """
+    accepted = (accepted_hparams(method) or []) if method in ESTIMATORS else []
+    named = {k: v for k, v in kwargs.items() if k in accepted}
+    attributes = {k: v for k, v in kwargs.items() if k not in named and hasattr(config, k)}
+    unknown = [k for k in kwargs if k not in named and k not in attributes]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], accepted, n=1, cutoff=0.8)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        raise ValueError(
+            f"Unknown hyper-parameter(s) {', '.join(map(repr, unknown))} for method `{method}`, and no attribute of "
+            f"`{type(config).__name__}` either.{hint} Accepted hyper-parameters: {', '.join(accepted) or 'none'}."
+        )
+    return named, attributes
+
+
+def known_hparams(method: str | None, hparams: Any) -> Any:
+    """`hparams` without the keys `method`'s estimator does not take, dropped with a warning (a checkpoint written
+    by a newer hf_lara); anything else is left for `validate_lara` to judge."""
+    if method not in ESTIMATORS or not isinstance(hparams, dict):
+        return hparams
+    accepted = accepted_hparams(method)
+    unknown = sorted(set(hparams) - set(accepted)) if accepted is not None else []
+    if unknown:
+        logger.warning(
+            f"Ignoring hyper-parameter(s) {', '.join(map(repr, unknown))} of method `{method}` found in the checkpoint: "
+            f"this version of hf_lara does not know them (accepted: {', '.join(accepted) or 'none'}). The model may "
+            "behave differently from the one that was saved; upgrade hf_lara to use them."
+        )
+    return {k: v for k, v in hparams.items() if k not in unknown}
 
 
 def make_config_class(base: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
@@ -185,6 +365,4 @@ def make_config_class(base: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
         "lara_hparams": dataclasses.field(default_factory=dict),
         "lara_layers": None,
     }
-    cls = type(f"Lara{base.__name__}", (LaraConfig, base), namespace)
-    globals()[cls.__name__] = cls
-    return cls
+    return type(f"Lara{base.__name__}", (LaraConfig, base), namespace)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import PreTrainedModel
-from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 from .attention import ATTENTION_KEY
+from .compat import file_output_recording
 from .config import LARA_FIELDS, LaraConfig
 from .families import model_class_for
 from .models import attach_estimators
@@ -49,6 +49,6 @@ def convert(model: PreTrainedModel, method: str, layers: list[int] | None = None
     model.__class__ = converted_class
     # Transformers files each model's output-recording spec (hidden states, attentions) under its class when the
     # model is built; file it under the new class too, as `PreTrainedModel.__init__` would have
-    _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
+    file_output_recording(model)
     model.set_attn_implementation(ATTENTION_KEY)
     return model

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import sys
@@ -11,11 +10,11 @@ from collections.abc import Callable, Sequence
 import transformers
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
-from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-from .config import make_config_class
-from .models import make_model_class
-from .registry import FAMILIES, Family, default_head_shape, supported_families
+from .compat import auto_model_mappings
+from .config import BUILTIN_CONFIG_CLASSES, LaraConfig, make_config_class
+from .models import BUILTIN_MODEL_CLASSES, make_model_class
+from .registry import FAMILIES, MODEL_TYPE_PREFIX, Family, default_head_shape, supported_families
 
 #: Text that marks a modeling file (or class) that routes attention through `AttentionInterface`.
 INTERFACE_MARK = "ALL_ATTENTION_FUNCTIONS.get_interface("
@@ -34,24 +33,10 @@ BUILTIN_FAMILIES = {
 }
 
 
-@functools.cache
-def auto_classes() -> tuple[type[_BaseAutoModelClass], ...]:
-    """Every `AutoModel*` class of the installed Transformers."""
-    found = []
-    for name in dir(transformers):
-        if name.startswith("AutoModel"):
-            obj = getattr(transformers, name)
-            if isinstance(obj, type) and issubclass(obj, _BaseAutoModelClass):
-                found.append(obj)
-    return tuple(found)
-
-
 def family_model_classes(config_class: type[PreTrainedConfig]) -> dict[type, list[type[PreTrainedModel]]]:
     """Auto class -> the family's model classes it maps `config_class` to (only classes of the family's own file)."""
     found: dict[type, list[type[PreTrainedModel]]] = {}
-    for auto_class in auto_classes():
-        # the lazy mapping is the only registry of what an Auto class maps a config to
-        mapping = auto_class._model_mapping
+    for auto_class, mapping in auto_model_mappings().items():
         if config_class in mapping:
             classes = mapping[config_class]
             found[auto_class] = list(classes) if isinstance(classes, tuple | list) else [classes]
@@ -104,9 +89,22 @@ def register_family(
     >>> hf_lara.register_family(transformers.ElectraConfig).model_type
     'lara_electra'
     """
+    if config_class.model_type in FAMILIES:
+        return FAMILIES[config_class.model_type].config_class
+    return add_family(config_class, attention_classes=attention_classes, head_shape=head_shape)
+
+
+def add_family(
+    config_class: type[PreTrainedConfig],
+    *,
+    attention_classes: Sequence[type[nn.Module]] | None = None,
+    head_shape: Callable[[PreTrainedConfig], tuple[int, int]] | None = None,
+    lara_config: type[LaraConfig] | None = None,
+    model_classes: Sequence[type[PreTrainedModel]] = (),
+) -> type[PreTrainedConfig]:
+    """`register_family`, optionally with converted classes written out in advance (`lara_config`, `model_classes`,
+    each with a `lara_base_class`); the others are made here."""
     model_type = config_class.model_type
-    if model_type in FAMILIES:
-        return FAMILIES[model_type].config_class
     by_auto = family_model_classes(config_class)
     if not by_auto:
         raise ValueError(f"`{config_class.__name__}` has no model class registered with any `AutoModel*` class.")
@@ -120,10 +118,11 @@ def register_family(
     attention_classes = tuple(attention_classes or detect_attention_classes(modeling))
     if not attention_classes:
         raise ValueError(f"No self-attention class calling `AttentionInterface` found in `{modeling.__name__}`.")
-    lara_config = make_config_class(config_class)
+    lara_config = lara_config or make_config_class(config_class)
     family = Family(
         model_type, config_class, lara_config, attention_classes, head_shape=head_shape or default_head_shape
     )
+    family.model_classes.update({cls.lara_base_class: cls for cls in model_classes})
     AutoConfig.register(lara_config.model_type, lara_config, exist_ok=True)
     for auto_class, classes in by_auto.items():
         for base in classes:
@@ -142,8 +141,16 @@ def model_class_for(family: Family, base: type[PreTrainedModel]) -> type[PreTrai
 
 
 def register_builtin_families() -> None:
-    """Register bert, roberta, distilbert, gpt2, llama, mistral, qwen2, vit and deit."""
-    for module_name, config_name, attention_names in BUILTIN_FAMILIES.values():
+    """Register bert, roberta, distilbert, gpt2, llama, mistral, qwen2, vit and deit with their written-out classes."""
+    lara_configs = {cls.model_type: cls for cls in BUILTIN_CONFIG_CLASSES}
+    for model_type, (module_name, config_name, attention_names) in BUILTIN_FAMILIES.items():
+        if model_type in FAMILIES:
+            continue
         modeling = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
-        config_class = getattr(transformers, config_name)
-        register_family(config_class, attention_classes=tuple(getattr(modeling, n) for n in attention_names))
+        lara_config = lara_configs[MODEL_TYPE_PREFIX + model_type]
+        add_family(
+            getattr(transformers, config_name),
+            attention_classes=tuple(getattr(modeling, n) for n in attention_names),
+            lara_config=lara_config,
+            model_classes=[cls for cls in BUILTIN_MODEL_CLASSES if cls.config_class is lara_config],
+        )

@@ -18,23 +18,62 @@ import itertools
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import (
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+    DeiTForImageClassification,
+    DeiTModel,
+    DistilBertForMaskedLM,
+    DistilBertForSequenceClassification,
+    DistilBertModel,
+    GPT2LMHeadModel,
+    GPT2Model,
+    LlamaForCausalLM,
+    LlamaModel,
+    MistralForCausalLM,
+    MistralModel,
+    PreTrainedModel,
+    Qwen2ForCausalLM,
+    Qwen2Model,
+    RobertaForMaskedLM,
+    RobertaForSequenceClassification,
+    RobertaModel,
+    ViTForImageClassification,
+    ViTModel,
+)
 
 from .attention import ESTIMATOR_ATTR
-from .cache import (
-    LaraCache,
-    bind_state_layer,
-    provide_state_cache,
-    recurrent_layer_indices,
-    register_hook,
-    remove_hook,
+from .cache import LaraCache, add_hook, bind_state_layer, provide_state_cache, wants_state_cache
+from .compat import CACHE_KWARG, is_initialized, mark_initialized
+from .config import (
+    LaraBertConfig,
+    LaraConfig,
+    LaraDeiTConfig,
+    LaraDistilBertConfig,
+    LaraGPT2Config,
+    LaraLlamaConfig,
+    LaraMistralConfig,
+    LaraQwen2Config,
+    LaraRobertaConfig,
+    LaraViTConfig,
 )
-from .config import LaraConfig
-from .registry import Family, get_family
+from .registry import FAMILIES, Family, get_family
 
 
 class LaraModelMixin:
-    """Mixed into every converted model class, before the family's class."""
+    """Mixed into every converted model class, before the family's class.
+
+    Attributes:
+        lara_base_class (`type[PreTrainedModel]`): the family's class this one converts (the next base class).
+    """
+
+    lara_base_class: type[PreTrainedModel]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if LaraModelMixin in cls.__bases__:
+            cls.lara_base_class = cls.__bases__[cls.__bases__.index(LaraModelMixin) + 1]
 
     def __init__(self, config, *args, **kwargs):
         if not isinstance(config, LaraConfig) or config.lara_method is None:
@@ -50,19 +89,13 @@ class LaraModelMixin:
         modules = get_family(self.config.model_type).attention_modules(self)
         return {i: getattr(m, ESTIMATOR_ATTR) for i, m in enumerate(modules) if hasattr(m, ESTIMATOR_ATTR)}
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
-        """`generate()`'s cache: a `LaraCache` (constant-size state for recurrent layers) instead of the default
-        `DynamicCache`; a user cache, `cache_implementation="dynamic"` or assisted decoding keep the KV cache."""
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        default = type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
-        if (
-            default
-            and generation_config.cache_implementation is None
-            and not generation_config.is_assistant
-            and recurrent_layer_indices(self)
-        ):
-            model_kwargs["past_key_values"] = LaraCache(self)
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate` with a `LaraCache` (constant-size state for recurrent layers) where it would
+        build its default `DynamicCache`; a user cache, `cache_implementation="dynamic"` or assisted decoding keep
+        the KV cache, static caches raise `NotImplementedError`."""
+        if wants_state_cache(self, args, kwargs):
+            kwargs[CACHE_KWARG] = LaraCache(self)
+        return super().generate(*args, **kwargs)
 
     def initialize_weights(self):
         super().initialize_weights()
@@ -90,14 +123,14 @@ def attach_estimators(model: nn.Module, config: LaraConfig, family: Family, like
     selected = set(resolve_layers(config.lara_layers, len(modules)))
     num_heads, head_dim = family.head_shape(config)
     estimators = {i: config.build_estimator(num_heads, head_dim) for i in selected}
-    register_hook(model, provide_state_cache)
+    add_hook(model, provide_state_cache)
     for i, module in enumerate(modules):
+        # every attention layer, softmax ones included, checks the cache it is given
+        add_hook(module, bind_state_layer)
         if hasattr(module, ESTIMATOR_ATTR):
             delattr(module, ESTIMATOR_ATTR)
         if i not in selected:
-            remove_hook(module, bind_state_layer)
             continue
-        register_hook(module, bind_state_layer)
         estimator = estimators[i]
         reference = next(module.parameters(), None)
         if like_model and reference is not None:
@@ -105,7 +138,7 @@ def attach_estimators(model: nn.Module, config: LaraConfig, family: Family, like
             estimator.train(module.training)
         if not any(t.is_meta for t in estimator_tensors(estimator)):
             for tensor in estimator_tensors(estimator):
-                tensor._is_hf_initialized = True
+                mark_initialized(tensor)
         setattr(module, ESTIMATOR_ATTR, estimator)
 
 
@@ -120,7 +153,7 @@ def initialize_estimator(estimator: nn.Module, config: LaraConfig) -> None:
     pending = {
         name: tensor
         for name, tensor in itertools.chain(estimator.named_parameters(), estimator.named_buffers())
-        if not getattr(tensor, "_is_hf_initialized", False)
+        if not is_initialized(tensor)
     }
     if not pending:
         return
@@ -129,7 +162,7 @@ def initialize_estimator(estimator: nn.Module, config: LaraConfig) -> None:
     values = dict(itertools.chain(fresh.named_parameters(), fresh.named_buffers()))
     for name, tensor in pending.items():
         tensor.copy_(values[name])
-        tensor._is_hf_initialized = True
+        mark_initialized(tensor)
 
 
 def make_model_class(base: type[PreTrainedModel], config_class: type[LaraConfig]) -> type[PreTrainedModel]:
@@ -140,8 +173,169 @@ def make_model_class(base: type[PreTrainedModel], config_class: type[LaraConfig]
         "__qualname__": name,
         "__doc__": f"`{base.__name__}` whose self-attention runs hf_lara estimators (`lara_attention` submodules).",
         "config_class": config_class,
-        "lara_base_class": base,
     }
-    cls = type(name, (LaraModelMixin, base), namespace)
-    globals()[name] = cls
-    return cls
+    return type(name, (LaraModelMixin, base), namespace)
+
+
+def __getattr__(name: str) -> type[PreTrainedModel]:
+    """Converted classes made at run time (`register_family`, other heads) by name, as `peft`'s auto mapping and
+    pickle look them up: `hf_lara.integration.models.LaraBertForTokenClassification`."""
+    for family in FAMILIES.values():
+        for cls in family.model_classes.values():
+            if cls.__name__ == name:
+                return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# The built-in families' main classes, written out so that readers, IDEs and type checkers see them; their other
+# classes (e.g. `LaraBertForTokenClassification`) are made by `register_family` and found through `__getattr__`.
+class LaraBertModel(LaraModelMixin, BertModel):
+    """`BertModel` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraBertConfig
+
+
+class LaraBertForMaskedLM(LaraModelMixin, BertForMaskedLM):
+    """`BertForMaskedLM` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraBertConfig
+
+
+class LaraBertForSequenceClassification(LaraModelMixin, BertForSequenceClassification):
+    """`BertForSequenceClassification` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraBertConfig
+
+
+class LaraRobertaModel(LaraModelMixin, RobertaModel):
+    """`RobertaModel` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraRobertaConfig
+
+
+class LaraRobertaForMaskedLM(LaraModelMixin, RobertaForMaskedLM):
+    """`RobertaForMaskedLM` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraRobertaConfig
+
+
+class LaraRobertaForSequenceClassification(LaraModelMixin, RobertaForSequenceClassification):
+    """`RobertaForSequenceClassification` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraRobertaConfig
+
+
+class LaraDistilBertModel(LaraModelMixin, DistilBertModel):
+    """`DistilBertModel` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraDistilBertConfig
+
+
+class LaraDistilBertForMaskedLM(LaraModelMixin, DistilBertForMaskedLM):
+    """`DistilBertForMaskedLM` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraDistilBertConfig
+
+
+class LaraDistilBertForSequenceClassification(LaraModelMixin, DistilBertForSequenceClassification):
+    """`DistilBertForSequenceClassification` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraDistilBertConfig
+
+
+class LaraGPT2Model(LaraModelMixin, GPT2Model):
+    """`GPT2Model` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraGPT2Config
+
+
+class LaraGPT2LMHeadModel(LaraModelMixin, GPT2LMHeadModel):
+    """`GPT2LMHeadModel` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraGPT2Config
+
+
+class LaraLlamaModel(LaraModelMixin, LlamaModel):
+    """`LlamaModel` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraLlamaConfig
+
+
+class LaraLlamaForCausalLM(LaraModelMixin, LlamaForCausalLM):
+    """`LlamaForCausalLM` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraLlamaConfig
+
+
+class LaraMistralModel(LaraModelMixin, MistralModel):
+    """`MistralModel` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraMistralConfig
+
+
+class LaraMistralForCausalLM(LaraModelMixin, MistralForCausalLM):
+    """`MistralForCausalLM` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraMistralConfig
+
+
+class LaraQwen2Model(LaraModelMixin, Qwen2Model):
+    """`Qwen2Model` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraQwen2Config
+
+
+class LaraQwen2ForCausalLM(LaraModelMixin, Qwen2ForCausalLM):
+    """`Qwen2ForCausalLM` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraQwen2Config
+
+
+class LaraViTModel(LaraModelMixin, ViTModel):
+    """`ViTModel` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraViTConfig
+
+
+class LaraViTForImageClassification(LaraModelMixin, ViTForImageClassification):
+    """`ViTForImageClassification` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraViTConfig
+
+
+class LaraDeiTModel(LaraModelMixin, DeiTModel):
+    """`DeiTModel` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraDeiTConfig
+
+
+class LaraDeiTForImageClassification(LaraModelMixin, DeiTForImageClassification):
+    """`DeiTForImageClassification` whose self-attention runs hf_lara estimators."""
+
+    config_class = LaraDeiTConfig
+
+
+#: The written-out converted model classes of the built-in families.
+BUILTIN_MODEL_CLASSES = (
+    LaraBertModel,
+    LaraBertForMaskedLM,
+    LaraBertForSequenceClassification,
+    LaraRobertaModel,
+    LaraRobertaForMaskedLM,
+    LaraRobertaForSequenceClassification,
+    LaraDistilBertModel,
+    LaraDistilBertForMaskedLM,
+    LaraDistilBertForSequenceClassification,
+    LaraGPT2Model,
+    LaraGPT2LMHeadModel,
+    LaraLlamaModel,
+    LaraLlamaForCausalLM,
+    LaraMistralModel,
+    LaraMistralForCausalLM,
+    LaraQwen2Model,
+    LaraQwen2ForCausalLM,
+    LaraViTModel,
+    LaraViTForImageClassification,
+    LaraDeiTModel,
+    LaraDeiTForImageClassification,
+)

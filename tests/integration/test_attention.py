@@ -12,6 +12,7 @@ from transformers.masking_utils import create_bidirectional_mask, create_causal_
 
 from hf_lara.attention import build_attention
 from hf_lara.integration import ATTENTION_KEY, ESTIMATOR_ATTR, lara_attention_forward, lara_padding_mask
+from hf_lara.integration.compat import CACHE_KWARG
 
 B, H, H_KV, D = 2, 4, 2, 8
 
@@ -88,11 +89,11 @@ def test_mask_function_hands_over_the_2d_padding_mask():
     config._attn_implementation = ATTENTION_KEY
     embeds = torch.zeros(2, 5, 32)
     padding = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
-    causal = create_causal_mask(config, embeds, padding, past_key_values=None)
+    causal = create_causal_mask(config, embeds, padding, **{CACHE_KWARG: None})
     bidirectional = create_bidirectional_mask(config, embeds, padding)
     for mask in (causal, bidirectional):
         assert mask.dtype == torch.bool and torch.equal(mask, padding.bool())
-    assert create_causal_mask(config, embeds, None, past_key_values=None) is None
+    assert create_causal_mask(config, embeds, None, **{CACHE_KWARG: None}) is None
     # keys past the user's mask (unwritten cache slots) are padding; a sliding cache keeps the tail
     short = lara_padding_mask(2, 1, 7, attention_mask=padding.bool())
     assert torch.equal(short, torch.cat([padding.bool(), torch.zeros(2, 2, dtype=torch.bool)], dim=1))

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
+import torch
 import transformers
 
 import hf_lara
 from hf_lara.integration.config import LaraConfig
 
-from .utils import FAMILIES, SETUPS, load_base, load_converted
+from .utils import FAMILIES, SETUPS, hparams, load_base, load_converted, make_inputs, run
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -66,7 +68,11 @@ def test_bad_hyper_parameter(base_checkpoints):
     with pytest.raises(ValueError, match=r"method `rfa`.*`num_features` must be an integer >= 1, got 0"):
         hf_lara.LaraConfig.from_pretrained(path, method="rfa", num_features=0)
     with pytest.raises(ValueError, match=r"Unknown hyper-parameter\(s\) 'num_featurez' for method `rfa`"):
+        hf_lara.LaraConfig.from_pretrained(path, method="rfa", hparams={"num_featurez": 8})
+    with pytest.raises(ValueError, match=r"Unknown hyper-parameter\(s\) 'num_featurez'.*Did you mean `num_features`"):
         hf_lara.LaraConfig.from_pretrained(path, method="rfa", num_featurez=8)
+    with pytest.raises(ValueError, match=r"Unknown hyper-parameter\(s\) 'num_featurez' for method `rfa`"):
+        hf_lara.convert(load_base(SETUPS["bert"], path), method="rfa", num_featurez=8)
     with pytest.raises(TypeError, match="JSON serialisable"):
         hf_lara.LaraConfig.from_pretrained(path, method="rfa", num_features=object())
     with pytest.raises(ValueError, match="`layers` must be indices below 2"):
@@ -114,3 +120,47 @@ def test_family_classes_load_like_any_config(base_checkpoints, tmp_path):
     assert type(hf_lara.LaraConfig.from_dict(converted.to_dict())) is hf_lara.LaraLlamaConfig
     with pytest.raises(ValueError, match="`LaraBertConfig` cannot convert a `llama` checkpoint"):
         hf_lara.LaraBertConfig.from_pretrained(base_checkpoints["llama"], method="rfa")
+
+
+def test_config_attributes_hyper_parameters_and_hub_kwargs_are_separated(base_checkpoints, tmp_path):
+    """Like `AutoConfig.from_pretrained(src, num_labels=2)`: config attributes beside the estimator's arguments."""
+    path = base_checkpoints["bert"]
+    expected = transformers.AutoConfig.from_pretrained(path, num_labels=3, classifier_dropout=0.2)
+    config = hf_lara.LaraConfig.from_pretrained(
+        path, method="lara", num_labels=3, classifier_dropout=0.2, num_landmarks=4, hparams={"chunk_size": 2},
+        local_files_only=True,
+    )  # fmt: skip
+    assert config.lara_hparams == {"num_landmarks": 4, "chunk_size": 2}
+    assert (config.num_labels, config.id2label, config.classifier_dropout) == (3, expected.id2label, 0.2)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, config=config)
+    assert model.classifier.out_features == 3 and type(model).__name__ == "LaraBertForSequenceClassification"
+    # a converted checkpoint keeps its method: its hyper-parameters are still recognised by name
+    config.save_pretrained(tmp_path)
+    again = hf_lara.LaraConfig.from_pretrained(tmp_path, num_landmarks=2, num_labels=2)
+    assert again.lara_hparams == {"num_landmarks": 2, "chunk_size": 2} and again.num_labels == 2
+
+
+@pytest.mark.parametrize("method", ["rfa", "lara", "kernel", "eva"])
+def test_config_validation_leaves_the_global_rng_alone(method, base_checkpoints):
+    state = torch.random.get_rng_state()
+    hf_lara.LaraConfig.from_pretrained(base_checkpoints["llama"], method=method, **hparams(method))
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_checkpoint_from_a_newer_version_loads_with_a_warning(base_checkpoints, tmp_path, caplog):
+    """An unknown hyper-parameter in config.json is dropped with a warning; `convert` and explicit ones stay strict."""
+    setup = SETUPS["llama"]
+    model = load_converted(setup, base_checkpoints["llama"], "rfa")
+    model.save_pretrained(tmp_path)
+    inputs = make_inputs(setup)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    saved["lara_hparams"]["future_knob"] = 3
+    path.write_text(json.dumps(saved))
+    with caplog.at_level(logging.WARNING):
+        reloaded = setup.auto_class.from_pretrained(tmp_path).eval()
+    assert "future_knob" in caplog.text and "does not know" in caplog.text
+    assert "future_knob" not in reloaded.config.lara_hparams
+    assert torch.equal(run(reloaded, inputs), run(model, inputs))
+    with pytest.raises(ValueError, match="Unknown hyper-parameter.*'future_knob'"):
+        hf_lara.convert(load_base(setup, base_checkpoints["llama"]), method="rfa", future_knob=3)

@@ -8,6 +8,7 @@ import transformers
 
 import hf_lara
 from hf_lara.integration import FAMILIES as REGISTRY
+from hf_lara.integration.compat import auto_model_mappings
 from hf_lara.integration.families import family_model_classes
 
 from .utils import FAMILIES, assert_close, hparams, run
@@ -23,14 +24,14 @@ def test_builtin_families():
 def test_every_auto_class_of_the_family_maps_the_converted_config(family):
     entry = REGISTRY[family]
     for auto_class, classes in family_model_classes(entry.base_config_class).items():
-        converted = auto_class._model_mapping[entry.config_class]
+        converted = auto_model_mappings()[auto_class][entry.config_class]
         assert converted is entry.model_classes[classes[0]], auto_class.__name__
         assert issubclass(converted, classes[0]) and converted.config_class is entry.config_class
 
 
 def test_expected_auto_classes_are_covered():
     def mapped(family, auto_class):
-        return auto_class._model_mapping[REGISTRY[family].config_class].__name__
+        return auto_model_mappings()[auto_class][REGISTRY[family].config_class].__name__
 
     assert mapped("bert", transformers.AutoModelForTokenClassification) == "LaraBertForTokenClassification"
     assert mapped("llama", transformers.AutoModelForSequenceClassification) == "LaraLlamaForSequenceClassification"

@@ -8,6 +8,7 @@ import transformers
 from transformers import DynamicCache
 
 import hf_lara
+from hf_lara.integration.compat import CACHE_KWARG
 
 from .utils import METHODS, SETUPS, assert_close, load_converted, make_inputs
 
@@ -16,6 +17,7 @@ NEW_TOKENS = 6
 LAYERS = {"all": None, "hybrid": [1]}  # "hybrid": layer 0 keeps exact softmax through the fallback
 # the fallback does not depend on the method: one method covers the hybrid case
 CASES = [(m, "all") for m in METHODS] + [("rfa", "hybrid")]
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
 
 
 def left_padded(prompts: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,11 +65,11 @@ def test_cached_prefill_and_steps_equal_the_full_forward(family, method, layers,
         cache = DynamicCache(config=model.config)
         step_logits = [
             model(input_ids=ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=positions[:, :prefill],
-                  past_key_values=cache, use_cache=True).logits
+                  use_cache=True, **{CACHE_KWARG: cache}).logits
         ]  # fmt: skip
         for t in range(prefill, ids.shape[1]):
             out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1],
-                        position_ids=positions[:, t : t + 1], past_key_values=cache, use_cache=True)  # fmt: skip
+                        position_ids=positions[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache})  # fmt: skip
             step_logits.append(out.logits)
     cached = torch.cat(step_logits, dim=1)
     assert_close(cached * mask[..., None], full * mask[..., None], msg="cached decoding vs full forward")

@@ -1,15 +1,19 @@
-"""Constant-memory decoding with `LaraCache`: recurrent layers keep a `LinearState`, the others a KV cache."""
+"""Constant-memory decoding with `LaraCache`: recurrent layers keep a `LinearState`, the others a KV cache.
+
+Every call uses the cache keyword of the installed Transformers (`compat.CACHE_KWARG`): a FutureWarning is an error.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
 
 import hf_lara
 from hf_lara.attention.linear import LinearState
 from hf_lara.integration.cache import LaraStateLayer
+from hf_lara.integration.compat import CACHE_KWARG, output_cache
 
 from .test_generation import left_padded
 from .utils import SETUPS, assert_close, load_converted, make_inputs
@@ -18,6 +22,7 @@ RECURRENT = ["rfa", "kernel", "lara"]
 FAMILIES = ["llama", "gpt2"]  # the tiny Llama uses grouped-query attention (4 query heads, 2 KV heads)
 PROMPT_LENGTHS = [7, 4, 6]
 NEW_TOKENS = 5
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
 
 
 def greedy(model, ids: torch.Tensor, mask: torch.Tensor, **kwargs):
@@ -27,7 +32,7 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor, **kwargs):
             input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
             do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True, **kwargs,
         )  # fmt: skip
-    return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, dim=1), out.past_key_values
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, dim=1), output_cache(out)
 
 
 def prompts(family: str) -> list[torch.Tensor]:
@@ -49,7 +54,7 @@ def models(base_checkpoints):
     cache: dict[tuple, torch.nn.Module] = {}
 
     def get(family: str, method: str, layers=None):
-        key = (family, method, tuple(layers or ()))
+        key = (family, method, None if layers is None else tuple(layers))
         if key not in cache:
             cache[key] = load_converted(SETUPS[family], base_checkpoints[family], method, layers=layers)
         return cache[key]
@@ -89,11 +94,11 @@ def test_manual_prefill_and_steps_equal_the_full_forward(family, method, models)
         full = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         out = model(input_ids=ids[:, :prefill], attention_mask=mask[:, :prefill], position_ids=positions[:, :prefill],
                     use_cache=True)  # fmt: skip
-        cache, logits = out.past_key_values, [out.logits]
+        cache, logits = output_cache(out), [out.logits]
         assert isinstance(cache, hf_lara.LaraCache)
         for t in range(prefill, ids.shape[1]):
             out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1],
-                        position_ids=positions[:, t : t + 1], past_key_values=cache, use_cache=True)  # fmt: skip
+                        position_ids=positions[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache})  # fmt: skip
             logits.append(out.logits)
     stepped = torch.cat(logits, dim=1)
     assert_close(stepped * mask[..., None], full * mask[..., None], msg="state decoding vs full forward")
@@ -106,10 +111,10 @@ def test_cache_memory_does_not_grow_with_decoded_tokens(family, models):
     cache = hf_lara.LaraCache(model)
     sizes = []
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, use_cache=True, **{CACHE_KWARG: cache})
         for _ in range(20):
             sizes.append(held_bytes(cache))
-            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True, **{CACHE_KWARG: cache})
     assert cache.get_seq_length() == ids.shape[1] + 20
     assert len(set(sizes)) == 1 and sizes[0] == cache.nbytes() > 0
     # B * H * S * (D + 2) fp32 numbers per layer, S = 16 features, D = 8
@@ -162,6 +167,35 @@ def test_user_dynamic_cache_keeps_the_kv_path(models):
     ids, mask = left_padded(prompts("llama"), pad=0)
     tokens, _, _ = greedy(model, ids, mask)
     user_cache = DynamicCache(config=model.config)
-    kv_tokens, _, cache = greedy(model, ids, mask, past_key_values=user_cache)
+    kv_tokens, _, cache = greedy(model, ids, mask, **{CACHE_KWARG: user_cache})
     assert cache is user_cache and cache.layers[0].keys.shape[2] == cache.get_seq_length()
     assert torch.equal(tokens, kv_tokens)
+
+
+@pytest.mark.parametrize("method", RECURRENT)
+def test_explicit_lara_cache_as_in_its_docstring_equals_the_full_forward(method, models):
+    """Create a `LaraCache`, prefill, then step: the states fill and the logits equal one full forward."""
+    model = models("llama", method)
+    ids = make_inputs(SETUPS["llama"], 2, 11, seed=3)["input_ids"]
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        cache = hf_lara.LaraCache(model)
+        logits = [model(input_ids=ids[:, :7], use_cache=True, **{CACHE_KWARG: cache}).logits]
+        assert all(layer.state is not None and layer.seen == 7 for layer in cache.layers)
+        for t in range(7, ids.shape[1]):
+            logits.append(model(input_ids=ids[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache}).logits)
+    assert_close(torch.cat(logits, dim=1), full, msg="explicit LaraCache vs full forward")
+
+
+@pytest.mark.parametrize("layers", [None, [0], []], ids=["all", "hybrid", "none"])
+def test_static_cache_is_refused(layers, models):
+    """Preallocated key slots cannot be masked by the estimators (nor offset by the fallback): a clear error."""
+    model = models("llama", "rfa", layers=layers)
+    ids, mask = left_padded(prompts("llama")[:2], pad=0)
+    with pytest.raises(
+        NotImplementedError, match=r"dynamic cache, got a `StaticCache`.*cache_implementation='dynamic'"
+    ):
+        greedy(model, ids, mask, cache_implementation="static")
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    with pytest.raises(NotImplementedError, match="StaticLayer"), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})

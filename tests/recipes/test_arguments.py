@@ -36,11 +36,11 @@ def test_unknown_method(name, tiny_checkpoints, tmp_path, capsys):
     ("extra", "message"),
     [
         (
-            ("--method", "kernel", "--method_args", "bogus=1"),
-            "Unknown hyper-parameter\\(s\\) 'bogus' for method `kernel`",
+            ("--method", "kernel", "--hparam", "bogus=1"),
+            "Unknown hyper-parameter 'bogus' for method `kernel`; valid: feature_map",
         ),
-        (("--method", "kernel", "--method_args", "feature_map"), "KEY=VALUE pairs"),
-        (("--method", "eva", "--method_args", "window_size=6", "chunk_size=4"), "multiple of `chunk_size`"),
+        (("--method", "kernel", "--hparam", "feature_map"), "takes KEY=VALUE"),
+        (("--method", "eva", "--hparam", "window_size=6", "--hparam", "chunk_size=4"), "multiple of `chunk_size`"),
         (("--method", "kernel", "--layers", "5"), "`--layers` must be indices below 2"),
         ((), "is not an hf_lara-converted checkpoint"),
         (("--method", "kernel", "--checkpointing_steps", "often"), "`--checkpointing_steps` must be"),
@@ -113,8 +113,57 @@ def test_missing_columns(name, checkpoint, extra, message, tiny_checkpoints, tmp
 def test_distill_nothing_to_train(method, method_args, tiny_checkpoints, tmp_path):
     """Estimators without parameters, or whose parameters the encoder's attention never uses, are refused."""
     recipe = load_recipe("distill_attention")
-    extra = ["--method", method, *(["--method_args", *method_args] if method_args else []), *TXT]
+    extra = ["--method", method, *[a for item in method_args for a in ("--hparam", item)], *TXT]
     args = recipe.parse_args(base_args(tiny_checkpoints["bert"], tmp_path / "out", *extra))
     with pytest.raises(ValueError, match=f"Nothing to train: the `{method}` estimators"):
         recipe.training_function(args)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_hparams_and_layers_use_the_package_parser(tiny_checkpoints, tmp_path):
+    """`--hparam` values are typed as in `hf-lara convert` (`adaptive=False` used to become the string "False",
+    which the estimator read as True) and `--layers` is `0,1` as in the CLI."""
+    recipe = load_recipe("finetune_classification")
+    extra = ("--method", "lara", "--hparam", "adaptive=False", "--hparam", "num_landmarks=4", "--layers", "0,1")
+    args = recipe.parse_args(base_args(tiny_checkpoints["bert"], tmp_path, *CSV, *extra))
+    assert args.hparams == {"adaptive": False, "num_landmarks": 4} and args.layers == [0, 1]
+    with pytest.raises(ValueError, match=r"`adaptive` must be a boolean \(true, false, 1 or 0\), got 'no'"):
+        recipe.parse_args(
+            base_args(tiny_checkpoints["bert"], tmp_path, *CSV, "--method", "lara", "--hparam", "adaptive=no")
+        )
+    with pytest.raises(SystemExit):  # `0 1` is not the layer syntax: argparse refuses the stray `1`
+        recipe.parse_args(
+            base_args(tiny_checkpoints["bert"], tmp_path, *CSV, "--method", "lara", "--layers", "0", "1")
+        )
+
+
+@pytest.mark.parametrize(
+    ("name", "flags"),
+    [
+        (
+            "finetune_classification",
+            ["--task_name", "--max_length", "--pad_to_max_length", "--train_file", "--validation_file"],
+        ),
+        ("finetune_clm", ["--dataset_name", "--block_size", "--no_keep_linebreaks", "--validation_split_percentage"]),
+        ("distill_attention", ["--max_seq_length", "--dataset_config_name", "--preprocessing_num_workers"]),
+        (
+            "finetune_image_classification",
+            ["--train_dir", "--validation_dir", "--train_val_split", "--image_column_name"],
+        ),
+    ],
+)
+def test_names_follow_transformers_no_trainer_scripts(name, flags, capsys):
+    """The flags of Transformers' `run_*_no_trainer.py` counterparts, plus the shared training ones."""
+    with pytest.raises(SystemExit):
+        load_recipe(name).parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    shared = [
+        "--per_device_train_batch_size",
+        "--learning_rate",
+        "--num_train_epochs",
+        "--gradient_accumulation_steps",
+    ]
+    shared += ["--checkpointing_steps", "--resume_from_checkpoint", "--output_dir", "--seed", "--with_tracking"]
+    shared += ["--report_to", "--max_train_steps", "--lr_scheduler_type", "--num_warmup_steps", "--hub_model_id"]
+    for flag in [*flags, *shared]:
+        assert f"{flag} " in help_text or f"{flag}\n" in help_text, flag

@@ -27,6 +27,8 @@ def test_config_loads(name):
     if name == "fsdp":
         assert config.fsdp_config["fsdp_version"] == 2
         assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        # full state dicts resume with torch.load(weights_only=True); sharded ones through DCP's pickled metadata
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     if name.startswith("deepspeed"):
         stage = int(name[-1])
         path = ROOT / config.deepspeed_config["deepspeed_config_file"]

@@ -19,7 +19,7 @@ def test_distill_decoder_with_attention_rows(launch, tiny_checkpoints, tmp_path)
     stdout = launch(
         "distill_attention.py",
         "--model_name_or_path", tiny_checkpoints["llama"],
-        "--method", "lara", "--method_args", "num_landmarks=4", "chunk_size=8",
+        "--method", "lara", "--hparam", "num_landmarks=4", "--hparam", "chunk_size=8",
         *TEXT,
         "--attn_rows_weight", "0.1",
         "--max_seq_length", "24",
@@ -51,7 +51,7 @@ def test_distill_improves_minilm(launch, minilm_path, tmp_path):
     stdout = launch(
         "distill_attention.py",
         "--model_name_or_path", minilm_path,
-        "--method", "kernel", "--method_args", "feature_map=hedgehog",
+        "--method", "kernel", "--hparam", "feature_map=hedgehog",
         *TEXT,
         "--max_train_steps", "60", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8",
         "--logging_steps", "20",

@@ -12,7 +12,7 @@ def test_finetune_classification(launch, tiny_checkpoints, tmp_path):
     stdout = launch(
         "finetune_classification.py",
         "--model_name_or_path", tiny_checkpoints["bert"],
-        "--method", "kernel", "--method_args", "feature_map=t2r", "num_features=8",
+        "--method", "kernel", "--hparam", "feature_map=t2r", "--hparam", "num_features=8",
         "--train_file", FIXTURES / "classification_train.csv",
         "--validation_file", FIXTURES / "classification_validation.csv",
         "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",

@@ -14,7 +14,7 @@ def test_finetune_clm(launch, tiny_checkpoints, tmp_path):
     stdout = launch(
         "finetune_clm.py",
         "--model_name_or_path", tiny_checkpoints["llama"],
-        "--method", "eva", "--method_args", "window_size=8", "chunk_size=4",
+        "--method", "eva", "--hparam", "window_size=8", "--hparam", "chunk_size=4",
         "--train_file", FIXTURES / "text_train.txt",
         "--validation_file", FIXTURES / "text_validation.txt",
         "--block_size", "32", "--per_device_train_batch_size", "4", "--max_train_steps", "4",

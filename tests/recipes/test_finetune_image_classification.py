@@ -12,7 +12,7 @@ def test_finetune_image_classification(launch, tiny_checkpoints, image_folders, 
     stdout = launch(
         "finetune_image_classification.py",
         "--model_name_or_path", tiny_checkpoints["vit"],
-        "--method", "lara", "--method_args", "num_landmarks=4", "adaptive=true",
+        "--method", "lara", "--hparam", "num_landmarks=4", "--hparam", "adaptive=true",
         "--train_dir", image_folders["train"], "--validation_dir", image_folders["validation"],
         "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
         "--logging_steps", "1",
