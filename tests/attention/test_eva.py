@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from hf_lara.attention import build_attention
-from hf_lara.attention.eva import EVAAttention
+from hf_lara.attention.eva import EVAAttention, causal_eva
 from hf_lara.attention.naive import naive_softmax_attention
 
 from .utils import assert_close, qkv
@@ -79,9 +79,13 @@ def naive_eva_attention(
 
 
 def _eva(D: int, H: int, window: int, num_chunks: int = 64, chunk: int = 1, **kw) -> EVAAttention:
-    return build_attention(
-        "eva", num_heads=H, head_dim=D, window_size=window, num_chunks=num_chunks, chunk_size=chunk, **kw
-    ).double().eval()
+    return (
+        build_attention(
+            "eva", num_heads=H, head_dim=D, window_size=window, num_chunks=num_chunks, chunk_size=chunk, **kw
+        )
+        .double()
+        .eval()
+    )
 
 
 def _perturb(attn: EVAAttention, std: float = 0.2) -> None:
@@ -92,8 +96,15 @@ def _perturb(attn: EVAAttention, std: float = 0.2) -> None:
 
 def _reference(attn: EVAAttention, q, k, v, causal: bool) -> torch.Tensor:
     return naive_eva_attention(
-        q, k, v, causal=causal, window_size=attn.window_size, num_chunks=attn.num_chunks,
-        chunk_size=attn.chunk_size, key_proj=attn.chunk_key_proj, proposal_proj=attn.proposal_proj,
+        q,
+        k,
+        v,
+        causal=causal,
+        window_size=attn.window_size,
+        num_chunks=attn.num_chunks,
+        chunk_size=attn.chunk_size,
+        key_proj=attn.chunk_key_proj,
+        proposal_proj=attn.proposal_proj,
     )
 
 
@@ -165,6 +176,28 @@ def test_causal_matches_naive(B, N, H, D, E, P, adaptive):
             assert_close(f"decode Nq={nq} vs full", full[:, :, -nq:], step, 1e-12)
 
 
+@pytest.mark.parametrize("block_size", [1, 9, 24], ids=["one-window", "two-windows", "three-windows"])
+@pytest.mark.parametrize("num_queries", [37, 5], ids=["full", "decode-5"])
+def test_causal_blocks_match_naive_with_gradients(block_size, num_queries):
+    """Queries processed a few windows at a time (several blocks, a partial last one): outputs and gradients of
+    queries, keys, values and both maps equal the per-query reference in fp64."""
+    torch.manual_seed(0)
+    attn = _eva(6, 2, 8, chunk=4)
+    _perturb(attn)
+    q, k, v = qkv(2, 2, 37, 6)
+    q = q[:, :, -num_queries:].clone()
+    inputs = [x.requires_grad_() for x in (q, k, v)] + list(attn.parameters())
+    maps = attn._map(attn.chunk_key_proj), attn._map(attn.proposal_proj), False
+    fast = causal_eva(q, k, v, 8, 4, *maps, scale=6**-0.5, block_size=block_size)
+    slow = _reference(attn, q, k, v, True)
+    assert_close("blocked causal", slow, fast, 1e-12)
+    weight = torch.randn_like(fast)
+    for f, s in zip(
+        torch.autograd.grad((fast * weight).sum(), inputs), torch.autograd.grad((slow * weight).sum(), inputs)
+    ):
+        assert_close("gradient", s, f, 1e-10)
+
+
 @pytest.mark.parametrize(
     "causal,B,N,H,D,E,C,P",
     [
@@ -192,9 +225,7 @@ def test_gradients_match_naive(causal, B, N, H, D, E, C, P):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "N,E,C", [(30, 4, 64), (25, 4, 3), (9, 4, 5)], ids=["T30-E4-C64", "T25-E4-C3", "T9-E4-C5"]
-)
+@pytest.mark.parametrize("N,E,C", [(30, 4, 64), (25, 4, 3), (9, 4, 5)], ids=["T30-E4-C64", "T25-E4-C3", "T9-E4-C5"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_empty_summaries_get_no_weight(N, E, C, training):
     """With constant values every summary is that constant, so any mass on an empty (zero) summary shows.
@@ -260,8 +291,10 @@ def test_parameters_and_defaults():
     assert (attn.window_size, attn.num_chunks, attn.chunk_size, attn.adaptive) == (64, 64, 16, True)
     shapes = {name: tuple(p.shape) for name, p in attn.named_parameters()}
     assert shapes == {
-        "chunk_key_proj.weight": (8, 8), "chunk_key_proj.bias": (8,),
-        "proposal_proj.weight": (8, 8), "proposal_proj.bias": (8,),
+        "chunk_key_proj.weight": (8, 8),
+        "chunk_key_proj.bias": (8,),
+        "proposal_proj.weight": (8, 8),
+        "proposal_proj.bias": (8,),
     }
     assert torch.equal(attn.chunk_key_proj.weight, torch.eye(8)) and not attn.proposal_proj.bias.any()
     assert list(build_attention("eva", num_heads=4, head_dim=8, adaptive=False).parameters()) == []
@@ -315,8 +348,10 @@ def test_accuracy_beats_uniform_and_improves_with_window(causal):
             out = _eva(D, H, window, num_chunks=8, chunk=4)(q, k, v, causal=causal)
         errors[window] = _relative_mse(exact, out)
     mode = "causal (P=4)" if causal else "bidirectional (C=8)"
-    print(f"\n{mode} relative MSE vs softmax, T={N} D={D}: uniform {baseline:.3f}; EVA "
-          + ", ".join(f"E={w}: {e:.3f}" for w, e in errors.items()))
+    print(
+        f"\n{mode} relative MSE vs softmax, T={N} D={D}: uniform {baseline:.3f}; EVA "
+        + ", ".join(f"E={w}: {e:.3f}" for w, e in errors.items())
+    )
     assert max(errors.values()) < 0.6 * baseline
     values = list(errors.values())
     assert all(later < earlier for earlier, later in zip(values, values[1:], strict=False)), errors
