@@ -354,8 +354,11 @@ def scaling_lines(rows: list[dict], methods: list[str], low: int = 2048, high: i
         for backward in (False, True):
             cells = []
             for m in ["sdpa", *methods]:
-                pick = {r["N"]: r.get("seconds") for r in rows
-                        if r["method"] == m and r["causal"] == causal and r["backward"] == backward}
+                pick = {
+                    r["N"]: r.get("seconds")
+                    for r in rows
+                    if r["method"] == m and r["causal"] == causal and r["backward"] == backward
+                }
                 cells.append(f"{pick[high] / pick[low]:.1f}" if pick.get(low) and pick.get(high) else "-")
             mode = f"{'causal' if causal else 'bidir'} {'fwd+bwd' if backward else 'fwd'}"
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
@@ -406,8 +409,11 @@ def plot(rows: list[dict], methods: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for method in ["sdpa", *methods]:
         for causal, style in ((False, "-"), (True, "--")):
-            part = sorted((r["N"], r) for r in rows
-                          if r["method"] == method and r["causal"] == causal and not r["backward"] and "seconds" in r)
+            part = sorted(
+                (r["N"], r)
+                for r in rows
+                if r["method"] == method and r["causal"] == causal and not r["backward"] and "seconds" in r
+            )
             if not part:
                 continue
             label = f"{method} {'causal' if causal else 'bidir'}"
@@ -441,8 +447,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--slow", type=float, default=2.0, help="calls slower than this (s) are timed once")
-    parser.add_argument("--max-seconds", type=float, default=40.0,
-                        help="skip longer lengths of a method once its next call is predicted above this (s)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=40.0,
+        help="skip longer lengths of a method once its next call is predicted above this (s)",
+    )
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--no-sweep", dest="run_sweep", action="store_false")
     parser.add_argument("--no-decode", dest="run_decode", action="store_false")
@@ -474,8 +484,15 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     report = {
         "setup": {
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "machine": platform.machine(), "B": B, "H": H, "D": D, "dtype": "float32", "hparams": HPARAMS,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "B": B,
+            "H": H,
+            "D": D,
+            "dtype": "float32",
+            "hparams": HPARAMS,
             "load_average_at_start": os.getloadavg(),
             "memory": "peak live torch tensor bytes during one call (torch.profiler, profile_memory=True)",
         }
@@ -499,12 +516,15 @@ def write(report: dict, args: argparse.Namespace) -> None:
     tag = f"_{args.tag}" if args.tag else ""
     setup = report["setup"]
     lines = [
-        f"# hf_lara attention benchmark{(' (' + args.tag + ')') if args.tag else ''}", "",
+        f"# hf_lara attention benchmark{(' (' + args.tag + ')') if args.tag else ''}",
+        "",
         f"torch {setup['torch']}, {setup['threads']} threads on {setup['cpus']} CPUs, fp32, B={B}, H={H}, D={D}; "
         f"load average {setup['load_average_at_start'][0]:.1f} at start, {setup['load_average_at_end'][0]:.1f} at end "
         "(shared machine: absolute times are noisy, ratios come from side-by-side runs). Memory: "
-        f"{setup['memory']}.", "",
-        f"Hyper-parameters: {json.dumps(HPARAMS)}", "",
+        f"{setup['memory']}.",
+        "",
+        f"Hyper-parameters: {json.dumps(HPARAMS)}",
+        "",
     ]
     if "sweep" in report:
         lines += sweep_tables(report["sweep"], args.methods) + scaling_lines(report["sweep"], args.methods)

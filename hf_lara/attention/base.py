@@ -294,8 +294,9 @@ class AttentionEstimator(nn.Module):
             if padding_mask.dtype != torch.bool:
                 raise TypeError(f"`padding_mask` must be a bool tensor (True = real token), got {padding_mask.dtype}.")
             if tuple(padding_mask.shape) != (B, Nk):
-                raise ValueError(f"`padding_mask` must have shape (batch, key_length)=({B}, {Nk}), got "
-                                 f"{tuple(padding_mask.shape)}.")
+                raise ValueError(
+                    f"`padding_mask` must have shape (batch, key_length)=({B}, {Nk}), got {tuple(padding_mask.shape)}."
+                )
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """Extra training loss of the estimator (e.g. an orthogonality penalty), or None."""

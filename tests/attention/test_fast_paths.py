@@ -134,10 +134,18 @@ def test_maps_equal_precomputed_features():
     lx = x @ w
     v = torch.randn(1, 2, 45, 5, dtype=torch.float64)
     kwargs = {"q_map": lambda t: t @ w, "k_map": lambda t: t @ w, "feature_dim": 7, "block_size": 8}
-    assert_close("causal", causal_linear_attention(lx, lx, v, chunk_size=4)[0],
-                 causal_linear_attention(x, x, v, chunk_size=4, **kwargs)[0], 1e-12)
-    assert_close("bidirectional", bidirectional_linear_attention(lx, lx, v),
-                 bidirectional_linear_attention(x, x, v, **kwargs), 1e-12)
+    assert_close(
+        "causal",
+        causal_linear_attention(lx, lx, v, chunk_size=4)[0],
+        causal_linear_attention(x, x, v, chunk_size=4, **kwargs)[0],
+        1e-12,
+    )
+    assert_close(
+        "bidirectional",
+        bidirectional_linear_attention(lx, lx, v),
+        bidirectional_linear_attention(x, x, v, **kwargs),
+        1e-12,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,7 +171,9 @@ def _recurrent(name: str):
 
 
 def test_only_recurrent_methods_have_state():
-    flags = {m: build_attention(m, num_heads=H, head_dim=D).supports_recurrent_state for m in ("rfa", "kernel", "lara")}
+    flags = {
+        m: build_attention(m, num_heads=H, head_dim=D).supports_recurrent_state for m in ("rfa", "kernel", "lara")
+    }
     assert all(flags.values())
     for method in ("softmax", "ra", "eva"):
         assert not build_attention(method, num_heads=H, head_dim=D).supports_recurrent_state
