@@ -8,6 +8,7 @@ Sections (each can be turned off):
    causal `lara`), `eva` (forward with one query over the KV cache) and SDPA over a KV cache (append included).
 3. **e2e**: a GPT-2-small-shaped model (12 layers, 768 hidden, 12 heads, random weights) forward, SDPA vs
    `hf_lara.convert(model, method=...)`.
+4. **compile** (`--compile`, off by default): one layer's forward, eager vs `torch.compile(fullgraph=True)`.
 
 Timing: best of `reps` calls after one warm-up (one call, no warm-up, when a call takes more than `--slow` s).
 Memory: the peak of live torch tensor bytes during one call, from `torch.profiler(profile_memory=True)`
@@ -122,6 +123,49 @@ def attention_call(method: str, causal: bool, backward: bool, N: int) -> Callabl
             t.grad = None
 
     return forward_backward
+
+
+def compiled_vs_eager(args: argparse.Namespace) -> list[dict]:
+    """Forward of one layer, eager vs `torch.compile(module, fullgraph=True)` (inductor), same inputs.
+
+    Compilation (and one warm-up call) happens before timing; `compile_seconds` reports it. Under tracing the causal
+    kernel path takes its exact per-chunk loop (no data-dependent fallback), so causal graphs grow with N / chunk.
+    """
+    rows = []
+    for method in args.compile_methods:
+        for causal in args.modes:  # booleans after parse_args
+            for N in args.compile_lengths:
+                rows.append(_compile_case(method, causal, N, args))
+                print(f"  compile {'causal' if causal else 'bidir'} N={N:6d} {method}: {rows[-1]}", flush=True)
+    return rows
+
+
+def _compile_case(method: str, causal: bool, N: int, args: argparse.Namespace) -> dict:
+    q, k, v = inputs(N, grad=False)
+    module = build_attention(method, num_heads=H, head_dim=D, **HPARAMS[method]).eval()
+    torch._dynamo.reset()
+    fast = torch.compile(module, fullgraph=True)
+    row = {"method": method, "causal": causal, "N": N}
+    with torch.no_grad():
+        start = time.perf_counter()
+        fast(q, k, v, causal=causal)
+        row["compile_seconds"] = time.perf_counter() - start
+        row["eager_seconds"] = best_time(lambda: module(q, k, v, causal=causal), args.reps, args.slow)
+        row["compiled_seconds"] = best_time(lambda: fast(q, k, v, causal=causal), args.reps, args.slow)
+        row["max_abs_diff"] = (module(q, k, v, causal=causal) - fast(q, k, v, causal=causal)).abs().max().item()
+    return row
+
+
+def compile_lines(rows: list[dict]) -> list[str]:
+    lines = ["### eager vs torch.compile (inductor, fullgraph=True), forward, ms per call", ""]
+    lines += ["| method | mode | N | eager | compiled | speed-up | compile s | max abs diff |", "|---" * 8 + "|"]
+    for r in rows:
+        eager, comp = r["eager_seconds"], r["compiled_seconds"]
+        lines.append(
+            f"| {r['method']} | {'causal' if r['causal'] else 'bidirectional'} | {r['N']} | {eager * 1e3:.1f} | "
+            f"{comp * 1e3:.1f} | {eager / comp:.2f}x | {r['compile_seconds']:.0f} | {r['max_abs_diff']:.1e} |"
+        )
+    return lines + [""]
 
 
 def is_quadratic(method: str, causal: bool) -> bool:
@@ -310,8 +354,11 @@ def scaling_lines(rows: list[dict], methods: list[str], low: int = 2048, high: i
         for backward in (False, True):
             cells = []
             for m in ["sdpa", *methods]:
-                pick = {r["N"]: r.get("seconds") for r in rows
-                        if r["method"] == m and r["causal"] == causal and r["backward"] == backward}
+                pick = {
+                    r["N"]: r.get("seconds")
+                    for r in rows
+                    if r["method"] == m and r["causal"] == causal and r["backward"] == backward
+                }
                 cells.append(f"{pick[high] / pick[low]:.1f}" if pick.get(low) and pick.get(high) else "-")
             mode = f"{'causal' if causal else 'bidir'} {'fwd+bwd' if backward else 'fwd'}"
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
@@ -362,8 +409,11 @@ def plot(rows: list[dict], methods: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for method in ["sdpa", *methods]:
         for causal, style in ((False, "-"), (True, "--")):
-            part = sorted((r["N"], r) for r in rows
-                          if r["method"] == method and r["causal"] == causal and not r["backward"] and "seconds" in r)
+            part = sorted(
+                (r["N"], r)
+                for r in rows
+                if r["method"] == method and r["causal"] == causal and not r["backward"] and "seconds" in r
+            )
             if not part:
                 continue
             label = f"{method} {'causal' if causal else 'bidir'}"
@@ -397,8 +447,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--slow", type=float, default=2.0, help="calls slower than this (s) are timed once")
-    parser.add_argument("--max-seconds", type=float, default=40.0,
-                        help="skip longer lengths of a method once its next call is predicted above this (s)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=40.0,
+        help="skip longer lengths of a method once its next call is predicted above this (s)",
+    )
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--no-sweep", dest="run_sweep", action="store_false")
     parser.add_argument("--no-decode", dest="run_decode", action="store_false")
@@ -408,6 +462,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--e2e-lengths", type=int, nargs="+")
     parser.add_argument("--e2e-methods", nargs="+", default=["rfa", "kernel"], choices=LINEAR_METHODS)
     parser.add_argument("--e2e-reps", type=int, default=1)
+    parser.add_argument("--compile", dest="run_compile", action="store_true", help="eager vs torch.compile section")
+    parser.add_argument("--compile-methods", nargs="+", default=["rfa"], choices=LINEAR_METHODS)
+    parser.add_argument("--compile-lengths", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--tag", default="", help="suffix of the result files")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -427,8 +484,15 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     report = {
         "setup": {
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "machine": platform.machine(), "B": B, "H": H, "D": D, "dtype": "float32", "hparams": HPARAMS,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "B": B,
+            "H": H,
+            "D": D,
+            "dtype": "float32",
+            "hparams": HPARAMS,
             "load_average_at_start": os.getloadavg(),
             "memory": "peak live torch tensor bytes during one call (torch.profiler, profile_memory=True)",
         }
@@ -439,6 +503,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["decode"] = decode(args)
     if args.run_e2e:
         report["e2e"] = end_to_end(args)
+    if args.run_compile:
+        report["compile"] = compiled_vs_eager(args)
     report["setup"]["load_average_at_end"] = os.getloadavg()
     report["setup"]["wall_seconds"] = time.time() - started
     write(report, args)
@@ -450,12 +516,15 @@ def write(report: dict, args: argparse.Namespace) -> None:
     tag = f"_{args.tag}" if args.tag else ""
     setup = report["setup"]
     lines = [
-        f"# hf_lara attention benchmark{(' (' + args.tag + ')') if args.tag else ''}", "",
+        f"# hf_lara attention benchmark{(' (' + args.tag + ')') if args.tag else ''}",
+        "",
         f"torch {setup['torch']}, {setup['threads']} threads on {setup['cpus']} CPUs, fp32, B={B}, H={H}, D={D}; "
         f"load average {setup['load_average_at_start'][0]:.1f} at start, {setup['load_average_at_end'][0]:.1f} at end "
         "(shared machine: absolute times are noisy, ratios come from side-by-side runs). Memory: "
-        f"{setup['memory']}.", "",
-        f"Hyper-parameters: {json.dumps(HPARAMS)}", "",
+        f"{setup['memory']}.",
+        "",
+        f"Hyper-parameters: {json.dumps(HPARAMS)}",
+        "",
     ]
     if "sweep" in report:
         lines += sweep_tables(report["sweep"], args.methods) + scaling_lines(report["sweep"], args.methods)
@@ -464,6 +533,8 @@ def write(report: dict, args: argparse.Namespace) -> None:
         lines += decode_lines(report["decode"])
     if "e2e" in report:
         lines += e2e_lines(report["e2e"])
+    if "compile" in report:
+        lines += compile_lines(report["compile"])
     (args.out / f"attention{tag}.json").write_text(json.dumps(report, indent=1))
     (args.out / f"attention{tag}.md").write_text("\n".join(lines))
     print("\n".join(lines))

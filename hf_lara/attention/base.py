@@ -102,6 +102,11 @@ def is_empty(q: torch.Tensor) -> bool:
     return q.shape[0] == 0 or q.shape[2] == 0
 
 
+def is_tracing() -> bool:
+    """True under `torch.compile` or `torch.export`: no host synchronisation nor data-dependent shape allowed."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Estimators accumulate in fp32; fp64 inputs stay fp64 so exactness tests can be tight."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -195,7 +200,8 @@ class AttentionEstimator(nn.Module):
             return q * 0
         input_dtype, dtype = q.dtype, compute_dtype(q.dtype)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        if padding_mask is not None and bool(padding_mask.all()):
+        if padding_mask is not None and not is_tracing() and bool(padding_mask.all()):
+            # eager shortcut only: the check reads the mask on the host, which a traced graph cannot do
             padding_mask = None
         # under mixed precision autocast would run the products in bf16/fp16: keep the estimator in `dtype`
         with torch.autocast(device_type=q.device.type, enabled=False):
@@ -215,9 +221,23 @@ class AttentionEstimator(nn.Module):
     def attend_unpadded(self, q, k, v, causal, scale):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def attend_left_aligned(self, q, k, v, lengths, causal, scale):
+        """`attend_unpadded` on a padded batch whose real tokens come first, row `b` holding `lengths[b]` of them.
+
+        Used when tracing (`torch.compile`, `torch.export`), where packing by length would need data-dependent
+        shapes. `q`, `k`, `v` are `(B, H, N, D)`, `lengths` `(B,)` long; rows `>= lengths[b]` may hold anything.
+        """
+        raise NotImplementedError(
+            f"`{self.method}` cannot be traced (torch.compile / torch.export) with a padding mask in this mode "
+            f"(causal={causal}): its chunks are anchored at the first real token. Trace it without `attention_mask` "
+            "(unpadded batches), or use rfa, kernel or lara."
+        )
+
     def _attend_packed(self, q, k, v, padding_mask, causal, scale):
         if padding_mask is None:
             return self.attend_unpadded(q, k, v, causal, scale)
+        if is_tracing():
+            return self._attend_aligned(q, k, v, padding_mask, causal, scale)
         out = q.new_zeros(q.shape)
         for group in packed_groups(padding_mask, q.shape[2]):
             qg = gather_tokens(q, group.batch_index, group.query_index)
@@ -229,6 +249,22 @@ class AttentionEstimator(nn.Module):
             cols = group.query_index[:, None, :, None]
             out[rows, heads, cols, torch.arange(q.shape[-1], device=q.device)] = og
         return out
+
+    def _attend_aligned(self, q, k, v, padding_mask, causal, scale):
+        """The packed result with static shapes: real tokens moved to the front of each row (a stable sort), one
+        `attend_left_aligned` call, outputs moved back and zero at padded queries."""
+        if q.shape[2] != k.shape[2]:
+            raise NotImplementedError("Tracing a packed estimator with a padding mask needs as many queries as keys.")
+        order = torch.sort((~padding_mask).to(torch.int8), dim=-1, stable=True).indices  # (B, N)
+        lengths = padding_mask.sum(-1)
+        rows = torch.arange(q.shape[0], device=q.device)
+        qa, ka, va = (gather_tokens(x, rows, order) for x in (q, k, v))
+        # an empty row runs on its padding (finite numbers) and is zeroed below
+        lengths = torch.where(lengths == 0, q.shape[2], lengths)
+        out = self.attend_left_aligned(qa, ka, va, lengths, causal, scale)
+        back = torch.argsort(order, dim=-1)
+        out = gather_tokens(out, rows, back)
+        return torch.where(padding_mask[:, None, :, None], out, 0.0)
 
     def _check_inputs(self, q, k, v, padding_mask, causal) -> None:
         for name, t in (("q", q), ("k", k), ("v", v)):

@@ -39,6 +39,8 @@ the chunks that end at or before the block starts (`c < w E / P`), so nothing is
 position t only depends on tokens `<= t` (prefix consistent; decoding over a KV cache equals the full pass).
 Summaries are computed from keys and values only. The number of chunks grows as N / P, so the cost is
 `O(N (E + N / P) D)`: quadratic with constant 1/P, like the paper's causal EVA (official code: LM runs use P = 8).
+Queries run in blocks of whole windows against their windows and the summaries finished before the block's last
+window (`causal_eva`), so memory stays `O(N D + block (E + N / P))`: no `(N, N / P)` tensor.
 """
 
 from __future__ import annotations
@@ -51,11 +53,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AttentionEstimator, check_int, register_estimator
+from .linear import _normalise, _with_ones
 from .random_features import positive_random_log_features
 from .window import blocks as _blocks
 
 # A finite floor for detached max shifts: exp(x - floor) stays well defined for empty sets.
 _LOG_FLOOR = -1e30
+#: target number of elements of one block's `(B, H, block, E + chunks)` logits on the causal path (64 MB in fp32):
+#: few large products, which matter on shared CPUs where every op waits for its slowest thread
+CAUSAL_BLOCK_ELEMENTS = 1 << 24
 Map = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -154,6 +160,22 @@ def bidirectional_eva(
     return out.reshape(B, H, num_windows * E, D)[:, :, :N]
 
 
+def causal_summaries(
+    k: torch.Tensor, v: torch.Tensor, num_chunks: int, chunk_size: int, key_map: Map, mu_map: Map, sample: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys `kappa_c` and values `beta_c` `(B, H, num_chunks, D)` of the first `num_chunks` chunks.
+
+    Each summary depends on its own `P` keys and values only, so a chunk's summary never changes once complete.
+    """
+    B, H, _, D = k.shape
+    kc = k[:, :, : num_chunks * chunk_size].reshape(B, H, num_chunks, 1, chunk_size, D)
+    vc = v[:, :, : num_chunks * chunk_size].reshape(B, H, num_chunks, 1, chunk_size, D)
+    means = kc.mean(dim=-2)[:, :, :, 0]  # (B, H, C, D)
+    log_w = _sampled_log_weights(kc, mu_map(means), sample)
+    betas = merged_value_summaries(log_w, vc, k.new_ones(1, 1, dtype=torch.bool))[:, :, :, 0]
+    return key_map(means), betas
+
+
 def causal_eva(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -163,50 +185,95 @@ def causal_eva(
     key_map: Map,
     mu_map: Map,
     sample: bool,
+    scale: float,
+    block_size: int | None = None,
 ) -> torch.Tensor:
     """Causal EVA; queries are positions `N - Nq .. N - 1` (`Nq < N` decodes over a cache), all tokens real.
 
+    Queries go block by block (whole windows): each block attends its exact windows and the summaries of the chunks
+    finished before its last window, under one softmax with a detached max shift. Nothing of size `(N, N / P)` is
+    built, and nothing of size `(N, D)` but the output and the summaries' inputs: peak extra memory is
+    `O(N D + block (E + N / P))`. The scale goes on the logits (blocks) and the summary keys, not on `q`, `k`.
+
     Args:
-        q (`torch.Tensor` of shape `(B, H, Nq, D)`): queries in tilde space.
-        k (`torch.Tensor` of shape `(B, H, N, D)`): keys in tilde space.
+        q (`torch.Tensor` of shape `(B, H, Nq, D)`): raw queries.
+        k (`torch.Tensor` of shape `(B, H, N, D)`): raw keys.
         v (`torch.Tensor` of shape `(B, H, N, D)`): values.
         window_size, chunk_size (`int`): `E` and `P` of the module docstring, `E % P == 0`.
         key_map, mu_map, sample: as in `bidirectional_eva`.
+        scale (`float`): logit scale (`x~ = x * scale**0.5`).
+        block_size (`int`, *optional*): queries per block, rounded to whole windows (default: about
+            `CAUSAL_BLOCK_ELEMENTS / (B H (E + N / P))`).
 
     Returns:
         `torch.Tensor` of shape `(B, H, Nq, D)`.
     """
     B, H, Nq, D = q.shape
-    N = k.shape[2]
+    N, BH = k.shape[2], B * H
     # a window at least as long as the sequence is one block: shrinking it to N changes nothing
     E = min(window_size, N)
+    per_window = window_size // chunk_size  # chunks per window
     first, last = (N - Nq) // E, (N - 1) // E  # window blocks holding the queries
     num_blocks, front = last - first + 1, N - Nq - first * E
-    qw = _blocks(q, front, num_blocks * E, E)
-    kw = _blocks(k[:, :, first * E :], 0, num_blocks * E, E)
-    vw = _blocks(v[:, :, first * E :], 0, num_blocks * E, E)
-    slot = torch.arange(E, device=q.device)
-    key_pos = first * E + torch.arange(num_blocks * E, device=q.device).reshape(num_blocks, 1, E)
-    visible = (slot[None, :] <= slot[:, None]) & (key_pos < N)  # (nW, E, E)
-    logits = (qw @ kw.transpose(-1, -2)).masked_fill(~visible, float("-inf"))
+    L = num_blocks * E
+    # chunks entirely before the last window; window w sees those with c < w E / P
+    C = last * per_window
+    if C:
+        root = scale**0.5
+        keys, betas = causal_summaries(k[:, :, : C * chunk_size] * root, v, C, chunk_size, key_map, mu_map, sample)
+        keys_t = (keys * root).reshape(BH, C, D).transpose(-1, -2)  # (B H, D, C): raw q against kappa~
+        betas = _with_ones(betas).reshape(BH, C, D + 1)  # a column of ones: numerator and normaliser at once
+    q_rows = (F.pad(q, (0, 0, front, L - front - Nq)) if L != Nq else q).reshape(BH, L, D)
+    k_rows = k[:, :, first * E :].reshape(BH, -1, D)
+    v_rows = v[:, :, first * E :].reshape(BH, -1, D)
+    # keys after the query inside its window get -inf (zero-padded keys past N only meet padded queries)
+    causal = torch.ones(E, E, dtype=torch.bool, device=q.device).triu(1)
+    step = max(1, (block_size or CAUSAL_BLOCK_ELEMENTS // (BH * (E + C))) // E)  # windows per block
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v) + ((keys_t,) if C else ()))
+    out = None if grad else q.new_empty(BH, L, D)
+    outs = []
+    for a in range(0, num_blocks, step):
+        b = min(num_blocks, a + step)
+        rows = slice(a * E, b * E)
+        qb = q_rows[:, rows].unflatten(1, (b - a, E))  # (B H, nb, E, D)
+        kb, vb = (_padded_window(x, b - a, E) for x in (k_rows[:, rows], _with_ones(v_rows[:, rows])))
+        local = (qb @ kb.transpose(-1, -2)).masked_fill_(causal, float("-inf")).flatten(1, 2)  # (B H, nb E, E)
+        local = local * scale if grad else local.mul_(scale)
+        top = local.detach().amax(dim=-1, keepdim=True)  # finite: a query sees itself
+        seen = min(C, (first + b - 1) * per_window)  # chunks the block's last window sees
+        if seen:
+            # every window of the block sees the chunks before `common`; the few after it get a mask
+            far, common = q_rows[:, rows] @ keys_t[..., :seen], (first + a) * per_window  # (B H, nb E, seen)
+            if seen > common:
+                windows = first + torch.arange(a, b, device=q.device)
+                hidden = torch.arange(common, seen, device=q.device) >= windows[:, None] * per_window
+                hidden = hidden[:, None].expand(-1, E, -1).reshape((b - a) * E, seen - common)
+                if grad:
+                    far = torch.cat([far[..., :common], far[..., common:].masked_fill(hidden, float("-inf"))], -1)
+                else:
+                    far[..., common:].masked_fill_(hidden, float("-inf"))
+            # weights exp(q~.kappa~ + log P - top): shift the raw logits by `top - log P`
+            top = torch.maximum(top, far.detach().amax(dim=-1, keepdim=True) + math.log(chunk_size))
+            shift = top - math.log(chunk_size)
+            far = torch.exp(far - shift) if grad else far.sub_(shift).exp_()
+        local = torch.exp(local - top) if grad else local.sub_(top).exp_()
+        num = (local.unflatten(1, (b - a, E)) @ vb).flatten(1, 2)  # (B H, nb E, D + 1)
+        if seen:
+            num = num + far @ betas[:, :seen] if grad else num.baddbmm_(far, betas[:, :seen])
+        if grad:
+            outs.append(_normalise(num))
+        else:
+            torch.div(num[..., :-1], num[..., -1:], out=out[:, rows])
+    if grad:
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return out.reshape(B, H, L, D)[:, :, front : front + Nq]
 
-    # chunks entirely before the last block; block w sees those with c < w E / P
-    C = last * (window_size // chunk_size)
-    if C > 0:
-        kc = k[:, :, : C * chunk_size].reshape(B, H, C, 1, chunk_size, D)
-        vc = v[:, :, : C * chunk_size].reshape(B, H, C, 1, chunk_size, D)
-        means = kc.mean(dim=-2)[:, :, :, 0]  # (B, H, C, D)
-        log_w = _sampled_log_weights(kc, mu_map(means), sample)
-        betas = merged_value_summaries(log_w, vc, q.new_ones(1, 1, dtype=torch.bool))[:, :, :, 0]
-        blocks = first + torch.arange(num_blocks, device=q.device)
-        hidden = torch.arange(C, device=q.device) >= blocks[:, None] * (window_size // chunk_size)  # (nW, C)
-        chunk_logits = torch.einsum("bhwed,bhcd->bhwec", qw, key_map(means)) + math.log(chunk_size)
-        logits = torch.cat([logits, chunk_logits.masked_fill(hidden[:, None, :], float("-inf"))], dim=-1)
-    probs = torch.softmax(logits, dim=-1)
-    out = probs[..., :E] @ vw
-    if C > 0:
-        out = out + probs[..., E:] @ betas[:, :, None]
-    return out.reshape(B, H, num_blocks * E, D)[:, :, front : front + Nq]
+
+def _padded_window(part: torch.Tensor, num: int, window: int) -> torch.Tensor:
+    """`(B H, n, F)` rows (`n <= num window`, the last block may be short) -> `(B H, num, window, F)`, zero-padded."""
+    if part.shape[1] < num * window:
+        part = F.pad(part, (0, 0, 0, num * window - part.shape[1]))
+    return part.unflatten(1, (num, window))
 
 
 def _identity_linear(dim: int) -> nn.Linear:
@@ -281,7 +348,7 @@ class EVAAttention(AttentionEstimator):
         root = scale**0.5
         maps = self._map(self.chunk_key_proj), self._map(self.proposal_proj), self.training
         if causal:
-            return causal_eva(q * root, k * root, v, self.window_size, self.chunk_size, *maps)
+            return causal_eva(q, k, v, self.window_size, self.chunk_size, *maps, scale=scale)
         return bidirectional_eva(q * root, k * root, v, self.window_size, self.num_chunks, *maps)
 
     def extra_repr(self) -> str:

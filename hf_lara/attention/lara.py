@@ -407,6 +407,61 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
             return self.attend_windowed(q, k, v, None, False, scale, self.bidirectional_window_maps(q, k, scale))
         return self.bidirectional(q, k, v, scale)
 
+    def attend_left_aligned(self, q, k, v, lengths, causal, scale):
+        if causal or self.window_size:
+            return super().attend_left_aligned(q, k, v, lengths, causal, scale)
+        return self.aligned_mixture(q, k, v, lengths, scale)
+
+    def aligned_mixture(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Bidirectional LARA of rows holding `lengths[b]` real tokens first, with static shapes (for tracing).
+
+        The estimate of `mixture` on each row's real tokens, with `C = num_landmarks` proposals of which the first
+        `C_eff = min(C, n)` are used (the others masked): segment `c` holds the real positions `p` with
+        `ceil((p + 1) C_eff / n) - 1 = c`, so segments, means and `t` (over real queries) are those of the packed
+        path. Memory `O(N C)` per (batch, head) through a `(B, N, C)` segment matrix; no `N x N` tensor.
+
+        Args:
+            q, k, v (`torch.Tensor` of shape `(B, H, N, D)`): left-aligned raw inputs.
+            lengths (`torch.LongTensor` of shape `(B,)`): real tokens per row, `1 <= lengths <= N`.
+
+        Returns:
+            `torch.Tensor` of shape `(B, H, N, D)`; rows past `lengths` are not meaningful.
+        """
+        B, H, N, D = q.shape
+        C, root = self.num_landmarks, scale**0.5
+        pos = torch.arange(N, device=q.device)
+        n = lengths[:, None]  # (B, 1)
+        real = pos < n  # (B, N)
+        used = torch.clamp(n, max=C)
+        segment = torch.div((pos + 1) * used + n - 1, n, rounding_mode="floor") - 1  # (B, N)
+        member = (segment[..., None] == torch.arange(C, device=q.device)) & real[..., None]  # (B, N, C)
+        counts = member.sum(1)  # (B, C)
+        valid = (counts > 0)[:, None, None, :]  # (B, 1, 1, C)
+        average = member.to(q.dtype) / counts.clamp_min(1)[:, None, :].to(q.dtype)
+        q_bar, k_bar = (torch.einsum("bnc,bhnd->bhcd", average, x) * root for x in (q, k))
+        if self.adaptive:
+            q_bar, k_bar = _affine(self.adapt_q, q_bar), _affine(self.adapt_k, k_bar)
+        mu = q_bar + k_bar + self.proposal_mean.to(q_bar.dtype)
+        omega = mu + torch.randn_like(mu) if self.training else mu
+        q_t, k_t = q * root, k * root
+        lq = positive_random_log_features(q_t, omega)  # (B, H, N, C)
+        lk = positive_random_log_features(k_t, omega).masked_fill(~real[:, None, :, None], float("-inf"))
+        log_z = torch.logsumexp(lk, dim=2)  # (B, H, C)
+        f = torch.exp(lk - log_z[:, :, None, :]).transpose(-1, -2) @ v  # (B, H, C, D)
+        log_density = proposal_log_density(omega, mu).masked_fill(~valid, float("-inf"))  # unused columns out
+        own = torch.diagonal(log_density, dim1=-2, dim2=-1)  # (B, H, C), finite for the used proposals
+        inverse = -own if self.mis == "opt" else -torch.logsumexp(log_density, dim=-1)
+        log_w = lq + (log_z + inverse)[:, :, None, :]
+        if self.mis == "opt":
+            logits = (q_t @ q_bar.transpose(-1, -2)).masked_fill(~real[:, None, :, None], float("-inf"))
+            t = torch.softmax(logits, dim=2)  # over the real queries
+            t_mean = (t * valid).sum(-1, keepdim=True) / used[:, None, None, :].to(t.dtype)
+            balance = torch.exp(own - torch.logsumexp(log_density, dim=-1))[:, :, None, :]
+            log_w = log_w + torch.log((balance + self.alpha_coeff * (t - t_mean)).clamp_min(_ALPHA_FLOOR))
+        return torch.softmax(log_w.masked_fill(~valid, float("-inf")), dim=-1) @ f
+
     def packs_padding(self, causal: bool) -> bool:
         # causal proposals ignore the data, so padding is masked in place rather than packed away
         return not causal

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .base import is_tracing
+
 #: `(B, H, n, D)` inputs -> `(B, H, n, S)` log-features; applied block by block.
 LogFeatureMap = Callable[[torch.Tensor], torch.Tensor]
 
@@ -413,7 +415,8 @@ def causal_linear_attention(
         lq_b = q_map(lq_b)
         lk_b = _mask_keys(k_map(lk_b), _block(key_mask, prefix + start, block))
         seen = None if visible is None else visible[:, :, start : start + block]
-        result = _fast_block(lq_b, lk_b, v_b, seen, chunk_size, state)
+        # a traced graph (torch.compile / export) cannot branch on the data: it takes the exact loop, valid for any range
+        result = None if is_tracing() else _fast_block(lq_b, lk_b, v_b, seen, chunk_size, state)
         if result is None:
             outputs.append(_exact_block(lq_b, lk_b, v_b, chunk_size, state))
         else:

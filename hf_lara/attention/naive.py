@@ -6,6 +6,8 @@ All functions take queries that are the last `Nq` of the `Nk` key positions (so 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -136,3 +138,106 @@ def naive_windowed_feature_attention(
         inside = inside | sink[:, None, None, :]
     visible = visibility_mask(key_mask, q.shape[2], k.shape[2], causal, q.device)
     return masked_softmax_average(torch.where(inside, exact, kernel), v, visible)
+
+
+def gaussian_density(omega: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """`N(omega_c; mean_c', I)` for every pair, with its normalising constant: `(..., C, C')`."""
+    D = omega.shape[-1]
+    sq = ((omega[..., :, None, :] - mean[..., None, :, :]) ** 2).sum(-1)
+    return (2 * math.pi) ** (-D / 2) * torch.exp(-0.5 * sq)
+
+
+def xi(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """`exp(w.x - |x|^2 / 2)` for tilde-space `x` `(..., N, D)` and `omega` `(..., C, D)` -> `(..., N, C)`."""
+    return torch.exp(x @ omega.transpose(-1, -2) - 0.5 * (x * x).sum(-1, keepdim=True))
+
+
+def naive_bidirectional_lara(q, k, v, scale, num_landmarks, mis, alpha_coeff, noise=None):
+    """LARA written out in probability space (no logs), one unpadded sequence batch `(b, H, N, D)`.
+
+    Returns the normalised weights `(b, H, N, C)`, the proposal values `f` `(b, H, C, D)` and the output.
+    """
+    N = q.shape[2]
+    q_t, k_t = q * scale**0.5, k * scale**0.5
+    C = min(num_landmarks, N)
+    bounds = [(c * N) // C for c in range(C + 1)]
+    q_bar = torch.stack([q_t[:, :, bounds[c] : bounds[c + 1]].mean(2) for c in range(C)], dim=2)
+    k_bar = torch.stack([k_t[:, :, bounds[c] : bounds[c + 1]].mean(2) for c in range(C)], dim=2)
+    mu = q_bar + k_bar
+    omega = mu if noise is None else mu + noise
+    xi_k = xi(k_t, omega)  # (b, H, N, C)
+    z = xi_k.sum(2)  # (b, H, C)
+    f = (xi_k / z[:, :, None]).transpose(-1, -2) @ v
+    # target p_n(w_c) = N(w_c; 0, I) xi(q_n, w_c) Z(w_c), up to a per-query constant
+    base = gaussian_density(omega, torch.zeros_like(omega[..., :1, :]))[..., 0]  # (b, H, C)
+    target = base[:, :, None] * xi(q_t, omega) * z[:, :, None]
+    density = gaussian_density(omega, mu)  # (b, H, C, C'): N(w_c; mu_c', I)
+    own = torch.diagonal(density, dim1=-2, dim2=-1)
+    if mis == "opt":
+        balance = own / density.sum(-1)
+        logits = torch.einsum("bhcd,bhnd->bhnc", q_bar, q_t)
+        t = torch.exp(logits) / torch.exp(logits).sum(2, keepdim=True)
+        alpha = (balance[:, :, None] + alpha_coeff * (t - t.mean(-1, keepdim=True))).clamp_min(1e-8)
+        w = alpha * target / own[:, :, None]
+    else:
+        w = target / density.mean(-1)[:, :, None]
+    w_hat = w / w.sum(-1, keepdim=True)
+    return w_hat, f, w_hat @ f
+
+
+def eva_visible_sets(n: int, N: int, causal: bool, window: int, num_chunks: int, chunk: int):
+    """For the query at position `n` of `N`: its exact keys and its summaries as `(tokens, sampled_from)` pairs."""
+    w = n // window
+    if causal:
+        exact = list(range(w * window, n + 1))
+        chunks = [list(range(c * chunk, (c + 1) * chunk)) for c in range(n // chunk) if (c + 1) * chunk <= w * window]
+        return exact, [(tokens, tokens) for tokens in chunks]
+    exact = list(range(w * window, min(N, (w + 1) * window)))
+    length = window * math.ceil(N / (num_chunks * window))
+    chunks = [list(range(start, min(N, start + length))) for start in range(0, N, length)]
+    # every token is either exact or in exactly one summary, sampled with its whole chunk's proposal
+    return exact, [([m for m in tokens if m not in exact], tokens) for tokens in chunks]
+
+
+def naive_eva_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    window_size: int,
+    num_chunks: int = 1,
+    chunk_size: int = 1,
+    key_proj: torch.nn.Linear | None = None,
+    proposal_proj: torch.nn.Linear | None = None,
+) -> torch.Tensor:
+    """Eval-mode EVA, one query at a time: softmax over [exact logits ; q~.kappa_T + log |T|] with values [v ; beta_T].
+
+    `q` `(B, H, Nq, D)` are the last `Nq` of the `N` positions of `k`, `v` `(B, H, N, D)`; returns `(B, H, Nq, D)`.
+    """
+    B, H, Nq, D = q.shape
+    N = k.shape[2]
+    root = D**-0.25
+    qt, kt = q * root, k * root
+
+    def apply(layer, x):
+        return x if layer is None else x @ layer.weight.T + layer.bias
+
+    rows = []
+    for i in range(Nq):
+        n = N - Nq + i
+        exact, summaries = eva_visible_sets(n, N, causal, window_size, num_chunks, chunk_size)
+        logits = [(qt[:, :, i] * kt[:, :, m]).sum(-1) for m in exact]
+        values = [v[:, :, m] for m in exact]
+        for tokens, sampled_from in summaries:
+            if not tokens:
+                continue
+            omega = apply(proposal_proj, kt[:, :, sampled_from].mean(2))  # (B, H, D)
+            keys = kt[:, :, tokens]
+            log_xi = (keys * omega[:, :, None]).sum(-1) - 0.5 * (keys * keys).sum(-1)
+            values.append((torch.softmax(log_xi, dim=-1)[..., None] * v[:, :, tokens]).sum(2))
+            kappa = apply(key_proj, keys.mean(2))
+            logits.append((qt[:, :, i] * kappa).sum(-1) + math.log(len(tokens)))
+        probs = torch.softmax(torch.stack(logits, dim=-1), dim=-1)
+        rows.append((probs[..., None] * torch.stack(values, dim=-2)).sum(-2))
+    return torch.stack(rows, dim=2)

@@ -1,81 +1,19 @@
-"""Tests of `hf_lara/attention/eva.py` against `naive_eva_attention`, a per-query loop over explicit token sets
-written here from the formula, and against exact softmax when the window covers the sequence."""
+"""Tests of `hf_lara/attention/eva.py` against `naive_eva_attention` (`attention/naive.py`), a per-query loop over
+explicit token sets written from the formula, and against exact softmax when the window covers the sequence."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from torch import nn
 
 from hf_lara.attention import build_attention
-from hf_lara.attention.eva import EVAAttention
-from hf_lara.attention.naive import naive_softmax_attention
+from hf_lara.attention.eva import EVAAttention, causal_eva
+from hf_lara.attention.naive import naive_eva_attention, naive_softmax_attention
 
 from .utils import assert_close, qkv
 
-# ---------------------------------------------------------------------------------------------------------------
-# Independent reference: which keys are exact and which token sets are summarised, query by query.
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def visible_sets(n: int, N: int, causal: bool, window: int, num_chunks: int, chunk: int):
-    """For the query at position `n` of `N`: its exact keys and its summaries as `(tokens, sampled_from)` pairs."""
-    w = n // window
-    if causal:
-        exact = list(range(w * window, n + 1))
-        chunks = [list(range(c * chunk, (c + 1) * chunk)) for c in range(n // chunk) if (c + 1) * chunk <= w * window]
-        return exact, [(tokens, tokens) for tokens in chunks]
-    exact = list(range(w * window, min(N, (w + 1) * window)))
-    length = window * math.ceil(N / (num_chunks * window))
-    chunks = [list(range(start, min(N, start + length))) for start in range(0, N, length)]
-    # every token is either exact or in exactly one summary, sampled with its whole chunk's proposal
-    return exact, [([m for m in tokens if m not in exact], tokens) for tokens in chunks]
-
-
-def naive_eva_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    window_size: int,
-    num_chunks: int = 1,
-    chunk_size: int = 1,
-    key_proj: nn.Linear | None = None,
-    proposal_proj: nn.Linear | None = None,
-) -> torch.Tensor:
-    """Eval-mode EVA, one query at a time: softmax over [exact logits ; q~.kappa_T + log |T|] with values [v ; beta_T].
-
-    `q` `(B, H, Nq, D)` are the last `Nq` of the `N` positions of `k`, `v` `(B, H, N, D)`; returns `(B, H, Nq, D)`.
-    """
-    B, H, Nq, D = q.shape
-    N = k.shape[2]
-    root = D**-0.25
-    qt, kt = q * root, k * root
-
-    def apply(layer, x):
-        return x if layer is None else x @ layer.weight.T + layer.bias
-
-    rows = []
-    for i in range(Nq):
-        n = N - Nq + i
-        exact, summaries = visible_sets(n, N, causal, window_size, num_chunks, chunk_size)
-        logits = [(qt[:, :, i] * kt[:, :, m]).sum(-1) for m in exact]
-        values = [v[:, :, m] for m in exact]
-        for tokens, sampled_from in summaries:
-            if not tokens:
-                continue
-            omega = apply(proposal_proj, kt[:, :, sampled_from].mean(2))  # (B, H, D)
-            keys = kt[:, :, tokens]
-            log_xi = (keys * omega[:, :, None]).sum(-1) - 0.5 * (keys * keys).sum(-1)
-            values.append((torch.softmax(log_xi, dim=-1)[..., None] * v[:, :, tokens]).sum(2))
-            kappa = apply(key_proj, keys.mean(2))
-            logits.append((qt[:, :, i] * kappa).sum(-1) + math.log(len(tokens)))
-        probs = torch.softmax(torch.stack(logits, dim=-1), dim=-1)
-        rows.append((probs[..., None] * torch.stack(values, dim=-2)).sum(-2))
-    return torch.stack(rows, dim=2)
+# The reference, `naive_eva_attention`, lists which keys are exact and which token sets are summarised, query by
+# query (`eva_visible_sets` in `attention/naive.py`).
 
 
 def _eva(D: int, H: int, window: int, num_chunks: int = 64, chunk: int = 1, **kw) -> EVAAttention:
@@ -174,6 +112,28 @@ def test_causal_matches_naive(B, N, H, D, E, P, adaptive):
             step = attn(q[:, :, -nq:], k, v, causal=True)
             assert_close(f"decode Nq={nq}", _reference(attn, q[:, :, -nq:], k, v, True), step, 1e-10)
             assert_close(f"decode Nq={nq} vs full", full[:, :, -nq:], step, 1e-12)
+
+
+@pytest.mark.parametrize("block_size", [1, 9, 24], ids=["one-window", "two-windows", "three-windows"])
+@pytest.mark.parametrize("num_queries", [37, 5], ids=["full", "decode-5"])
+def test_causal_blocks_match_naive_with_gradients(block_size, num_queries):
+    """Queries processed a few windows at a time (several blocks, a partial last one): outputs and gradients of
+    queries, keys, values and both maps equal the per-query reference in fp64."""
+    torch.manual_seed(0)
+    attn = _eva(6, 2, 8, chunk=4)
+    _perturb(attn)
+    q, k, v = qkv(2, 2, 37, 6)
+    q = q[:, :, -num_queries:].clone()
+    inputs = [x.requires_grad_() for x in (q, k, v)] + list(attn.parameters())
+    maps = attn._map(attn.chunk_key_proj), attn._map(attn.proposal_proj), False
+    fast = causal_eva(q, k, v, 8, 4, *maps, scale=6**-0.5, block_size=block_size)
+    slow = _reference(attn, q, k, v, True)
+    assert_close("blocked causal", slow, fast, 1e-12)
+    weight = torch.randn_like(fast)
+    for f, s in zip(
+        torch.autograd.grad((fast * weight).sum(), inputs), torch.autograd.grad((slow * weight).sum(), inputs)
+    ):
+        assert_close("gradient", s, f, 1e-10)
 
 
 @pytest.mark.parametrize(

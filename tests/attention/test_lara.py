@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -10,7 +9,12 @@ import torch
 
 from hf_lara.attention import build_attention
 from hf_lara.attention.lara import LinearRandomizedAttention
-from hf_lara.attention.naive import naive_feature_attention, naive_softmax_attention
+from hf_lara.attention.naive import (
+    gaussian_density,
+    naive_bidirectional_lara,
+    naive_feature_attention,
+    naive_softmax_attention,
+)
 from hf_lara.attention.rfa import RandomFeatureAttention
 
 from .utils import assert_close
@@ -23,51 +27,6 @@ def gaussian_inputs(B, H, Nq, Nk, D, std=0.5):
     q = std * torch.randn(B, H, Nq, D, generator=g, dtype=torch.float64)
     k = std * torch.randn(B, H, Nk, D, generator=g, dtype=torch.float64)
     return q, k, torch.randn(B, H, Nk, D, generator=g, dtype=torch.float64)
-
-
-def gaussian_density(omega: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """`N(omega_c; mean_c', I)` for every pair, with its normalising constant: `(..., C, C')`."""
-    D = omega.shape[-1]
-    sq = ((omega[..., :, None, :] - mean[..., None, :, :]) ** 2).sum(-1)
-    return (2 * math.pi) ** (-D / 2) * torch.exp(-0.5 * sq)
-
-
-def xi(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
-    """`exp(w.x - |x|^2 / 2)` for tilde-space `x` `(..., N, D)` and `omega` `(..., C, D)` -> `(..., N, C)`."""
-    return torch.exp(x @ omega.transpose(-1, -2) - 0.5 * (x * x).sum(-1, keepdim=True))
-
-
-def naive_bidirectional_lara(q, k, v, scale, num_landmarks, mis, alpha_coeff, noise=None):
-    """LARA written out in probability space (no logs), one unpadded sequence batch `(b, H, N, D)`.
-
-    Returns the normalised weights `(b, H, N, C)`, the proposal values `f` `(b, H, C, D)` and the output.
-    """
-    N = q.shape[2]
-    q_t, k_t = q * scale**0.5, k * scale**0.5
-    C = min(num_landmarks, N)
-    bounds = [(c * N) // C for c in range(C + 1)]
-    q_bar = torch.stack([q_t[:, :, bounds[c] : bounds[c + 1]].mean(2) for c in range(C)], dim=2)
-    k_bar = torch.stack([k_t[:, :, bounds[c] : bounds[c + 1]].mean(2) for c in range(C)], dim=2)
-    mu = q_bar + k_bar
-    omega = mu if noise is None else mu + noise
-    xi_k = xi(k_t, omega)  # (b, H, N, C)
-    z = xi_k.sum(2)  # (b, H, C)
-    f = (xi_k / z[:, :, None]).transpose(-1, -2) @ v
-    # target p_n(w_c) = N(w_c; 0, I) xi(q_n, w_c) Z(w_c), up to a per-query constant
-    base = gaussian_density(omega, torch.zeros_like(omega[..., :1, :]))[..., 0]  # (b, H, C)
-    target = base[:, :, None] * xi(q_t, omega) * z[:, :, None]
-    density = gaussian_density(omega, mu)  # (b, H, C, C'): N(w_c; mu_c', I)
-    own = torch.diagonal(density, dim1=-2, dim2=-1)
-    if mis == "opt":
-        balance = own / density.sum(-1)
-        logits = torch.einsum("bhcd,bhnd->bhnc", q_bar, q_t)
-        t = torch.exp(logits) / torch.exp(logits).sum(2, keepdim=True)
-        alpha = (balance[:, :, None] + alpha_coeff * (t - t.mean(-1, keepdim=True))).clamp_min(1e-8)
-        w = alpha * target / own[:, :, None]
-    else:
-        w = target / density.mean(-1)[:, :, None]
-    w_hat = w / w.sum(-1, keepdim=True)
-    return w_hat, f, w_hat @ f
 
 
 BIDIRECTIONAL_CASES = [
