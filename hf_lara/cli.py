@@ -535,10 +535,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help="comma-separated self-attention layers to convert (default: all)")
     p.add_argument("--base-model", help="Hub id of the source, recorded in the card (default: SRC if it is a Hub id)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
-    p.add_argument("--keep-softmax", type=int, default=0, metavar="K",
-                   help="leave the K layers with the largest attention error on calibration text on exact softmax")
-    p.add_argument("--calibration-file", help="calibration texts for --keep-softmax, one per line "
-                   "(default: the 30 bundled sentences)")
+    p.add_argument(
+        "--keep-softmax",
+        type=int,
+        default=0,
+        metavar="K",
+        help="leave the K layers with the largest attention error on calibration text on exact softmax",
+    )
+    p.add_argument(
+        "--calibration-file",
+        help="calibration texts for --keep-softmax, one per line (default: the 30 bundled sentences)",
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("distill", help="convert a checkpoint, distil it towards its softmax teacher, save it")
