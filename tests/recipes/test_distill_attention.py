@@ -83,7 +83,12 @@ def test_distill_improves_minilm(launch, minilm_path, tmp_path):
             {"window_size": 8, "chunk_size": 8},
             {"chunk_key_proj.weight", "chunk_key_proj.bias", "proposal_proj.weight", "proposal_proj.bias"},
         ),
-        ("bert", "lara", {"adaptive": True}, {"adapt_q.weight", "adapt_q.bias", "adapt_k.weight", "adapt_k.bias"}),
+        (
+            "bert",
+            "lara",
+            {"adaptive": True},
+            {"adapt_q.weight", "adapt_q.bias", "adapt_k.weight", "adapt_k.bias", "proposal_mean"},
+        ),
         ("llama", "lara", {"adaptive": True}, {"proposal_mean"}),
     ],
     ids=["kernel", "eva", "lara-encoder", "lara-decoder"],
