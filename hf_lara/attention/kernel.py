@@ -1,4 +1,5 @@
-"""`kernel`: trainable feature-map attention (FFN/GLU/deep kernels, Hedgehog, T2R), KERNELS_AND_PERF.md §1.
+"""`kernel`: trainable feature-map attention (FFN/GLU/deep kernels, Hedgehog, T2R): arXiv 2211.04076,
+Hedgehog arXiv 2402.04347, T2R arXiv 2103.13076.
 
 One per-head feature map `phi` is shared by queries and keys and acts on tilde inputs `x~ = x * scale**0.5`;
 the attention row is `o_i = sum_j phi(q~_i).phi(k~_j) v_j / sum_j phi(q~_i).phi(k~_j)`, computed in linear time

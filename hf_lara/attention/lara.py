@@ -1,6 +1,6 @@
 """`lara`: linear randomized attention (Zheng, Wang, Kong, ICML 2022), bidirectional, plus our causal variant.
 
-Notation (ALGORITHMS.md §0, §3): tilde space `x~ = x * scale**0.5`, `xi(x, w) = exp(w.x~ - |x~|^2 / 2)`, and
+Notation (arXiv 2204.04667 §3-4; `hf_lara/attention/README.md`, Notation and LARA): tilde space `x~ = x * scale**0.5`, `xi(x, w) = exp(w.x~ - |x~|^2 / 2)`, and
 `xi(mu, w) = N(w; mu, I) / N(w; 0, I)` for a proposal mean `mu` already in tilde space. Softmax attention is
 `E_{p_n}[f_n(w)]` with target `p_n(w) ∝ N(w; 0, I) xi(q_n, w) Z_n(w)`, `Z_n(w) = sum_m xi(k_m, w)` and
 `f_n(w) = sum_m xi(k_m, w) v_m / Z_n(w)` (sums over the keys query `n` sees). LARA estimates it by

@@ -15,7 +15,7 @@ denominator together.
 
 **Bidirectional**: `phi(Q) (phi(K)^T [V, 1])`, two GEMMs.
 
-**Causal**: the chunkwise form (KERNELS_AND_PERF.md §2.1, form 4), batched over every chunk of a block of tokens:
+**Causal**: the chunkwise form of linear attention (`hf_lara/attention/README.md`, Numerics), batched over every chunk of a block of tokens:
 per chunk `c` the keys are shifted by the running max `M_c` (cumulative max over chunks, the state's shift
 included), the chunk sums `dS_c = phi(K_c)^T [V_c, 1]` are accumulated into the prefix states by one rescaled
 cumulative sum, and each query row gets `phi(q) prior_c + tril(phi(Q_c) phi(K_c)^T) [V_c, 1]`. A Python loop runs

@@ -1,7 +1,7 @@
 """`ra`: randomized attention (LARA paper §3), the quadratic and *unbiased* Monte-Carlo form of softmax attention.
 
 In tilde space (`x~ = x * scale**0.5`, so `scale * q.k = q~.k~`) and with `xi(x, w) = exp(w.x~ - |x~|^2 / 2)`,
-softmax attention is an expectation (ALGORITHMS.md §2.1):
+softmax attention is an expectation (arXiv 2204.04667 §3; `hf_lara/attention/README.md`, Notation):
 
     softmax-attn(q_n) = E_{w ~ p_n}[f(w)],
     p_n(w) = sum_m pi_nm N(w; q~_n + k~_m, I),        pi_nm = softmax_m(q~_n.k~_m)   (the exact probabilities),
@@ -11,7 +11,7 @@ both sums running over the keys query `n` may see (padding masked, causal with `
 for each query and each of `num_samples` draws, a component `m* ~ Categorical(pi_n)` (no gradient through the
 choice) and `w = q~_n + k~_{m*} + eps` with `eps ~ N(0, I)` **in tilde space**, and returns the mean of `f(w)`.
 The official code adds `N(0, I)` noise in raw space, i.e. standard deviation `scale**0.5` in tilde space, which
-makes the estimator biased (ALGORITHMS.md §2.4); we do not copy it.
+makes the estimator biased (`hf_lara/attention/README.md`, Notation); we do not copy it.
 
 Eval is deterministic: `w = q~_n + sum_m pi_nm k~_m`, the mean of the mixture `p_n` (the official
 `num_samples=-1` mode). It is not exact softmax attention, only a plug-in point estimate of the expectation.

@@ -94,7 +94,7 @@ def official_noise_draws(q, k, v, scale, draws, noise_std, generator):
 
 
 def test_raw_space_noise_is_biased_tilde_space_noise_is_not():
-    """Contrast (ALGORITHMS.md §2.4): the official raw-space noise leaves a bias of many standard errors."""
+    """Contrast (`hf_lara/attention/README.md`, Notation): the official raw-space noise leaves a bias of many standard errors."""
     B, H, N, D, draws = 1, 2, 10, 16, 6400
     q, k, v, _ = make_inputs(B, H, N, N, D, None)
     scale = D**-0.5
