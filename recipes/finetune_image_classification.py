@@ -34,6 +34,7 @@ from recipe_utils import (
     first_line,
     isolated_rng,
     load_model,
+    load_named_dataset,
     make_accelerator,
     make_dataloaders,
     num_training_steps,
@@ -54,13 +55,7 @@ def load_image_datasets(args: argparse.Namespace):
     """`train` and `validation` splits from the Hub or from local image folders, read together so that both share
     one list of classes; a folder without files, or that `datasets` cannot read, is a `RecipeError` naming it."""
     if args.dataset_name is not None:
-        try:
-            raw = load_dataset(args.dataset_name, args.dataset_config_name)
-        except (OSError, ValueError) as error:  # offline, unknown name or configuration
-            raise RecipeError(
-                f"`--dataset_name` {args.dataset_name!r} could not be loaded: {first_line(error)}"
-            ) from None
-        return with_validation_split(raw, args)
+        return load_named_dataset(args)
     folders = {"train": ("--train_dir", args.train_dir), "validation": ("--validation_dir", args.validation_dir)}
     folders = {split: option for split, option in folders.items() if option[1] is not None}
     for option, folder in folders.values():

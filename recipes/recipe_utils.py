@@ -228,6 +228,16 @@ def load_model(auto_class: type, args: argparse.Namespace, **kwargs: Any) -> tra
     return model
 
 
+def load_named_dataset(args: argparse.Namespace) -> DatasetDict:
+    """`--dataset_name` (and `--dataset_config_name`) through `datasets`, with a validation split held out if it has
+    none; a name that cannot be loaded is a `RecipeError`."""
+    try:
+        raw = load_dataset(args.dataset_name, args.dataset_config_name)
+    except (OSError, ValueError) as error:  # offline, unknown name or configuration
+        raise RecipeError(f"`--dataset_name` {args.dataset_name!r} could not be loaded: {first_line(error)}") from None
+    return with_validation_split(raw, args)
+
+
 def load_text_datasets(args: argparse.Namespace, **builder_kwargs: Any) -> DatasetDict:
     """`train` and `validation` splits from the Hub or local files; holds out a validation split if there is none.
 
@@ -235,13 +245,7 @@ def load_text_datasets(args: argparse.Namespace, **builder_kwargs: Any) -> Datas
     from the training file's, is reported naming the file (and the column) instead of as a `datasets` error.
     """
     if args.dataset_name is not None:
-        try:
-            raw = load_dataset(args.dataset_name, args.dataset_config_name)
-        except (OSError, ValueError) as error:  # offline, unknown name or configuration
-            raise RecipeError(
-                f"`--dataset_name` {args.dataset_name!r} could not be loaded: {first_line(error)}"
-            ) from None
-        return with_validation_split(raw, args)
+        return load_named_dataset(args)
     builder = TEXT_BUILDERS[Path(args.train_file).suffix.lstrip(".")]
     extra = builder_kwargs if builder == "text" else {}
     raw = DatasetDict(train=read_data_file(args.train_file, "--train_file", builder, **extra))
