@@ -93,6 +93,8 @@ def compare(st, reference: torch.Tensor, texts: list[str], max_length: int) -> d
 def run_one(base, method: str, regime: str, data: dict, args) -> dict:
     (low, high), max_length, window = REGIMES[regime]
     hparams = METHODS[method](window)
+    if args.sink_tokens and method != "eva":
+        hparams["sink_tokens"] = args.sink_tokens
     st = copy.deepcopy(base)
     st.max_seq_length = max_length
     model = st[0].auto_model
@@ -227,6 +229,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num_train_long", type=int, default=400)
     parser.add_argument("--num_train_short", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sink_tokens", type=int, default=0, help="sink tokens of windowed rfa/kernel/lara")
     parser.add_argument("--output", default=str(RESULTS / "fidelity"))
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
@@ -254,6 +257,7 @@ def main(argv=None) -> None:
         "budget_minutes_per_run": args.minutes,
         "budget_minutes_short": args.minutes_short or args.minutes,
         "stage1_share": args.stage1_share,
+        "sink_tokens": args.sink_tokens,
         "data": {
             r: {"eval": len(data[r]["eval"]), "train": len(data[r]["train"]), "eval_tokens": data[r]["eval_tokens"]}
             for r in regimes

@@ -73,9 +73,11 @@ def convert(
 
 def check_keep_softmax(keep_softmax: int, calibration: Any, num_converted: int) -> None:
     """`keep_softmax` must leave at least one converted layer and comes with calibration inputs."""
-    if isinstance(keep_softmax, bool) or not isinstance(keep_softmax, int) or not 0 <= keep_softmax < num_converted:
+    if isinstance(keep_softmax, bool) or not isinstance(keep_softmax, int) or keep_softmax < 0:
+        raise ValueError(f"`keep_softmax` must be a non-negative integer, got {keep_softmax!r}.")
+    if keep_softmax and keep_softmax >= num_converted:
         raise ValueError(
-            f"`keep_softmax` must be an integer from 0 to {num_converted - 1} (the layers to convert minus one), "
+            f"`keep_softmax` must leave at least one of the {num_converted} converted layers to the estimator, "
             f"got {keep_softmax!r}."
         )
     if keep_softmax and calibration is None:
