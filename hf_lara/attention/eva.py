@@ -47,21 +47,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import AttentionEstimator, check_int, register_estimator
-from .linear import _normalise, _with_ones
+from .linear import _with_ones
 from .random_features import positive_random_log_features
 from .window import blocks as _blocks
 
 # A finite floor for detached max shifts: exp(x - floor) stays well defined for empty sets.
 _LOG_FLOOR = -1e30
-#: target number of elements of one block's `(B, H, block, E + chunks)` logits on the causal path (64 MB in fp32):
-#: few large products, which matter on shared CPUs where every op waits for its slowest thread
-CAUSAL_BLOCK_ELEMENTS = 1 << 24
+#: queries per block on the causal path (whole windows)
+CAUSAL_BLOCK_ROWS = 1024
 Map = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -161,19 +161,41 @@ def bidirectional_eva(
 
 
 def causal_summaries(
-    k: torch.Tensor, v: torch.Tensor, num_chunks: int, chunk_size: int, key_map: Map, mu_map: Map, sample: bool
+    k: torch.Tensor, v: torch.Tensor, chunk_size: int, key_map: Map, mu_map: Map, sample: bool, root: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys `kappa_c` and values `beta_c` `(B, H, num_chunks, D)` of the first `num_chunks` chunks.
+    """Keys `kappa~_c` (tilde space) and values `beta_c`, `(B, H, C, D)`, of the `C = N // P` complete chunks.
+
+    Args:
+        k, v (`torch.Tensor` of shape `(B, H, N, D)`): raw keys and values (a partial last chunk is ignored).
+        chunk_size (`int`): `P`.
+        key_map, mu_map, sample: as in `bidirectional_eva`.
+        root (`float`): `scale ** 0.5`, the tilde factor.
 
     Each summary depends on its own `P` keys and values only, so a chunk's summary never changes once complete.
     """
-    B, H, _, D = k.shape
-    kc = k[:, :, : num_chunks * chunk_size].reshape(B, H, num_chunks, 1, chunk_size, D)
-    vc = v[:, :, : num_chunks * chunk_size].reshape(B, H, num_chunks, 1, chunk_size, D)
+    B, H, N, D = k.shape
+    C = N // chunk_size
+    kc = k[:, :, : C * chunk_size].reshape(B, H, C, 1, chunk_size, D) * root
+    vc = v[:, :, : C * chunk_size].reshape(B, H, C, 1, chunk_size, D)
     means = kc.mean(dim=-2)[:, :, :, 0]  # (B, H, C, D)
     log_w = _sampled_log_weights(kc, mu_map(means), sample)
     betas = merged_value_summaries(log_w, vc, k.new_ones(1, 1, dtype=torch.bool))[:, :, :, 0]
     return key_map(means), betas
+
+
+@dataclass(frozen=True)
+class _Causal:
+    """Geometry of one causal call: queries are positions `N - Nq .. N - 1` of keys starting at a window boundary.
+
+    Summary `j` of `keys` is seen by every query when `j < prior`, else it is chunk `j - prior` of `k` and is seen by
+    the queries of windows `w` with `j - prior < w P_w` (`P_w = E / P` chunks per window).
+    """
+
+    window: int  # E (shrunk to N when the window holds every key)
+    per_window: int  # E / P for the full window
+    chunk_size: int  # P
+    prior: int  # summaries of chunks before position 0 (decoding state)
+    scale: float
 
 
 def causal_eva(
@@ -190,11 +212,6 @@ def causal_eva(
 ) -> torch.Tensor:
     """Causal EVA; queries are positions `N - Nq .. N - 1` (`Nq < N` decodes over a cache), all tokens real.
 
-    Queries go block by block (whole windows): each block attends its exact windows and the summaries of the chunks
-    finished before its last window, under one softmax with a detached max shift. Nothing of size `(N, N / P)` is
-    built, and nothing of size `(N, D)` but the output and the summaries' inputs: peak extra memory is
-    `O(N D + block (E + N / P))`. The scale goes on the logits (blocks) and the summary keys, not on `q`, `k`.
-
     Args:
         q (`torch.Tensor` of shape `(B, H, Nq, D)`): raw queries.
         k (`torch.Tensor` of shape `(B, H, N, D)`): raw keys.
@@ -202,71 +219,155 @@ def causal_eva(
         window_size, chunk_size (`int`): `E` and `P` of the module docstring, `E % P == 0`.
         key_map, mu_map, sample: as in `bidirectional_eva`.
         scale (`float`): logit scale (`x~ = x * scale**0.5`).
-        block_size (`int`, *optional*): queries per block, rounded to whole windows (default: about
-            `CAUSAL_BLOCK_ELEMENTS / (B H (E + N / P))`).
+        block_size (`int`, *optional*): queries per block, rounded to whole windows (default `CAUSAL_BLOCK_ROWS`).
 
     Returns:
         `torch.Tensor` of shape `(B, H, Nq, D)`.
     """
-    B, H, Nq, D = q.shape
-    N, BH = k.shape[2], B * H
-    # a window at least as long as the sequence is one block: shrinking it to N changes nothing
+    N = k.shape[2]
     E = min(window_size, N)
-    per_window = window_size // chunk_size  # chunks per window
-    first, last = (N - Nq) // E, (N - 1) // E  # window blocks holding the queries
-    num_blocks, front = last - first + 1, N - Nq - first * E
-    L = num_blocks * E
-    # chunks entirely before the last window; window w sees those with c < w E / P
-    C = last * per_window
-    if C:
-        root = scale**0.5
-        keys, betas = causal_summaries(k[:, :, : C * chunk_size] * root, v, C, chunk_size, key_map, mu_map, sample)
-        keys_t = (keys * root).reshape(BH, C, D).transpose(-1, -2)  # (B H, D, C): raw q against kappa~
-        betas = _with_ones(betas).reshape(BH, C, D + 1)  # a column of ones: numerator and normaliser at once
-    q_rows = (F.pad(q, (0, 0, front, L - front - Nq)) if L != Nq else q).reshape(BH, L, D)
-    k_rows = k[:, :, first * E :].reshape(BH, -1, D)
-    v_rows = v[:, :, first * E :].reshape(BH, -1, D)
-    # keys after the query inside its window get -inf (zero-padded keys past N only meet padded queries)
+    per_window = window_size // chunk_size
+    # chunks entirely before the last window: the only ones any query sees
+    end = (N - 1) // E * per_window * chunk_size
+    keys, betas = causal_summaries(k[:, :, :end], v[:, :, :end], chunk_size, key_map, mu_map, sample, scale**0.5)
+    return attend_causal(q, k, v, keys, betas, _Causal(E, per_window, chunk_size, 0, scale), block_size)
+
+
+def attend_causal(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keys: torch.Tensor,
+    betas: torch.Tensor,
+    geo: _Causal,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """Causal EVA given the summaries `keys` (`kappa~`) and `betas` `(B, H, C, D)` (see `_Causal`).
+
+    Few queries (decoding) attend directly; longer inputs go block by block. Without autograd the blocks run in
+    place on reused buffers and shift the summary logits by the row max of the exact logits (folded into the product);
+    should that overflow (a summary logit above every exact one by ~88 in fp32), the call reruns with exact max shifts.
+    """
+    if q.shape[2] < geo.window:
+        return _causal_direct(q, k, v, keys, betas, geo)
+    tracked = (q, k, v, keys, betas)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tracked):
+        return _causal_blocked(q, k, v, keys, betas, geo, block_size)
+    out = _causal_fast(q, k, v, keys, betas, geo, block_size)
+    # one reduction: an overflow anywhere makes the sum inf or nan
+    if not bool(torch.isfinite(out.sum())):
+        out = _causal_blocked(q, k, v, keys, betas, geo, block_size)
+    return out
+
+
+def _visible_chunks(windows: torch.Tensor, num: int, geo: _Causal) -> torch.Tensor:
+    """`(..., num)` bool: which of the first `num` summaries the queries of `windows` `(..., 1)` see."""
+    return torch.arange(num, device=windows.device) < geo.prior + windows * geo.per_window
+
+
+def _causal_direct(q, k, v, keys, betas, geo: _Causal) -> torch.Tensor:
+    """Every query against its window's keys and its summaries at once: `O(Nq (2E + C) D)`."""
+    Nq, N, E = q.shape[2], k.shape[2], geo.window
+    start = (N - Nq) // E * E
+    query_pos = torch.arange(N - Nq, N, device=q.device)[:, None]
+    key_pos = torch.arange(start, N, device=q.device)
+    local_ok = (key_pos // E == query_pos // E) & (key_pos <= query_pos)  # (Nq, N - start)
+    qs = q * geo.scale
+    logits = (qs @ k[:, :, start:].transpose(-1, -2)).masked_fill(~local_ok, float("-inf"))
+    values = v[:, :, start:]
+    num = min(keys.shape[2], geo.prior + (N - 1) // E * geo.per_window)
+    if num:
+        far = qs @ keys[:, :, :num].transpose(-1, -2) / geo.scale**0.5 + math.log(geo.chunk_size)
+        far = far.masked_fill(~_visible_chunks(query_pos // E, num, geo), float("-inf"))
+        logits, values = torch.cat([logits, far], dim=-1), torch.cat([values, betas[:, :, :num]], dim=2)
+    return torch.softmax(logits, dim=-1) @ values
+
+
+def _causal_blocked(q, k, v, keys, betas, geo: _Causal, block_size: int | None) -> torch.Tensor:
+    """Queries in blocks of whole windows against their windows and the summaries finished before the block's last
+    window (the few after the block's first window get a mask), under one softmax. Nothing of size `(N, C)` is built:
+    memory `O(N (E + D) + block C)`."""
+    B, H, Nq, D = q.shape
+    N, BH, E, pw = k.shape[2], B * H, geo.window, geo.per_window
+    first, last = (N - Nq) // E, (N - 1) // E
+    num_windows = last - first + 1
+    q_rows, k_rows, v_rows, front = _causal_rows(q, k, v, E)
+    C = min(keys.shape[2], geo.prior + last * pw)
+    keys, betas = keys[:, :, :C].reshape(BH, C, D) / geo.scale**0.5, betas[:, :, :C].reshape(BH, C, D)
     causal = torch.ones(E, E, dtype=torch.bool, device=q.device).triu(1)
-    step = max(1, (block_size or CAUSAL_BLOCK_ELEMENTS // (BH * (E + C))) // E)  # windows per block
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v) + ((keys_t,) if C else ()))
-    out = None if grad else q.new_empty(BH, L, D)
+    step = max(1, min(num_windows, (block_size or CAUSAL_BLOCK_ROWS) // E))  # windows per block
     outs = []
-    for a in range(0, num_blocks, step):
-        b = min(num_blocks, a + step)
-        rows = slice(a * E, b * E)
-        qb = q_rows[:, rows].unflatten(1, (b - a, E))  # (B H, nb, E, D)
-        kb, vb = (_padded_window(x, b - a, E) for x in (k_rows[:, rows], _with_ones(v_rows[:, rows])))
-        local = (qb @ kb.transpose(-1, -2)).masked_fill_(causal, float("-inf")).flatten(1, 2)  # (B H, nb E, E)
-        local = local * scale if grad else local.mul_(scale)
-        top = local.detach().amax(dim=-1, keepdim=True)  # finite: a query sees itself
-        seen = min(C, (first + b - 1) * per_window)  # chunks the block's last window sees
+    for a in range(0, num_windows, step):
+        b = min(num_windows, a + step)
+        seen = min(C, geo.prior + (first + b - 1) * pw)
+        qs = q_rows[:, a * E : b * E] * geo.scale
+        logits = (qs.unflatten(1, (b - a, E)) @ k_rows[:, a:b].transpose(-1, -2)).masked_fill(causal, -math.inf)
         if seen:
-            # every window of the block sees the chunks before `common`; the few after it get a mask
-            far, common = q_rows[:, rows] @ keys_t[..., :seen], (first + a) * per_window  # (B H, nb E, seen)
+            far = (qs @ keys[:, :seen].transpose(1, 2) + math.log(geo.chunk_size)).unflatten(1, (b - a, E))
+            windows = (first + torch.arange(a, b, device=q.device))[:, None, None]  # (nb, 1, 1)
+            far = far.masked_fill(~_visible_chunks(windows, seen, geo), -math.inf)
+            logits = torch.cat([logits, far], dim=-1)
+        probs = torch.softmax(logits, dim=-1)  # (BH, nb, E, E + seen)
+        part = probs[..., :E] @ v_rows[:, a:b, :, :D]
+        outs.append((part + probs[..., E:] @ betas[:, None, :seen] if seen else part).flatten(1, 2))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return out.reshape(B, H, num_windows * E, D)[:, :, front : front + Nq]
+
+
+def _causal_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, E: int):
+    """Queries padded to whole windows `(B H, L, D)` and the keys and `[v, 1]` of those windows `(B H, L / E, E, .)`,
+    plus `front`, the padded rows before the first query."""
+    B, H, Nq, D = q.shape
+    N = k.shape[2]
+    first, last = (N - Nq) // E, (N - 1) // E  # window blocks holding the queries
+    L, front = (last - first + 1) * E, N - Nq - first * E
+    q_rows = (F.pad(q, (0, 0, front, L - front - Nq)) if L != Nq else q).reshape(B * H, L, D)
+    k_rows = _padded_window(k[:, :, first * E :].reshape(B * H, -1, D), L // E, E)
+    v_rows = _padded_window(_with_ones(v[:, :, first * E :].reshape(B * H, -1, D)), L // E, E)
+    return q_rows, k_rows, v_rows, front
+
+
+def _causal_fast(q, k, v, keys, betas, geo: _Causal, block_size: int | None) -> torch.Tensor:
+    """`_causal_blocked` without autograd, with few large in-place ops (on shared CPUs every op waits for its slowest
+    thread). The exact part runs over all windows at once; each block of queries then adds its summaries with one
+    product `[q s, log P - top] @ [kappa~ / root, 1]^T` (logits already shifted by the exact part's row max
+    `top`), one `exp_` and one `baddbmm_` into the accumulator."""
+    B, H, Nq, D = q.shape
+    N, BH, E, pw = k.shape[2], B * H, geo.window, geo.per_window
+    first, last = (N - Nq) // E, (N - 1) // E
+    num_windows = last - first + 1
+    q_rows, k_rows, v_rows, front = _causal_rows(q, k, v, E)
+    L = num_windows * E
+    q_aug = q.new_empty(BH, L, D + 1)
+    qs = torch.mul(q_rows, geo.scale, out=q_aug[..., :D]).unflatten(1, (num_windows, E))
+    local = qs @ k_rows.transpose(-1, -2)  # (BH, nW, E, E)
+    causal = torch.ones(E, E, dtype=torch.bool, device=q.device).triu(1)
+    top = local.masked_fill_(causal, float("-inf")).amax(dim=-1, keepdim=True)  # finite: a query sees itself
+    acc = (local.sub_(top).exp_() @ v_rows).flatten(1, 2)  # (BH, L, D + 1): [numerator, normaliser]
+    del local, v_rows
+    C = min(keys.shape[2], geo.prior + last * pw)
+    if C:
+        torch.sub(math.log(geo.chunk_size), top.flatten(1, 2), out=q_aug[..., D:])
+        keys_t = _with_ones(keys[:, :, :C].reshape(BH, C, D) / geo.scale**0.5).transpose(1, 2)  # (BH, D + 1, C)
+        betas1 = _with_ones(betas[:, :, :C].reshape(BH, C, D))
+        step = max(1, min(num_windows, (block_size or CAUSAL_BLOCK_ROWS) // E))  # windows per block
+        far_buf, part_buf = q.new_empty(BH * step * E * C), q.new_empty(BH * step * E * (D + 1))
+        # window r of a block sees its j-th summary past the block's first window iff j < r P_w
+        hidden = torch.arange(step * pw, device=q.device) >= torch.arange(step, device=q.device)[:, None, None] * pw
+        for a in range(0, num_windows, step):
+            b = min(num_windows, a + step)
+            rows, n = slice(a * E, b * E), (b - a) * E
+            seen, common = min(C, geo.prior + (first + b - 1) * pw), geo.prior + (first + a) * pw
+            if not seen:
+                continue
+            far = torch.bmm(q_aug[:, rows], keys_t[..., :seen], out=far_buf[: BH * n * seen].view(BH, n, seen))
             if seen > common:
-                windows = first + torch.arange(a, b, device=q.device)
-                hidden = torch.arange(common, seen, device=q.device) >= windows[:, None] * per_window
-                hidden = hidden[:, None].expand(-1, E, -1).reshape((b - a) * E, seen - common)
-                if grad:
-                    far = torch.cat([far[..., :common], far[..., common:].masked_fill(hidden, float("-inf"))], -1)
-                else:
-                    far[..., common:].masked_fill_(hidden, float("-inf"))
-            # weights exp(q~.kappa~ + log P - top): shift the raw logits by `top - log P`
-            top = torch.maximum(top, far.detach().amax(dim=-1, keepdim=True) + math.log(chunk_size))
-            shift = top - math.log(chunk_size)
-            far = torch.exp(far - shift) if grad else far.sub_(shift).exp_()
-        local = torch.exp(local - top) if grad else local.sub_(top).exp_()
-        num = (local.unflatten(1, (b - a, E)) @ vb).flatten(1, 2)  # (B H, nb E, D + 1)
-        if seen:
-            num = num + far @ betas[:, :seen] if grad else num.baddbmm_(far, betas[:, :seen])
-        if grad:
-            outs.append(_normalise(num))
-        else:
-            torch.div(num[..., :-1], num[..., -1:], out=out[:, rows])
-    if grad:
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    return out.reshape(B, H, L, D)[:, :, front : front + Nq]
+                far.view(BH, b - a, E, seen)[..., common:].masked_fill_(hidden[: b - a, :, : seen - common], -math.inf)
+            # a strided `out=` makes BLAS go matrix by matrix: product into a contiguous buffer, then one add
+            part = torch.bmm(far.exp_(), betas1[:, :seen], out=part_buf[: BH * n * (D + 1)].view(BH, n, D + 1))
+            acc[:, rows].add_(part)
+    acc[..., :D].div_(acc[..., D:])
+    return acc.reshape(B, H, L, D + 1)[:, :, front : front + Nq, :D]
 
 
 def _padded_window(part: torch.Tensor, num: int, window: int) -> torch.Tensor:
