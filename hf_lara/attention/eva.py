@@ -53,7 +53,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AttentionEstimator, check_int, register_estimator
+from .base import (
+    AttentionEstimator,
+    check_int,
+    compute_dtype,
+    gather_tokens,
+    is_empty,
+    register_estimator,
+    resolve_scale,
+)
 from .linear import _with_ones
 from .random_features import positive_random_log_features
 from .window import blocks as _blocks
@@ -377,6 +385,126 @@ def _padded_window(part: torch.Tensor, num: int, window: int) -> torch.Tensor:
     return part.unflatten(1, (num, window))
 
 
+@dataclass
+class EVAState:
+    """Causal EVA decoding state: the open window's tokens and every finished chunk summary, per row.
+
+    Chunks and windows are anchored at each row's first real token (as in the packed full forward), so rows of a
+    left-padded batch may be at different offsets. A summary is computed once, when its window completes; the state
+    grows by `2 D` numbers per `P` tokens and a step costs `O((E + N / P) D)`.
+
+    Attributes:
+        keys, values (`torch.Tensor` of shape `(B, H, E, D)`): raw keys and values of the open window; slots
+            `< fill[b]` hold row `b`'s tokens.
+        fill (`torch.Tensor` of shape `(B,)`, long): tokens in the open window, `0 <= fill < E`.
+        chunk_keys, chunk_values (`torch.Tensor` of shape `(B, H, C, D)`): `kappa~_c` and `beta_c` of the finished
+            chunks; slots `< count[b]` are row `b`'s.
+        count (`torch.Tensor` of shape `(B,)`, long): finished chunks of each row.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    fill: torch.Tensor
+    chunk_keys: torch.Tensor
+    chunk_values: torch.Tensor
+    count: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch_size: int, num_heads: int, window: int, like: torch.Tensor) -> EVAState:
+        """A state holding no token, for values like `like` `(..., D)` (dtype, device and `D`)."""
+        buffer = like.new_zeros(batch_size, num_heads, window, like.shape[-1])
+        none = torch.zeros(batch_size, dtype=torch.long, device=like.device)
+        return cls(buffer, buffer.clone(), none, buffer[:, :, :0], buffer[:, :, :0], none.clone())
+
+    def _floats(self) -> tuple[torch.Tensor, ...]:
+        return self.keys, self.values, self.chunk_keys, self.chunk_values
+
+    def to(self, *args, **kwargs) -> EVAState:
+        """A copy moved or cast as by `torch.Tensor.to`; the counters stay long."""
+        keys, values, chunk_keys, chunk_values = (t.to(*args, **kwargs) for t in self._floats())
+        fill, count = self.fill.to(keys.device), self.count.to(keys.device)
+        return EVAState(keys, values, fill, chunk_keys, chunk_values, count)
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0]
+
+    def nbytes(self) -> int:
+        """Bytes held by the state."""
+        return sum(t.numel() * t.element_size() for t in (*self._floats(), self.fill, self.count))
+
+    def index_select(self, index: torch.Tensor) -> EVAState:
+        """Rows `index` `(B',)` (beam search, batch edits)."""
+        keys, values, chunk_keys, chunk_values = (t.index_select(0, index) for t in self._floats())
+        fill, count = self.fill.index_select(0, index), self.count.index_select(0, index)
+        return EVAState(keys, values, fill, chunk_keys, chunk_values, count)
+
+
+def eva_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    state: EVAState,
+    window_size: int,
+    chunk_size: int,
+    key_map: Map,
+    mu_map: Map,
+    sample: bool,
+    scale: float,
+) -> tuple[torch.Tensor, EVAState]:
+    """Causal EVA of `n` new tokens `(B, H, n, D)` given the state of the earlier ones; padded new tokens (`mask`
+    False) are skipped and get output 0. Rows at the same offsets run together: the open window's tokens plus the
+    real new ones attend through `attend_causal`, the row's summaries in front (`prior`). Returns the output and a
+    new state (the input state is not modified)."""
+    B, H, n, D = q.shape
+    E, pw = window_size, window_size // chunk_size
+    mask = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask
+    real = mask.sum(-1)
+    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices  # real new tokens first, in order
+    done = (state.fill + real) // E  # windows completed by this step
+    chunk_keys, chunk_values = state.chunk_keys, state.chunk_values
+    if bool((done > 0).any()):
+        grow = max(int((state.count + done * pw).max()) - chunk_keys.shape[2], 0)
+        # fresh tensors: the input state keeps its own
+        chunk_keys, chunk_values = (
+            F.pad(t, (0, 0, 0, grow)) if grow else t.clone() for t in (chunk_keys, chunk_values)
+        )
+    keys, values = state.keys.clone(), state.values.clone()
+    out = q.new_zeros(B, H, n, D)
+    heads, dims = torch.arange(H, device=q.device)[None, :, None, None], torch.arange(D, device=q.device)
+    offsets = torch.stack([state.fill, state.count, real], dim=-1)
+    for fill, count, m in torch.unique(offsets, dim=0).tolist():
+        if m == 0:
+            continue
+        rows = torch.nonzero((offsets == offsets.new_tensor([fill, count, m])).all(-1)).flatten()
+        index = order[rows, :m]
+        qg = gather_tokens(q, rows, index)
+        kg = torch.cat([state.keys[rows, :, :fill], gather_tokens(k, rows, index)], dim=2)
+        vg = torch.cat([state.values[rows, :, :fill], gather_tokens(v, rows, index)], dim=2)
+        total = fill + m
+        closed = total // E * E
+        new_keys, new_betas = causal_summaries(
+            kg[:, :, :closed], vg[:, :, :closed], chunk_size, key_map, mu_map, sample, scale**0.5
+        )
+        prior_keys = torch.cat([state.chunk_keys[rows, :, :count], new_keys], dim=2)
+        prior_betas = torch.cat([state.chunk_values[rows, :, :count], new_betas], dim=2)
+        geo = _Causal(min(E, total), pw, chunk_size, count, scale)
+        out[rows[:, None, None, None], heads, index[:, None, :, None], dims] = attend_causal(
+            qg, kg, vg, prior_keys, prior_betas, geo
+        )
+        if closed:
+            slots = slice(count, count + new_keys.shape[2])
+            chunk_keys[rows, :, slots], chunk_values[rows, :, slots] = new_keys, new_betas
+        keys[rows, :, : total - closed], values[rows, :, : total - closed] = kg[:, :, closed:], vg[:, :, closed:]
+    fill, count = state.fill + real - done * E, state.count + done * pw
+    return out, EVAState(keys, values, fill, chunk_keys, chunk_values, count)
+
+
 def _identity_linear(dim: int) -> nn.Linear:
     layer = nn.Linear(dim, dim)
     with torch.no_grad():
@@ -410,6 +538,8 @@ class EVAAttention(AttentionEstimator):
 
     # no N x N tensor anywhere; the bidirectional cost is linear, the causal one O(N (E + N / P) D)
     is_linear = True
+    #: causal decoding keeps an `EVAState` (open window + finished summaries, `eva_step`) rather than the keys
+    supports_recurrent_state = True
 
     def packs_padding(self, causal: bool) -> bool:
         return True
@@ -451,6 +581,57 @@ class EVAAttention(AttentionEstimator):
         if causal:
             return causal_eva(q, k, v, self.window_size, self.chunk_size, *maps, scale=scale)
         return bidirectional_eva(q * root, k * root, v, self.window_size, self.num_chunks, *maps)
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        padding_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> tuple[torch.Tensor, EVAState]:
+        """Causal EVA over a prompt `(B, H, N, D)`; returns the output and the `EVAState` after its last token."""
+        return self.step(q, k, v, None, padding_mask=padding_mask, scale=scale)
+
+    def step(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        state: EVAState | None,
+        *,
+        padding_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> tuple[torch.Tensor, EVAState]:
+        """Attend `n >= 1` new tokens given the state of every earlier one; the input state is not modified.
+
+        Args:
+            q, k, v (`torch.Tensor` of shape `(B, H, n, D)`): the new tokens only.
+            state (`EVAState`, *optional*): from `prefill` or an earlier `step`; None = no earlier token.
+            padding_mask (`torch.Tensor` of shape `(B, n)`, *optional*): True = real token, for the new tokens.
+            scale (`float`, *optional*): logit scale (default `D ** -0.5`).
+
+        Returns:
+            `out` `(B, H, n, D)` in `q.dtype` (rows of the full causal forward over all tokens, padding cut away as
+            there) and the new `EVAState` (fp32, fp64 for fp64 inputs). Cost `O(n (E + N / P) D)` per head.
+        """
+        self._check_inputs(q, k, v, padding_mask, True)
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"`step` takes the new tokens only: got {q.shape[2]} queries and {k.shape[2]} keys.")
+        scale = resolve_scale(scale, q.shape[-1])
+        if state is not None and not isinstance(state, EVAState):
+            raise TypeError(f"`state` must be an EVAState, got {type(state).__name__}; start from `prefill` or None.")
+        input_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+        if state is None:
+            state = EVAState.empty(q.shape[0], self.num_heads, self.window_size, v.to(dtype))
+        if is_empty(q):
+            return q * 0, state
+        q, k, v, state = q.to(dtype), k.to(dtype), v.to(dtype), state.to(dtype)
+        maps = self._map(self.chunk_key_proj), self._map(self.proposal_proj), self.training
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            out, state = eva_step(q, k, v, padding_mask, state, self.window_size, self.chunk_size, *maps, scale)
+        return out.to(input_dtype), state
 
     def extra_repr(self) -> str:
         return (

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import hf_lara.attention.eva as eva_module
 from hf_lara.attention import build_attention
-from hf_lara.attention.eva import EVAAttention, causal_eva
+from hf_lara.attention.eva import EVAAttention, causal_eva, causal_summaries
 from hf_lara.attention.naive import naive_eva_attention, naive_softmax_attention
 
 from .utils import assert_close, qkv
@@ -293,3 +294,63 @@ def test_accuracy_beats_uniform_and_improves_with_window(causal):
     assert max(errors.values()) < 0.6 * baseline
     values = list(errors.values())
     assert all(later < earlier for earlier, later in zip(values, values[1:], strict=False)), errors
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_decoding_state_equals_full_forward(padded):
+    """Prefill, then steps of 1 to 9 tokens crossing windows: the rows of the full causal forward (fp64), also with
+    left padding, where windows and chunks start at each row's first real token in both passes."""
+    torch.manual_seed(0)
+    attn = _eva(6, 2, 8, chunk=4)
+    _perturb(attn)
+    q, k, v = qkv(2, 2, 45, 6)
+    mask = torch.ones(2, 45, dtype=torch.bool)
+    mask[0, :5] = not padded
+    with torch.no_grad():
+        full = attn(q, k, v, padding_mask=mask, causal=True)
+        assert_close("full vs naive (row 1)", _reference(attn, q[1:], k[1:], v[1:], True), full[1:], 1e-10)
+        out, state = attn.prefill(q[:, :, :13], k[:, :, :13], v[:, :, :13], padding_mask=mask[:, :13])
+        outs, start = [out], 13
+        for n in (1, 1, 5, 9, 1, 1, 1, 8, 3, 1, 1):
+            part = slice(start, start + n)
+            before = state.chunk_keys.clone()
+            out, new = attn.step(q[:, :, part], k[:, :, part], v[:, :, part], state, padding_mask=mask[:, part])
+            assert torch.equal(state.chunk_keys, before)  # the input state is left alone
+            outs.append(out)
+            state, start = new, start + n
+    assert_close("decode vs full", full, torch.cat(outs, dim=2), 1e-12)
+    real = mask.sum(-1)
+    assert state.count.tolist() == (real // 8 * 2).tolist() and state.fill.tolist() == (real % 8).tolist()
+
+
+def test_decoding_summarises_each_chunk_once(monkeypatch):
+    """A step summarises only the window it closes: no call ever sees more than `E` tokens after the prompt."""
+    attn = _eva(6, 2, 8, chunk=4)
+    q, k, v = qkv(1, 2, 60, 6)
+    sizes = []
+    original = eva_module.causal_summaries
+    monkeypatch.setattr(eva_module, "causal_summaries", lambda k, *a: sizes.append(k.shape[2]) or original(k, *a))
+    with torch.no_grad():
+        _, state = attn.prefill(q[:, :, :20], k[:, :, :20], v[:, :, :20])
+        sizes.clear()
+        for t in range(20, 60):
+            _, state = attn.step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
+    assert max(sizes) == 8 and sizes.count(8) == 5 and state.count.item() == 60 // 8 * 2
+
+
+def test_fast_path_overflow_falls_back_to_exact_shifts():
+    """A summary logit far above every exact logit overflows the shifted fp32 products: the call reruns with max
+    shifts and still equals the fp64 reference."""
+    attn = _eva(4, 1, 4, chunk=2).float()
+    q, k, v = qkv(1, 1, 12, 4)
+    q[..., 0], k[..., :4, 0] = 20.0, 20.0  # the first chunks: logits ~ 200 above the later exact ones
+    k[..., 4:, 0] = -20.0
+    with torch.no_grad():
+        out = attn(q.float(), k.float(), v.float(), causal=True)
+        root = 0.5**0.5
+        keys, betas = causal_summaries(k.float(), v.float(), 2, lambda x: x, lambda x: x, False, root)
+        geo = eva_module._Causal(4, 2, 2, 0, 0.5)
+        shifted = eva_module._causal_fast(q.float(), k.float(), v.float(), keys, betas, geo, None)
+    assert not torch.isfinite(shifted).all() and torch.isfinite(out).all()
+    # fp32 logits of size ~200 carry absolute rounding ~1e-5, hence the weights a relative error ~1e-5
+    assert_close("overflow fallback", _reference(attn.double(), q, k, v, True), out.double(), 1e-4)

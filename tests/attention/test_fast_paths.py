@@ -172,10 +172,11 @@ def _recurrent(name: str):
 
 def test_only_recurrent_methods_have_state():
     flags = {
-        m: build_attention(m, num_heads=H, head_dim=D).supports_recurrent_state for m in ("rfa", "kernel", "lara")
+        m: build_attention(m, num_heads=H, head_dim=D).supports_recurrent_state
+        for m in ("rfa", "kernel", "lara", "eva")
     }
     assert all(flags.values())
-    for method in ("softmax", "ra", "eva"):
+    for method in ("softmax", "ra"):
         assert not build_attention(method, num_heads=H, head_dim=D).supports_recurrent_state
 
 

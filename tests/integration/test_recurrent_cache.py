@@ -12,6 +12,7 @@ from transformers.cache_utils import DynamicLayer
 
 import hf_lara
 from hf_lara.attention.linear import LinearState
+from hf_lara.attention.eva import EVAState
 from hf_lara.attention.window import WindowState
 from hf_lara.integration.cache import LaraStateLayer
 from hf_lara.integration.compat import CACHE_KWARG, output_cache
@@ -149,7 +150,7 @@ def test_hybrid_model_keeps_kv_for_the_softmax_layer(family, models):
         assert torch.equal(tokens[row], alone_tokens[0]), f"prompt {row}"
 
 
-@pytest.mark.parametrize("method", ["eva", "ra", "softmax"])
+@pytest.mark.parametrize("method", ["ra", "softmax"])
 def test_methods_without_recurrence_keep_the_kv_cache(method, models):
     model = models("llama", method)
     batch = prompts("llama")
@@ -219,3 +220,37 @@ def test_window_hybrid_generates_with_its_state_as_with_the_kv_path(family, meth
     for row, prompt in enumerate(batch):
         alone_tokens, _, _ = greedy(model, prompt[None], torch.ones(1, len(prompt), dtype=torch.long))
         assert torch.equal(tokens[row], alone_tokens[0]), f"prompt {row}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eva_generates_from_its_summaries_as_with_the_kv_path(family, base_checkpoints):
+    """Causal EVA (windows of 4, chunks of 2, so prompts and new tokens close windows) decodes with an `EVAState`:
+    `generate()` agrees with the KV path (the full estimator over every cached key) and with each prompt alone, and
+    prefill + one token at a time equals one left-padded full forward."""
+    model = load_converted(SETUPS[family], base_checkpoints[family], "eva", window_size=4, chunk_size=2)
+    batch = prompts(family)
+    ids, mask = left_padded(batch, pad=0)
+    tokens, logits, cache = greedy(model, ids, mask)
+    assert isinstance(cache, hf_lara.LaraCache)
+    assert all(isinstance(layer.state, EVAState) for layer in cache.layers)
+    # summaries of each row's closed windows (anchored at its first real token), 2 chunks per window
+    real = torch.tensor([len(p) for p in batch]) + NEW_TOKENS - 1
+    assert cache.layers[0].state.count.tolist() == (real // 4 * 2).tolist()
+    kv_tokens, kv_logits, _ = greedy(model, ids, mask, cache_implementation="dynamic")
+    assert torch.equal(tokens, kv_tokens)
+    assert_close(logits, kv_logits, msg="EVA state vs KV logits")
+    for row, prompt in enumerate(batch):
+        alone_tokens, _, _ = greedy(model, prompt[None], torch.ones(1, len(prompt), dtype=torch.long))
+        assert torch.equal(tokens[row], alone_tokens[0]), f"prompt {row}"
+    ids, mask = left_padded([make_inputs(SETUPS[family], 1, n, seed=n)["input_ids"][0] for n in (13, 9)], pad=0)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        out = model(input_ids=ids[:, :6], attention_mask=mask[:, :6], position_ids=positions[:, :6], use_cache=True)
+        cache, stepped = output_cache(out), [out.logits]
+        for t in range(6, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1],
+                        position_ids=positions[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache})  # fmt: skip
+            stepped.append(out.logits)
+    stepped = torch.cat(stepped, dim=1)
+    assert_close(stepped * mask[..., None], full * mask[..., None], msg="EVA state decoding vs full forward")
