@@ -40,7 +40,15 @@ position t only depends on tokens `<= t` (prefix consistent; decoding over a KV 
 Summaries are computed from keys and values only. The number of chunks grows as N / P, so the cost is
 `O(N (E + N / P) D)`: quadratic with constant 1/P, like the paper's causal EVA (official code: LM runs use P = 8).
 Queries run in blocks of whole windows against their windows and the summaries finished before the block's last
-window (`causal_eva`), so memory stays `O(N D + block (E + N / P))`: no `(N, N / P)` tensor.
+window (`causal_eva`), so memory stays `O(N (E + D) + block N / P)`: no `(N, N / P)` tensor. Without autograd the
+exact part runs over all windows at once and each block adds its summaries with one product whose logits are already
+shifted by the exact part's row max, one `exp_` and one product with the values (`_causal_fast`).
+
+**Causal decoding** (`EVAAttention.prefill` / `step`, `EVAState`): the tokens of the open window plus every
+finished chunk summary. A summary is computed once, when its window closes, so a step costs `O((E + N / P) D)` and
+the state grows by `2 D` numbers per `P` tokens. With padding, windows and chunks start at each row's first real
+token, in the full forward (which cuts padding away, `packs_padding`) and in the state alike, so decoding a
+left-padded batch equals its full forward row by row.
 """
 
 from __future__ import annotations

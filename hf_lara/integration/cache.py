@@ -3,9 +3,11 @@
 Design
 ------
 A causal kernel estimator (`rfa`, `kernel`, causal `lara`: `supports_recurrent_state = True`) is an RNN: all a new
-query needs from the past is its `LinearState`. `LaraCache` gives each such layer a `LaraStateLayer` and keeps an
-ordinary Transformers KV layer (`DynamicLayer`, or the sliding one the config asks for) for every other layer:
-softmax layers of hybrid models (`layers=[...]`), `eva`, `ra`, bidirectional estimators.
+query needs from the past is its `LinearState`. Causal `eva` also decodes from a state (`EVAState`: its open window
+and each finished chunk summary, computed once; it grows by `2 D` numbers per chunk of `P` tokens, so a step costs
+`O((E + N / P) D)`). `LaraCache` gives each such layer a `LaraStateLayer` and keeps an ordinary Transformers KV
+layer (`DynamicLayer`, or the sliding one the config asks for) for every other layer: softmax layers of hybrid
+models (`layers=[...]`), `ra`, bidirectional estimators.
 
 One decoding step, for a converted attention module `m` with layer index `i`:
 
@@ -51,6 +53,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
+from ..attention.eva import EVAState
 from ..attention.linear import LinearState
 from ..attention.window import WindowState
 from .attention import ESTIMATOR_ATTR, STATE_LAYER_KWARG
@@ -64,7 +67,8 @@ class LaraStateLayer(CacheLayerMixin):
     """Cache layer of a recurrent estimator: a constant-size `LinearState` and a count of the tokens seen.
 
     Attributes:
-        state (`LinearState` or `WindowState`, *optional*): the estimator's decoding state (`attention/recurrent.py`);
+        state (`LinearState`, `WindowState` or `EVAState`, *optional*): the estimator's decoding state
+            (`attention/recurrent.py`, `attention/eva.py`);
             None before any token.
         seen (`int`): tokens absorbed (padding included, as a KV cache counts them).
     """
@@ -74,7 +78,7 @@ class LaraStateLayer(CacheLayerMixin):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
-        self.state: LinearState | WindowState | None = None
+        self.state: LinearState | WindowState | EVAState | None = None
         self.seen = 0
 
     def __repr__(self) -> str:

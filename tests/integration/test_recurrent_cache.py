@@ -11,8 +11,8 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
 
 import hf_lara
-from hf_lara.attention.linear import LinearState
 from hf_lara.attention.eva import EVAState
+from hf_lara.attention.linear import LinearState
 from hf_lara.attention.window import WindowState
 from hf_lara.integration.cache import LaraStateLayer
 from hf_lara.integration.compat import CACHE_KWARG, output_cache
