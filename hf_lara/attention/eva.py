@@ -324,14 +324,14 @@ def _causal_blocked(q, k, v, keys, betas, geo: _Causal, block_size: int | None) 
             far = far.masked_fill(~_visible_chunks(windows, seen, geo), -math.inf)
             logits = torch.cat([logits, far], dim=-1)
         probs = torch.softmax(logits, dim=-1)  # (BH, nb, E, E + seen)
-        part = probs[..., :E] @ v_rows[:, a:b, :, :D]
+        part = probs[..., :E] @ v_rows[:, a:b]
         outs.append((part + probs[..., E:] @ betas[:, None, :seen] if seen else part).flatten(1, 2))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return out.reshape(B, H, num_windows * E, D)[:, :, front : front + Nq]
 
 
 def _causal_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, E: int):
-    """Queries padded to whole windows `(B H, L, D)` and the keys and `[v, 1]` of those windows `(B H, L / E, E, .)`,
+    """Queries padded to whole windows `(B H, L, D)` and the keys and values of those windows `(B H, L / E, E, D)`,
     plus `front`, the padded rows before the first query."""
     B, H, Nq, D = q.shape
     N = k.shape[2]
@@ -339,7 +339,7 @@ def _causal_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, E: int):
     L, front = (last - first + 1) * E, N - Nq - first * E
     q_rows = (F.pad(q, (0, 0, front, L - front - Nq)) if L != Nq else q).reshape(B * H, L, D)
     k_rows = _padded_window(k[:, :, first * E :].reshape(B * H, -1, D), L // E, E)
-    v_rows = _padded_window(_with_ones(v[:, :, first * E :].reshape(B * H, -1, D)), L // E, E)
+    v_rows = _padded_window(v[:, :, first * E :].reshape(B * H, -1, D), L // E, E)
     return q_rows, k_rows, v_rows, front
 
 
@@ -359,8 +359,10 @@ def _causal_fast(q, k, v, keys, betas, geo: _Causal, block_size: int | None) -> 
     local = qs @ k_rows.transpose(-1, -2)  # (BH, nW, E, E)
     causal = torch.ones(E, E, dtype=torch.bool, device=q.device).triu(1)
     top = local.masked_fill_(causal, float("-inf")).amax(dim=-1, keepdim=True)  # finite: a query sees itself
-    acc = (local.sub_(top).exp_() @ v_rows).flatten(1, 2)  # (BH, L, D + 1): [numerator, normaliser]
-    del local, v_rows
+    # numerator and normaliser apart: `[v, 1]` would copy the values
+    den = local.sub_(top).exp_().sum(dim=-1).flatten(1, 2)  # (BH, L)
+    acc = (local @ v_rows).flatten(1, 2)  # (BH, L, D)
+    del local
     C = min(keys.shape[2], geo.prior + last * pw)
     if C:
         torch.sub(math.log(geo.chunk_size), top.flatten(1, 2), out=q_aug[..., D:])
@@ -381,9 +383,10 @@ def _causal_fast(q, k, v, keys, betas, geo: _Causal, block_size: int | None) -> 
                 far.view(BH, b - a, E, seen)[..., common:].masked_fill_(hidden[: b - a, :, : seen - common], -math.inf)
             # a strided `out=` makes BLAS go matrix by matrix: product into a contiguous buffer, then one add
             part = torch.bmm(far.exp_(), betas1[:, :seen], out=part_buf[: BH * n * (D + 1)].view(BH, n, D + 1))
-            acc[:, rows].add_(part)
-    acc[..., :D].div_(acc[..., D:])
-    return acc.reshape(B, H, L, D + 1)[:, :, front : front + Nq, :D]
+            acc[:, rows].add_(part[..., :D])
+            den[:, rows].add_(part[..., D])
+    acc.div_(den[..., None])
+    return acc.reshape(B, H, L, D)[:, :, front : front + Nq]
 
 
 def _padded_window(part: torch.Tensor, num: int, window: int) -> torch.Tensor:
