@@ -60,6 +60,7 @@ TEACHER_IMPLEMENTATION = "sdpa"
 #: Sequence length of the synthetic probe that finds which estimator parameters take part in the forward.
 PROBE_LENGTH = 256
 STAGES = (1, 2)
+MIXED_PRECISION = ("auto", "bf16", "no")
 
 Pooler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = dict[str, torch.Tensor]
@@ -92,6 +93,10 @@ class DistillConfig:
             (mean over layers of the relative squared error over real tokens) added to the stage-2 loss.
         lora_rank (`int`, *optional*, defaults to 16): LoRA rank `r`; `lora_alpha = 2 r`.
         full_finetune (`bool`, *optional*, defaults to `False`): stage 2 trains every weight instead of LoRA adapters.
+        mixed_precision (`str`, *optional*, defaults to `"auto"`): `"bf16"` runs the stage-2 student forward under
+            bfloat16 autocast (weights, optimizer state and the teacher's targets stay fp32), `"no"` keeps fp32,
+            `"auto"` picks bf16 where the hardware computes it natively (a CUDA device with bf16 support, or a CPU
+            with AVX512-BF16/AMX) and fp32 elsewhere.
         seed (`int`, *optional*, defaults to 0): batch order and LoRA initialisation.
         progress (`bool`, *optional*, defaults to `True`): show a tqdm progress bar per stage.
     """
@@ -112,6 +117,7 @@ class DistillConfig:
     layer_weight: float = 0.0
     lora_rank: int = 16
     full_finetune: bool = False
+    mixed_precision: str = "auto"
     seed: int = 0
     progress: bool = True
 
@@ -131,6 +137,8 @@ class DistillConfig:
         for name in ("stage1_lr", "stage2_lr", "stage2_estimator_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"`mixed_precision` must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}.")
         for name in ("rows_weight", "hidden_weight", "layer_weight", "warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
@@ -697,6 +705,24 @@ def lora_targets(model: nn.Module) -> list[str]:
     ]
 
 
+def _native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 matrix products natively (autocast then saves time rather than costs it)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def _autocast(config: DistillConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The stage-2 student forward's autocast context (`DistillConfig.mixed_precision`)."""
+    enabled = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and _native_bf16(device))
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 def end_to_end(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -776,7 +802,8 @@ def end_to_end(
     def step_loss(index: int, batch: Batch) -> torch.Tensor:
         batch = _to_device(batch, device)
         hidden, logits, inner = targets(index, batch)
-        s_hidden, s_logits, s_inner = _outputs_and_layers(student, batch, causal)
+        with _autocast(config, device):
+            s_hidden, s_logits, s_inner = _outputs_and_layers(student, batch, causal)
         mask = batch["attention_mask"]
         loss = output_loss((s_hidden, s_logits), (hidden, logits), mask, pooler, config.hidden_weight)
         if layers:

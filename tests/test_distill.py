@@ -187,11 +187,43 @@ def test_end_to_end_merges_and_reloads(tok, tmp_path):
         torch.testing.assert_close(loaded(**batch).last_hidden_state, model(**batch).last_hidden_state)
 
 
+def test_end_to_end_layer_matching_brings_every_layer_closer(tok):
+    """`layer_weight`: the intermediate hidden states of the student move towards the unconverted model's."""
+    original = tiny_bert(num_layers=3)
+    model = hf_lara.convert(copy.deepcopy(original), "kernel", feature_map="hedgehog", window_size=2)
+    batches = length_batches(tok, TRAIN_TEXTS, max_length=64, batch_tokens=256)
+
+    def layer_errors(m):
+        errors = torch.zeros(2)
+        with torch.no_grad():
+            for b in batches:
+                mask = b["attention_mask"].bool()
+                ours = m(**b, output_hidden_states=True).hidden_states[1:-1]
+                ref = original(**b, output_hidden_states=True).hidden_states[1:-1]
+                errors += torch.stack(
+                    [(o - r)[mask].square().sum() / r[mask].square().sum() for o, r in zip(ours, ref)]
+                )
+        return errors / len(batches)
+
+    before = layer_errors(model)
+    config = quiet(max_steps=40, stage2_lr=5e-3, lora_rank=4, layer_weight=1.0)
+    _, stats = end_to_end(model, batches, config, seconds=60)
+    after = layer_errors(model)
+    assert stats["loss_last"] < stats["loss_first"]
+    assert (after < 0.8 * before).all(), (before, after)
+
+
 def test_distill_config_rejects_bad_values():
     with pytest.raises(ValueError, match="stages"):
         DistillConfig(stages=(3,))
     with pytest.raises(ValueError, match="max_minutes"):
         DistillConfig(max_minutes=0)
+    with pytest.raises(ValueError, match="stage1_reuse"):
+        DistillConfig(stage1_reuse=0)
+    with pytest.raises(ValueError, match="layer_weight"):
+        DistillConfig(layer_weight=-1)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        DistillConfig(mixed_precision="fp8")
 
 
 def save_sentence_transformer(folder):
