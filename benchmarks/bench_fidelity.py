@@ -251,7 +251,7 @@ def main(argv=None) -> None:
         "--minutes_short", type=float, default=None, help="budget for short texts (default: --minutes)"
     )
     parser.add_argument("--stage1_share", type=float, default=0.3)
-    parser.add_argument("--batch_tokens", type=int, default=2048)
+    parser.add_argument("--batch_tokens", type=int, default=DistillConfig.batch_tokens)
     parser.add_argument("--hidden_weight", type=float, default=0.1)
     parser.add_argument("--num_eval", type=int, default=64)
     parser.add_argument("--num_train_long", type=int, default=400)

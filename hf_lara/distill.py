@@ -76,7 +76,7 @@ class DistillConfig:
         stage1_share (`float`, *optional*, defaults to 0.3): share of the budget given to stage 1 when both run.
         max_steps (`int`, *optional*): at most this many optimizer steps per stage (default: the budget decides).
         max_length (`int`, *optional*, defaults to 512): truncate training texts to this many tokens.
-        batch_tokens (`int`, *optional*, defaults to 2048): padded tokens per batch (batches are formed by length).
+        batch_tokens (`int`, *optional*, defaults to 1024): padded tokens per batch (batches are formed by length).
         stage1_lr (`float`, *optional*, defaults to 1e-2): peak learning rate of the estimator parameters, stage 1.
         stage2_lr (`float`, *optional*, defaults to 2e-3): peak learning rate of the LoRA adapters in stage 2; with
             `full_finetune` use about 5e-5.
@@ -85,11 +85,11 @@ class DistillConfig:
         warmup (`float`, *optional*, defaults to 0.05): share of each stage spent warming the learning rate up.
         rows_weight (`float`, *optional*, defaults to 0.0): weight of Hedgehog's row cross-entropy in stage 1
             (costs `N / D` extra estimator calls per layer; the output error is always in the loss).
-        stage1_reuse (`int`, *optional*, defaults to 1): stage-1 optimizer steps taken on the queries, keys and
+        stage1_reuse (`int`, *optional*, defaults to 4): stage-1 optimizer steps taken on the queries, keys and
             values captured from one teacher forward pass (see `capture_attention_inputs`).
         hidden_weight (`float`, *optional*, defaults to 0.1): weight of the final hidden states' relative error next
             to the pooled-embedding cosine loss (encoders, stage 2).
-        layer_weight (`float`, *optional*, defaults to 0.0): weight of the intermediate layers' hidden-state error
+        layer_weight (`float`, *optional*, defaults to 1.0): weight of the intermediate layers' hidden-state error
             (mean over layers of the relative squared error over real tokens) added to the stage-2 loss.
         lora_rank (`int`, *optional*, defaults to 16): LoRA rank `r`; `lora_alpha = 2 r`.
         full_finetune (`bool`, *optional*, defaults to `False`): stage 2 trains every weight instead of LoRA adapters.
@@ -106,15 +106,15 @@ class DistillConfig:
     stage1_share: float = 0.3
     max_steps: int | None = None
     max_length: int = 512
-    batch_tokens: int = 2048
+    batch_tokens: int = 1024
     stage1_lr: float = 1e-2
     stage2_lr: float = 2e-3
     stage2_estimator_lr: float = 3e-3
     warmup: float = 0.05
     rows_weight: float = 0.0
-    stage1_reuse: int = 1
+    stage1_reuse: int = 4
     hidden_weight: float = 0.1
-    layer_weight: float = 0.0
+    layer_weight: float = 1.0
     lora_rank: int = 16
     full_finetune: bool = False
     mixed_precision: str = "auto"
