@@ -1,9 +1,10 @@
 """Two-stage distillation of a converted model towards its teacher, the same weights with exact softmax.
 
-**Stage 1, attention transfer** (`attention_transfer`). Every converted layer is trained on its own: under the
-`hf_lara_distill` attention implementation each self-attention call computes the exact softmax output (the teacher)
-and the estimator's output (the student) from the *same* queries, keys and values, records the student's loss and
-hands the teacher's output on, so every layer sees the hidden states of the original model and errors never compound
+**Stage 1, attention transfer** (`attention_transfer`). Every converted layer is trained on its own: one forward
+pass of the teacher (exact softmax everywhere, under the `hf_lara_distill` attention implementation) captures each
+converted layer's queries, keys, values and softmax output (`capture_attention_inputs`); the estimators then train on
+these tensors alone for `DistillConfig.stage1_reuse` steps (`transfer_loss`), with no forward or backward pass
+through the rest of the model, so every layer sees the hidden states of the original model and errors never compound
 during training. The loss per layer is the relative squared error of the attention output plus, optionally,
 Hedgehog's cross-entropy between the softmax rows and the estimator's implied rows (Zhang et al., arXiv 2402.04347,
 eq. 4). Only the estimators' own parameters train (kernel feature maps, EVA's adaptive chunk projections, LARA's
@@ -12,9 +13,12 @@ adaptive maps, ...): the teacher's weights are untouched.
 **Stage 2, end to end** (`end_to_end`). The converted model runs on its own and learns to reproduce the teacher's
 outputs: for encoders the pooled embedding (cosine; pooled by the caller's `pooler`, e.g. a sentence-transformers
 model's own Pooling/Normalize modules) plus the final hidden states (relative squared error), for decoders the
-next-token distribution (`KL(teacher || student)` of the logits). LoRA adapters (through `peft`) and the estimator
-parameters train; the adapters are merged into the weights at the end (`merge_and_unload`), so the result is a plain
-converted model. `DistillConfig(full_finetune=True)` trains every weight instead.
+next-token distribution (`KL(teacher || student)` of the logits), plus the hidden states after every intermediate layer
+(`layer_weight`, intermediate-layer distillation: a local signal per layer at no extra cost). LoRA adapters (through
+`peft`) and the estimator parameters train; the adapters are merged into the weights at the end
+(`merge_and_unload`), so the result is a plain converted model. The student's forward runs under bfloat16 autocast
+where the hardware computes it natively (`mixed_precision`), which halves a step's time on CPUs with AMX.
+`DistillConfig(full_finetune=True)` trains every weight instead.
 
 Both stages stop at a time budget (`DistillConfig.max_minutes`, shared between the stages) or a step count, whichever
 comes first; the learning rate follows a warm-up + cosine schedule over that budget. Inputs are batched by length
