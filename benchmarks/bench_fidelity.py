@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -98,9 +99,17 @@ def run_one(base, method: str, regime: str, data: dict, args) -> dict:
     st = copy.deepcopy(base)
     st.max_seq_length = max_length
     model = st[0].auto_model
-    hf_lara.convert(model, method, **hparams)
+    calibration = None
+    if args.keep_softmax:
+        # the layers to keep exact are chosen on training text (never on the evaluation text)
+        calibration = length_batches(
+            st.tokenizer, data[regime]["train"][:32], max_length=max_length, batch_tokens=8192
+        )
+    hf_lara.convert(model, method, keep_softmax=args.keep_softmax, calibration=calibration, **hparams)
     texts, reference = data[regime]["eval"], data[regime]["reference"]
     row = {"method": method, "regime": regime, "hparams": hparams, "fresh": compare(st, reference, texts, max_length)}
+    if args.keep_softmax:
+        row["kept_softmax"] = model.lara_calibration.kept_softmax
     print(f"{method} {regime} fresh {row['fresh']['cosine']:.4f} top1 {row['fresh']['top1']:.2f}", flush=True)
     if method not in args.train_methods.split(","):
         row["stage1"], row["stage2"], row["train_minutes"], row["train_cpu_minutes"] = {}, {}, 0.0, 0.0
@@ -113,6 +122,7 @@ def run_one(base, method: str, regime: str, data: dict, args) -> dict:
         max_length=max_length,
         batch_tokens=args.batch_tokens,
         progress=not args.no_progress,
+        **args.distill_options,
     )
     batches = length_batches(
         st.tokenizer, data[regime]["train"], max_length=max_length, batch_tokens=args.batch_tokens
@@ -150,6 +160,22 @@ def run_one(base, method: str, regime: str, data: dict, args) -> dict:
     return row
 
 
+def distill_options(items: list[str]) -> dict:
+    """`KEY=VALUE` strings -> `DistillConfig` keyword arguments, typed like the field's default."""
+    fields = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--distill {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        default = fields[key]
+        if isinstance(default, bool):
+            options[key] = value.lower() in ("1", "true", "yes")
+        else:
+            options[key] = type(default)(value) if isinstance(default, int | float) else value
+    return options
+
+
 def build_data(tokenizer, args) -> dict:
     tokenizer.model_max_length = 10**6
     evaluation, training = stdlib_files(), training_files()
@@ -181,6 +207,8 @@ def table(rows: list[dict]) -> str:
 
     for r in rows:
         hp = ", ".join(f"{k}={v}" for k, v in r["hparams"].items())
+        if r.get("kept_softmax"):
+            hp += f", softmax kept in layers {r['kept_softmax']} (quadratic there)"
         lines.append(
             f"| {r['method']} | {r['regime']} | {hp} | {cell(r['fresh'])} | {cell(r['stage1'])} | {cell(r['stage2'])} "
             f"| {err(r['fresh'])} -> {err(r['stage1'])} -> {err(r['stage2'])} "
@@ -223,19 +251,31 @@ def main(argv=None) -> None:
         "--minutes_short", type=float, default=None, help="budget for short texts (default: --minutes)"
     )
     parser.add_argument("--stage1_share", type=float, default=0.3)
-    parser.add_argument("--batch_tokens", type=int, default=2048)
+    parser.add_argument("--batch_tokens", type=int, default=DistillConfig.batch_tokens)
     parser.add_argument("--hidden_weight", type=float, default=0.1)
     parser.add_argument("--num_eval", type=int, default=64)
     parser.add_argument("--num_train_long", type=int, default=400)
     parser.add_argument("--num_train_short", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sink_tokens", type=int, default=0, help="sink tokens of windowed rfa/kernel/lara")
+    parser.add_argument(
+        "--keep_softmax", type=int, default=0, help="leave the K layers with the largest error on softmax (quadratic)"
+    )
+    parser.add_argument(
+        "--distill",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another `DistillConfig` field, e.g. --distill layer_weight=1 (repeatable)",
+    )
     parser.add_argument("--output", default=str(RESULTS / "fidelity"))
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
     args.num_train = {"long": args.num_train_long, "short": args.num_train_short}
+    args.distill_options = distill_options(args.distill)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load_start = os.getloadavg()
     base = minilm()
     data = build_data(base.tokenizer, args)
     regimes = args.regimes.split(",")
@@ -258,6 +298,10 @@ def main(argv=None) -> None:
         "budget_minutes_short": args.minutes_short or args.minutes,
         "stage1_share": args.stage1_share,
         "sink_tokens": args.sink_tokens,
+        "keep_softmax": args.keep_softmax,
+        "distill_options": args.distill_options,
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
         "data": {
             r: {"eval": len(data[r]["eval"]), "train": len(data[r]["train"]), "eval_tokens": data[r]["eval_tokens"]}
             for r in regimes

@@ -590,8 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch_tokens",
         dest="batch_tokens",
         type=int,
-        default=2048,
-        help="padded tokens per batch, texts batched by length (default: 2048)",
+        default=1024,
+        help="padded tokens per batch, texts batched by length (default: 1024)",
     )
     p.add_argument("--stage1-lr", "--stage1_lr", dest="stage1_lr", type=float, default=1e-2)
     p.add_argument("--stage2-lr", "--stage2_lr", dest="stage2_lr", type=float, default=1e-3)

@@ -1,9 +1,10 @@
 """Two-stage distillation of a converted model towards its teacher, the same weights with exact softmax.
 
-**Stage 1, attention transfer** (`attention_transfer`). Every converted layer is trained on its own: under the
-`hf_lara_distill` attention implementation each self-attention call computes the exact softmax output (the teacher)
-and the estimator's output (the student) from the *same* queries, keys and values, records the student's loss and
-hands the teacher's output on, so every layer sees the hidden states of the original model and errors never compound
+**Stage 1, attention transfer** (`attention_transfer`). Every converted layer is trained on its own: one forward
+pass of the teacher (exact softmax everywhere, under the `hf_lara_distill` attention implementation) captures each
+converted layer's queries, keys, values and softmax output (`capture_attention_inputs`); the estimators then train on
+these tensors alone for `DistillConfig.stage1_reuse` steps (`transfer_loss`), with no forward or backward pass
+through the rest of the model, so every layer sees the hidden states of the original model and errors never compound
 during training. The loss per layer is the relative squared error of the attention output plus, optionally,
 Hedgehog's cross-entropy between the softmax rows and the estimator's implied rows (Zhang et al., arXiv 2402.04347,
 eq. 4). Only the estimators' own parameters train (kernel feature maps, EVA's adaptive chunk projections, LARA's
@@ -12,9 +13,12 @@ adaptive maps, ...): the teacher's weights are untouched.
 **Stage 2, end to end** (`end_to_end`). The converted model runs on its own and learns to reproduce the teacher's
 outputs: for encoders the pooled embedding (cosine; pooled by the caller's `pooler`, e.g. a sentence-transformers
 model's own Pooling/Normalize modules) plus the final hidden states (relative squared error), for decoders the
-next-token distribution (`KL(teacher || student)` of the logits). LoRA adapters (through `peft`) and the estimator
-parameters train; the adapters are merged into the weights at the end (`merge_and_unload`), so the result is a plain
-converted model. `DistillConfig(full_finetune=True)` trains every weight instead.
+next-token distribution (`KL(teacher || student)` of the logits), plus the hidden states after every intermediate layer
+(`layer_weight`, intermediate-layer distillation: a local signal per layer at no extra cost). LoRA adapters (through
+`peft`) and the estimator parameters train; the adapters are merged into the weights at the end
+(`merge_and_unload`), so the result is a plain converted model. The student's forward runs under bfloat16 autocast
+where the hardware computes it natively (`mixed_precision`), which halves a step's time on CPUs with AMX.
+`DistillConfig(full_finetune=True)` trains every weight instead.
 
 Both stages stop at a time budget (`DistillConfig.max_minutes`, shared between the stages) or a step count, whichever
 comes first; the learning rate follows a warm-up + cosine schedule over that budget. Inputs are batched by length
@@ -53,11 +57,14 @@ from .integration.attention import repeat_kv
 DISTILL_KEY = "hf_lara_distill"
 #: Attribute a stage-1 forward reads on each attention module: the `LayerLosses` sink of its layer.
 SINK_ATTR = "_hf_lara_distill_sink"
+#: Attribute a forward pass under `DISTILL_KEY` reads on each attention module: the `LayerCapture` of its layer.
+CAPTURE_ATTR = "_hf_lara_distill_capture"
 #: Attention implementation of the teacher.
 TEACHER_IMPLEMENTATION = "sdpa"
 #: Sequence length of the synthetic probe that finds which estimator parameters take part in the forward.
 PROBE_LENGTH = 256
 STAGES = (1, 2)
+MIXED_PRECISION = ("auto", "bf16", "no")
 
 Pooler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = dict[str, torch.Tensor]
@@ -73,7 +80,7 @@ class DistillConfig:
         stage1_share (`float`, *optional*, defaults to 0.3): share of the budget given to stage 1 when both run.
         max_steps (`int`, *optional*): at most this many optimizer steps per stage (default: the budget decides).
         max_length (`int`, *optional*, defaults to 512): truncate training texts to this many tokens.
-        batch_tokens (`int`, *optional*, defaults to 2048): padded tokens per batch (batches are formed by length).
+        batch_tokens (`int`, *optional*, defaults to 1024): padded tokens per batch (batches are formed by length).
         stage1_lr (`float`, *optional*, defaults to 1e-2): peak learning rate of the estimator parameters, stage 1.
         stage2_lr (`float`, *optional*, defaults to 2e-3): peak learning rate of the LoRA adapters in stage 2; with
             `full_finetune` use about 5e-5.
@@ -82,10 +89,18 @@ class DistillConfig:
         warmup (`float`, *optional*, defaults to 0.05): share of each stage spent warming the learning rate up.
         rows_weight (`float`, *optional*, defaults to 0.0): weight of Hedgehog's row cross-entropy in stage 1
             (costs `N / D` extra estimator calls per layer; the output error is always in the loss).
+        stage1_reuse (`int`, *optional*, defaults to 4): stage-1 optimizer steps taken on the queries, keys and
+            values captured from one teacher forward pass (see `capture_attention_inputs`).
         hidden_weight (`float`, *optional*, defaults to 0.1): weight of the final hidden states' relative error next
             to the pooled-embedding cosine loss (encoders, stage 2).
+        layer_weight (`float`, *optional*, defaults to 1.0): weight of the intermediate layers' hidden-state error
+            (mean over layers of the relative squared error over real tokens) added to the stage-2 loss.
         lora_rank (`int`, *optional*, defaults to 16): LoRA rank `r`; `lora_alpha = 2 r`.
         full_finetune (`bool`, *optional*, defaults to `False`): stage 2 trains every weight instead of LoRA adapters.
+        mixed_precision (`str`, *optional*, defaults to `"auto"`): `"bf16"` runs the stage-2 student forward under
+            bfloat16 autocast (weights, optimizer state and the teacher's targets stay fp32), `"no"` keeps fp32,
+            `"auto"` picks bf16 where the hardware computes it natively (a CUDA device with bf16 support, or a CPU
+            with AVX512-BF16/AMX) and fp32 elsewhere.
         seed (`int`, *optional*, defaults to 0): batch order and LoRA initialisation.
         progress (`bool`, *optional*, defaults to `True`): show a tqdm progress bar per stage.
     """
@@ -95,15 +110,18 @@ class DistillConfig:
     stage1_share: float = 0.3
     max_steps: int | None = None
     max_length: int = 512
-    batch_tokens: int = 2048
+    batch_tokens: int = 1024
     stage1_lr: float = 1e-2
     stage2_lr: float = 2e-3
     stage2_estimator_lr: float = 3e-3
     warmup: float = 0.05
     rows_weight: float = 0.0
+    stage1_reuse: int = 4
     hidden_weight: float = 0.1
+    layer_weight: float = 1.0
     lora_rank: int = 16
     full_finetune: bool = False
+    mixed_precision: str = "auto"
     seed: int = 0
     progress: bool = True
 
@@ -115,7 +133,7 @@ class DistillConfig:
             raise ValueError(f"`max_minutes` must be > 0, got {self.max_minutes}.")
         if not 0 < self.stage1_share < 1:
             raise ValueError(f"`stage1_share` must be in (0, 1), got {self.stage1_share}.")
-        for name in ("max_length", "batch_tokens", "lora_rank"):
+        for name in ("max_length", "batch_tokens", "lora_rank", "stage1_reuse"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if self.max_steps is not None and self.max_steps < 1:
@@ -123,7 +141,9 @@ class DistillConfig:
         for name in ("stage1_lr", "stage2_lr", "stage2_estimator_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
-        for name in ("rows_weight", "hidden_weight", "warmup"):
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"`mixed_precision` must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}.")
+        for name in ("rows_weight", "hidden_weight", "layer_weight", "warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
 
@@ -262,14 +282,16 @@ class LayerLosses:
 
 
 def distillation_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """`AttentionInterface` function of `DISTILL_KEY`: returns the teacher's output `(B, Nq, H, D)`; in converted
-    layers with a sink also records the student's loss against it (relative squared error over real query rows)."""
+    """`AttentionInterface` function of `DISTILL_KEY`: returns the teacher's output `(B, Nq, H, D)`; in layers with a
+    `LayerCapture` records the call (`CapturedAttention`); in converted layers with a sink also records the student's
+    loss against it (relative squared error over real query rows)."""
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", False) if causal is None else causal)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     num_heads = query.shape[1]
     key_h, value_h = repeat_kv(key, num_heads), repeat_kv(value, num_heads)
     teacher, probs = softmax_reference(query, key_h, value_h, attention_mask, causal, scale)
+    _record(module, query, key, value, attention_mask, scale, causal, teacher, probs)
     sink, estimator = getattr(module, SINK_ATTR, None), getattr(module, ESTIMATOR_ATTR, None)
     if sink is not None and estimator is not None:
         student = lara_attention_forward(module, query, key, value, attention_mask, scaling=scale, **kwargs)[0]
@@ -283,6 +305,73 @@ def distillation_attention(module, query, key, value, attention_mask, scaling=No
             loss = loss + sink.rows_weight * row_cross_entropy(probs, estimate, rows)
         sink.losses.append(loss)
     return teacher.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+@dataclass
+class CapturedAttention:
+    """One attention call of the teacher, kept for stage 1: the estimator's inputs and the exact output.
+
+    Shapes: `query` `(B, H, Nq, D)`, `key`/`value` `(B, H_kv, Nk, D)`, `padding_mask` `(B, Nk)` or None, `teacher`
+    `(B, H, Nq, D)` fp32, `probs` `(B, H, Nq, Nk)` (only when the row cross-entropy is trained).
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    padding_mask: torch.Tensor | None
+    scale: float
+    causal: bool
+    teacher: torch.Tensor
+    probs: torch.Tensor | None
+
+
+class LayerCapture:
+    """Collects the `CapturedAttention` of one layer during a forward pass under `DISTILL_KEY`."""
+
+    def __init__(self, keep_probs: bool) -> None:
+        self.keep_probs = keep_probs
+        self.calls: list[CapturedAttention] = []
+
+
+def _record(module, query, key, value, attention_mask, scale, causal, teacher, probs) -> None:
+    capture = getattr(module, CAPTURE_ATTR, None)
+    if capture is not None:
+        capture.calls.append(
+            CapturedAttention(
+                query.detach(),
+                key.detach(),
+                value.detach(),
+                attention_mask,
+                scale,
+                causal,
+                teacher.detach(),
+                probs.detach() if capture.keep_probs else None,
+            )
+        )
+
+
+def transfer_loss(module: nn.Module, call: CapturedAttention, rows_weight: float = 0.0) -> torch.Tensor:
+    """Stage-1 loss of one layer on a captured call: the relative squared error of the estimator's output against
+    softmax over real query rows, plus `rows_weight` times Hedgehog's row cross-entropy (arXiv 2402.04347, eq. 4).
+
+    The estimator runs through `lara_attention_forward`, exactly as in the converted model's forward pass.
+    """
+    student = lara_attention_forward(
+        module, call.query, call.key, call.value, call.padding_mask, scaling=call.scale, is_causal=call.causal
+    )[0]
+    student = student.transpose(1, 2).float()  # (B, H, Nq, D)
+    B, Nq = call.query.shape[0], call.query.shape[2]
+    mask = call.padding_mask
+    rows = torch.ones(B, Nq, device=student.device) if mask is None else mask[:, -Nq:].float()
+    weights = rows[:, None, :, None]
+    teacher = call.teacher
+    loss = ((student - teacher).square() * weights).sum() / (teacher.square() * weights).sum().clamp_min(1e-12)
+    if rows_weight > 0 and call.probs is not None:
+        estimator = getattr(module, ESTIMATOR_ATTR)
+        key_h = repeat_kv(call.key, call.query.shape[1])
+        estimate = implied_rows(estimator, call.query, key_h, mask, call.causal, call.scale)
+        loss = loss + rows_weight * row_cross_entropy(call.probs, estimate, rows)
+    return loss
 
 
 def register_distillation_attention() -> None:
@@ -323,6 +412,41 @@ def _sinks(model: nn.Module, rows_weight: float) -> Iterator[dict[int, LayerLoss
         for module in attention_modules(model):
             if hasattr(module, SINK_ATTR):
                 delattr(module, SINK_ATTR)
+
+
+@contextlib.contextmanager
+def _captures(model: nn.Module, keep_probs: bool) -> Iterator[dict[int, LayerCapture]]:
+    """Attach a `LayerCapture` to every converted attention module for the duration."""
+    captures = {}
+    for i, module in enumerate(attention_modules(model)):
+        if hasattr(module, ESTIMATOR_ATTR):
+            captures[i] = LayerCapture(keep_probs)
+            setattr(module, CAPTURE_ATTR, captures[i])
+    try:
+        yield captures
+    finally:
+        for module in attention_modules(model):
+            if hasattr(module, CAPTURE_ATTR):
+                delattr(module, CAPTURE_ATTR)
+
+
+def capture_attention_inputs(
+    model: nn.Module, batch: Batch, keep_probs: bool = False
+) -> list[tuple[nn.Module, CapturedAttention]]:
+    """One forward pass of the teacher (the converted model under `DISTILL_KEY`, i.e. exact softmax everywhere, no
+    gradient) that keeps every converted layer's queries, keys, values and softmax output.
+
+    Stage 1 then trains each estimator on these tensors alone: no forward or backward pass through the rest of the
+    model per step, and every layer sees the teacher's hidden states.
+
+    Returns:
+        `(attention module, CapturedAttention)` pairs, in layer order.
+    """
+    register_distillation_attention()
+    modules = attention_modules(model)
+    with torch.no_grad(), _implementation(model, DISTILL_KEY), _captures(model, keep_probs) as captures:
+        model(**batch)
+    return [(modules[i], call) for i, capture in sorted(captures.items()) for call in capture.calls]
 
 
 def estimator_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -473,17 +597,25 @@ def attention_transfer(
     for p in parameters:
         p.requires_grad_(True)
 
+    reuse = config.stage1_reuse
+    captured: dict[int, list[tuple[nn.Module, CapturedAttention]]] = {}
+
     def step_loss(index: int, batch: Batch) -> torch.Tensor:
-        with _sinks(model, config.rows_weight) as sinks:
-            model(**_to_device(batch, device))
-        return torch.stack([loss for sink in sinks.values() for loss in sink.losses]).mean()
+        # a teacher pass every `reuse` steps; the estimators then train on the captured tensors only
+        if index // reuse not in captured:
+            captured.clear()
+            captured[index // reuse] = capture_attention_inputs(
+                model, _to_device(batch, device), keep_probs=config.rows_weight > 0
+            )
+        calls = captured[index // reuse]
+        return torch.stack([transfer_loss(module, call, config.rows_weight) for module, call in calls]).mean()
 
     clock = _Clock(seconds or config.max_minutes * 60, config.max_steps, "attention transfer", config.progress)
     try:
-        with _implementation(model, DISTILL_KEY):
-            stats = _train_loop(
-                [{"params": parameters, "lr": config.stage1_lr}], batches, clock, config.warmup, step_loss
-            )
+        repeated = [batch for batch in batches for _ in range(reuse)]
+        stats = _train_loop(
+            [{"params": parameters, "lr": config.stage1_lr}], repeated, clock, config.warmup, step_loss
+        )
     finally:
         model.requires_grad_(False)
         model.train(training)
@@ -517,11 +649,30 @@ def _is_causal(model: nn.Module) -> bool:
 
 def _outputs(model: nn.Module, batch: Batch, causal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Final hidden states `(B, N, C)` and logits (models with an LM head, else None)."""
+    return _outputs_and_layers(model, batch, causal)[:2]
+
+
+def _outputs_and_layers(
+    model: nn.Module, batch: Batch, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]]:
+    """Final hidden states `(B, N, C)`, logits (models with an LM head, else None) and the hidden states after each
+    layer but the last (`output_hidden_states[1:-1]`)."""
     out = model(**batch, output_hidden_states=True)
     hidden = getattr(out, "last_hidden_state", None)
     hidden = out.hidden_states[-1] if hidden is None else hidden
     logits = getattr(out, "logits", None) if causal else None
-    return hidden.float(), None if logits is None else logits.float()
+    return hidden.float(), None if logits is None else logits.float(), tuple(out.hidden_states[1:-1])
+
+
+def layer_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], attention_mask) -> torch.Tensor:
+    """Intermediate-layer distillation: mean over layers of the relative squared error of the hidden states
+    `(B, N, C)` over real tokens (`attention_mask` `(B, N)`)."""
+    mask = attention_mask.bool()
+    errors = [
+        (s[mask].float() - t[mask].float()).square().sum() / t[mask].float().square().sum().clamp_min(1e-12)
+        for s, t in zip(student, teacher, strict=True)
+    ]
+    return torch.stack(errors).mean() if errors else attention_mask.new_zeros((), dtype=torch.float32)
 
 
 def output_loss(
@@ -558,6 +709,24 @@ def lora_targets(model: nn.Module) -> list[str]:
     ]
 
 
+def _native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 matrix products natively (autocast then saves time rather than costs it)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def _autocast(config: DistillConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The stage-2 student forward's autocast context (`DistillConfig.mixed_precision`)."""
+    enabled = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and _native_bf16(device))
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 def end_to_end(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -574,7 +743,8 @@ def end_to_end(
     Args:
         model (`PreTrainedModel`): a converted model (modified in place: LoRA merges into the same modules).
         batches (`list[dict]`): model inputs, e.g. from `length_batches`.
-        config (`DistillConfig`, *optional*): `stage2_lr`, `lora_rank`, `full_finetune`, `hidden_weight`, ...
+        config (`DistillConfig`, *optional*): `stage2_lr`, `lora_rank`, `full_finetune`, `hidden_weight`,
+            `layer_weight`, ...
         seconds (`float`, *optional*): wall-clock budget (default: `config.max_minutes`).
         pooler (`Callable`, *optional*): `(hidden (B, N, C), attention_mask (B, N)) -> (B, C)` embeddings of an
             encoder, e.g. `sentence_transformers_pooler(st_model)`; default: mean pooling. Unused for decoders.
@@ -618,13 +788,16 @@ def end_to_end(
             p.requires_grad_(True)
         teacher = model
         teacher_context = student.disable_adapter
-    cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]]] = {}
+    layers = config.layer_weight > 0
 
     def targets(index: int, batch: Batch):
         if index in cache:
             return cache[index]
         with torch.no_grad(), teacher_context(), _implementation(teacher, TEACHER_IMPLEMENTATION):
-            out = _outputs(teacher, batch, causal)
+            hidden, logits, inner = _outputs_and_layers(teacher, batch, causal)
+        # intermediate targets are kept in bf16 (half the memory; their error is far below the losses trained on)
+        out = (hidden, logits, tuple(h.to(torch.bfloat16) for h in inner) if layers else ())
         # encoders' targets are small enough to keep; decoders' logits are recomputed
         if not causal:
             cache[index] = out
@@ -632,10 +805,14 @@ def end_to_end(
 
     def step_loss(index: int, batch: Batch) -> torch.Tensor:
         batch = _to_device(batch, device)
-        target = targets(index, batch)
-        return output_loss(
-            _outputs(student, batch, causal), target, batch["attention_mask"], pooler, config.hidden_weight
-        )
+        hidden, logits, inner = targets(index, batch)
+        with _autocast(config, device):
+            s_hidden, s_logits, s_inner = _outputs_and_layers(student, batch, causal)
+        mask = batch["attention_mask"]
+        loss = output_loss((s_hidden, s_logits), (hidden, logits), mask, pooler, config.hidden_weight)
+        if layers:
+            loss = loss + config.layer_weight * layer_loss(s_inner, inner, mask)
+        return loss
 
     clock = _Clock(seconds or config.max_minutes * 60, config.max_steps, "end to end", config.progress)
     try:

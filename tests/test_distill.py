@@ -16,9 +16,12 @@ from hf_lara.distill import (
     DISTILL_KEY,
     DistillConfig,
     attention_transfer,
+    capture_attention_inputs,
     end_to_end,
+    layer_loss,
     length_batches,
     register_distillation_attention,
+    transfer_loss,
 )
 from hf_lara.fidelity import attention_fidelity
 
@@ -98,6 +101,57 @@ def test_attention_transfer_lowers_loss_and_measured_error(tok, method, hparams)
     assert model.config._attn_implementation == hf_lara.integration.ATTENTION_KEY
 
 
+def test_captured_stage1_loss_is_the_measured_attention_error(tok):
+    """Stage 1 trains on tensors captured from one teacher pass: each layer's loss on them equals the teacher-forced
+    attention error that `hf_lara.fidelity` measures independently (module hooks, exact model), padding included."""
+    model = hf_lara.convert(tiny_bert(num_layers=3), "kernel", feature_map="hedgehog", window_size=2)
+    batch = length_batches(tok, TRAIN_TEXTS[:12], max_length=64, batch_tokens=4096)[0]
+    assert not batch["attention_mask"].all(), "the batch must hold padding"
+    calls = capture_attention_inputs(model, batch)
+    assert [m for m, _ in calls] == hf_lara.distill.attention_modules(model)
+    measured = attention_fidelity(model, batch).attention_error
+    with torch.no_grad():
+        losses = [transfer_loss(module, call).item() for module, call in calls]
+    assert min(measured) > 1e-3  # far from exact, so the comparison means something
+    assert losses == pytest.approx(measured, rel=1e-4)
+    # the captured teacher output is softmax attention on the captured inputs
+    module, call = calls[1]
+    mask = call.padding_mask[:, None, None, :]
+    scores = (call.query @ call.key.transpose(-1, -2) * call.scale).masked_fill(~mask, float("-inf"))
+    rows = call.padding_mask[:, None, :, None]
+    torch.testing.assert_close((scores.softmax(-1) @ call.value) * rows, call.teacher * rows, rtol=1e-5, atol=1e-5)
+
+
+def test_stage1_reuse_takes_several_steps_per_teacher_pass(tok, monkeypatch):
+    model = hf_lara.convert(tiny_bert(), "kernel", feature_map="hedgehog")
+    batches = length_batches(tok, TRAIN_TEXTS, max_length=64, batch_tokens=256)
+    passes = []
+    original = hf_lara.distill.capture_attention_inputs
+    monkeypatch.setattr(
+        hf_lara.distill, "capture_attention_inputs", lambda *a, **k: passes.append(1) or original(*a, **k)
+    )
+    stats = attention_transfer(model, batches, quiet(max_steps=12, stage1_reuse=4, stage1_lr=2e-2), seconds=60)
+    assert stats["steps"] == 12 and len(passes) == 3
+    assert stats["loss_last"] < stats["loss_first"]
+
+
+def test_layer_loss_is_the_relative_error_over_real_tokens():
+    torch.manual_seed(0)
+    teacher = [torch.randn(2, 5, 4) for _ in range(3)]
+    student = [t + 0.1 * torch.randn_like(t) for t in teacher]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    # padded positions are ignored whatever they hold
+    student[0][0, 3:] = 1e3
+    expected = (
+        sum(
+            ((s - t)[mask.bool()].square().sum() / t[mask.bool()].square().sum()).item()
+            for s, t in zip(student, teacher)
+        )
+        / 3
+    )
+    assert layer_loss(student, teacher, mask).item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_row_cross_entropy_is_trained_too(tok):
     model = hf_lara.convert(tiny_bert(), "kernel", feature_map="hedgehog")
     batches = length_batches(tok, TRAIN_TEXTS, max_length=64, batch_tokens=256)
@@ -133,11 +187,43 @@ def test_end_to_end_merges_and_reloads(tok, tmp_path):
         torch.testing.assert_close(loaded(**batch).last_hidden_state, model(**batch).last_hidden_state)
 
 
+def test_end_to_end_layer_matching_brings_every_layer_closer(tok):
+    """`layer_weight`: the intermediate hidden states of the student move towards the unconverted model's."""
+    original = tiny_bert(num_layers=3)
+    model = hf_lara.convert(copy.deepcopy(original), "kernel", feature_map="hedgehog", window_size=2)
+    batches = length_batches(tok, TRAIN_TEXTS, max_length=64, batch_tokens=256)
+
+    def layer_errors(m):
+        errors = torch.zeros(2)
+        with torch.no_grad():
+            for b in batches:
+                mask = b["attention_mask"].bool()
+                ours = m(**b, output_hidden_states=True).hidden_states[1:-1]
+                ref = original(**b, output_hidden_states=True).hidden_states[1:-1]
+                errors += torch.stack(
+                    [(o - r)[mask].square().sum() / r[mask].square().sum() for o, r in zip(ours, ref)]
+                )
+        return errors / len(batches)
+
+    before = layer_errors(model)
+    config = quiet(max_steps=40, stage2_lr=5e-3, lora_rank=4, layer_weight=1.0)
+    _, stats = end_to_end(model, batches, config, seconds=60)
+    after = layer_errors(model)
+    assert stats["loss_last"] < stats["loss_first"]
+    assert (after < 0.8 * before).all(), (before, after)
+
+
 def test_distill_config_rejects_bad_values():
     with pytest.raises(ValueError, match="stages"):
         DistillConfig(stages=(3,))
     with pytest.raises(ValueError, match="max_minutes"):
         DistillConfig(max_minutes=0)
+    with pytest.raises(ValueError, match="stage1_reuse"):
+        DistillConfig(stage1_reuse=0)
+    with pytest.raises(ValueError, match="layer_weight"):
+        DistillConfig(layer_weight=-1)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        DistillConfig(mixed_precision="fp8")
 
 
 def save_sentence_transformer(folder):
