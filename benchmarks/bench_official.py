@@ -27,7 +27,8 @@ Each official module is driven on the attention core: its input projections retu
 
 Timing: fp32, `--threads` threads, no autograd (`torch.inference_mode`); `--warmup` calls of each side first (the
 allocator warmed on both), then `--reps` rounds alternating which side goes first; best time per side.
-Results: `benchmarks/results/official.md` and `official.json` (`--out` to change).
+Results: `benchmarks/results/official.md` and `official.json` (`--out` to change), with the 1-minute load average
+before and after the run (on a shared machine timings are only comparable between the two sides of one row).
 """
 
 from __future__ import annotations
@@ -368,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unknown case {case}; valid: rfa, lara, eva, eva-causal")
     torch.set_num_threads(args.threads)
     ea = load_official(root)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = []
     for n in args.lengths:
         for method, causal in cases:
@@ -376,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = {
         "B": B, "H": H, "D": D, "dtype": "fp32", "threads": args.threads, "warmup": args.warmup,
         "reps": args.reps, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+        "load_average": f"{load_before:.1f}->{os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan'):.1f}",
     }  # fmt: skip
     print(format_table(rows))
     write_results(rows, args.out, meta)
