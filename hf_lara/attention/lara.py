@@ -58,7 +58,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AttentionEstimator, check_choice, check_float, check_int, register_estimator
-from .linear import _LOG_FLOOR, DEFAULT_CHUNK_SIZE, FeatureMaps, _normalise, block_length, kernel_attention
+from .linear import (
+    BIDIRECTIONAL_BLOCK_ELEMENTS,
+    DEFAULT_CHUNK_SIZE,
+    FeatureMaps,
+    LinearState,
+    _normalise,
+    absorb_keys,
+    block_length,
+    kernel_attention,
+)
 from .random_features import orthogonal_gaussian, positive_random_log_features
 from .recurrent import RecurrentStateMixin
 from .window import WindowMaps
@@ -81,13 +90,6 @@ def segment_means(x: torch.Tensor, num_segments: int) -> torch.Tensor:
     counts = torch.bincount(segment, minlength=num_segments).to(x.dtype)[:, None]  # (C, 1)
     sums = x.new_zeros(*x.shape[:2], num_segments, x.shape[3]).index_add(2, segment, x)
     return sums / counts
-
-
-def _exp_shifted(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """`exp(x - shift)`; in place on `x` (a fresh temporary) when no gradient is recorded."""
-    if torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad):
-        return torch.exp(x - shift)
-    return x.sub_(shift).exp_()
 
 
 def proposal_log_density(omega: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
@@ -225,11 +227,12 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
 
         Same estimate as `mixture` without any `(b, H, N, C)` tensor built whole:
 
-        * keys: one pass of `LinearState.absorb` (running per-proposal max `s_c`) gives
+        * keys: one pass of `absorb_keys` (`linear.py`, the key loop of every linear path; running per-proposal
+          max `s_c`) gives
           `kvz_c = sum_m exp(lk_mc - s_c) [v_m, 1]`, i.e. `log Z_c = s_c + log kvz_c[-1]` and `f_c = kvz_c[:-1] /
           kvz_c[-1]`;
-        * `"opt"` only: one pass over query blocks for the column logsumexp `l_c` of `q~ q̄^T` (running max), so
-          that `t_nc = exp(q~_n.q̄_c - l_c)`;
+        * `"opt"` only: the same routine over the queries without values gives the column logsumexp `l_c` of
+          `q~ q̄^T`, so that `t_nc = exp(q~_n.q̄_c - l_c)`;
         * queries: per block, one GEMM `q [omega, q̄]^T` gives `lq` (without the per-query `-|q~|^2 / 2`, which
           cancels) and the `t` logits; `p_nc = exp(lq_nc + s_c - log q_c(w_c) - max_c) * alpha_nc` and
           `out_n = (p_n kv) / (p_n z)`, which equals `softmax_c(log w_nc) f_c` (the `log Z_c - s_c = log z_c` part
@@ -237,65 +240,63 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
 
         Args:
             noise (`torch.Tensor` of shape `(b, H, C_eff, D)`, *optional*): as in `mixture`.
-            block_size (`int`, *optional*): tokens per block (default: about `2^20 / (b H 2C)`).
+            block_size (`int`, *optional*): tokens per block (default: about `2^22 / (b H 2C)`, i.e.
+                `BIDIRECTIONAL_BLOCK_ELEMENTS`).
         """
         b, H, N, D = q.shape
         q_bar, mu, omega = self.proposals(q, k, scale, noise)
         C = omega.shape[2]
         root = scale**0.5
+        if block_size is None:
+            block_size = max(BIDIRECTIONAL_BLOCK_ELEMENTS // (b * H * max(2 * C, D + 1)), 1)
         block = block_length(b * H, max(2 * C, D + 1), block_size=block_size)
         w_omega = (omega * root).transpose(-1, -2)  # (b, H, D, C)
-        # keys: kv_c = sum_m exp(lk_mc - s_c) v_m and z_c = sum_m exp(lk_mc - s_c), running max s_c (detached)
-        shift = q.new_full((b, H, 1, C), _LOG_FLOOR)
-        kv, z = v.new_zeros(b, H, C, D), v.new_zeros(b, H, 1, C)
-        # blocks by `split` rather than slicing (a slice's backward fills a zero tensor of the whole input)
-        q_blocks = q.split(block, dim=2)
-        for k_b, v_b in zip(k.split(block, dim=2), v.split(block, dim=2)):
-            lk = torch.matmul(k_b, w_omega).sub_(0.5 * scale * k_b.square().sum(dim=-1, keepdim=True))
-            new_shift = torch.maximum(shift, lk.detach().amax(dim=2, keepdim=True))
-            phi = _exp_shifted(lk, new_shift)
-            decay = torch.exp(shift - new_shift)
-            kv = torch.addcmul(phi.transpose(-1, -2) @ v_b, kv, decay.transpose(-1, -2))
-            z = torch.addcmul(phi.sum(dim=2, keepdim=True), z, decay)
-            shift = new_shift
+
+        def key_map(x: torch.Tensor) -> torch.Tensor:  # lk_mc = log xi(k_m, w_c)
+            return torch.matmul(x, w_omega).sub_(0.5 * scale * x.square().sum(dim=-1, keepdim=True))
+
+        # keys: kvz_c = sum_m exp(lk_mc - s_c) [v_m, 1] with the running max s_c, the shared key-absorption loop
+        empty = LinearState.empty(b, H, C, v)
+        kvz, shift = absorb_keys(empty.kvz, empty.shift, k, v, None, key_map, block)  # (b, H, C, D + 1)
         log_density = proposal_log_density(omega, mu)  # (b, H, C, C)
-        bias = shift + log_inverse_proposal(log_density, self.mis)[:, :, None, :]  # (b, H, 1, C)
+        bias = shift[:, :, None, :] + log_inverse_proposal(log_density, self.mis)[:, :, None, :]  # (b, H, 1, C)
         opt = self.mis == "opt"
         weight = w_omega
         if opt:
             w_t = (q_bar * root).transpose(-1, -2)  # (b, H, D, C): logits q~ q̄^T = q (root q̄)^T
-            run_max = q.new_full((b, H, 1, C), _LOG_FLOOR)
-            run_sum = q.new_zeros(b, H, 1, C)
-            for q_b in q_blocks:
-                logits = q_b @ w_t
-                new_max = torch.maximum(run_max, logits.detach().amax(dim=2, keepdim=True))
-                part = _exp_shifted(logits, new_max).sum(dim=2, keepdim=True)
-                run_sum = torch.addcmul(part, run_sum, torch.exp(run_max - new_max))
-                run_max = new_max
-            log_t_norm = run_max + torch.log(run_sum)  # (b, H, 1, C)
+            # column logsumexp over queries of the t logits: the same loop with counts only (no values)
+            counts, t_max = absorb_keys(q.new_zeros(b, H, C, 1), empty.shift, q, None, None, lambda x: x @ w_t, block)
+            log_t_norm = (t_max + torch.log(counts[..., 0]))[:, :, None, :]  # (b, H, 1, C)
             own = torch.diagonal(log_density, dim1=-2, dim2=-1)
             balance = torch.exp(own - torch.logsumexp(log_density, dim=-1))[:, :, None, :]  # (b, H, 1, C)
             weight = torch.cat([w_omega, w_t], dim=-1)  # (b, H, D, 2C)
             bias = torch.cat([bias, -log_t_norm], dim=-1)  # (b, H, 1, 2C)
-        kvz = torch.cat([kv, z.transpose(-1, -2)], dim=-1)  # (b, H, C, D + 1)
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, kvz, weight, bias))
         out = None if grad else q.new_empty(b, H, N, D)
         outs = []
-        for start, q_b in zip(range(0, N, block), q_blocks):
+        flat_bias, flat_weight, flat_kvz = bias.flatten(0, 1), weight.flatten(0, 1), kvz.flatten(0, 1)
+        for start, q_b in zip(range(0, N, block), q.split(block, dim=2)):
             # log w (shifted by s_c) and, for "opt", the t logits minus their logsumexp over queries: one GEMM
-            proj = torch.baddbmm(bias.flatten(0, 1), q_b.flatten(0, 1), weight.flatten(0, 1))
+            proj = torch.baddbmm(flat_bias, q_b.flatten(0, 1), flat_weight)
             log_w = proj[..., :C]
-            p = _exp_shifted(log_w, log_w.detach().amax(dim=-1, keepdim=True))
+            top = log_w.detach().amax(dim=-1, keepdim=True)
+            p = torch.exp(log_w - top) if grad else log_w.sub_(top).exp_()
             if opt:
-                t = torch.exp(proj[..., C:])
-                alpha = torch.add(balance.flatten(0, 1), t, alpha=self.alpha_coeff)
-                alpha = alpha.sub_(self.alpha_coeff * t.mean(dim=-1, keepdim=True)).clamp_min(_ALPHA_FLOOR)
-                p = p.mul_(alpha) if not grad else p * alpha
-            num_den = (p @ kvz.flatten(0, 1)).unflatten(0, (b, H))
+                # alpha = max(BH_c + lambda (t_nc - mean_c t_nc), 1e-8), multiplied into p instead of added in log
+                if grad:
+                    t = torch.exp(proj[..., C:])
+                    alpha = torch.add(balance.flatten(0, 1), t - t.mean(dim=-1, keepdim=True), alpha=self.alpha_coeff)
+                    p = p * alpha.clamp_min(_ALPHA_FLOOR)
+                else:
+                    t = proj[..., C:].exp_()
+                    t_mean = t.mean(dim=-1, keepdim=True).mul_(self.alpha_coeff)
+                    alpha = t.mul_(self.alpha_coeff).sub_(t_mean).add_(balance.flatten(0, 1)).clamp_min_(_ALPHA_FLOOR)
+                    p = p.mul_(alpha)
+            num_den = (p @ flat_kvz).unflatten(0, (b, H))
             if grad:
                 outs.append(_normalise(num_den))
             else:
-                torch.div(num_den[..., :-1], num_den[..., -1:], out=out[:, :, start : start + block])
+                torch.div(num_den[..., :-1], num_den[..., -1:], out=out[:, :, start : start + q_b.shape[2]])
         if not grad:
             return out
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -46,6 +46,10 @@ LogFeatureMap = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_CHUNK_SIZE = 64
 #: target number of elements of a `(B, H, block, S)` temporary on the blocked paths (4 MB in fp32)
 BLOCK_ELEMENTS = 1 << 20
+#: the same for the bidirectional paths (16 MB in fp32): few large products (on shared CPUs every op waits for its
+#: slowest thread), and temporaries below glibc's largest mmap threshold (32 MB), so a warmed allocator hands the same
+#: pages back every block and every call instead of faulting in fresh ones
+BIDIRECTIONAL_BLOCK_ELEMENTS = 1 << 22
 # A finite "minus infinity" for running maxima: exp(a - b) stays well defined when both are at the floor.
 _LOG_FLOOR = -1e30
 # Largest growth (nats) of the running key max inside one block for the rescaled cumulative sum: exp(-60) keeps
@@ -112,13 +116,18 @@ def bidirectional_linear_attention(
 ) -> torch.Tensor:
     """`phi(Q) (phi(K)^T V) / phi(Q) phi(K)^T 1` from log-features, blocked over tokens.
 
+    Keys go through `absorb_keys`; each query block is then one GEMM against the `S x (D + 1)` key statistics.
+    Without autograd the query weights are `exp(lq + M - rowmax)` computed in place (their per-row normaliser
+    cancels) and each block is divided straight into the output: no `(B, H, N, S)` temporary beyond one block.
+
     Args:
         lq (`torch.Tensor` of shape `(B, H, Nq, S)`): log query features (up to a per-query constant), or the
             queries `(B, H, Nq, D)` when `q_map` is given.
         lk (`torch.Tensor` of shape `(B, H, Nk, S)`): log key features, or the keys when `k_map` is given.
         v (`torch.Tensor` of shape `(B, H, Nk, D)`): values.
         key_mask (`torch.Tensor` of shape `(B, Nk)`, *optional*): True = real key.
-        block_size (`int`, *optional*): tokens per block (default: `block_length`).
+        block_size (`int`, *optional*): tokens per block (default: `block_length` with
+            `BIDIRECTIONAL_BLOCK_ELEMENTS`).
         q_map, k_map (`LogFeatureMap`, *optional*): applied to each block of `lq` / `lk` (default: identity), so
             that no `(B, H, N, S)` feature tensor is ever built whole.
         feature_dim (`int`, *optional*): `S` when maps are given (sizes the blocks).
@@ -127,12 +136,82 @@ def bidirectional_linear_attention(
         `torch.Tensor` of shape `(B, H, Nq, D)`.
     """
     q_map = q_map or _identity
-    B, H = lk.shape[:2]
-    block = block_length(B * H, max(feature_dim or lk.shape[-1], v.shape[-1] + 1), block_size=block_size)
-    state = LinearState.empty(B, H, feature_dim or lk.shape[-1], v)
-    state.absorb(lk, v, key_mask, k_map, block)
-    outs = [state.read(q_map(lq_b)) for lq_b in lq.split(block, dim=2)]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    B, H, Nq = lq.shape[:3]
+    S, D = feature_dim or lk.shape[-1], v.shape[-1]
+    if block_size is None:
+        block_size = max(BIDIRECTIONAL_BLOCK_ELEMENTS // max(B * H * max(S, D + 1), 1), 1)
+    block = block_length(B * H, max(S, D + 1), block_size=block_size)
+    empty = LinearState.empty(B, H, S, v)
+    kvz, shift = absorb_keys(empty.kvz, empty.shift, lk, v, key_mask, k_map, block)
+    shift = shift[:, :, None, :]
+    if torch.is_grad_enabled():
+        outs = [_normalise(_query_weights(q_map(lq_b), shift) @ kvz) for lq_b in lq.split(block, dim=2)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    out = v.new_empty(B, H, Nq, D)
+    for start, lq_b in zip(range(0, Nq, block), lq.split(block, dim=2)):
+        w = q_map(lq_b)
+        w = w.add_(shift) if w._base is None else w + shift  # in place only on a fresh map output
+        num = w.sub_(w.amax(dim=-1, keepdim=True)).exp_() @ kvz  # (B, H, n, D + 1)
+        den = num[..., -1:]
+        if key_mask is not None:  # a row without any real key gives 0, as `_normalise`
+            den = den.masked_fill(den == 0, 1.0)
+        torch.div(num[..., :-1], den, out=out[:, :, start : start + lq_b.shape[2]])
+    return out
+
+
+def _exp_shifted(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """`exp(x - shift)`; in place on `x` when it is a fresh temporary (not a view) and no gradient is recorded."""
+    if x._base is not None or (torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad)):
+        return torch.exp(x - shift)
+    return x.sub_(shift).exp_()
+
+
+def absorb_keys(
+    kvz: torch.Tensor,
+    shift: torch.Tensor,
+    lk: torch.Tensor,
+    v: torch.Tensor | None,
+    key_mask: torch.Tensor | None = None,
+    k_map: LogFeatureMap | None = None,
+    block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key statistics with a running per-feature max, block by block: the one key-absorption loop of hf_lara.
+
+    Returns `kvz' = sum_m exp(lk_m - shift') [v_m, 1]` added to `kvz` (rescaled from `shift` to `shift'`) and the
+    new shift `shift' = max(shift, max_m lk_m)` (detached). Used by `LinearState.absorb` (causal prefixes,
+    decoding, bidirectional kernel attention) and by bidirectional LARA (its keys, and with `v=None` the
+    column logsumexp of its `t` logits over queries). `[v, 1]` is never materialised: the value and count parts
+    are two products of the same `exp` block.
+
+    Args:
+        kvz (`torch.Tensor` of shape `(B, H, S, D + 1)`): statistics so far (never modified in place).
+        shift (`torch.Tensor` of shape `(B, H, S)`): their shift (`_LOG_FLOOR` for none).
+        lk (`torch.Tensor` of shape `(B, H, n, S)`): log key features (`-inf` = padding), or the keys when `k_map`
+            is given.
+        v (`torch.Tensor` of shape `(B, H, n, D)`, *optional*): values; None for counts only (`D = 0`).
+        key_mask (`torch.Tensor` of shape `(B, n)`, *optional*): True = real key.
+        k_map (`LogFeatureMap`, *optional*): applied to each block of `lk`.
+        block (`int`, *optional*): tokens per block (default: all at once).
+
+    Returns:
+        `(kvz', shift')` of the same shapes.
+    """
+    kv, z = kvz[..., :-1], kvz[..., -1]
+    n = lk.shape[2]
+    block = block or max(n, 1)
+    values = v.split(block, dim=2) if v is not None else [None] * len(range(0, n, block))
+    # `split`, not slicing: a slice's backward writes its gradient into a zero tensor of the whole input, so
+    # slicing block by block costs O(N^2 / block) in backward; one split node concatenates the block gradients
+    for start, lk_b, v_b in zip(range(0, n, block), lk.split(block, dim=2), values):
+        lk_b = _mask_keys((k_map or _identity)(lk_b), _block(key_mask, start, block))
+        new_shift = torch.maximum(shift, _key_shift(lk_b))
+        phi = _exp_shifted(lk_b, new_shift[:, :, None, :])
+        decay = torch.exp(shift - new_shift)
+        if v_b is not None:
+            kv = torch.addcmul(phi.transpose(-1, -2) @ v_b, kv, decay[..., None])
+        z = torch.addcmul(phi.sum(dim=2), z, decay)
+        shift = new_shift
+    return torch.cat([kv, z[..., None]], dim=-1), shift
 
 
 def _block(mask: torch.Tensor | None, start: int, length: int) -> torch.Tensor | None:
@@ -207,15 +286,7 @@ class LinearState:
         """
         B, H, S = self.shift.shape
         block = block_length(B * H, max(S, v.shape[-1] + 1), block_size=block_size)
-        # `split`, not slicing: a slice's backward writes its gradient into a zero tensor of the whole input, so
-        # slicing block by block costs O(N^2 / block) in backward; one split node concatenates the block gradients
-        for start, lk_b, v_b in zip(range(0, lk.shape[2], block), lk.split(block, dim=2), v.split(block, dim=2)):
-            lk_b = _mask_keys((k_map or _identity)(lk_b), _block(key_mask, start, block))
-            new_shift = torch.maximum(self.shift, _key_shift(lk_b))
-            phi_k = torch.exp(lk_b - new_shift[:, :, None, :])
-            part = phi_k.transpose(-1, -2) @ _with_ones(v_b)
-            self.kvz = torch.addcmul(part, self.kvz, torch.exp(self.shift - new_shift)[..., None])
-            self.shift = new_shift
+        self.kvz, self.shift = absorb_keys(self.kvz, self.shift, lk, v, key_mask, k_map, block)
 
     def step(self, lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One token: absorb `lk` `(B, H, 1, S)` (`-inf` = padding), `v` `(B, H, 1, D)`, then read `lq` `(B, H, 1, S)`.
