@@ -6,7 +6,8 @@ a commit entirely or not at all, so a failed push leaves nothing half-written. A
 the new revision and only report success when every file is there with the size and hash that was sent (sha256 for
 LFS files, the git blob sha1 for the others, as the Hub reports them); a commit that landed but does not match is
 reported as such (`HubVerificationError`), never as a refused push. Symbolic links that resolve outside the folder
-are refused before anything is sent.
+are refused before anything is sent, and what is sent is what was checked: every file is opened once, following no
+link (`hf_lara.io.open_inside`), and uploaded from that open file, so a link planted after the check is never read.
 
 Errors are raised before anything is sent when possible: a malformed repository id, no token, offline mode, a
 folder that is not a converted model. Network and HTTP failures become `HubError` with the endpoint and a fix.
@@ -14,21 +15,23 @@ folder that is not a converted model. Network and HTTP failures become `HubError
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, RepoFile, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from .cards import build_card, is_hf_lara_card, load_folder_card, update_card
+from .cards import build_card, is_hf_lara_card, update_card
 from .integration.sentence_transformers import transformer_model
-from .io import files_inside
+from .io import files_inside, open_inside
 
 #: Files a converted checkpoint needs besides its weights.
 REQUIRED_FILES = ("config.json",)
@@ -133,15 +136,44 @@ def _check_folder(folder: Path) -> list[Path]:
     return [p for p in files if p.relative_to(folder).as_posix() != "README.md" and ".git" not in p.parts]
 
 
-def folder_card(folder: Path, repo_id: str | None) -> ModelCard:
-    """The card to publish with `folder`: ours re-rendered for `repo_id`, a user's card as is, or a fresh one."""
-    card = load_folder_card(folder)
-    config = AutoConfig.from_pretrained(folder)
+def folder_card(config: PretrainedConfig, card: ModelCard | None, repo_id: str | None) -> ModelCard:
+    """The card to publish with a folder: ours re-rendered for `repo_id`, a user's card as is, or a fresh one.
+
+    Args:
+        config (`PretrainedConfig`): the folder's config.
+        card (`ModelCard`, *optional*): the folder's README.md, if any.
+        repo_id (`str`, *optional*): the repository pushed to.
+    """
     if card is None:
         return build_card(config, repo_id=repo_id)
     if is_hf_lara_card(card):
         return update_card(card, config, repo_id=repo_id)
     return card
+
+
+def _read(handle: BinaryIO) -> bytes:
+    """All of an open file, leaving it at its start for the upload."""
+    handle.seek(0)
+    data = handle.read()
+    handle.seek(0)
+    return data
+
+
+def _checked_config(config_bytes: bytes, folder: Path) -> PretrainedConfig:
+    """The config from the bytes that are uploaded (written to a private `folder`, not read again from the user's)."""
+    folder.mkdir()
+    (folder / "config.json").write_bytes(config_bytes)
+    return AutoConfig.from_pretrained(folder)
+
+
+def _checked_card(folder: Path) -> ModelCard | None:
+    """`folder/README.md` as a card, read following no link (a README.md that is a link is ignored, as by
+    `load_folder_card`); None without one."""
+    path = folder / "README.md"
+    if path.is_symlink() or not path.is_file():
+        return None
+    with open_inside(folder, path) as handle:
+        return ModelCard(handle.read().decode("utf-8"))
 
 
 def push_to_hub(
@@ -185,12 +217,17 @@ def push_to_hub(
     check_repo_id(repo_id)
     token = _resolve_token(token)
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
-    with tempfile.TemporaryDirectory(prefix="hf_lara_push_") as staging:
-        folder, in_memory, tags = _stage(model_or_folder, tokenizer, Path(staging))
+    with tempfile.TemporaryDirectory(prefix="hf_lara_push_") as staging, contextlib.ExitStack() as opened:
+        folder, in_memory, tags = _stage(model_or_folder, tokenizer, Path(staging) / "model")
         files = _check_folder(folder)
-        operations = [CommitOperationAdd(p.relative_to(folder).as_posix(), str(p)) for p in files]
-        config = json.loads((folder / "config.json").read_text())
-        message = commit_message or f"Upload {config['lara_method']} model converted by hf-lara"
+        # upload what was checked: each file is opened now, following no link, and read only through that handle
+        handles = {p.relative_to(folder).as_posix(): opened.enter_context(open_inside(folder, p)) for p in files}
+        operations = [CommitOperationAdd(name, handle) for name, handle in handles.items()]
+        config_bytes = _read(handles["config.json"])
+        message = commit_message or f"Upload {json.loads(config_bytes)['lara_method']} model converted by hf-lara"
+        if in_memory is None:
+            checked_config = _checked_config(config_bytes, Path(staging) / "config")
+            checked_card = _checked_card(folder)
 
         def readme(full_repo_id: str) -> CommitOperationAdd:
             # rendered once the repository exists, so the snippet names it with its namespace
@@ -199,7 +236,7 @@ def push_to_hub(
             elif in_memory is not None:
                 text = str(build_card(in_memory, repo_id=full_repo_id, tags=tags))
             else:
-                text = str(folder_card(folder, full_repo_id))
+                text = str(folder_card(checked_config, checked_card, full_repo_id))
             return CommitOperationAdd("README.md", text.encode())
 
         return _commit(endpoint, token, repo_id, operations, readme, message, private, revision, create_pr)
