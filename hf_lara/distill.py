@@ -301,6 +301,7 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def _implementation(model: nn.Module, implementation: str) -> Iterator[None]:
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     previous = model.config._attn_implementation
     model.set_attn_implementation(implementation)
     try:
@@ -323,6 +324,47 @@ def _sinks(model: nn.Module, rows_weight: float) -> Iterator[dict[int, LayerLoss
         for module in attention_modules(model):
             if hasattr(module, SINK_ATTR):
                 delattr(module, SINK_ATTR)
+
+
+@contextlib.contextmanager
+def attention_losses(model: nn.Module, rows_weight: float = 0.0) -> Iterator[dict[int, LayerLosses]]:
+    """Forward passes inside record every converted layer's stage-1 loss against its teacher's softmax.
+
+    For the duration the model runs under `DISTILL_KEY`: each converted layer records its loss in the `LayerLosses`
+    yielded for its index and hands the teacher's output on. A `peft` model's adapters are disabled, so the
+    estimators learn from the original projections. Reduce the recorded losses with `transfer_loss`.
+
+    >>> with attention_losses(model) as sinks:
+    ...     model(**batch)
+    >>> transfer_loss(model, sinks).backward()
+
+    Args:
+        model (`PreTrainedModel`): a converted model (a `peft` wrapper is looked through); not a DDP wrapper, whose
+            forward may still be called inside.
+        rows_weight (`float`, *optional*, defaults to 0.0): weight of Hedgehog's row cross-entropy.
+
+    Yields:
+        `dict[int, LayerLosses]`: the sink of each converted layer, keyed by layer index.
+    """
+    register_distillation_attention()
+    adapters = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with adapters, _implementation(model, DISTILL_KEY), _sinks(model, rows_weight) as sinks:
+        yield sinks
+
+
+def transfer_loss(model: nn.Module, sinks: dict[int, LayerLosses]) -> torch.Tensor:
+    """Stage-1 loss: the mean of the per-layer losses `attention_losses` recorded, plus the estimators' auxiliary
+    losses (e.g. the kernel feature maps' `ortho_penalty`)."""
+    losses = [loss for sink in sinks.values() for loss in sink.losses]
+    if not losses:
+        raise ValueError("No converted layer recorded a loss: run the forward pass inside `attention_losses(model)`.")
+    loss = torch.stack(losses).mean()
+    for module in attention_modules(model):
+        estimator = getattr(module, ESTIMATOR_ATTR, None)
+        auxiliary = estimator.auxiliary_loss() if estimator is not None else None
+        if auxiliary is not None:
+            loss = loss + auxiliary
+    return loss
 
 
 def estimator_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -474,16 +516,13 @@ def attention_transfer(
         p.requires_grad_(True)
 
     def step_loss(index: int, batch: Batch) -> torch.Tensor:
-        with _sinks(model, config.rows_weight) as sinks:
+        with attention_losses(model, config.rows_weight) as sinks:
             model(**_to_device(batch, device))
-        return torch.stack([loss for sink in sinks.values() for loss in sink.losses]).mean()
+        return transfer_loss(model, sinks)
 
     clock = _Clock(seconds or config.max_minutes * 60, config.max_steps, "attention transfer", config.progress)
     try:
-        with _implementation(model, DISTILL_KEY):
-            stats = _train_loop(
-                [{"params": parameters, "lr": config.stage1_lr}], batches, clock, config.warmup, step_loss
-            )
+        stats = _train_loop([{"params": parameters, "lr": config.stage1_lr}], batches, clock, config.warmup, step_loss)
     finally:
         model.requires_grad_(False)
         model.train(training)
@@ -511,11 +550,12 @@ def sentence_transformers_pooler(st_model) -> Pooler:
     return pool
 
 
-def _is_causal(model: nn.Module) -> bool:
+def is_causal(model: nn.Module) -> bool:
+    """Whether the converted model's attention is causal (a decoder: stage 2 matches logits, not embeddings)."""
     return any(getattr(m, "is_causal", False) for m in attention_modules(model))
 
 
-def _outputs(model: nn.Module, batch: Batch, causal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def model_outputs(model: nn.Module, batch: Batch, causal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Final hidden states `(B, N, C)` and logits (models with an LM head, else None)."""
     out = model(**batch, output_hidden_states=True)
     hidden = getattr(out, "last_hidden_state", None)
@@ -558,6 +598,47 @@ def lora_targets(model: nn.Module) -> list[str]:
     ]
 
 
+def add_lora(model: nn.Module, rank: int = 16, seed: int = 0) -> nn.Module:
+    """Wrap a converted model in a `peft` model with LoRA adapters (`r = rank`, `lora_alpha = 2 r`, no dropout) on
+    every `lora_targets` module; peft freezes everything else. The adapters start at zero (`B = 0`), so the wrapped
+    model computes what the converted one did.
+
+    Returns:
+        The `PeftModel` (`merge_and_unload()` gives the converted model back, adapters merged).
+    """
+    import peft
+    from transformers.pytorch_utils import Conv1D
+
+    targets = lora_targets(model)
+    if not targets:
+        raise ValueError(
+            f"No linear layer to put LoRA adapters on in this `{type(model).__name__}`; use `full_finetune=True`."
+        )
+    lora = peft.LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules=targets,
+        # GPT-2's Conv1D stores its weight transposed
+        fan_in_fan_out=any(isinstance(model.get_submodule(t), Conv1D) for t in targets),
+    )
+    torch.manual_seed(seed)
+    return peft.get_peft_model(model, lora)
+
+
+@contextlib.contextmanager
+def as_teacher(model: nn.Module) -> Iterator[None]:
+    """Forward passes inside run the teacher of stage 2, without gradients: exact softmax attention
+    (`TEACHER_IMPLEMENTATION`) and, for a `peft` model, its adapters disabled.
+
+    >>> with as_teacher(peft_model):
+    ...     target = model_outputs(peft_model, batch, causal)
+    """
+    adapters = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with torch.no_grad(), adapters, _implementation(model, TEACHER_IMPLEMENTATION):
+        yield
+
+
 def end_to_end(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -584,7 +665,7 @@ def end_to_end(
     """
     config = config or DistillConfig(stages=(2,))
     _check_converted(model)
-    causal = _is_causal(model)
+    causal = is_causal(model)
     device = next(model.parameters()).device
     training = model.training
     estimators = estimator_parameters(model)
@@ -593,38 +674,18 @@ def end_to_end(
         teacher = copy.deepcopy(model).requires_grad_(False)
         teacher.set_attn_implementation(TEACHER_IMPLEMENTATION)
         student = model.requires_grad_(True)
-        teacher_context = contextlib.nullcontext
     else:
-        import peft
-
-        torch.manual_seed(config.seed)
-        from transformers.pytorch_utils import Conv1D
-
-        targets = lora_targets(model)
-        if not targets:
-            raise ValueError(
-                f"No linear layer to put LoRA adapters on in this `{type(model).__name__}`; use `full_finetune=True`."
-            )
-        lora = peft.LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=2 * config.lora_rank,
-            lora_dropout=0.0,
-            target_modules=targets,
-            # GPT-2's Conv1D stores its weight transposed
-            fan_in_fan_out=any(isinstance(model.get_submodule(t), Conv1D) for t in targets),
-        )
-        student = peft.get_peft_model(model, lora)
+        student = add_lora(model, config.lora_rank, config.seed)
         for p in estimators:
             p.requires_grad_(True)
-        teacher = model
-        teacher_context = student.disable_adapter
+        teacher = student
     cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def targets(index: int, batch: Batch):
         if index in cache:
             return cache[index]
-        with torch.no_grad(), teacher_context(), _implementation(teacher, TEACHER_IMPLEMENTATION):
-            out = _outputs(teacher, batch, causal)
+        with as_teacher(teacher):
+            out = model_outputs(teacher, batch, causal)
         # encoders' targets are small enough to keep; decoders' logits are recomputed
         if not causal:
             cache[index] = out
@@ -634,7 +695,7 @@ def end_to_end(
         batch = _to_device(batch, device)
         target = targets(index, batch)
         return output_loss(
-            _outputs(student, batch, causal), target, batch["attention_mask"], pooler, config.hidden_weight
+            model_outputs(student, batch, causal), target, batch["attention_mask"], pooler, config.hidden_weight
         )
 
     clock = _Clock(seconds or config.max_minutes * 60, config.max_steps, "end to end", config.progress)
