@@ -21,6 +21,11 @@ comes first; the learning rate follows a warm-up + cosine schedule over that bud
 (`length_batches`): train on texts as long as the intended use, as fidelity on long inputs does not follow from
 training on short ones.
 
+The pieces are public, so a training loop of one's own (`recipes/distill_attention.py`, under Accelerate) computes
+the same losses: stage 1 runs the forward pass inside `attention_losses(model)` and reduces it with `transfer_loss`;
+stage 2 wraps the model with `add_lora`, takes the targets from `model_outputs` inside `as_teacher(model)` and
+compares with `output_loss`. `estimator_parameters` lists what stage 1 trains.
+
 >>> model = hf_lara.convert(AutoModel.from_pretrained(path), "eva", window_size=64)
 >>> result = distill(model, tokenizer, train_texts, DistillConfig(max_minutes=10))
 >>> result.stages["attention_transfer"]["loss_last"], result.stages["end_to_end"]["loss_last"]

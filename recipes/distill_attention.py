@@ -113,8 +113,9 @@ def stage_at(steps: dict[int, int], completed_steps: int) -> int:
 
 
 def evaluate_fidelity(accelerator, model, dataloader) -> dict:
-    """Per-layer relative attention-output error (teacher forced; mean over validation batches) and the cosine of
-    mean-pooled final hidden states, converted model on its own vs the teacher (mean over validation texts).
+    """Per-layer relative attention-output error `sqrt(sum ||s - t||^2 / sum ||t||^2)` over real tokens (teacher
+    forced; the ratio averaged over validation batches) and the cosine of mean-pooled final hidden states, converted
+    model on its own vs the teacher (mean over validation texts).
 
     `model` is the unwrapped model: each process evaluates its share of the batches without gradients.
     """
@@ -133,7 +134,7 @@ def evaluate_fidelity(accelerator, model, dataloader) -> dict:
             mask = batch["attention_mask"]
             pooled = distill.mean_pooler(student, mask), distill.mean_pooler(teacher, mask)
             cosines.append(accelerator.gather_for_metrics(torch.nn.functional.cosine_similarity(*pooled, dim=-1)))
-    per_layer = torch.cat(errors).mean(0)
+    per_layer = torch.cat(errors).mean(0).sqrt()
     return {
         "layers": layers,
         "per_layer_relative_error": per_layer.tolist(),

@@ -111,7 +111,8 @@ class LaraModelMixin:
         before writing anything: that read checks that peft could rebuild this model (`check_adapter_base`)."""
         if called_by_peft_card():
             check_adapter_base(self)
-        return self.__dict__.get("_lara_model_tags")
+        # tags added before `hf_lara.convert` swapped the class sit in the instance's own `model_tags`
+        return self.__dict__.get("_lara_model_tags", self.__dict__.get("model_tags"))
 
     @model_tags.setter
     def model_tags(self, value: list[str] | None) -> None:
