@@ -6,8 +6,9 @@ a commit entirely or not at all, so a failed push leaves nothing half-written. A
 the new revision and only report success when every file is there with the size and hash that was sent (sha256 for
 LFS files, the git blob sha1 for the others, as the Hub reports them); a commit that landed but does not match is
 reported as such (`HubVerificationError`), never as a refused push. Symbolic links that resolve outside the folder
-are refused before anything is sent, and what is sent is what was checked: every file is opened once, following no
-link (`hf_lara.io.open_inside`), and uploaded from that open file, so a link planted after the check is never read.
+are refused before anything is sent, and what is sent is what was checked: every file is copied into a private
+staging folder through a file opened following no link (`hf_lara.io.open_inside`) and uploaded from that copy, so a
+link planted after the check is never read.
 
 Errors are raised before anything is sent when possible: a malformed repository id, no token, offline mode, a
 folder that is not a converted model. Network and HTTP failures become `HubError` with the endpoint and a fix.
@@ -15,13 +16,12 @@ folder that is not a converted model. Network and HTTP failures become `HubError
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, RepoFile, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
@@ -151,19 +151,15 @@ def folder_card(config: PretrainedConfig, card: ModelCard | None, repo_id: str |
     return card
 
 
-def _read(handle: BinaryIO) -> bytes:
-    """All of an open file, leaving it at its start for the upload."""
-    handle.seek(0)
-    data = handle.read()
-    handle.seek(0)
-    return data
-
-
-def _checked_config(config_bytes: bytes, folder: Path) -> PretrainedConfig:
-    """The config from the bytes that are uploaded (written to a private `folder`, not read again from the user's)."""
-    folder.mkdir()
-    (folder / "config.json").write_bytes(config_bytes)
-    return AutoConfig.from_pretrained(folder)
+def _copy_checked(folder: Path, files: list[Path], target: Path) -> Path:
+    """Copy `files` of `folder` into `target` through `open_inside`: a file swapped for a link since it was checked
+    is refused (or read as the file it was), never followed."""
+    for path in files:
+        destination = target / path.relative_to(folder)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with open_inside(folder, path) as source, open(destination, "wb") as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
+    return target
 
 
 def _checked_card(folder: Path) -> ModelCard | None:
@@ -217,16 +213,18 @@ def push_to_hub(
     check_repo_id(repo_id)
     token = _resolve_token(token)
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
-    with tempfile.TemporaryDirectory(prefix="hf_lara_push_") as staging, contextlib.ExitStack() as opened:
+    with tempfile.TemporaryDirectory(prefix="hf_lara_push_") as staging:
         folder, in_memory, tags = _stage(model_or_folder, tokenizer, Path(staging) / "model")
         files = _check_folder(folder)
-        # upload what was checked: each file is opened now, following no link, and read only through that handle
-        handles = {p.relative_to(folder).as_posix(): opened.enter_context(open_inside(folder, p)) for p in files}
-        operations = [CommitOperationAdd(name, handle) for name, handle in handles.items()]
-        config_bytes = _read(handles["config.json"])
-        message = commit_message or f"Upload {json.loads(config_bytes)['lara_method']} model converted by hf-lara"
+        names = [p.relative_to(folder).as_posix() for p in files]
+        # upload what was checked: a user's folder is copied into the private staging folder through files opened
+        # following no link, and everything below reads that copy (an in-memory model was saved there already)
+        upload = folder if in_memory is not None else _copy_checked(folder, files, Path(staging) / "upload")
+        operations = [CommitOperationAdd(name, str(upload / name)) for name in names]
+        config = json.loads((upload / "config.json").read_text())
+        message = commit_message or f"Upload {config['lara_method']} model converted by hf-lara"
         if in_memory is None:
-            checked_config = _checked_config(config_bytes, Path(staging) / "config")
+            checked_config = AutoConfig.from_pretrained(upload)
             checked_card = _checked_card(folder)
 
         def readme(full_repo_id: str) -> CommitOperationAdd:
