@@ -3,7 +3,7 @@
 **Stage 1, attention transfer** (`attention_transfer`). Every converted layer is trained on its own: one forward
 pass of the teacher (exact softmax everywhere, under the `hf_lara_distill` attention implementation) captures each
 converted layer's queries, keys, values and softmax output (`capture_attention_inputs`); the estimators then train on
-these tensors alone for `DistillConfig.stage1_reuse` steps (`transfer_loss`), with no forward or backward pass
+these tensors alone for `DistillConfig.stage1_reuse` steps (`captured_transfer_loss`), with no forward or backward pass
 through the rest of the model, so every layer sees the hidden states of the original model and errors never compound
 during training. The loss per layer is the relative squared error of the attention output plus, optionally,
 Hedgehog's cross-entropy between the softmax rows and the estimator's implied rows (Zhang et al., arXiv 2402.04347,
@@ -24,6 +24,11 @@ Both stages stop at a time budget (`DistillConfig.max_minutes`, shared between t
 comes first; the learning rate follows a warm-up + cosine schedule over that budget. Inputs are batched by length
 (`length_batches`): train on texts as long as the intended use, as fidelity on long inputs does not follow from
 training on short ones.
+
+The pieces are public, so a training loop of one's own (`recipes/distill_attention.py`, under Accelerate) computes
+the same losses: stage 1 runs the forward pass inside `attention_losses(model)` and reduces it with `transfer_loss`;
+stage 2 wraps the model with `add_lora`, takes the targets from `model_outputs` inside `as_teacher(model)` and
+compares with `output_loss`. `estimator_parameters` lists what stage 1 trains.
 
 >>> model = hf_lara.convert(AutoModel.from_pretrained(path), "eva", window_size=64)
 >>> result = distill(model, tokenizer, train_texts, DistillConfig(max_minutes=10))
@@ -350,7 +355,7 @@ def _record(module, query, key, value, attention_mask, scale, causal, teacher, p
         )
 
 
-def transfer_loss(module: nn.Module, call: CapturedAttention, rows_weight: float = 0.0) -> torch.Tensor:
+def captured_transfer_loss(module: nn.Module, call: CapturedAttention, rows_weight: float = 0.0) -> torch.Tensor:
     """Stage-1 loss of one layer on a captured call: the relative squared error of the estimator's output against
     softmax over real query rows, plus `rows_weight` times Hedgehog's row cross-entropy (arXiv 2402.04347, eq. 4).
 
@@ -390,6 +395,7 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def _implementation(model: nn.Module, implementation: str) -> Iterator[None]:
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     previous = model.config._attn_implementation
     model.set_attn_implementation(implementation)
     try:
@@ -447,6 +453,50 @@ def capture_attention_inputs(
     with torch.no_grad(), _implementation(model, DISTILL_KEY), _captures(model, keep_probs) as captures:
         model(**batch)
     return [(modules[i], call) for i, capture in sorted(captures.items()) for call in capture.calls]
+
+
+def attention_losses(model: nn.Module, rows_weight: float = 0.0) -> Iterator[dict[int, LayerLosses]]:
+    """Forward passes inside record every converted layer's stage-1 loss against its teacher's softmax.
+
+    For the duration the model runs under `DISTILL_KEY`: each converted layer records its loss in the `LayerLosses`
+    yielded for its index and hands the teacher's output on. A `peft` model's adapters are disabled, so the
+    estimators learn from the original projections. Reduce the recorded losses with `transfer_loss`.
+
+    >>> with attention_losses(model) as sinks:
+    ...     model(**batch)
+    >>> transfer_loss(model, sinks).backward()
+
+    Args:
+        model (`PreTrainedModel`): a converted model (a `peft` wrapper is looked through); not a DDP wrapper, whose
+            forward may still be called inside.
+        rows_weight (`float`, *optional*, defaults to 0.0): weight of Hedgehog's row cross-entropy.
+
+    Yields:
+        `dict[int, LayerLosses]`: the sink of each converted layer, keyed by layer index.
+    """
+    register_distillation_attention()
+    adapters = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with adapters, _implementation(model, DISTILL_KEY), _sinks(model, rows_weight) as sinks:
+        yield sinks
+
+
+def transfer_loss(model: nn.Module, sinks: dict[int, LayerLosses]) -> torch.Tensor:
+    """Stage-1 loss: the mean of the per-layer losses `attention_losses` recorded, plus the estimators' auxiliary
+    losses (e.g. the kernel feature maps' `ortho_penalty`)."""
+    losses = [loss for sink in sinks.values() for loss in sink.losses]
+    if not losses:
+        raise ValueError("No converted layer recorded a loss: run the forward pass inside `attention_losses(model)`.")
+    return _with_auxiliary_losses(model, torch.stack(losses).mean())
+
+
+def _with_auxiliary_losses(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """`loss` plus the estimators' auxiliary losses (e.g. the kernel feature maps' `ortho_penalty`)."""
+    for module in attention_modules(model):
+        estimator = getattr(module, ESTIMATOR_ATTR, None)
+        auxiliary = estimator.auxiliary_loss() if estimator is not None else None
+        if auxiliary is not None:
+            loss = loss + auxiliary
+    return loss
 
 
 def estimator_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -608,7 +658,8 @@ def attention_transfer(
                 model, _to_device(batch, device), keep_probs=config.rows_weight > 0
             )
         calls = captured[index // reuse]
-        return torch.stack([transfer_loss(module, call, config.rows_weight) for module, call in calls]).mean()
+        losses = [captured_transfer_loss(module, call, config.rows_weight) for module, call in calls]
+        return _with_auxiliary_losses(model, torch.stack(losses).mean())
 
     clock = _Clock(seconds or config.max_minutes * 60, config.max_steps, "attention transfer", config.progress)
     try:
@@ -643,11 +694,12 @@ def sentence_transformers_pooler(st_model) -> Pooler:
     return pool
 
 
-def _is_causal(model: nn.Module) -> bool:
+def is_causal(model: nn.Module) -> bool:
+    """Whether the converted model's attention is causal (a decoder: stage 2 matches logits, not embeddings)."""
     return any(getattr(m, "is_causal", False) for m in attention_modules(model))
 
 
-def _outputs(model: nn.Module, batch: Batch, causal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def model_outputs(model: nn.Module, batch: Batch, causal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Final hidden states `(B, N, C)` and logits (models with an LM head, else None)."""
     return _outputs_and_layers(model, batch, causal)[:2]
 
@@ -727,6 +779,47 @@ def _autocast(config: DistillConfig, device: torch.device) -> contextlib.Abstrac
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def add_lora(model: nn.Module, rank: int = 16, seed: int = 0) -> nn.Module:
+    """Wrap a converted model in a `peft` model with LoRA adapters (`r = rank`, `lora_alpha = 2 r`, no dropout) on
+    every `lora_targets` module; peft freezes everything else. The adapters start at zero (`B = 0`), so the wrapped
+    model computes what the converted one did.
+
+    Returns:
+        The `PeftModel` (`merge_and_unload()` gives the converted model back, adapters merged).
+    """
+    import peft
+    from transformers.pytorch_utils import Conv1D
+
+    targets = lora_targets(model)
+    if not targets:
+        raise ValueError(
+            f"No linear layer to put LoRA adapters on in this `{type(model).__name__}`; use `full_finetune=True`."
+        )
+    lora = peft.LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules=targets,
+        # GPT-2's Conv1D stores its weight transposed
+        fan_in_fan_out=any(isinstance(model.get_submodule(t), Conv1D) for t in targets),
+    )
+    torch.manual_seed(seed)
+    return peft.get_peft_model(model, lora)
+
+
+@contextlib.contextmanager
+def as_teacher(model: nn.Module) -> Iterator[None]:
+    """Forward passes inside run the teacher of stage 2, without gradients: exact softmax attention
+    (`TEACHER_IMPLEMENTATION`) and, for a `peft` model, its adapters disabled.
+
+    >>> with as_teacher(peft_model):
+    ...     target = model_outputs(peft_model, batch, causal)
+    """
+    adapters = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with torch.no_grad(), adapters, _implementation(model, TEACHER_IMPLEMENTATION):
+        yield
+
+
 def end_to_end(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -754,7 +847,7 @@ def end_to_end(
     """
     config = config or DistillConfig(stages=(2,))
     _check_converted(model)
-    causal = _is_causal(model)
+    causal = is_causal(model)
     device = next(model.parameters()).device
     training = model.training
     estimators = estimator_parameters(model)
@@ -763,38 +856,18 @@ def end_to_end(
         teacher = copy.deepcopy(model).requires_grad_(False)
         teacher.set_attn_implementation(TEACHER_IMPLEMENTATION)
         student = model.requires_grad_(True)
-        teacher_context = contextlib.nullcontext
     else:
-        import peft
-
-        torch.manual_seed(config.seed)
-        from transformers.pytorch_utils import Conv1D
-
-        targets = lora_targets(model)
-        if not targets:
-            raise ValueError(
-                f"No linear layer to put LoRA adapters on in this `{type(model).__name__}`; use `full_finetune=True`."
-            )
-        lora = peft.LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=2 * config.lora_rank,
-            lora_dropout=0.0,
-            target_modules=targets,
-            # GPT-2's Conv1D stores its weight transposed
-            fan_in_fan_out=any(isinstance(model.get_submodule(t), Conv1D) for t in targets),
-        )
-        student = peft.get_peft_model(model, lora)
+        student = add_lora(model, config.lora_rank, config.seed)
         for p in estimators:
             p.requires_grad_(True)
-        teacher = model
-        teacher_context = student.disable_adapter
+        teacher = student
     cache: dict[int, tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]]] = {}
     layers = config.layer_weight > 0
 
     def targets(index: int, batch: Batch):
         if index in cache:
             return cache[index]
-        with torch.no_grad(), teacher_context(), _implementation(teacher, TEACHER_IMPLEMENTATION):
+        with as_teacher(teacher):
             hidden, logits, inner = _outputs_and_layers(teacher, batch, causal)
         # intermediate targets are kept in bf16 (half the memory; their error is far below the losses trained on)
         out = (hidden, logits, tuple(h.to(torch.bfloat16) for h in inner) if layers else ())

@@ -6,7 +6,9 @@ a commit entirely or not at all, so a failed push leaves nothing half-written. A
 the new revision and only report success when every file is there with the size and hash that was sent (sha256 for
 LFS files, the git blob sha1 for the others, as the Hub reports them); a commit that landed but does not match is
 reported as such (`HubVerificationError`), never as a refused push. Symbolic links that resolve outside the folder
-are refused before anything is sent.
+are refused before anything is sent, and what is sent is what was checked: every file is copied into a private
+staging folder through a file opened following no link (`hf_lara.io.open_inside`) and uploaded from that copy, so a
+link planted after the check is never read.
 
 Errors are raised before anything is sent when possible: a malformed repository id, no token, offline mode, a
 folder that is not a converted model. Network and HTTP failures become `HubError` with the endpoint and a fix.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +27,11 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, RepoFile, cons
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from .cards import build_card, is_hf_lara_card, load_folder_card, update_card
+from .cards import build_card, is_hf_lara_card, update_card
 from .integration.sentence_transformers import transformer_model
-from .io import files_inside
+from .io import files_inside, open_inside
 
 #: Files a converted checkpoint needs besides its weights.
 REQUIRED_FILES = ("config.json",)
@@ -133,15 +136,40 @@ def _check_folder(folder: Path) -> list[Path]:
     return [p for p in files if p.relative_to(folder).as_posix() != "README.md" and ".git" not in p.parts]
 
 
-def folder_card(folder: Path, repo_id: str | None) -> ModelCard:
-    """The card to publish with `folder`: ours re-rendered for `repo_id`, a user's card as is, or a fresh one."""
-    card = load_folder_card(folder)
-    config = AutoConfig.from_pretrained(folder)
+def folder_card(config: PretrainedConfig, card: ModelCard | None, repo_id: str | None) -> ModelCard:
+    """The card to publish with a folder: ours re-rendered for `repo_id`, a user's card as is, or a fresh one.
+
+    Args:
+        config (`PretrainedConfig`): the folder's config.
+        card (`ModelCard`, *optional*): the folder's README.md, if any.
+        repo_id (`str`, *optional*): the repository pushed to.
+    """
     if card is None:
         return build_card(config, repo_id=repo_id)
     if is_hf_lara_card(card):
         return update_card(card, config, repo_id=repo_id)
     return card
+
+
+def _copy_checked(folder: Path, files: list[Path], target: Path) -> Path:
+    """Copy `files` of `folder` into `target` through `open_inside`: a file swapped for a link since it was checked
+    is refused (or read as the file it was), never followed."""
+    for path in files:
+        destination = target / path.relative_to(folder)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with open_inside(folder, path) as source, open(destination, "wb") as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
+    return target
+
+
+def _checked_card(folder: Path) -> ModelCard | None:
+    """`folder/README.md` as a card, read following no link (a README.md that is a link is ignored, as by
+    `load_folder_card`); None without one."""
+    path = folder / "README.md"
+    if path.is_symlink() or not path.is_file():
+        return None
+    with open_inside(folder, path) as handle:
+        return ModelCard(handle.read().decode("utf-8"))
 
 
 def push_to_hub(
@@ -186,11 +214,18 @@ def push_to_hub(
     token = _resolve_token(token)
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     with tempfile.TemporaryDirectory(prefix="hf_lara_push_") as staging:
-        folder, in_memory, tags = _stage(model_or_folder, tokenizer, Path(staging))
+        folder, in_memory, tags = _stage(model_or_folder, tokenizer, Path(staging) / "model")
         files = _check_folder(folder)
-        operations = [CommitOperationAdd(p.relative_to(folder).as_posix(), str(p)) for p in files]
-        config = json.loads((folder / "config.json").read_text())
+        names = [p.relative_to(folder).as_posix() for p in files]
+        # upload what was checked: a user's folder is copied into the private staging folder through files opened
+        # following no link, and everything below reads that copy (an in-memory model was saved there already)
+        upload = folder if in_memory is not None else _copy_checked(folder, files, Path(staging) / "upload")
+        operations = [CommitOperationAdd(name, str(upload / name)) for name in names]
+        config = json.loads((upload / "config.json").read_text())
         message = commit_message or f"Upload {config['lara_method']} model converted by hf-lara"
+        if in_memory is None:
+            checked_config = AutoConfig.from_pretrained(upload)
+            checked_card = _checked_card(folder)
 
         def readme(full_repo_id: str) -> CommitOperationAdd:
             # rendered once the repository exists, so the snippet names it with its namespace
@@ -199,7 +234,7 @@ def push_to_hub(
             elif in_memory is not None:
                 text = str(build_card(in_memory, repo_id=full_repo_id, tags=tags))
             else:
-                text = str(folder_card(folder, full_repo_id))
+                text = str(folder_card(checked_config, checked_card, full_repo_id))
             return CommitOperationAdd("README.md", text.encode())
 
         return _commit(endpoint, token, repo_id, operations, readme, message, private, revision, create_pr)

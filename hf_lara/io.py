@@ -8,6 +8,8 @@
   removes the temporary folder and leaves the target as it was.
 - `check_output_file` / `check_output_folder` refuse, before any work, targets that cannot be written (a file where
   a folder is needed, a folder where a file is needed, a path under a file).
+- `files_inside` lists a folder's files, reporting links that resolve outside it; `open_inside` then opens one of
+  them following no link, so what is read is what was checked even if a link is planted in between.
 
 This is what `safetensors` and `huggingface_hub` do for single files (write to a temporary name, then rename).
 """
@@ -18,11 +20,13 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 def _umask() -> int:
@@ -196,3 +200,39 @@ def files_inside(folder: str | Path) -> tuple[list[Path], list[str]]:
         files.extend(p for p in (Path(current) / name for name in names) if not p.is_symlink() and p.is_file())
     unique = {p.relative_to(root).as_posix(): Path(folder) / p.relative_to(root) for p in files}
     return [unique[k] for k in sorted(unique)], outside
+
+
+def open_inside(folder: str | Path, path: str | Path) -> BinaryIO:
+    """Open `path`, a file under `folder` (or a link to one), for reading, following no link on the way.
+
+    `files_inside` checks a folder, but a file read later could have been swapped for a link to a file elsewhere in
+    between. This opens the file the link resolves to *now*, component by component from `folder` with
+    `O_NOFOLLOW`, so whatever is read was reached inside `folder` without following any link: a swapped link makes
+    the path resolve outside (refused) or fails to open. Read from the returned object, not from the path again.
+
+    Raises:
+        `ValueError` when `path` resolves outside `folder`, is not a regular file, or changed while being opened.
+    """
+    root, target = Path(folder).resolve(), Path(path).resolve()
+    if not target.is_relative_to(root) or target == root:
+        raise ValueError(f"`{path}` resolves outside `{folder}` ({target}); refusing to read it.")
+    parts = target.relative_to(root).parts
+    if not hasattr(os, "O_NOFOLLOW") or os.open not in os.supports_dir_fd:  # pragma: no cover - not POSIX
+        return open(target, "rb")
+    directory = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory)
+            os.close(directory)
+            directory = inner
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
+    except OSError as error:
+        raise ValueError(
+            f"`{path}` changed while it was being read ({error.strerror}); refusing to read it."
+        ) from None
+    finally:
+        os.close(directory)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"`{path}` is not a regular file; refusing to read it.")
+    return os.fdopen(fd, "rb")

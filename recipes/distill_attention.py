@@ -1,31 +1,35 @@
-"""Attention transfer: train a converted model's estimators to reproduce its own softmax attention.
+"""Two-stage distillation of a converted model towards its teacher, the same weights with exact softmax attention.
 
-The converted model is the student; the same weights with exact softmax are the teacher. Everything is frozen except
-the estimators' own parameters (kernel feature maps, EVA's adaptive chunk projections, LARA's adaptive landmark maps
-or causal proposal means), which learn to match every layer's softmax attention output, and optionally the softmax
-attention rows (Hedgehog's cross-entropy). Works for encoders (BERT-like) and decoders (Llama, GPT-2, ...) alike.
+A thin Accelerate script over `hf_lara.distill` (the package's `distill()` and `hf-lara distill` use the same pieces);
+the training loop is written out below.
 
-How a step works: one forward pass, under a distillation attention function registered with Transformers'
-`AttentionInterface`. In every converted layer it receives the layer's queries, keys and values, computes the exact
-softmax output (the teacher) and the estimator's output (the student, through hf_lara's own attention function) from
-those same tensors, records the student's error, and hands the *teacher's* output on. So each layer is trained on
-the hidden states of the original model and errors never compound during training. The compared outputs are the
-attention outputs of all heads before the output projection (the estimators' own output).
+- **Stage 1, attention transfer** (`--stages 1`). Only the estimators' own parameters train (kernel feature maps,
+  EVA's adaptive chunk projections, LARA's adaptive maps or causal proposal means). Inside
+  `distill.attention_losses`, every converted layer computes its softmax output (the teacher) and its estimator's
+  output from the same queries, keys and values, records the estimator's relative squared error (plus Hedgehog's row
+  cross-entropy with `--attn_rows_weight`) and hands the teacher's output on, so errors never compound in training.
+- **Stage 2, end to end** (`--stages 2`). The converted model runs on its own and learns to reproduce the teacher's
+  outputs (`distill.output_loss`: mean-pooled embedding cosine plus final hidden states for encoders, logits KL for
+  decoders), training LoRA adapters (`peft`, on every linear layer but the estimators' and the output embedding) and
+  the estimator parameters. The adapters are merged before saving, so the output is a plain converted checkpoint.
 
-Evaluation, before and after training, reports per layer the relative error of the attention output (same teacher
-forcing) with hf_lara's bundled `attention_fidelity` metric, and the cosine between mean-pooled final hidden states
-of the converted model running on its own and of the original model.
+`--stages 1,2` (the default) gives stage 1 the first `--stage1_share` of the optimizer steps and stage 2 the rest, in
+one run with one `accelerator.prepare`; checkpoints and `--resume_from_checkpoint` work across the boundary. Before
+and after training the script reports, on the validation set, each layer's relative attention-output error (teacher
+forced) and the cosine between mean-pooled final hidden states of the converted model and of the teacher.
 
 Launch:
     accelerate launch recipes/distill_attention.py \
         --model_name_or_path sentence-transformers/all-MiniLM-L6-v2 --method kernel --hparam feature_map=hedgehog \
-        --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 --max_seq_length 128 \
-        --learning_rate 1e-2 --max_train_steps 500 --output_dir minilm-hedgehog
+        --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 --max_seq_length 256 \
+        --learning_rate 1e-2 --max_train_steps 500 --stages 1,2 --output_dir minilm-hedgehog
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 
 import torch
 import transformers
@@ -53,135 +57,10 @@ from recipe_utils import (
     tracker_config,
 )
 from tqdm.auto import tqdm
-from transformers import AttentionInterface, AttentionMaskInterface, DataCollatorWithPadding
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers import DataCollatorWithPadding
 
-from hf_lara import metrics
-from hf_lara.integration import ATTENTION_KEY, ESTIMATOR_ATTR
-
-#: Attention implementation used while distilling: teacher output forward, student error recorded.
-DISTILL_KEY = "hf_lara_distill"
-#: Sequence length of the synthetic probe that finds which estimator parameters take part in the forward.
-PROBE_LENGTH = 256
-
-
-class AttentionRecorder:
-    """What the distillation attention function saw in the current forward pass, keyed by layer index.
-
-    Training (`keep_outputs=False`) records each layer's losses; evaluation records the student and teacher outputs
-    `(B, N, H * D)` and the query mask `(B, N)`.
-    """
-
-    def __init__(self) -> None:
-        self.layer_of: dict[int, int] = {}
-        self.rows_weight = 0.0
-        self.keep_outputs = False
-        self.losses: dict[int, torch.Tensor] = {}
-        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def attach(self, model: transformers.PreTrainedModel, rows_weight: float) -> None:
-        self.layer_of = {id(estimator): i for i, estimator in model.lara_estimators().items()}
-        self.rows_weight = rows_weight
-
-    def clear(self) -> None:
-        self.losses, self.outputs = {}, {}
-
-
-RECORDER = AttentionRecorder()
-
-
-def repeat_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """`(B, H_kv, N, D)` -> `(B, num_heads, N, D)` for grouped-query attention."""
-    return x.repeat_interleave(num_heads // x.shape[1], dim=1) if x.shape[1] != num_heads else x
-
-
-def softmax_attention(query, key, value, padding_mask, causal, scaling):
-    """Exact attention in fp32: output `(B, Nq, H, D)` and probabilities `(B, H, Nq, Nk)`; queries are the last keys."""
-    num_heads, Nq, Nk = query.shape[1], query.shape[2], key.shape[2]
-    query, key, value = query.float(), repeat_heads(key, num_heads).float(), repeat_heads(value, num_heads).float()
-    allowed = torch.ones(Nq, Nk, dtype=torch.bool, device=query.device)
-    if causal:
-        allowed = allowed.tril(diagonal=Nk - Nq)
-    allowed = allowed[None, None]
-    if padding_mask is not None:
-        allowed = allowed & padding_mask[:, None, None, :]
-    # the reference stays fp32 under bf16/fp16 autocast
-    with torch.autocast(device_type=query.device.type, enabled=False):
-        scores = query @ key.transpose(-1, -2) * scaling  # (B, H, Nq, Nk)
-        # a finite fill keeps rows without any allowed key (padded queries) finite; every loss masks them out
-        probs = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(dim=-1)
-        out = probs @ value
-    return out.transpose(1, 2), probs
-
-
-def estimated_rows(student_fn, module, query, key, padding_mask, scaling, **kwargs) -> torch.Tensor:
-    """The estimator's implied attention rows `(B, H, Nq, Nk)`: its output for one-hot values, `D` keys at a time.
-
-    Every estimator is linear in the values, so values `e_j` give column `j` of its attention matrix. Each slice
-    replays the same random state, so randomized estimators use one draw for all columns.
-    """
-    B, H_kv, Nk, D = key.shape
-    eye = torch.eye(Nk, device=key.device, dtype=key.dtype)
-    eye = torch.nn.functional.pad(eye, (0, -Nk % D))  # (Nk, ceil(Nk / D) * D)
-    state = rng_state(key.device)
-    columns = []
-    for start in range(0, eye.shape[1], D):
-        set_rng_state(key.device, state)
-        values = eye[:, start : start + D].expand(B, H_kv, Nk, D)
-        columns.append(student_fn(module, query, key, values, padding_mask, scaling=scaling, **kwargs)[0])
-    return torch.cat(columns, dim=-1)[..., :Nk].transpose(1, 2)  # (B, H, Nq, Nk)
-
-
-def rng_state(device: torch.device) -> torch.Tensor:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def set_rng_state(device: torch.device, state: torch.Tensor) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
-
-
-def distillation_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """`AttentionInterface` function: returns the teacher's output, records the student's error in `RECORDER`."""
-    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    teacher, probs = softmax_attention(query, key, value, attention_mask, causal, scaling)
-    estimator = getattr(module, ESTIMATOR_ATTR, None)
-    if estimator is None or id(estimator) not in RECORDER.layer_of:
-        return teacher.to(query.dtype), None
-    layer = RECORDER.layer_of[id(estimator)]
-    student_fn = ALL_ATTENTION_FUNCTIONS[ATTENTION_KEY]
-    student = student_fn(module, query, key, value, attention_mask, scaling=scaling, **kwargs)[0].float()
-    B, Nq = query.shape[0], query.shape[2]
-    rows = (
-        torch.ones(B, Nq, 1, 1, device=query.device) if attention_mask is None else attention_mask[:, -Nq:, None, None]
-    )
-    if RECORDER.keep_outputs:
-        RECORDER.outputs[layer] = (student.detach().flatten(2), teacher.flatten(2), rows.flatten(1))
-        return teacher.to(query.dtype), None
-    # relative squared error over real query rows
-    loss = ((student - teacher) ** 2 * rows).sum() / ((teacher**2) * rows).sum().clamp_min(1e-12)
-    if RECORDER.rows_weight > 0:
-        estimate = estimated_rows(student_fn, module, query, key, attention_mask, scaling, **kwargs)
-        loss = loss + RECORDER.rows_weight * row_cross_entropy(probs, estimate.float(), rows.flatten(1))
-    RECORDER.losses[layer] = loss
-    return teacher.to(query.dtype), None
-
-
-def row_cross_entropy(probs: torch.Tensor, estimate: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Hedgehog's loss: mean over heads and real query rows of `-sum_j p_ij log(estimate_ij)`; `rows` is `(B, Nq)`."""
-    cross_entropy = -(probs * estimate.clamp_min(1e-6).log()).sum(-1)  # (B, H, Nq)
-    mask = rows[:, None, :].to(cross_entropy.dtype)
-    return (cross_entropy * mask).sum() / (mask.sum() * cross_entropy.shape[1])
-
-
-def register_distillation_attention() -> None:
-    """Register `DISTILL_KEY`; its masks are hf_lara's 2-D padding masks, which both branches take."""
-    AttentionInterface.register(DISTILL_KEY, distillation_attention)
-    AttentionMaskInterface.register(DISTILL_KEY, ALL_MASK_ATTENTION_FUNCTIONS[ATTENTION_KEY])
+from hf_lara import distill
+from hf_lara.arguments import parse_ints
 
 
 def auto_class_for(config: transformers.PreTrainedConfig) -> type:
@@ -191,46 +70,6 @@ def auto_class_for(config: transformers.PreTrainedConfig) -> type:
         return transformers.AutoModelForCausalLM
     _, sep, task = architecture.partition("For")
     return getattr(transformers, f"AutoModelFor{task}", transformers.AutoModel) if sep else transformers.AutoModel
-
-
-def trainable_parameters(model: transformers.PreTrainedModel) -> list[torch.nn.Parameter]:
-    """Freeze the model, then unfreeze the estimator parameters the forward pass really uses.
-
-    A synthetic probe runs every estimator once in its layer's mode (causal or not) and keeps the parameters that
-    receive a gradient, so mode-specific parameters (LARA's causal proposals in an encoder, say) stay frozen.
-    """
-    model.requires_grad_(False)
-    trainable = []
-    for module in model.modules():
-        estimator = getattr(module, ESTIMATOR_ATTR, None)
-        if estimator is None or not any(True for _ in estimator.parameters()):
-            continue
-        estimator.float().requires_grad_(True)
-        reference = next(estimator.parameters())
-        q, k, v = torch.randn(3, 1, estimator.num_heads, PROBE_LENGTH, estimator.head_dim, device=reference.device)
-        with torch.enable_grad():
-            out = estimator(q, k, v, causal=bool(getattr(module, "is_causal", False)))
-            auxiliary = estimator.auxiliary_loss()
-            probe = out.square().sum() + (0.0 if auxiliary is None else auxiliary)
-            if probe.requires_grad:  # False when no parameter takes part at all
-                probe.backward()
-        for parameter in estimator.parameters():
-            parameter.requires_grad_(parameter.grad is not None)
-            parameter.grad = None
-            if parameter.requires_grad:
-                trainable.append(parameter)
-    return trainable
-
-
-def distillation_loss(model, trainable) -> torch.Tensor:
-    """Mean per-layer loss, plus the estimators' auxiliary losses; `0 * sum(p)` keeps every trainable parameter in
-    the graph, so DDP finds a gradient for each even when a batch leaves some unused (short inputs, EVA windows)."""
-    loss = torch.stack(list(RECORDER.losses.values())).mean()
-    for estimator in model.lara_estimators().values():
-        auxiliary = estimator.auxiliary_loss()
-        if auxiliary is not None:
-            loss = loss + auxiliary
-    return loss + 0.0 * sum(p.sum() for p in trainable)
 
 
 def get_dataloaders(accelerator, args, tokenizer):
@@ -257,68 +96,51 @@ def get_dataloaders(accelerator, args, tokenizer):
     return make_dataloaders(tokenized["train"], tokenized["validation"], collator, args)
 
 
-def mean_pooled(model, unwrapped, batch, implementation: str) -> torch.Tensor:
-    """Mean of the final hidden states over real tokens, with the given attention implementation.
+def stage_steps(args: argparse.Namespace, total: int) -> dict[int, int]:
+    """Optimizer steps of each stage: with both, stage 1 gets `--stage1_share` of `total` (at least one step each)."""
+    if len(args.stages) == 1:
+        return {args.stages[0]: total}
+    if total < 2:
+        raise RecipeError(f"`--stages 1,2` needs at least 2 optimizer steps, got {total}; raise `--max_train_steps`.")
+    first = min(max(1, round(total * args.stage1_share)), total - 1)
+    return {1: first, 2: total - first}
 
-    The hidden states are taken with a hook on the base model, whatever head the checkpoint has (and independently
-    of `output_hidden_states`).
-    """
-    unwrapped.set_attn_implementation(implementation)
-    captured = {}
-    handle = unwrapped.base_model.register_forward_hook(lambda module, args, output: captured.update(hidden=output[0]))
-    try:
-        model(**batch)
-    finally:
-        handle.remove()
-    hidden = captured["hidden"].float()
-    mask = batch["attention_mask"][..., None].to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1)
+
+def stage_at(steps: dict[int, int], completed_steps: int) -> int:
+    """The stage the next optimizer step belongs to."""
+    first = next(iter(steps))
+    return first if completed_steps < steps[first] else list(steps)[-1]
 
 
 def evaluate_fidelity(accelerator, model, dataloader) -> dict:
-    """Per-layer attention-output error (teacher forced) and end-to-end embedding cosine, on the validation set."""
-    unwrapped = accelerator.unwrap_model(model)
-    layer_metric, embedding_metric = metrics.load("attention_fidelity"), metrics.load("attention_fidelity")
+    """Per-layer relative attention-output error `sqrt(sum ||s - t||^2 / sum ||t||^2)` over real tokens (teacher
+    forced; the ratio averaged over validation batches) and the cosine of mean-pooled final hidden states, converted
+    model on its own vs the teacher (mean over validation texts).
+
+    `model` is the unwrapped model: each process evaluates its share of the batches without gradients.
+    """
+    causal = distill.is_causal(model)
+    errors, cosines = [], []
     model.eval()
-    RECORDER.keep_outputs = True
     with isolated_rng(accelerator), torch.no_grad():
         for batch in dataloader:
-            RECORDER.clear()
-            unwrapped.set_attn_implementation(DISTILL_KEY)
-            model(**batch)
-            for layer, outputs in sorted(RECORDER.outputs.items()):
-                student, teacher, rows = accelerator.gather_for_metrics(
-                    accelerator.pad_across_processes(outputs, dim=1)
-                )
-                keep = rows.bool()
-                layer_metric.add_batch(
-                    predictions=student[keep].float().cpu().numpy(),
-                    references=teacher[keep].float().cpu().numpy(),
-                    layer=[layer] * int(keep.sum()),
-                )
-            teacher = mean_pooled(model, unwrapped, batch, "sdpa")
-            student = mean_pooled(model, unwrapped, batch, ATTENTION_KEY)
-            student, teacher = accelerator.gather_for_metrics((student, teacher))
-            embedding_metric.add_batch(
-                predictions=student.cpu().numpy(), references=teacher.cpu().numpy(), layer=[0] * len(student)
-            )
-    RECORDER.keep_outputs = False
-    RECORDER.clear()
-    unwrapped.set_attn_implementation(DISTILL_KEY)
-    fidelity, embedding = layer_metric.compute(), embedding_metric.compute()
+            with distill.attention_losses(model) as sinks:
+                model(**batch)
+            layers = sorted(sinks)
+            errors.append(accelerator.gather(torch.stack([torch.stack(sinks[i].losses).mean() for i in layers])[None]))
+            with distill.as_teacher(model):
+                teacher, _ = distill.model_outputs(model, batch, causal)
+            student, _ = distill.model_outputs(model, batch, causal)
+            mask = batch["attention_mask"]
+            pooled = distill.mean_pooler(student, mask), distill.mean_pooler(teacher, mask)
+            cosines.append(accelerator.gather_for_metrics(torch.nn.functional.cosine_similarity(*pooled, dim=-1)))
+    per_layer = torch.cat(errors).mean(0).sqrt()
     return {
-        "layers": fidelity["layers"],
-        "per_layer_relative_error": fidelity["per_layer_relative_error"],
-        "relative_error": fidelity["relative_error"],
-        "embedding_cosine": embedding["cosine"],
+        "layers": layers,
+        "per_layer_relative_error": per_layer.tolist(),
+        "relative_error": per_layer.mean().item(),
+        "embedding_cosine": torch.cat(cosines).mean().item(),
     }
-
-
-def student_mode(model, unwrapped) -> None:
-    """Frozen layers in eval mode (no dropout: the teacher is deterministic), estimators in train mode."""
-    model.eval()
-    for estimator in unwrapped.lara_estimators().values():
-        estimator.train()
 
 
 def report(accelerator, before: dict, after: dict) -> None:
@@ -331,10 +153,9 @@ def report(accelerator, before: dict, after: dict) -> None:
 
 
 def training_function(args: argparse.Namespace) -> transformers.PreTrainedModel:
-    """Train, evaluate and save; returns the trained model, unwrapped (for callers that import the recipe)."""
+    """Distil, evaluate and save; returns the distilled model, unwrapped (for callers that import the recipe)."""
     accelerator = make_accelerator(args)
     set_seed(args.seed)
-    register_distillation_attention()
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
     if tokenizer.pad_token is None:
@@ -343,37 +164,57 @@ def training_function(args: argparse.Namespace) -> transformers.PreTrainedModel:
 
     config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
     model = load_model(auto_class_for(config), args, dtype=torch.float32)
-    trainable = trainable_parameters(model)
-    if not trainable:
+    num_layers = len(model.lara_estimators())
+    estimators = distill.estimator_parameters(model)
+    if 1 in args.stages and not estimators:
         raise RecipeError(
             f"Nothing to train: the `{model.config.lara_method}` estimators of this model have no parameters that "
             "take part in its attention. Distil a trainable estimator: `kernel` (feature maps), `eva` "
-            "(`adaptive=true`, the default), `lara` with `adaptive=true` (encoders) or `lara` (decoders: proposal means)."
+            "(`adaptive=true`, the default), `lara` with `adaptive=true` (encoders) or `lara` (decoders: proposal "
+            "means); or train LoRA adapters end to end only with `--stages 2`."
         )
-    RECORDER.attach(model, args.attn_rows_weight)
-    model.set_attn_implementation(DISTILL_KEY)
+    model.requires_grad_(False)
+    if 2 in args.stages:
+        # LoRA adapters for stage 2, zero at first; stage 1 runs with them disabled
+        model = distill.add_lora(model, args.lora_rank, args.seed)
+    for parameter in estimators:
+        parameter.requires_grad_(True)
+    chosen = {id(p) for p in estimators}
+    adapters = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+    trainable = estimators + adapters
     accelerator.print(
-        f"Training {sum(p.numel() for p in trainable):,} estimator parameters in {len(RECORDER.layer_of)} layers "
+        f"Training {sum(p.numel() for p in estimators):,} estimator parameters in {num_layers} layers and "
+        f"{sum(p.numel() for p in adapters):,} LoRA parameters, stages {','.join(map(str, args.stages))}, "
         f"on {accelerator.num_processes} process(es) ({accelerator.distributed_type.value})"
     )
 
-    optimizer, scheduler = build_optimizer_and_scheduler(accelerator, args, trainable, train_dataloader)
-    model, optimizer, train_dataloader, eval_dataloader, scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader, scheduler
+    total, _ = num_training_steps(args, math.ceil(len(train_dataloader) / accelerator.num_processes))
+    steps = stage_steps(args, total)
+    # one optimizer and schedule per stage: estimators alone, then LoRA adapters plus estimators
+    params = {1: estimators, 2: [{"params": adapters, "lr": args.lora_learning_rate}, {"params": estimators}]}
+    optimization = [
+        build_optimizer_and_scheduler(accelerator, args, params[stage], train_dataloader, steps[stage])
+        for stage in steps
+    ]
+    model, train_dataloader, eval_dataloader, *prepared = accelerator.prepare(
+        model, train_dataloader, eval_dataloader, *itertools.chain(*optimization)
     )
+    optimization = {stage: prepared[2 * i : 2 * i + 2] for i, stage in enumerate(steps)}
     unwrapped = accelerator.unwrap_model(model)
+    causal = distill.is_causal(unwrapped)
     if args.with_tracking:
         accelerator.init_trackers("distill_attention", tracker_config(args))
 
     progress = resume_progress(accelerator, args)
-    before = evaluate_fidelity(accelerator, model, eval_dataloader)
+    before = evaluate_fidelity(accelerator, unwrapped, eval_dataloader)
     max_train_steps, num_epochs = num_training_steps(args, len(train_dataloader))
     progress_bar = tqdm(range(max_train_steps), disable=not accelerator.is_local_main_process)
     progress_bar.update(progress.completed_steps)
     starting_epoch, resumed_batches = progress.epoch, progress.batches
     window = LossWindow()
+    # no dropout: the teacher is deterministic and the estimators train as they run at inference
+    model.eval()
     for epoch in range(starting_epoch, num_epochs):
-        student_mode(model, unwrapped)
         train_dataloader.set_epoch(epoch)
         progress.epoch, progress.batches = epoch, 0
         active_dataloader = train_dataloader
@@ -382,11 +223,23 @@ def training_function(args: argparse.Namespace) -> transformers.PreTrainedModel:
             active_dataloader = accelerator.skip_first_batches(train_dataloader, resumed_batches)
             progress.batches = resumed_batches
         for batch in active_dataloader:
+            stage = stage_at(steps, progress.completed_steps)
+            optimizer, scheduler = optimization[stage]
             with accelerator.accumulate(model):
-                RECORDER.clear()
-                model(**batch)
-                loss = distillation_loss(unwrapped, trainable)
-                RECORDER.clear()  # the loss holds the graph; the recorder need not
+                if stage == 1:
+                    # each converted layer: its estimator vs softmax on the same queries, keys and values
+                    with distill.attention_losses(unwrapped, args.attn_rows_weight) as sinks:
+                        model(**batch)
+                    loss = distill.transfer_loss(unwrapped, sinks)
+                else:
+                    # the converted model on its own vs the same weights with softmax and no adapters
+                    with distill.as_teacher(unwrapped):
+                        target = distill.model_outputs(unwrapped, batch, causal)
+                    student = distill.model_outputs(model, batch, causal)
+                    loss = distill.output_loss(student, target, batch["attention_mask"], None, args.hidden_weight)
+                # DDP needs a gradient for every trainable parameter in every step, also those this step leaves
+                # unused (the other stage's, EVA's projections on short inputs)
+                loss = loss + 0.0 * sum(p.sum() for p in trainable)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -412,16 +265,18 @@ def training_function(args: argparse.Namespace) -> transformers.PreTrainedModel:
         if progress.completed_steps >= max_train_steps:
             break
 
-    after = evaluate_fidelity(accelerator, model, eval_dataloader)
+    if 2 in steps:
+        unwrapped = unwrapped.merge_and_unload()
+    unwrapped.requires_grad_(False)
+    after = evaluate_fidelity(accelerator, unwrapped, eval_dataloader)
     report(accelerator, before, after)
     if args.with_tracking:
         accelerator.log(
             {"eval_relative_error": after["relative_error"], "eval_embedding_cosine": after["embedding_cosine"]}
         )
         accelerator.end_training()
-    unwrapped.set_attn_implementation(ATTENTION_KEY)
-    save_final(accelerator, model, args, tokenizer, results={"before": before, "after": after})
-    return accelerator.unwrap_model(model)
+    save_final(accelerator, unwrapped, args, tokenizer, results={"before": before, "after": after, "steps": steps})
+    return unwrapped
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -432,17 +287,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--text_column_name", default=None, help="Column holding the text (default: `text` or the first)."
     )
     parser.add_argument("--max_seq_length", type=int, default=128, help="Truncate inputs to this many tokens.")
-    parser.add_argument(
+    group = parser.add_argument_group("distillation")
+    group.add_argument("--stages", default="1,2", help="1 = attention transfer, 2 = end to end (default: 1,2).")
+    group.add_argument(
+        "--stage1_share", type=float, default=0.3, help="Share of the optimizer steps given to stage 1 when both run."
+    )
+    group.add_argument(
         "--attn_rows_weight",
         type=float,
         default=0.0,
-        help="Weight of Hedgehog's cross-entropy between softmax and estimated attention rows (O(N^2) memory).",
+        help="Stage 1: weight of Hedgehog's cross-entropy between softmax and estimated attention rows (O(N^2)).",
+    )
+    group.add_argument("--lora_rank", type=int, default=16, help="Stage 2: LoRA rank r (lora_alpha = 2 r).")
+    group.add_argument(
+        "--lora_learning_rate", type=float, default=2e-3, help="Stage 2: learning rate of the LoRA adapters."
+    )
+    group.add_argument(
+        "--hidden_weight",
+        type=float,
+        default=0.1,
+        help="Stage 2, encoders: weight of the final hidden states' error next to the embedding cosine loss.",
     )
     add_training_args(parser, learning_rate=1e-3)
     args = parser.parse_args(argv)
     check_common_args(args)
-    if args.attn_rows_weight < 0:
-        raise ValueError(f"`--attn_rows_weight` must be >= 0, got {args.attn_rows_weight}.")
+    args.stages = tuple(parse_ints(args.stages, "--stages", minimum=1))
+    # the package's checks of the same settings: stages in {1, 2}, share in (0, 1), weights >= 0, rank >= 1
+    distill.DistillConfig(
+        stages=args.stages,
+        stage1_share=args.stage1_share,
+        rows_weight=args.attn_rows_weight,
+        hidden_weight=args.hidden_weight,
+        lora_rank=args.lora_rank,
+        stage2_lr=args.lora_learning_rate,
+    )
+    args.stages = tuple(sorted(set(args.stages)))
     return args
 
 

@@ -557,15 +557,21 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_optimizer_and_scheduler(
-    accelerator: Accelerator, args: argparse.Namespace, params: Iterable, train_dataloader
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    params: Iterable,
+    train_dataloader,
+    max_train_steps: int | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW over `params` and the `--lr_scheduler_type` schedule, sized from the dataloader before `prepare`.
+    """AdamW over `params` and the `--lr_scheduler_type` schedule, sized from the dataloader before `prepare` (or
+    over `max_train_steps` optimizer steps, for a schedule covering part of the run).
 
     The prepared scheduler steps once per process at every optimizer step, hence the warm-up and total step counts
     multiplied by the number of processes (as in Transformers' `*_no_trainer.py` scripts).
     """
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    max_train_steps, _ = num_training_steps(args, math.ceil(len(train_dataloader) / accelerator.num_processes))
+    if max_train_steps is None:
+        max_train_steps, _ = num_training_steps(args, math.ceil(len(train_dataloader) / accelerator.num_processes))
     scheduler = transformers.get_scheduler(
         args.lr_scheduler_type,
         optimizer=optimizer,

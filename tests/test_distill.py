@@ -17,11 +17,11 @@ from hf_lara.distill import (
     DistillConfig,
     attention_transfer,
     capture_attention_inputs,
+    captured_transfer_loss,
     end_to_end,
     layer_loss,
     length_batches,
     register_distillation_attention,
-    transfer_loss,
 )
 from hf_lara.fidelity import attention_fidelity
 
@@ -111,7 +111,7 @@ def test_captured_stage1_loss_is_the_measured_attention_error(tok):
     assert [m for m, _ in calls] == hf_lara.distill.attention_modules(model)
     measured = attention_fidelity(model, batch).attention_error
     with torch.no_grad():
-        losses = [transfer_loss(module, call).item() for module, call in calls]
+        losses = [captured_transfer_loss(module, call).item() for module, call in calls]
     assert min(measured) > 1e-3  # far from exact, so the comparison means something
     assert losses == pytest.approx(measured, rel=1e-4)
     # the captured teacher output is softmax attention on the captured inputs

@@ -148,6 +148,77 @@ def test_push_refuses_links_outside_the_folder(src, tmp_path, capsys):
         assert hub.files("tester/linked")["config-link.json"] == (out / "config.json").read_bytes()
 
 
+SWAP_DURING_PUSH = """
+import os, sys
+from pathlib import Path
+import hf_lara.hub as hub
+
+folder, secret, when = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+
+
+def swap():
+    for name in ("notes.txt", "README.md"):
+        (folder / name).unlink()
+        (folder / name).symlink_to(secret)
+
+
+def after(name):
+    real = getattr(hub, name)
+
+    def patched(*args, **kwargs):
+        result = real(*args, **kwargs)
+        swap()
+        return result
+
+    setattr(hub, name, patched)
+
+
+def before(name):
+    real = getattr(hub, name)
+
+    def patched(*args, **kwargs):
+        swap()
+        return real(*args, **kwargs)
+
+    setattr(hub, name, patched)
+
+
+# right after the folder was checked, or once the checked files are open, just before the commit is sent
+after("_check_folder") if when == "checked" else before("_commit")
+try:
+    print("PUSHED", hub.push_to_hub(folder, "tester/swap-" + when).files)
+except ValueError as error:
+    print("REFUSED", error)
+"""
+
+
+@pytest.mark.parametrize("when", ["checked", "opened"])
+def test_push_uploads_what_was_checked(when, src, tmp_path, capsys):
+    """A file swapped for a link to a secret between the check and the upload: the secret never reaches the Hub.
+
+    Swapped right after the check, the push is refused (the file now resolves outside the folder); swapped once the
+    checked files are open, the checked content is uploaded.
+    """
+    secret = tmp_path / "secret.txt"
+    secret.write_text("token=hf_secret_value")
+    out = tmp_path / "out"
+    assert run_main(["convert", str(src), str(out), "--method", "rfa"], capsys)[0] == 0
+    (out / "notes.txt").write_text("harmless notes")
+    with LocalHub() as hub:
+        code = f"import sys; sys.argv = ['x', {str(out)!r}, {str(secret)!r}, {when!r}]\n" + SWAP_DURING_PUSH
+        proc = tiny.run_python(code, hub.env(HF_HOME=str(tmp_path / "hf")))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        uploaded = hub.files(f"tester/swap-{when}")
+        assert (out / "notes.txt").is_symlink()  # the swap did happen
+        assert not any(b"hf_secret_value" in content for content in uploaded.values())
+        assert b"hf_secret_value" not in b"".join(r.encode() for r in hub.state.requests)
+    if when == "checked":
+        assert proc.stdout.startswith("REFUSED") and "notes.txt" in proc.stdout and uploaded == {}
+    else:
+        assert proc.stdout.startswith("PUSHED")
+        assert uploaded["notes.txt"] == b"harmless notes" and b"hf-lara" in uploaded["README.md"]
+
+
 # ------------------------------------------------------------------------------------------------ 11.4: atomic convert
 def test_interrupted_convert_leaves_out_as_it_was(src, tmp_path, capsys, monkeypatch):
     """Ctrl-C after the weights are written (while the tokenizer is saved): exit 130, one line, OUT unchanged."""

@@ -62,6 +62,8 @@ def convert(
     for name in LARA_FIELDS:
         setattr(model.config, name, getattr(config, name))
     model.__class__ = converted_class
+    # these estimators exist in no checkpoint: an adapter saved on top of them is refused (`check_adapter_base`)
+    model.lara_drawn_in_memory = True
     # Transformers files each model's output-recording spec (hidden states, attentions) under its class when the
     # model is built; file it under the new class too, as `PreTrainedModel.__init__` would have
     file_output_recording(model)

@@ -15,6 +15,9 @@ maps, orthogonal draws, ...).
 from __future__ import annotations
 
 import itertools
+import json
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -101,6 +104,59 @@ class LaraModelMixin:
         super().initialize_weights()
         for estimator in self.lara_estimators().values():
             initialize_estimator(estimator, self.config)
+
+    @property
+    def model_tags(self) -> list[str] | None:
+        """`PreTrainedModel.model_tags`. Every `PeftModel.save_pretrained` reads it (to tag the adapter's card)
+        before writing anything: that read checks that peft could rebuild this model (`check_adapter_base`)."""
+        if called_by_peft_card():
+            check_adapter_base(self)
+        # tags added before `hf_lara.convert` swapped the class sit in the instance's own `model_tags`
+        return self.__dict__.get("_lara_model_tags", self.__dict__.get("model_tags"))
+
+    @model_tags.setter
+    def model_tags(self, value: list[str] | None) -> None:
+        self.__dict__["_lara_model_tags"] = value
+
+
+def called_by_peft_card() -> bool:
+    """Whether the caller of the caller is peft's `PeftModel.create_or_update_model_card` (run by every adapter
+    save, whatever `save_embedding_layers` or `state_dict` it is given)."""
+    frame = sys._getframe(2)
+    return frame.f_code.co_name == "create_or_update_model_card" and frame.f_globals.get("__name__", "").startswith(
+        "peft"
+    )
+
+
+def check_adapter_base(model: PreTrainedModel) -> None:
+    """Refuse to save a peft adapter that would reload onto a model without these estimators.
+
+    peft records `model.name_or_path` as the adapter's base and reloads the base from there. That only gives this
+    model back if the path holds this conversion, with these estimators' tensors: not after `hf_lara.convert` (the
+    estimators are drawn in memory), nor when the path holds an unconverted checkpoint (`from_pretrained(path,
+    config=LaraConfig...)`) or another conversion. Otherwise the adapter would silently reload onto another model.
+    """
+    path = model.name_or_path
+    if not path:
+        return  # peft records no base: reloading needs the model passed explicitly
+    reason = None
+    if model.__dict__.get("lara_drawn_in_memory", False):
+        reason = "its estimators were drawn in memory by `hf_lara.convert`"
+    elif (Path(path) / "config.json").is_file():
+        saved = json.loads((Path(path) / "config.json").read_text())
+        if (saved.get("lara_method"), saved.get("lara_layers")) != (
+            model.config.lara_method,
+            model.config.lara_layers,
+        ):
+            reason = f"{path!r} holds a model not converted this way (`lara_method` {saved.get('lara_method')})"
+    if reason is not None:
+        raise ValueError(
+            f"Cannot save a peft adapter of this `{type(model).__name__}`: {reason}, while peft records "
+            f"`model.name_or_path` ({path!r}), which is not converted with these estimators, as the adapter's base, "
+            "so the adapter would reload onto another model. Save the converted model with "
+            "`model.save_pretrained(dir)`, load it back from `dir`, then add the adapter (an adapter already trained "
+            "is kept by `peft_model.merge_and_unload().save_pretrained(dir)`)."
+        )
 
 
 def resolve_layers(layers: list[int] | None, num_layers: int) -> list[int]:

@@ -94,9 +94,13 @@ def test_lora_on_a_converted_checkpoint_saves_reloads_and_merges(family, tmp_pat
     assert_close(run(merged, inputs), expected, atol=1e-5, msg="merged")
 
 
+@pytest.mark.parametrize("save_embedding_layers", ["auto", False], ids=["embeddings-auto", "no-embeddings"])
 @pytest.mark.parametrize("how", ["convert", "config"])
-def test_adapter_of_a_model_converted_in_memory_fails_loudly(how, tmp_path):
-    """Estimators drawn in memory exist in no checkpoint: peft would rebuild the unconverted base from the path."""
+def test_adapter_of_a_model_converted_in_memory_fails_loudly(how, save_embedding_layers, tmp_path):
+    """Estimators drawn in memory exist in no checkpoint: peft would rebuild the unconverted base from the path.
+
+    With `save_embedding_layers=False` peft never loads the base config, which is where the refusal used to come
+    from: the adapter was saved and reloaded silently onto the unconverted model."""
     base_class, auto_class, _, _, _, method = CASES["llama"]
     base = save_base("llama", tmp_path / "base")
     if how == "convert":
@@ -106,7 +110,9 @@ def test_adapter_of_a_model_converted_in_memory_fails_loudly(how, tmp_path):
         model = auto_class.from_pretrained(base, config=config)
     peft_model = lora(model, "llama")
     with pytest.raises(ValueError, match=r"not converted.*save_pretrained\(dir\)`, load it back"):
-        peft_model.save_pretrained(tmp_path / "adapter")
+        peft_model.save_pretrained(tmp_path / "adapter", save_embedding_layers=save_embedding_layers)
+    assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "adapter" / "adapter_config.json").exists()
 
 
 def test_adapter_without_task_type_reloads_through_the_auto_mapping(tmp_path):

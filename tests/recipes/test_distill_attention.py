@@ -1,47 +1,67 @@
-"""`recipes/distill_attention.py` end to end: a decoder through `accelerate launch`, and the real all-MiniLM-L6-v2."""
+"""`recipes/distill_attention.py` end to end: a decoder through both stages and an exact resume, through `accelerate
+launch`, and attention transfer on the real all-MiniLM-L6-v2."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 import hf_lara
+from hf_lara import distill
 
-from .conftest import FIXTURES, load_recipe, results, step_losses
+from .conftest import FIXTURES, results, step_losses
 
 TEXT = ("--train_file", FIXTURES / "text_train.txt", "--validation_file", FIXTURES / "text_validation.txt")
 
 
-def test_distill_decoder_with_attention_rows(launch, tiny_checkpoints, tmp_path):
-    """Causal LARA trains its proposal means (the adaptive maps stay frozen); the Hedgehog row loss runs."""
-    out = tmp_path / "llama-lara"
-    stdout = launch(
-        "distill_attention.py",
+def decoder_args(tiny_checkpoints) -> list:
+    return [
         "--model_name_or_path", tiny_checkpoints["llama"],
         "--method", "lara", "--hparam", "num_landmarks=4", "--hparam", "chunk_size=8",
         *TEXT,
-        "--attn_rows_weight", "0.1",
-        "--max_seq_length", "24",
-        "--max_train_steps", "3", "--logging_steps", "1", "--learning_rate", "1e-2",
-        "--output_dir", out,
-    )  # fmt: skip
+        "--stages", "1,2", "--stage1_share", "0.5", "--attn_rows_weight", "0.1", "--lora_rank", "4",
+        "--max_seq_length", "24", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+        "--max_train_steps", "4", "--logging_steps", "1", "--learning_rate", "1e-2", "--seed", "3",
+    ]  # fmt: skip
+
+
+def test_distill_decoder_both_stages_and_exact_resume(launch, tiny_checkpoints, tmp_path):
+    """Causal LARA: stage 1 trains its proposal means (the adaptive maps stay frozen) with the Hedgehog row loss,
+    stage 2 LoRA adapters (merged into the saved weights). A run resumed from a checkpoint inside stage 2 replays the
+    uninterrupted run's losses and ends with the same weights."""
+    out = tmp_path / "llama-lara"
+    stdout = launch("distill_attention.py", *decoder_args(tiny_checkpoints), "--checkpointing_steps", "3",
+                    "--output_dir", out)  # fmt: skip
     assert "relative error before -> after" in stdout and "embedding cosine" in stdout
-    assert sorted(step_losses(stdout)) == [1, 2, 3]
+    losses = step_losses(stdout)
+    assert sorted(losses) == [1, 2, 3, 4]
     # the causal path uses the proposal means only: 2 layers x (H=4, C=4, D=8)
-    assert "Training 256 estimator parameters in 2 layers" in stdout
+    assert "Training 256 estimator parameters in 2 layers and " in stdout and "stages 1,2" in stdout
+    report = results(out)
+    assert report["steps"] == {"1": 2, "2": 2} and len(report["after"]["per_layer_relative_error"]) == 2
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "LaraLlamaForCausalLM" and model.config.lara_method == "lara"
     assert len(model.lara_estimators()) == 2
     original = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
-    trained = {i: e.proposal_mean for i, e in model.lara_estimators().items()}
-    assert all(m.abs().sum() > 0 for m in trained.values()), "proposal means never left their zero init"
-    # frozen weights are saved unchanged
-    torch.testing.assert_close(
-        model.model.layers[0].self_attn.q_proj.weight, original.model.layers[0].self_attn.q_proj.weight
-    )
-    report = results(out)
-    assert len(report["after"]["per_layer_relative_error"]) == 2
+    assert all(e.proposal_mean.abs().sum() > 0 for e in model.lara_estimators().values()), "stage 1 trained nothing"
+    # stage 2 merged its adapters into the projections; the embeddings carry none
+    q_proj = model.model.layers[0].self_attn.q_proj.weight, original.model.layers[0].self_attn.q_proj.weight
+    assert not torch.allclose(*q_proj)
+    torch.testing.assert_close(model.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    assert not any("lora_" in name for name in load_file(out / "model.safetensors"))
+
+    resumed = tmp_path / "resumed"
+    stdout_resumed = launch("distill_attention.py", *decoder_args(tiny_checkpoints),
+                            "--resume_from_checkpoint", out / "step_3", "--output_dir", resumed)  # fmt: skip
+    assert "Resumed from checkpoint" in stdout_resumed
+    print(f"\nuninterrupted {losses}\nresumed       {step_losses(stdout_resumed)}")
+    assert step_losses(stdout_resumed) == {4: losses[4]}
+    full, again = load_file(out / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert full.keys() == again.keys()
+    for name, tensor in full.items():
+        torch.testing.assert_close(again[name], tensor, rtol=0, atol=0, msg=name)
 
 
 def test_distill_improves_minilm(launch, minilm_path, tmp_path):
@@ -53,7 +73,7 @@ def test_distill_improves_minilm(launch, minilm_path, tmp_path):
         "--model_name_or_path", minilm_path,
         "--method", "kernel", "--hparam", "feature_map=hedgehog",
         *TEXT,
-        "--max_train_steps", "60", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8",
+        "--stages", "1", "--max_train_steps", "60", "--learning_rate", "1e-2", "--per_device_train_batch_size", "8",
         "--logging_steps", "20",
         "--output_dir", out,
     )  # fmt: skip
@@ -94,13 +114,12 @@ def test_distill_improves_minilm(launch, minilm_path, tmp_path):
     ids=["kernel", "eva", "lara-encoder", "lara-decoder"],
 )
 def test_trainable_parameters(family, method, hparams, expected, tiny_checkpoints):
-    """Only the estimator parameters the layer's mode (causal or not) uses are trained; everything else is frozen."""
-    recipe = load_recipe("distill_attention")
+    """Stage 1 trains only the estimator parameters the layer's mode (causal or not) uses."""
     auto = transformers.AutoModelForCausalLM if family == "llama" else transformers.AutoModelForMaskedLM
     model = hf_lara.convert(auto.from_pretrained(tiny_checkpoints[family]), method, **hparams)
-    trainable = recipe.trainable_parameters(model)
-    names = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert len(names) == len(trainable) and all(p.grad is None for p in trainable)
+    trainable = {id(p) for p in distill.estimator_parameters(model)}
+    names = {name for name, p in model.named_parameters() if id(p) in trainable}
+    assert len(names) == len(trainable) and all(p.grad is None for p in model.parameters())
     assert {name.split(".lara_attention.")[1] for name in names} == expected
     assert all(".lara_attention." in name for name in names)
     assert len(names) == 2 * len(expected)  # two layers

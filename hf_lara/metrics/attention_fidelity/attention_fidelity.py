@@ -12,9 +12,9 @@ rows together, it reports
 - the relative error sqrt(sum ||p - r||^2 / sum ||r||^2), 0 for a perfect match, 1 for predicting zeros;
 - the mean cosine similarity between each prediction and its reference.
 
-hf_lara's `recipes/distill_attention.py` feeds it the per-token attention outputs of the student and the teacher
-computed on the same queries, keys and values (so errors do not compound across layers), and the mean-pooled final
-hidden states of the converted and the original model (one row per sequence) for the end-to-end embedding cosine.
+Feed it, for instance, the per-token attention outputs of a converted layer and of exact softmax computed on the same
+queries, keys and values (so errors do not compound across layers), or the mean-pooled final hidden states of the
+converted and the original model (one row per sequence) for the end-to-end embedding cosine.
 """
 
 _KWARGS_DESCRIPTION = """
