@@ -455,6 +455,7 @@ def capture_attention_inputs(
     return [(modules[i], call) for i, capture in sorted(captures.items()) for call in capture.calls]
 
 
+@contextlib.contextmanager
 def attention_losses(model: nn.Module, rows_weight: float = 0.0) -> Iterator[dict[int, LayerLosses]]:
     """Forward passes inside record every converted layer's stage-1 loss against its teacher's softmax.
 
