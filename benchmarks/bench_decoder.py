@@ -20,7 +20,7 @@ For each method the teacher is converted (causal, window 64 + sink tokens, so th
 Baselines printed with the teacher: a unigram model of the training tokens and the teacher restricted to its last
 `window` keys (+ sinks) by a sliding-window mask, i.e. what an estimator would get with nothing beyond the window.
 
-    python benchmarks/bench_decoder.py              # ~15 minutes on 2 cores (teacher training ~5 of them)
+    python benchmarks/bench_decoder.py              # teacher: ~10 min once (cached), then ~3 min per method
     python benchmarks/bench_decoder.py --quick      # 1-2 minute smoke run
 """
 

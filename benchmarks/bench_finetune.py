@@ -12,7 +12,7 @@ weights). The converted model is first distilled with `hf_lara.distill` (both st
 stage-2 target, which is what sentence-transformers' Pooling computes for this model) on the *unlabelled* training
 passages; `--no_distill` fine-tunes the fresh conversion instead.
 
-    python benchmarks/bench_finetune.py               # ~15 minutes on 2 cores
+    python benchmarks/bench_finetune.py               # ~20-30 min on a loaded 2-core CPU; fewer --steps is faster
     python benchmarks/bench_finetune.py --quick       # 1-2 minute smoke run
 """
 
