@@ -931,15 +931,30 @@ def distill(
     result = DistillResult()
     seconds = config.stage_seconds()
     deadline = time.monotonic() + config.max_minutes * 60
-    if 1 in config.stages:
-        stats = attention_transfer(model, batches, config, seconds[1])
-        result.stages["attention_transfer"] = stats
-    if 2 in config.stages:
-        # stage 2 gets whatever stage 1 left of the budget
-        remaining = max(deadline - time.monotonic(), 1e-3)
-        model, stats = end_to_end(model, batches, config, remaining, pooler)
-        result.stages["end_to_end"] = stats
+    trainable = _trainable_flags(model)
+    try:
+        if 1 in config.stages:
+            stats = attention_transfer(model, batches, config, seconds[1])
+            result.stages["attention_transfer"] = stats
+        if 2 in config.stages:
+            # stage 2 gets whatever stage 1 left of the budget
+            remaining = max(deadline - time.monotonic(), 1e-3)
+            model, stats = end_to_end(model, batches, config, remaining, pooler)
+            result.stages["end_to_end"] = stats
+    finally:
+        # the stages freeze the model; hand it back as trainable as it came (e.g. for fine-tuning next)
+        _restore_trainable_flags(model, trainable)
     return result
+
+
+def _trainable_flags(model: nn.Module) -> dict[str, bool]:
+    return {name: p.requires_grad for name, p in model.named_parameters()}
+
+
+def _restore_trainable_flags(model: nn.Module, flags: dict[str, bool]) -> None:
+    """Set `requires_grad` back by parameter name (LoRA merged: the names are the model's own again)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(flags.get(name, False))
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

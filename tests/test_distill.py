@@ -340,3 +340,34 @@ def test_decoder_distillation_lowers_logits_kl(tok):
     assert set(result.stages) == {"attention_transfer", "end_to_end"}
     assert not any("lora_" in n for n, _ in model.named_parameters())
     assert after < 0.6 * before, (before, after)
+
+
+def test_llama_distillation_with_window_and_sinks_then_finetune_and_generate(tok):
+    """Llama (RoPE, grouped KV heads), causal window + sink tokens: both stages lower the logits KL, the model comes
+    back as trainable as it was handed over (fine-tuning next must work), and greedy decoding through the recurrent
+    cache equals greedy decoding by full forward passes."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tiny.VOCAB), hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.5, pad_token_id=0, bos_token_id=2,
+        eos_token_id=None,  # no stop token: generate exactly max_new_tokens, as the loop below does
+    )  # fmt: skip
+    original = transformers.LlamaForCausalLM(config).eval()
+    model = hf_lara.convert(copy.deepcopy(original), "kernel", feature_map="hedgehog", window_size=4, sink_tokens=1)
+    batches = length_batches(tok, TRAIN_TEXTS, max_length=64, batch_tokens=256)
+    before = attention_fidelity(model, batches, teacher=original).metrics["logits_kl"]
+    hf_lara.distill.distill(model, tok, TRAIN_TEXTS, quiet(max_steps=30, max_length=64, batch_tokens=256))
+    after = attention_fidelity(model, batches, teacher=original).metrics["logits_kl"]
+    assert after < 0.6 * before, (before, after)
+    assert all(p.requires_grad for p in model.parameters())
+    model.train()
+    model(**batches[0], labels=batches[0]["input_ids"]).loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    model.eval()
+    prompt = tiny.batch(tok, ["the cat sat on the mat and then a big red dog ran to the park"])["input_ids"]
+    with torch.no_grad():
+        out = model.generate(prompt, do_sample=False, max_new_tokens=6, pad_token_id=0)
+        ids = prompt
+        for _ in range(6):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)

@@ -1,0 +1,409 @@
+"""Fidelity of a converted decoder before and after `hf_lara.distill`: perplexity and greedy continuations.
+
+No small pretrained causal LM is available offline, so the benchmark first trains one: a byte-level BPE tokenizer
+and a small Llama-shaped model (`LlamaForCausalLM`, 4 layers, hidden 128, 4 heads, context 512) trained from scratch
+on docstrings of numpy/torch/transformers (BSD-3, BSD-3, Apache-2.0) read from the installed sources
+(`fidelity_texts.py`). The teacher is cached (safetensors + tokenizer.json) under `--cache_dir`, keyed by its
+configuration, so reruns skip training. Evaluation text is held out by source: docstrings of Python's standard
+library (PSF), documents of 384-512 tokens.
+
+For each method the teacher is converted (causal, window 64 + sink tokens, so that >= 75 % of the keys of a
+512-token context are outside the window), measured fresh, after stage 1 (attention transfer) and after stage 2
+(end to end: logits KL with LoRA through peft, merged) of `hf_lara.distill`:
+
+* perplexity on the held-out documents (all predicted tokens), its ratio to the teacher's;
+* greedy continuation agreement: for `--num_prompts` held-out prompts of `--prompt_tokens` tokens, the teacher and
+  the converted model each generate `--new_tokens` tokens with `model.generate` (the converted model through its
+  recurrent cache); exact = share of prompts whose continuation is identical, prefix = mean share of tokens before
+  the first divergence.
+
+Baselines printed with the teacher: a unigram model of the training tokens and the teacher restricted to its last
+`window` keys (+ sinks) by a sliding-window mask, i.e. what an estimator would get with nothing beyond the window.
+
+    python benchmarks/bench_decoder.py              # teacher: ~10 min once (cached), then ~3 min per method
+    python benchmarks/bench_decoder.py --quick      # 1-2 minute smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fidelity_texts import _docstrings, documents, stdlib_files, training_files  # noqa: E402
+
+import hf_lara  # noqa: E402
+from hf_lara.distill import DistillConfig, attention_transfer, end_to_end, length_batches  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+EOS = "<|endoftext|>"
+WINDOW = 64
+SINKS = 4
+METHODS = {
+    "eva": {"window_size": WINDOW, "num_chunks": 64, "chunk_size": 16},
+    "kernel": {"feature_map": "hedgehog", "window_size": WINDOW, "sink_tokens": SINKS},
+    "rfa": {"num_features": 64, "window_size": WINDOW, "learn_features": True, "sink_tokens": SINKS},
+    "lara": {"num_landmarks": 16, "window_size": WINDOW, "adaptive": True, "sink_tokens": SINKS},
+}
+
+
+# ------------------------------------------------------------------------------------------------ teacher
+def teacher_settings(args) -> dict:
+    """Everything the cached teacher depends on (its cache key)."""
+    return {
+        "vocab_size": 2048,
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 512,
+        "train_chars": args.train_chars,
+        "steps": args.teacher_steps,
+        "batch_size": 8,
+        "seq_len": 512,
+        "lr": 3e-3,
+        "seed": 0,
+        "version": 1,
+    }
+
+
+def training_corpus(max_chars: int, seed: int = 0) -> list[str]:
+    """Docstrings of the training packages, one string per source file, shuffled, about `max_chars` in all."""
+    files = training_files()
+    random.Random(seed).shuffle(files)
+    texts, total = [], 0
+    for path in files:
+        text = " ".join(_docstrings(path))
+        if text:
+            texts.append(text)
+            total += len(text)
+        if total >= max_chars:
+            break
+    return texts
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts`, as a `PreTrainedTokenizerFast` (`EOS` = end of text, pad)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, model_max_length=512)
+
+
+def _schedule(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train_teacher(settings: dict, texts: list[str], tokenizer) -> tuple[torch.nn.Module, dict]:
+    """Train `LlamaForCausalLM` from scratch on random `seq_len` windows of the concatenated training texts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(settings["seed"])
+    config = LlamaConfig(
+        vocab_size=settings["vocab_size"],
+        hidden_size=settings["hidden_size"],
+        intermediate_size=settings["intermediate_size"],
+        num_hidden_layers=settings["num_hidden_layers"],
+        num_attention_heads=settings["num_attention_heads"],
+        num_key_value_heads=settings["num_attention_heads"],
+        max_position_embeddings=settings["max_position_embeddings"],
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.set_attn_implementation("sdpa")
+    tokenizer.model_max_length = 10**7  # whole files are tokenised, then cut into `seq_len` windows
+    ids = [i for t in tokenizer(texts)["input_ids"] for i in (*t, tokenizer.eos_token_id)]
+    stream = torch.tensor(ids)
+    n, batch = settings["seq_len"], settings["batch_size"]
+    gen = torch.Generator().manual_seed(settings["seed"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.1, betas=(0.9, 0.95))
+    steps, warmup = settings["steps"], max(1, settings["steps"] // 20)
+    model.train()
+    start, cpu, losses = time.monotonic(), time.process_time(), []
+    for step in range(steps):
+        for g in optimizer.param_groups:
+            g["lr"] = settings["lr"] * _schedule(step, steps, warmup)
+        offsets = torch.randint(0, len(stream) - n - 1, (batch,), generator=gen)
+        x = torch.stack([stream[o : o + n] for o in offsets.tolist()])
+        loss = model(input_ids=x, labels=x).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            print(
+                f"  teacher step {step}/{steps} loss {loss.item():.3f} ({time.monotonic() - start:.0f} s)", flush=True
+            )
+    model.eval()
+    tokenizer.model_max_length = settings["seq_len"]
+    stats = {
+        "train_tokens": len(ids),
+        "minutes": (time.monotonic() - start) / 60,
+        "cpu_minutes": (time.process_time() - cpu) / 60,
+        "loss_first": losses[0],
+        "loss_last": sum(losses[-20:]) / len(losses[-20:]),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    return model, stats
+
+
+def cached_teacher(args) -> tuple[torch.nn.Module, object, dict]:
+    """The teacher, tokenizer and training statistics: loaded from the cache or trained and cached (safetensors)."""
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    settings = teacher_settings(args)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(args.cache_dir) / f"teacher-{key}"
+    if (folder / "teacher_stats.json").is_file():
+        model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+        stats = json.loads((folder / "teacher_stats.json").read_text())
+        print(f"teacher loaded from {folder}")
+        return model.eval(), tokenizer, {**stats, "cached": True}
+    print(f"training the teacher ({settings['steps']} steps) -> {folder}", flush=True)
+    texts = training_corpus(settings["train_chars"])
+    tokenizer = train_tokenizer(texts, settings["vocab_size"])
+    model, stats = train_teacher(settings, texts, tokenizer)
+    stats["settings"] = settings
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)  # safetensors
+        tokenizer.save_pretrained(tmp)
+        (tmp / "teacher_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return model, tokenizer, {**stats, "cached": False}
+
+
+# ------------------------------------------------------------------------------------------------ measures
+def sliding_window_mask(n: int, window: int, sinks: int) -> torch.Tensor:
+    """`(1, 1, n, n)` boolean mask: causal, the last `window` keys and the first `sinks` keys (True = attend)."""
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    return ((j <= i) & ((i - j < window) | (j < sinks)))[None, None]
+
+
+@torch.no_grad()
+def perplexity(model, docs: list[torch.Tensor], window: int | None = None, sinks: int = 0) -> float:
+    """exp of the mean next-token negative log-likelihood over every predicted token of `docs` (one at a time);
+    with `window`, attention limited to the last `window` keys (+ `sinks` first keys)."""
+    nll, count = 0.0, 0
+    for ids in docs:
+        mask = None if window is None else sliding_window_mask(len(ids), window, sinks)
+        logits = model(input_ids=ids[None], attention_mask=mask).logits[0, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum").item()
+        count += len(ids) - 1
+    return math.exp(nll / count)
+
+
+def unigram_perplexity(tokenizer, train_texts: list[str], docs: list[torch.Tensor]) -> float:
+    counts = torch.zeros(len(tokenizer), dtype=torch.float64)
+    for ids in tokenizer(train_texts)["input_ids"]:
+        counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=len(counts)).double()
+    logp = ((counts + 0.5) / (counts + 0.5).sum()).log()
+    targets = torch.cat([d[1:] for d in docs])
+    return math.exp(-logp[targets].mean().item())
+
+
+@torch.no_grad()
+def greedy(model, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """`(P, new_tokens)` greedy continuations of equal-length `prompts` `(P, L)` through `model.generate`."""
+    out = model.generate(
+        input_ids=prompts,
+        attention_mask=torch.ones_like(prompts),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=model.config.pad_token_id,
+    )
+    return out[:, prompts.shape[1] :]
+
+
+def agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict:
+    same = student == teacher
+    prefix = same.int().cumprod(dim=1).sum(dim=1).float() / teacher.shape[1]
+    return {"exact": same.all(dim=1).float().mean().item(), "prefix": prefix.mean().item()}
+
+
+def measure(model, data: dict) -> dict:
+    ppl = perplexity(model, data["eval_docs"])
+    return {
+        "ppl": ppl,
+        "ppl_ratio": ppl / data["teacher_ppl"],
+        **agreement(greedy(model, data["prompts"], data["new_tokens"]), data["teacher_continuations"]),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def run_one(teacher, tokenizer, method: str, data: dict, args) -> dict:
+    hparams = METHODS[method]
+    model = hf_lara.convert(copy.deepcopy(teacher), method, **hparams).eval()
+    row = {"method": method, "hparams": hparams, "fresh": measure(model, data)}
+    print(f"{method} fresh {fmt(row['fresh'])}", flush=True)
+    config = DistillConfig(max_minutes=args.minutes, max_length=512, batch_tokens=args.batch_tokens, progress=False)
+    batches = length_batches(tokenizer, data["train_docs"], max_length=512, batch_tokens=args.batch_tokens)
+    seconds = config.stage_seconds()
+    row["stage1"], row["stage2"] = {}, {}
+    try:
+        s1 = attention_transfer(model, batches, config, seconds[1])
+        row["stage1"] = {**measure(model, data), **{k: s1[k] for k in ("minutes", "cpu_minutes", "steps")}}
+        row["stage1"].update(loss_first=s1["loss_first"], loss_last=s1["loss_last"])
+        print(f"  stage1 {fmt(row['stage1'])} ({s1['steps']} steps)", flush=True)
+    except ValueError as err:  # nothing to train in stage 1 for this estimator
+        row["stage1"] = {"skipped": str(err)}
+    remaining = args.minutes * 60 - row["stage1"].get("minutes", 0) * 60
+    model, s2 = end_to_end(model, batches, config, remaining)
+    row["stage2"] = {**measure(model, data), **{k: s2[k] for k in ("minutes", "cpu_minutes", "steps")}}
+    row["stage2"].update(loss_first=s2["loss_first"], loss_last=s2["loss_last"])
+    print(f"  stage2 {fmt(row['stage2'])} ({s2['steps']} steps)", flush=True)
+    row["train_minutes"] = row["stage1"].get("minutes", 0) + s2["minutes"]
+    row["train_cpu_minutes"] = row["stage1"].get("cpu_minutes", 0) + s2["cpu_minutes"]
+    return row
+
+
+def fmt(m: dict) -> str:
+    if "ppl" not in m:
+        return "—"
+    return f"{m['ppl']:.2f} ({m['ppl_ratio']:.3f}x) / {100 * m['exact']:.0f} % / {100 * m['prefix']:.0f} %"
+
+
+def table(rows: list[dict], data: dict) -> str:
+    lines = [
+        f"Teacher ppl {data['teacher_ppl']:.2f}; unigram {data['unigram_ppl']:.1f}; teacher with only its last "
+        f"{WINDOW} keys + {SINKS} sinks (sliding-window mask) {data['window_only_ppl']:.2f}.",
+        "",
+        "| method | hparams | fresh ppl (ratio) / exact / prefix | stage 1 | stage 2 | train min (wall / CPU) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        hp = ", ".join(f"{k}={v}" for k, v in r["hparams"].items())
+        lines.append(
+            f"| {r['method']} | {hp} | {fmt(r['fresh'])} | {fmt(r['stage1'])} | {fmt(r['stage2'])} "
+            f"| {r['train_minutes']:.1f} / {r['train_cpu_minutes']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def build_data(teacher, tokenizer, args) -> dict:
+    tokenizer.model_max_length = 10**6
+    eval_docs = documents(stdlib_files(), tokenizer, 384, 512, args.num_eval, seed=0)
+    train_docs = documents(training_files(), tokenizer, 256, 512, args.num_train, seed=1)
+    tokenizer.model_max_length = 512
+    ids = [torch.tensor(tokenizer(d)["input_ids"]) for d in eval_docs]
+    prompts = torch.stack([d[: args.prompt_tokens] for d in ids[: args.num_prompts]])
+    data = {
+        "eval_docs": ids,
+        "train_docs": train_docs,
+        "prompts": prompts,
+        "new_tokens": args.new_tokens,
+        "eval_tokens": sorted(len(d) for d in ids),
+    }
+    data["teacher_ppl"] = perplexity(teacher, ids)
+    data["window_only_ppl"] = perplexity(teacher, ids, window=WINDOW, sinks=SINKS)
+    data["unigram_ppl"] = unigram_perplexity(tokenizer, train_docs, ids)
+    data["teacher_continuations"] = greedy(teacher, prompts, args.new_tokens)
+    return data
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default="eva,kernel,rfa,lara")
+    parser.add_argument("--minutes", type=float, default=2.0, help="distillation budget per method (both stages)")
+    parser.add_argument("--teacher_steps", type=int, default=400)
+    parser.add_argument("--train_chars", type=int, default=4_000_000, help="characters of teacher training text")
+    parser.add_argument("--batch_tokens", type=int, default=2048)
+    parser.add_argument("--num_eval", type=int, default=48)
+    parser.add_argument("--num_train", type=int, default=400, help="training documents for distillation")
+    parser.add_argument("--num_prompts", type=int, default=32)
+    parser.add_argument("--prompt_tokens", type=int, default=320)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache_dir", default=os.path.join(tempfile.gettempdir(), "hf_lara_bench_cache"))
+    parser.add_argument("--output", default=str(RESULTS / "decoder"))
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny teacher training, short budgets")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.teacher_steps, args.train_chars, args.minutes = 30, 1_000_000, 0.2
+        args.num_eval, args.num_train, args.num_prompts, args.new_tokens = 8, 32, 8, 8
+        args.methods = "kernel,eva"
+        if args.output == str(RESULTS / "decoder"):
+            args.output = os.path.join(tempfile.gettempdir(), "hf_lara_bench_decoder_quick")
+    methods = args.methods.split(",")
+    for m in methods:
+        if m not in METHODS:
+            parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    wall, cpu = time.monotonic(), time.process_time()
+    teacher, tokenizer, teacher_stats = cached_teacher(args)
+    data = build_data(teacher, tokenizer, args)
+    n = data["eval_tokens"]
+    print(
+        f"{len(n)} eval docs ({n[0]}-{n[-1]} tokens, median {n[len(n) // 2]}), {len(data['train_docs'])} train docs; "
+        f"teacher ppl {data['teacher_ppl']:.2f}, window-only {data['window_only_ppl']:.2f}, "
+        f"unigram {data['unigram_ppl']:.1f}",
+        flush=True,
+    )
+    rows = [run_one(teacher, tokenizer, m, data, args) for m in methods]
+    text = table(rows, data)
+    print(text)
+    conditions = {
+        "teacher": teacher_stats,
+        "torch_threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "budget_minutes_per_method": args.minutes,
+        "window": WINDOW,
+        "sinks": SINKS,
+        "eval_docs": len(n),
+        "eval_tokens": {"min": n[0], "median": n[len(n) // 2], "max": n[-1]},
+        "keys_outside_window_at_last_position": {"min": 1 - WINDOW / n[0], "median": 1 - WINDOW / n[len(n) // 2]},
+        "prompts": {"count": len(data["prompts"]), "tokens": args.prompt_tokens, "new_tokens": args.new_tokens},
+        "teacher_ppl": data["teacher_ppl"],
+        "window_only_ppl": data["window_only_ppl"],
+        "unigram_ppl": data["unigram_ppl"],
+        "eval_source": "Python standard library docstrings (PSF)",
+        "train_source": "numpy, torch, transformers docstrings (BSD-3, BSD-3, Apache-2.0)",
+        "wall_minutes": (time.monotonic() - wall) / 60,
+        "cpu_minutes": (time.process_time() - cpu) / 60,
+        "quick": args.quick,
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=1) + "\n")
+    out.with_suffix(".md").write_text(text + "\n")
+    print(f"wall {conditions['wall_minutes']:.1f} min, CPU {conditions['cpu_minutes']:.1f} min -> {out}.md/.json")
+
+
+if __name__ == "__main__":
+    main()
