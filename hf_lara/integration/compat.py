@@ -81,3 +81,21 @@ def mark_initialized(tensor: torch.Tensor) -> None:
 def is_initialized(tensor: torch.Tensor) -> bool:
     """Whether `tensor` was loaded or initialised (the flag `mark_initialized` sets)."""
     return bool(getattr(tensor, "_is_hf_initialized", False))
+
+
+#: peft's method that every `PeftModel.save_pretrained` runs before writing anything (peft 0.21).
+PEFT_CARD_METHOD = "create_or_update_model_card"
+
+
+def called_by_peft_card(depth: int = 2) -> bool:
+    """Whether the frame `depth` levels above this function (2: its caller's caller) is peft's
+    `PeftModel.create_or_update_model_card`.
+
+    Why: peft has no hook before an adapter is saved, and it records `model.name_or_path` as the adapter's base
+    whatever `save_embedding_layers` says. The card update reads `model.model_tags` in every `save_pretrained`
+    (peft 0.21), so that read is the one place a converted model can refuse an adapter peft could not rebuild.
+    """
+    import sys
+
+    frame = sys._getframe(depth)
+    return frame.f_code.co_name == PEFT_CARD_METHOD and frame.f_globals.get("__name__", "").startswith("peft")

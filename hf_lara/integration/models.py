@@ -48,7 +48,7 @@ from transformers import (
 
 from .attention import ESTIMATOR_ATTR
 from .cache import LaraCache, add_hook, bind_state_layer, provide_state_cache, wants_state_cache
-from .compat import CACHE_KWARG, is_initialized, mark_initialized
+from .compat import CACHE_KWARG, called_by_peft_card, is_initialized, mark_initialized
 from .config import (
     LaraBertConfig,
     LaraConfig,
@@ -117,15 +117,6 @@ class LaraModelMixin:
     @model_tags.setter
     def model_tags(self, value: list[str] | None) -> None:
         self.__dict__["_lara_model_tags"] = value
-
-
-def called_by_peft_card() -> bool:
-    """Whether the caller of the caller is peft's `PeftModel.create_or_update_model_card` (run by every adapter
-    save, whatever `save_embedding_layers` or `state_dict` it is given)."""
-    frame = sys._getframe(2)
-    return frame.f_code.co_name == "create_or_update_model_card" and frame.f_globals.get("__name__", "").startswith(
-        "peft"
-    )
 
 
 def check_adapter_base(model: PreTrainedModel) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 import warnings
 
+import pytest
+
 import torch
 import transformers
 
@@ -46,3 +48,27 @@ def test_initialized_flag_is_the_one_transformers_sets_on_loaded_weights(base_ch
     assert not compat.is_initialized(fresh)
     compat.mark_initialized(fresh)
     assert compat.is_initialized(fresh)
+
+
+def test_peft_saves_through_its_card_update_which_reads_model_tags(tmp_path):
+    """`called_by_peft_card`: every `PeftModel.save_pretrained` runs `create_or_update_model_card`, which reads
+    `model_tags` of the base model; the frame seen from that read is peft's method."""
+    peft = pytest.importorskip("peft")
+    assert callable(getattr(peft.PeftModel, compat.PEFT_CARD_METHOD))
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+            self.config = {"model_type": "probe"}
+
+        @property
+        def model_tags(self):
+            seen.append(compat.called_by_peft_card())
+            return None
+
+    model = peft.get_peft_model(Probe(), peft.LoraConfig(r=2, target_modules=["linear"]))
+    model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
+    assert True in seen
