@@ -6,7 +6,6 @@ import inspect
 import warnings
 
 import pytest
-
 import torch
 import transformers
 
