@@ -72,10 +72,12 @@ def blocks(x: torch.Tensor, front: int, length: int, block: int) -> torch.Tensor
     return x.reshape(x.shape[0], x.shape[1], length // block, block, *x.shape[3:])
 
 
-def _near(x: torch.Tensor, block: int, num_blocks: int) -> torch.Tensor:
-    """Blocks `b - 1, b, b + 1` side by side: `(B, H, N, ...)` -> `(B, H, num_blocks, 3 block, ...)`."""
+def _near(x: torch.Tensor, block: int, num_blocks: int, causal: bool = False) -> torch.Tensor:
+    """Blocks `b - 1, b, b + 1` side by side (`b - 1, b` if `causal`: block `b + 1` is all future):
+    `(B, H, N, ...)` -> `(B, H, num_blocks, 3 block or 2 block, ...)`."""
     padded = blocks(x, block, (num_blocks + 2) * block, block)
-    return torch.cat([padded[:, :, :-2], padded[:, :, 1:-1], padded[:, :, 2:]], dim=3)
+    parts = [padded[:, :, :-2], padded[:, :, 1:-1]] + ([] if causal else [padded[:, :, 2:]])
+    return torch.cat(parts, dim=3)
 
 
 def window_bounds(
@@ -144,13 +146,31 @@ def _state_read(lq: torch.Tensor, kvz: torch.Tensor, shift: torch.Tensor) -> tup
     return torch.exp(a - c[..., None]) @ kvz, c
 
 
-def _combine(logits: torch.Tensor, v1: torch.Tensor, far: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Normalised `[exp(logits) @ v1 + sum_far exp(c) part]`, all under one detached row max, `(..., n, D)`."""
-    top = logits.detach().amax(dim=-1)
+def _inference(*tensors: torch.Tensor) -> bool:
+    """True when no gradient is recorded for `tensors`: the in-place fast paths may run."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _combine(
+    exact: list[tuple[torch.Tensor, torch.Tensor]], far: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """Normalised `[sum_exact exp(logits) @ v1 + sum_far exp(c) part]`, all under one detached row max,
+    `(..., n, D)`. `exact` holds `(logits (..., n, m), v1 (..., m, D + 1))` pairs; without autograd the logits
+    are overwritten (exponentiated in place)."""
+    top = None
+    for logits, _ in exact:
+        row = logits.detach().amax(dim=-1)
+        top = row if top is None else torch.maximum(top, row)
     for _, c in far:
         top = torch.maximum(top, c)
     top = top.clamp_min(_LOG_FLOOR)
-    out = torch.exp(logits - top[..., None]) @ v1
+    out = None
+    for logits, v1 in exact:
+        if _inference(logits, v1):
+            weights = logits.sub_(top[..., None]).exp_()
+        else:
+            weights = torch.exp(logits - top[..., None])
+        out = weights @ v1 if out is None else out + weights @ v1
     for part, c in far:
         out = out + torch.exp(c - top)[..., None] * part
     return _normalise(out)
@@ -162,13 +182,25 @@ def _near_logits(
     lq: torch.Tensor,
     lkn: torch.Tensor,
     in_window: torch.Tensor,
-    linear: torch.Tensor,
+    dead: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Exact logits inside the window, kernel logits on `linear`, `-inf` elsewhere: `(..., n, m)`."""
-    exact = (q @ kn.transpose(-1, -2)) * scale
-    logits = exact.masked_fill(~in_window, float("-inf"))
-    return torch.where(linear, _kernel_logits(lq, lkn), logits)
+    """Exact logits on `in_window`, `-inf` on `dead`, kernel logits elsewhere: `(..., n, m)`.
+
+    Without autograd one `(..., n, m)` buffer is written in place: the kernel logits, then the exact ones where
+    `in_window`, then `-inf`.
+    """
+    if not _inference(q, kn, lq, lkn):
+        exact = (q @ kn.transpose(-1, -2)) * scale
+        return torch.where(in_window, exact, _kernel_logits(lq, lkn)).masked_fill(dead, float("-inf"))
+    e = lq.amax(dim=-1, keepdim=True)
+    m = lkn.amax(dim=-1, keepdim=True)
+    logits = torch.exp(lq - e) @ torch.exp(lkn - m).transpose(-1, -2)
+    # log 0 = -inf (an underflowed estimate) instead of the autograd path's log(tiny): both weigh ~0 after exp
+    logits.log_().add_(m.transpose(-1, -2)).add_(e)
+    exact = (q * scale) @ kn.transpose(-1, -2)
+    torch.where(in_window, exact, logits, out=logits)
+    return logits.masked_fill_(dead, float("-inf"))
 
 
 def _block_statistics(
@@ -251,36 +283,38 @@ def windowed_attention(
     nQ = nB - first
     qb = blocks(q, Nk - Nq - first * T, nQ * T, T)  # (B, H, nQ, T, D)
     lqb = maps.query(qb.flatten(2, 3)).unflatten(2, (nQ, T))
-    kn, vn1, lkn = (_near(x, T, nB)[:, :, first:] for x in (k, _with_ones(v), lk))
+    M = (2 if causal else 3) * T  # near keys of a block
+    kn, vn1, lkn = (_near(x, T, nB, causal)[:, :, first:] for x in (k, _with_ones(v), lk))
     device = q.device
     query_pos = (first + torch.arange(nQ, device=device))[:, None] * T + torch.arange(T, device=device)  # (nQ, T)
-    key_pos = (first - 1 + torch.arange(nQ, device=device))[:, None] * T + torch.arange(3 * T, device=device)
-    real = ((key_pos >= 0) & (key_pos < Nk))[None]  # (1, nQ, 3T)
+    key_pos = (first - 1 + torch.arange(nQ, device=device))[:, None] * T + torch.arange(M, device=device)
+    real = ((key_pos >= 0) & (key_pos < Nk))[None]  # (1, nQ, M)
     if key_mask is not None:
-        real = real & (_near(key_mask[:, None, :, None].to(q.dtype), T, nB)[:, 0, first:, :, 0] > 0.5)
+        real = real & (_near(key_mask[:, None, :, None].to(q.dtype), T, nB, causal)[:, 0, first:, :, 0] > 0.5)
     lo = window_bounds(query_pos, bounds_mask, Nk, window, causal)[..., None]  # (B or 1, nQ, T, 1)
     kp = key_pos[None, :, None, :]
+    # the pattern depends on positions only (and on B with a key mask): built once, shared by the heads
     in_window = real[:, :, None, :] & (kp >= lo) & (kp < lo + window)
-    linear = real[:, :, None, :] & ~in_window
+    dead = ~real[:, :, None, :]
     if causal:
         causal_ok = kp <= query_pos[None, :, :, None]
-        in_window, linear = in_window & causal_ok, linear & causal_ok
-    in_window, linear = in_window[:, None], linear[:, None]  # (B or 1, 1, nQ, T, 3T)
+        in_window, dead = in_window & causal_ok, dead | ~causal_ok
+    in_window, dead = in_window[:, None], dead[:, None]  # (B or 1, 1, nQ, T, M)
 
-    logits = _near_logits(qb, kn, lqb, lkn, in_window, linear, scale)
+    exact = [(_near_logits(qb, kn, lqb, lkn, in_window, dead, scale), vn1)]
     if sinks:
+        # the few sink keys get their own small GEMM (no concatenation with the near keys)
         index = sink_pos[:, None, :, None].expand(B, H, -1, D)
         ks, vs1 = k.gather(2, index), _with_ones(v.gather(2, index))  # (B, H, G2, D), (B, H, G2, D + 1)
-        seen = sink_ok[:, None, None, None, :]
+        seen = sink_ok[:, None, :, None]  # (B, 1, G2, 1) against (B, H, G2, nQ T)
         if causal:
-            seen = seen & (sink_pos[:, None, None, None, :] <= query_pos[None, None, :, :, None])
-        sink_logits = (qb @ ks[:, :, None].transpose(-1, -2) * scale).masked_fill(~seen, float("-inf"))
-        logits = torch.cat([logits, sink_logits], dim=-1)
-        vn1 = torch.cat([vn1, vs1[:, :, None].expand(-1, -1, nQ, -1, -1)], dim=3)
+            seen = seen & (sink_pos[:, None, :, None] <= query_pos.reshape(1, 1, 1, -1))
+        sink_logits = (ks @ (qb.flatten(2, 3) * scale).transpose(-1, -2)).masked_fill(~seen, float("-inf"))
+        exact.append((sink_logits.transpose(-1, -2).unflatten(2, (nQ, T)), vs1[:, :, None]))
     far = [_state_read(lqb, left[:, :, first:], left_shift[:, :, first:])]
     if not causal:
         far.append(_state_read(lqb, right[:, :, first:], right_shift[:, :, first:]))
-    out = _combine(logits, vn1, far).reshape(B, H, nQ * T, D)
+    out = _combine(exact, far).reshape(B, H, nQ * T, D)
     start = Nk - Nq - first * T
     return out[:, :, start : start + Nq]
 
@@ -465,5 +499,5 @@ def window_step(
         logits = torch.cat([logits, sink_logits], dim=-1)
         values1 = torch.cat([values1, _with_ones(state.sink_values)], dim=2)
     far = [_state_read(lq, state.linear.kvz, state.linear.shift)]
-    out = _combine(logits, values1, far)
+    out = _combine([(logits, values1)], far)
     return out, advance(state, k, v, lk, mask, window)
