@@ -185,19 +185,28 @@ def _near_logits(
     dead: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Exact logits on `in_window`, `-inf` on `dead`, kernel logits elsewhere: `(..., n, m)`.
+    """Exact logits on `in_window`, `-inf` on `dead`, kernel logits elsewhere: `(..., n, m)` (autograd path)."""
+    exact = (q @ kn.transpose(-1, -2)) * scale
+    return torch.where(in_window, exact, _kernel_logits(lq, lkn)).masked_fill(dead, float("-inf"))
 
-    Without autograd one `(..., n, m)` buffer is written in place: the kernel logits, then the exact ones where
-    `in_window`, then `-inf`.
-    """
-    if not _inference(q, kn, lq, lkn):
-        exact = (q @ kn.transpose(-1, -2)) * scale
-        return torch.where(in_window, exact, _kernel_logits(lq, lkn)).masked_fill(dead, float("-inf"))
+
+def _near_logits_inplace(
+    q: torch.Tensor,
+    kn: torch.Tensor,
+    lq: torch.Tensor,
+    fkn: torch.Tensor,
+    mn: torch.Tensor,
+    in_window: torch.Tensor,
+    dead: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """`_near_logits` without autograd, in one `(..., n, m)` buffer written in place: the kernel logits, then the
+    exact ones where `in_window`, then `-inf` where `dead`. The keys come as `fkn = exp(lk - mn)` and their shift
+    `mn` `(..., m, 1)`, computed once per key rather than once per near block."""
     e = lq.amax(dim=-1, keepdim=True)
-    m = lkn.amax(dim=-1, keepdim=True)
-    logits = torch.exp(lq - e) @ torch.exp(lkn - m).transpose(-1, -2)
+    logits = torch.exp(lq - e) @ fkn.transpose(-1, -2)
     # log 0 = -inf (an underflowed estimate) instead of the autograd path's log(tiny): both weigh ~0 after exp
-    logits.log_().add_(m.transpose(-1, -2)).add_(e)
+    logits.log_().add_(mn.transpose(-1, -2)).add_(e)
     exact = (q * scale) @ kn.transpose(-1, -2)
     torch.where(in_window, exact, logits, out=logits)
     return logits.masked_fill_(dead, float("-inf"))
@@ -284,7 +293,7 @@ def windowed_attention(
     qb = blocks(q, Nk - Nq - first * T, nQ * T, T)  # (B, H, nQ, T, D)
     lqb = maps.query(qb.flatten(2, 3)).unflatten(2, (nQ, T))
     M = (2 if causal else 3) * T  # near keys of a block
-    kn, vn1, lkn = (_near(x, T, nB, causal)[:, :, first:] for x in (k, _with_ones(v), lk))
+    kn, vn1 = (_near(x, T, nB, causal)[:, :, first:] for x in (k, _with_ones(v)))
     device = q.device
     query_pos = (first + torch.arange(nQ, device=device))[:, None] * T + torch.arange(T, device=device)  # (nQ, T)
     key_pos = (first - 1 + torch.arange(nQ, device=device))[:, None] * T + torch.arange(M, device=device)
@@ -301,7 +310,13 @@ def windowed_attention(
         in_window, dead = in_window & causal_ok, dead | ~causal_ok
     in_window, dead = in_window[:, None], dead[:, None]  # (B or 1, 1, nQ, T, M)
 
-    exact = [(_near_logits(qb, kn, lqb, lkn, in_window, dead, scale), vn1)]
+    if _inference(q, k, lqb, lk):
+        m = lk.amax(dim=-1, keepdim=True)
+        fkn, mn = (_near(x, T, nB, causal)[:, :, first:] for x in (torch.exp(lk - m), m))
+        exact = [(_near_logits_inplace(qb, kn, lqb, fkn, mn, in_window, dead, scale), vn1)]
+    else:
+        lkn = _near(lk, T, nB, causal)[:, :, first:]
+        exact = [(_near_logits(qb, kn, lqb, lkn, in_window, dead, scale), vn1)]
     if sinks:
         # the few sink keys get their own small GEMM (no concatenation with the near keys)
         index = sink_pos[:, None, :, None].expand(B, H, -1, D)
