@@ -431,10 +431,12 @@ def _capture_sinks(
     """Sink slots, counts and the buffer mask after new tokens: real tokens ranked `<= G` among a row's real
     tokens become sinks and leave the window/kernel parts (their mask turns False)."""
     sinks = state.sink_keys.shape[2]
+    if not sinks or bool((state.sink_count >= sinks).all()):  # every slot filled: nothing changes (decoding)
+        return state.sink_keys, state.sink_values, state.sink_count, mask
     rank = state.sink_count[:, None] + mask.long().cumsum(dim=1)  # 1-based rank of each new real token
     new = mask & (rank <= sinks)
     sink_keys, sink_values = state.sink_keys, state.sink_values
-    if sinks and bool(new.any()):
+    if bool(new.any()):
         rows, cols = new.nonzero(as_tuple=True)
         slots = rank[rows, cols] - 1
         sink_keys, sink_values = sink_keys.clone(), sink_values.clone()
@@ -448,11 +450,27 @@ def advance(
 ) -> WindowState:
     """The state after tokens `k`, `v` `(B, H, n, D)` with log-features `lk` and mask `(B, n)`: sinks go to their
     slots, the last `W - 1` tokens stay in the buffer, the older ones are absorbed into the kernel statistics."""
-    sink_keys, sink_values, sink_count, mask = _capture_sinks(state, k, v, mask)
     keys, values = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)
     lks, masks = torch.cat([state.log_features, lk], dim=2), torch.cat([state.mask, mask], dim=1)
+    return _advance(state, k, v, mask, (keys, values, lks, masks), window)
+
+
+def _advance(
+    state: WindowState,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    joined: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    window: int,
+) -> WindowState:
+    """`advance` given the buffer joined with the new tokens (`keys`, `values`, `log_features`, `mask`)."""
+    keys, values, lks, masks = joined
+    sink_keys, sink_values, sink_count, kept_mask = _capture_sinks(state, k, v, mask)
+    if kept_mask is not mask:
+        masks = torch.cat([state.mask, kept_mask], dim=1)
     leaving = max(keys.shape[2] - (window - 1), 0)
-    linear = state.linear.clone()
+    # `LinearState.absorb` rebinds its tensors (never writes them in place): a shallow copy leaves `state` intact
+    linear = LinearState(state.linear.kvz, state.linear.shift)
     if leaving:
         linear.absorb(lks[:, :, :leaving], values[:, :, :leaving], masks[:, :leaving])
     kept = keys[:, :, leaving:], values[:, :, leaving:], lks[:, :, leaving:], masks[:, leaving:]
@@ -503,16 +521,16 @@ def window_step(
     seen = key_mask[:, None, None, :] & (key_pos <= query_pos)  # (B, 1, n, w + n)
     in_window = seen & (key_pos > query_pos - window)
     logits = (q @ keys.transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~in_window, float("-inf"))
     if w + n > window:  # some buffered keys are outside the window of the first new queries
-        logits = torch.where(seen & ~in_window, _kernel_logits(lq, lks), logits)
-    values1 = _with_ones(values)
+        logits = torch.where(in_window, logits, _kernel_logits(lq, lks)).masked_fill(~seen, float("-inf"))
+    else:
+        logits = logits.masked_fill(~in_window, float("-inf"))
+    exact = [(logits, _with_ones(values))]
     if sinks:
         # sinks captured before this step (new ones are inside every later new query's window, as n <= W)
         filled = torch.arange(sinks, device=q.device) < state.sink_count[:, None]  # (B, G)
         sink_logits = (q @ state.sink_keys.transpose(-1, -2) * scale).masked_fill(~filled[:, None, None], -torch.inf)
-        logits = torch.cat([logits, sink_logits], dim=-1)
-        values1 = torch.cat([values1, _with_ones(state.sink_values)], dim=2)
+        exact.append((sink_logits, _with_ones(state.sink_values)))
     far = [_state_read(lq, state.linear.kvz, state.linear.shift)]
-    out = _combine([(logits, values1)], far)
-    return out, advance(state, k, v, lk, mask, window)
+    out = _combine(exact, far)
+    return out, _advance(state, k, v, mask, (keys, values, lks, key_mask), window)
