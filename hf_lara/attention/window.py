@@ -208,8 +208,8 @@ def _near_logits_inplace(
     e = lq.amax(dim=-1, keepdim=True)
     logits = torch.exp(lq - e) @ fkn.transpose(-1, -2)
     # clamped as in `_kernel_logits`: finite logits, so that `lerp_` with weight 0 keeps them exactly
-    logits.clamp_min_(_tiny(logits.dtype)).log_().add_(mn.transpose(-1, -2)).add_(e)
-    exact = (q * scale) @ kn.transpose(-1, -2)
+    logits.clamp_min_(_tiny(logits.dtype)).log_().add_(e).add_(mn.transpose(-1, -2))  # as `_kernel_logits`
+    exact = (q @ kn.transpose(-1, -2)).mul_(scale)
     logits.lerp_(exact, in_window.to(logits.dtype))  # weight 1 gives `exact` exactly, weight 0 the kernel logit
     return logits.add_(
         torch.zeros(dead.shape, dtype=logits.dtype, device=logits.device).masked_fill_(dead, -torch.inf)
