@@ -16,8 +16,8 @@ a convex combination of the values, exact when `W(i)` holds every key. Both part
   covers it, and left or right padding moves nothing.
 
 **Blocked form.** Keys are cut into blocks of `T >= W` positions from position 0, the block layout of EVA
-(`blocks`, shared with `eva.py`). A query of block `b` has its window inside blocks `b - 1 .. b + 1`; those `3T`
-*near* keys get one `T x 3T` logit matrix (exact logits inside the window, kernel logits
+(`blocks`, shared with `eva.py`). A query of block `b` has its window inside blocks `b - 1 .. b + 1` (causal: `b - 1, b`);
+those `3T` (`2T`) *near* keys get one `T x 3T` (`T x 2T`) logit matrix (exact logits inside the window, kernel logits
 `log phi(q).phi(k)` outside it), computed with per-row and per-key max shifts as in `linear.py`. Keys of blocks
 `< b - 1` (and `> b + 1` when bidirectional) come from the exclusive prefix (suffix) sums of per-block statistics
 `phi(K_b)^T [V_b, 1]`, kept relative to a running per-feature max shift (`linear._rescaled_prefix`), and a
