@@ -16,8 +16,8 @@ a convex combination of the values, exact when `W(i)` holds every key. Both part
   covers it, and left or right padding moves nothing.
 
 **Blocked form.** Keys are cut into blocks of `T >= W` positions from position 0, the block layout of EVA
-(`blocks`, shared with `eva.py`). A query of block `b` has its window inside blocks `b - 1 .. b + 1`; those `3T`
-*near* keys get one `T x 3T` logit matrix (exact logits inside the window, kernel logits
+(`blocks`, shared with `eva.py`). A query of block `b` has its window inside blocks `b - 1 .. b + 1` (causal: `b - 1, b`);
+those `3T` (`2T`) *near* keys get one `T x 3T` (`T x 2T`) logit matrix (exact logits inside the window, kernel logits
 `log phi(q).phi(k)` outside it), computed with per-row and per-key max shifts as in `linear.py`. Keys of blocks
 `< b - 1` (and `> b + 1` when bidirectional) come from the exclusive prefix (suffix) sums of per-block statistics
 `phi(K_b)^T [V_b, 1]`, kept relative to a running per-feature max shift (`linear._rescaled_prefix`), and a
@@ -72,10 +72,12 @@ def blocks(x: torch.Tensor, front: int, length: int, block: int) -> torch.Tensor
     return x.reshape(x.shape[0], x.shape[1], length // block, block, *x.shape[3:])
 
 
-def _near(x: torch.Tensor, block: int, num_blocks: int) -> torch.Tensor:
-    """Blocks `b - 1, b, b + 1` side by side: `(B, H, N, ...)` -> `(B, H, num_blocks, 3 block, ...)`."""
+def _near(x: torch.Tensor, block: int, num_blocks: int, causal: bool = False) -> torch.Tensor:
+    """Blocks `b - 1, b, b + 1` side by side (`b - 1, b` if `causal`: block `b + 1` is all future):
+    `(B, H, N, ...)` -> `(B, H, num_blocks, 3 block or 2 block, ...)`."""
     padded = blocks(x, block, (num_blocks + 2) * block, block)
-    return torch.cat([padded[:, :, :-2], padded[:, :, 1:-1], padded[:, :, 2:]], dim=3)
+    parts = [padded[:, :, :-2], padded[:, :, 1:-1]] + ([] if causal else [padded[:, :, 2:]])
+    return torch.cat(parts, dim=3)
 
 
 def window_bounds(
@@ -144,13 +146,31 @@ def _state_read(lq: torch.Tensor, kvz: torch.Tensor, shift: torch.Tensor) -> tup
     return torch.exp(a - c[..., None]) @ kvz, c
 
 
-def _combine(logits: torch.Tensor, v1: torch.Tensor, far: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Normalised `[exp(logits) @ v1 + sum_far exp(c) part]`, all under one detached row max, `(..., n, D)`."""
-    top = logits.detach().amax(dim=-1)
+def _inference(*tensors: torch.Tensor) -> bool:
+    """True when no gradient is recorded for `tensors`: the in-place fast paths may run."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _combine(
+    exact: list[tuple[torch.Tensor, torch.Tensor]], far: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """Normalised `[sum_exact exp(logits) @ v1 + sum_far exp(c) part]`, all under one detached row max,
+    `(..., n, D)`. `exact` holds `(logits (..., n, m), v1 (..., m, D + 1))` pairs; without autograd the logits
+    are overwritten (exponentiated in place)."""
+    top = None
+    for logits, _ in exact:
+        row = logits.detach().amax(dim=-1)
+        top = row if top is None else torch.maximum(top, row)
     for _, c in far:
         top = torch.maximum(top, c)
     top = top.clamp_min(_LOG_FLOOR)
-    out = torch.exp(logits - top[..., None]) @ v1
+    out = None
+    for logits, v1 in exact:
+        if _inference(logits, v1):
+            weights = logits.sub_(top[..., None]).exp_()
+        else:
+            weights = torch.exp(logits - top[..., None])
+        out = weights @ v1 if out is None else out + weights @ v1
     for part, c in far:
         out = out + torch.exp(c - top)[..., None] * part
     return _normalise(out)
@@ -162,13 +182,38 @@ def _near_logits(
     lq: torch.Tensor,
     lkn: torch.Tensor,
     in_window: torch.Tensor,
-    linear: torch.Tensor,
+    dead: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Exact logits inside the window, kernel logits on `linear`, `-inf` elsewhere: `(..., n, m)`."""
+    """Exact logits on `in_window`, `-inf` on `dead`, kernel logits elsewhere: `(..., n, m)` (autograd path)."""
     exact = (q @ kn.transpose(-1, -2)) * scale
-    logits = exact.masked_fill(~in_window, float("-inf"))
-    return torch.where(linear, _kernel_logits(lq, lkn), logits)
+    return torch.where(in_window, exact, _kernel_logits(lq, lkn)).masked_fill(dead, float("-inf"))
+
+
+def _near_logits_inplace(
+    q: torch.Tensor,
+    kn: torch.Tensor,
+    lq: torch.Tensor,
+    fkn: torch.Tensor,
+    mn: torch.Tensor,
+    in_window: torch.Tensor,
+    dead: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """`_near_logits` without autograd, in one `(..., n, m)` buffer written in place: the kernel logits, then the
+    exact ones where `in_window`, then `-inf` where `dead`. The keys come as `fkn = exp(lk - mn)` and their shift
+    `mn` `(..., m, 1)`, computed once per key rather than once per near block. The masks are applied as float
+    tensors (`lerp_` by a 0/1 weight, `add_` of a 0/-inf bias): CPU kernels with a broadcast bool mask
+    (`where`, `masked_fill_`) run about ten times slower than these."""
+    e = lq.amax(dim=-1, keepdim=True)
+    logits = torch.exp(lq - e) @ fkn.transpose(-1, -2)
+    # clamped as in `_kernel_logits`: finite logits, so that `lerp_` with weight 0 keeps them exactly
+    logits.clamp_min_(_tiny(logits.dtype)).log_().add_(e).add_(mn.transpose(-1, -2))  # as `_kernel_logits`
+    exact = (q @ kn.transpose(-1, -2)).mul_(scale)
+    logits.lerp_(exact, in_window.to(logits.dtype))  # weight 1 gives `exact` exactly, weight 0 the kernel logit
+    return logits.add_(
+        torch.zeros(dead.shape, dtype=logits.dtype, device=logits.device).masked_fill_(dead, -torch.inf)
+    )
 
 
 def _block_statistics(
@@ -251,36 +296,44 @@ def windowed_attention(
     nQ = nB - first
     qb = blocks(q, Nk - Nq - first * T, nQ * T, T)  # (B, H, nQ, T, D)
     lqb = maps.query(qb.flatten(2, 3)).unflatten(2, (nQ, T))
-    kn, vn1, lkn = (_near(x, T, nB)[:, :, first:] for x in (k, _with_ones(v), lk))
+    M = (2 if causal else 3) * T  # near keys of a block
+    kn, vn1 = (_near(x, T, nB, causal)[:, :, first:] for x in (k, _with_ones(v)))
     device = q.device
     query_pos = (first + torch.arange(nQ, device=device))[:, None] * T + torch.arange(T, device=device)  # (nQ, T)
-    key_pos = (first - 1 + torch.arange(nQ, device=device))[:, None] * T + torch.arange(3 * T, device=device)
-    real = ((key_pos >= 0) & (key_pos < Nk))[None]  # (1, nQ, 3T)
+    key_pos = (first - 1 + torch.arange(nQ, device=device))[:, None] * T + torch.arange(M, device=device)
+    real = ((key_pos >= 0) & (key_pos < Nk))[None]  # (1, nQ, M)
     if key_mask is not None:
-        real = real & (_near(key_mask[:, None, :, None].to(q.dtype), T, nB)[:, 0, first:, :, 0] > 0.5)
+        real = real & (_near(key_mask[:, None, :, None].to(q.dtype), T, nB, causal)[:, 0, first:, :, 0] > 0.5)
     lo = window_bounds(query_pos, bounds_mask, Nk, window, causal)[..., None]  # (B or 1, nQ, T, 1)
     kp = key_pos[None, :, None, :]
+    # the pattern depends on positions only (and on B with a key mask): built once, shared by the heads
     in_window = real[:, :, None, :] & (kp >= lo) & (kp < lo + window)
-    linear = real[:, :, None, :] & ~in_window
+    dead = ~real[:, :, None, :]
     if causal:
         causal_ok = kp <= query_pos[None, :, :, None]
-        in_window, linear = in_window & causal_ok, linear & causal_ok
-    in_window, linear = in_window[:, None], linear[:, None]  # (B or 1, 1, nQ, T, 3T)
+        in_window, dead = in_window & causal_ok, dead | ~causal_ok
+    in_window, dead = in_window[:, None], dead[:, None]  # (B or 1, 1, nQ, T, M)
 
-    logits = _near_logits(qb, kn, lqb, lkn, in_window, linear, scale)
+    if _inference(q, k, lqb, lk):
+        m = lk.amax(dim=-1, keepdim=True)
+        fkn, mn = (_near(x, T, nB, causal)[:, :, first:] for x in (torch.exp(lk - m), m))
+        exact = [(_near_logits_inplace(qb, kn, lqb, fkn, mn, in_window, dead, scale), vn1)]
+    else:
+        lkn = _near(lk, T, nB, causal)[:, :, first:]
+        exact = [(_near_logits(qb, kn, lqb, lkn, in_window, dead, scale), vn1)]
     if sinks:
+        # the few sink keys get their own small GEMM (no concatenation with the near keys)
         index = sink_pos[:, None, :, None].expand(B, H, -1, D)
         ks, vs1 = k.gather(2, index), _with_ones(v.gather(2, index))  # (B, H, G2, D), (B, H, G2, D + 1)
-        seen = sink_ok[:, None, None, None, :]
+        seen = sink_ok[:, None, :, None]  # (B, 1, G2, 1) against (B, H, G2, nQ T)
         if causal:
-            seen = seen & (sink_pos[:, None, None, None, :] <= query_pos[None, None, :, :, None])
-        sink_logits = (qb @ ks[:, :, None].transpose(-1, -2) * scale).masked_fill(~seen, float("-inf"))
-        logits = torch.cat([logits, sink_logits], dim=-1)
-        vn1 = torch.cat([vn1, vs1[:, :, None].expand(-1, -1, nQ, -1, -1)], dim=3)
+            seen = seen & (sink_pos[:, None, :, None] <= query_pos.reshape(1, 1, 1, -1))
+        sink_logits = (ks @ (qb.flatten(2, 3) * scale).transpose(-1, -2)).masked_fill(~seen, float("-inf"))
+        exact.append((sink_logits.transpose(-1, -2).unflatten(2, (nQ, T)), vs1[:, :, None]))
     far = [_state_read(lqb, left[:, :, first:], left_shift[:, :, first:])]
     if not causal:
         far.append(_state_read(lqb, right[:, :, first:], right_shift[:, :, first:]))
-    out = _combine(logits, vn1, far).reshape(B, H, nQ * T, D)
+    out = _combine(exact, far).reshape(B, H, nQ * T, D)
     start = Nk - Nq - first * T
     return out[:, :, start : start + Nq]
 
@@ -382,10 +435,12 @@ def _capture_sinks(
     """Sink slots, counts and the buffer mask after new tokens: real tokens ranked `<= G` among a row's real
     tokens become sinks and leave the window/kernel parts (their mask turns False)."""
     sinks = state.sink_keys.shape[2]
+    if not sinks or bool((state.sink_count >= sinks).all()):  # every slot filled: nothing changes (decoding)
+        return state.sink_keys, state.sink_values, state.sink_count, mask
     rank = state.sink_count[:, None] + mask.long().cumsum(dim=1)  # 1-based rank of each new real token
     new = mask & (rank <= sinks)
     sink_keys, sink_values = state.sink_keys, state.sink_values
-    if sinks and bool(new.any()):
+    if bool(new.any()):
         rows, cols = new.nonzero(as_tuple=True)
         slots = rank[rows, cols] - 1
         sink_keys, sink_values = sink_keys.clone(), sink_values.clone()
@@ -399,11 +454,27 @@ def advance(
 ) -> WindowState:
     """The state after tokens `k`, `v` `(B, H, n, D)` with log-features `lk` and mask `(B, n)`: sinks go to their
     slots, the last `W - 1` tokens stay in the buffer, the older ones are absorbed into the kernel statistics."""
-    sink_keys, sink_values, sink_count, mask = _capture_sinks(state, k, v, mask)
     keys, values = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)
     lks, masks = torch.cat([state.log_features, lk], dim=2), torch.cat([state.mask, mask], dim=1)
+    return _advance(state, k, v, mask, (keys, values, lks, masks), window)
+
+
+def _advance(
+    state: WindowState,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    joined: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    window: int,
+) -> WindowState:
+    """`advance` given the buffer joined with the new tokens (`keys`, `values`, `log_features`, `mask`)."""
+    keys, values, lks, masks = joined
+    sink_keys, sink_values, sink_count, kept_mask = _capture_sinks(state, k, v, mask)
+    if kept_mask is not mask:
+        masks = torch.cat([state.mask, kept_mask], dim=1)
     leaving = max(keys.shape[2] - (window - 1), 0)
-    linear = state.linear.clone()
+    # `LinearState.absorb` rebinds its tensors (never writes them in place): a shallow copy leaves `state` intact
+    linear = LinearState(state.linear.kvz, state.linear.shift)
     if leaving:
         linear.absorb(lks[:, :, :leaving], values[:, :, :leaving], masks[:, :leaving])
     kept = keys[:, :, leaving:], values[:, :, leaving:], lks[:, :, leaving:], masks[:, leaving:]
@@ -454,16 +525,16 @@ def window_step(
     seen = key_mask[:, None, None, :] & (key_pos <= query_pos)  # (B, 1, n, w + n)
     in_window = seen & (key_pos > query_pos - window)
     logits = (q @ keys.transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~in_window, float("-inf"))
     if w + n > window:  # some buffered keys are outside the window of the first new queries
-        logits = torch.where(seen & ~in_window, _kernel_logits(lq, lks), logits)
-    values1 = _with_ones(values)
+        logits = torch.where(in_window, logits, _kernel_logits(lq, lks)).masked_fill(~seen, float("-inf"))
+    else:
+        logits = logits.masked_fill(~in_window, float("-inf"))
+    exact = [(logits, _with_ones(values))]
     if sinks:
         # sinks captured before this step (new ones are inside every later new query's window, as n <= W)
         filled = torch.arange(sinks, device=q.device) < state.sink_count[:, None]  # (B, G)
         sink_logits = (q @ state.sink_keys.transpose(-1, -2) * scale).masked_fill(~filled[:, None, None], -torch.inf)
-        logits = torch.cat([logits, sink_logits], dim=-1)
-        values1 = torch.cat([values1, _with_ones(state.sink_values)], dim=2)
+        exact.append((sink_logits, _with_ones(state.sink_values)))
     far = [_state_read(lq, state.linear.kvz, state.linear.shift)]
-    out = _combine(logits, values1, far)
-    return out, advance(state, k, v, lk, mask, window)
+    out = _combine(exact, far)
+    return out, _advance(state, k, v, mask, (keys, values, lks, key_mask), window)

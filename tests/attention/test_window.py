@@ -207,9 +207,9 @@ def test_blocked_path_never_builds_an_n_by_n_tensor(monkeypatch):
     largest = []
     real_combine = __import__("hf_lara.attention.window", fromlist=["_combine"])._combine
 
-    def spy(logits, v1, far):
-        largest.append(logits.numel())
-        return real_combine(logits, v1, far)
+    def spy(exact, far):
+        largest.extend(logits.numel() for logits, _ in exact)
+        return real_combine(exact, far)
 
     monkeypatch.setattr("hf_lara.attention.window._combine", spy)
     for causal in (False, True):
