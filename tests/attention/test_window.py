@@ -78,6 +78,24 @@ def test_matches_naive_twin_outputs_and_gradients(method, causal, window, sinks)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("causal", MODES)
 @pytest.mark.parametrize("sinks", [0, 2])
+def test_inference_path_matches_naive_twin(method, causal, sinks):
+    """Without autograd the blocked path fills its logit buffers in place: still the quadratic twin's output."""
+    attn = _perturb(build_small(method, H, D, window_size=5, sink_tokens=sinks).double().eval())
+    q, k, v = qkv(3, H, 71, D)
+    mask = _mask(3, 71)
+    with torch.no_grad():
+        out = attn(q, k, v, padding_mask=mask, causal=causal)
+    for row in range(3):
+        real = mask[row]
+        qr, kr, vr = (t[row : row + 1, :, real] for t in (q, k, v))
+        lq, lk = _complete_features(attn, qr, kr, D**-0.5, causal)
+        ref = naive_windowed_feature_attention(qr, kr, vr, lq, lk, 5, causal=causal, sinks=sinks)
+        assert_close(f"row {row}", ref[0], out[row][:, real], 1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("causal", MODES)
+@pytest.mark.parametrize("sinks", [0, 2])
 def test_matches_naive_twin_with_padding(method, causal, sinks):
     """Left- and right-padded rows: the bidirectional window and the sinks stay inside the real tokens."""
     attn = _perturb(build_small(method, H, D, window_size=6, sink_tokens=sinks).double().eval())
