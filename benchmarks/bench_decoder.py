@@ -44,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fidelity_texts import _docstrings, documents, stdlib_files, training_files  # noqa: E402
+from report import write_report  # noqa: E402
 
 import hf_lara  # noqa: E402
 from hf_lara.distill import DistillConfig, attention_transfer, end_to_end, length_batches  # noqa: E402
@@ -398,11 +399,7 @@ def main(argv=None) -> None:
         "cpu_minutes": (time.process_time() - cpu) / 60,
         "quick": args.quick,
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=1) + "\n")
-    out.with_suffix(".md").write_text(text + "\n")
-    print(f"wall {conditions['wall_minutes']:.1f} min, CPU {conditions['cpu_minutes']:.1f} min -> {out}.md/.json")
+    write_report(args.output, conditions, rows, text)
 
 
 if __name__ == "__main__":

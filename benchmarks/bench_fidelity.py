@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fidelity_texts import documents, sentences, stdlib_files, training_files  # noqa: E402
+from report import write_report  # noqa: E402
 
 import hf_lara  # noqa: E402
 from hf_lara.distill import (  # noqa: E402
@@ -311,8 +311,7 @@ def main(argv=None) -> None:
     }
     text = table(rows)
     print(text)
-    out.with_suffix(".json").write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=1) + "\n")
-    out.with_suffix(".md").write_text(text + "\n")
+    write_report(out, conditions, rows, text)
     plot(rows, out.with_suffix(".png"))
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import random
@@ -35,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fidelity_texts import _docstrings, _files, stdlib_files  # noqa: E402
+from report import write_report  # noqa: E402
 
 import hf_lara  # noqa: E402
 from hf_lara.demo import minilm_path  # noqa: E402
@@ -266,11 +266,7 @@ def main(argv=None) -> None:
         "cpu_minutes": (time.process_time() - cpu) / 60,
         "quick": args.quick,
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=1) + "\n")
-    out.with_suffix(".md").write_text(text + "\n")
-    print(f"wall {conditions['wall_minutes']:.1f} min, CPU {conditions['cpu_minutes']:.1f} min -> {out}.md/.json")
+    write_report(args.output, conditions, rows, text)
 
 
 def table(rows: list[dict], lengths: dict, args) -> str:
