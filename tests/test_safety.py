@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -238,11 +237,31 @@ def test_interrupted_convert_leaves_out_as_it_was(src, tmp_path, capsys, monkeyp
     assert code == 130 and not (tmp_path / "new").exists() and leftovers(tmp_path) == []
 
 
+# `hf-lara convert ARGS` whose `save_pretrained` says "written" once the weights are in the temporary folder, then
+# waits there (for the test's SIGINT)
+SLOW_SAVE = """
+import sys, time
+import transformers
+from hf_lara.cli import main
+
+save = transformers.PreTrainedModel.save_pretrained
+
+def save_then_wait(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    print("written", flush=True)
+    time.sleep(60)
+
+transformers.PreTrainedModel.save_pretrained = save_then_wait
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigint_during_convert(tmp_path):
     """A real SIGINT to `hf-lara convert` while it writes: exit 130, one line, OUT as it was, no temporary folder.
 
-    The signal is sent as soon as the temporary folder beside OUT appears; on a fast machine the conversion may
-    finish first, so up to 3 runs are made and at least one must have been interrupted.
+    The signal is sent once the weights are written into the temporary folder beside OUT: the converting process
+    (`SLOW_SAVE`) then waits inside `save_pretrained`, so the signal always lands mid-write, whatever the machine's
+    speed (racing a fast conversion made this test flaky).
     """
     src = tmp_path / "src"
     big = dict(tiny.BERT, hidden_size=256, num_hidden_layers=6, intermediate_size=1024, num_attention_heads=4)
@@ -256,31 +275,17 @@ def test_sigint_during_convert(tmp_path):
     out.mkdir()
     (out / "config.json").write_text("{}")  # an earlier output, replaced only by a complete conversion
     before = snapshot(out)
-    interrupted = 0
-    for _ in range(3):
-        cmd = [sys.executable, "-m", "hf_lara.cli", "convert", str(src), str(out), "--method", "rfa", "--overwrite"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            if any(p.name.endswith(".partial") for p in tmp_path.iterdir()):
-                proc.send_signal(signal.SIGINT)
-                break
-            time.sleep(0.002)
-        stdout, stderr = proc.communicate(timeout=120)
-        lines = [line for line in stderr.splitlines() if line.strip() and "%|" not in line]
-        assert leftovers(tmp_path) == []
-        if proc.returncode == 0:  # finished before the signal: a complete conversion
-            assert json.loads((out / "config.json").read_text())["lara_method"] == "rfa"
-            shutil.rmtree(out)
-            out.mkdir()
-            (out / "config.json").write_text("{}")
-            continue
-        assert proc.returncode == 130 and len(lines) == 1, stderr
-        assert lines[0].startswith("hf-lara convert: error: interrupted") and "Traceback" not in stderr
-        assert snapshot(out) == before
-        interrupted += 1
-        break
-    assert interrupted == 1
+    cmd = [sys.executable, "-c", SLOW_SAVE, "convert", str(src), str(out), "--method", "rfa", "--overwrite"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "written", proc.communicate(timeout=120)
+    assert any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip() and "%|" not in line]
+    assert proc.returncode == 130 and len(lines) == 1, stderr
+    assert lines[0].startswith("hf-lara convert: error: interrupted") and "Traceback" not in stderr
+    assert snapshot(out) == before
+    assert leftovers(tmp_path) == []
 
 
 # ------------------------------------------------------------------------------------------------ 11.6: verified pushes
