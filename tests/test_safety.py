@@ -240,9 +240,12 @@ def test_interrupted_convert_leaves_out_as_it_was(src, tmp_path, capsys, monkeyp
 # `hf-lara convert ARGS` whose `save_pretrained` says "written" once the weights are in the temporary folder, then
 # waits there (for the test's SIGINT)
 SLOW_SAVE = """
-import sys, time
+import signal, sys, time
 import transformers
 from hf_lara.cli import main
+
+# a shell without job control starts background jobs with SIGINT ignored; a user's Ctrl-C is what is tested here
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 save = transformers.PreTrainedModel.save_pretrained
 
