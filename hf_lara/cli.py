@@ -220,6 +220,37 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+#: `DistillConfig` fields that `hf-lara distill` takes as options: field -> (type, help). An omitted option leaves
+#: the field at its `DistillConfig` default, so the command and the Python API train the same way.
+DISTILL_FIELDS: dict[str, tuple[Any, str]] = {
+    "max_minutes": (float, "wall-clock budget of all stages together"),
+    "stage1_share": (float, "share of the budget given to stage 1 when both stages run"),
+    "max_steps": (int, "at most this many optimizer steps per stage"),
+    "max_length": (int, "truncate training texts to this many tokens; train as long as you will use"),
+    "batch_tokens": (int, "padded tokens per batch, texts batched by length"),
+    "stage1_lr": (float, "peak learning rate of the estimator parameters in stage 1"),
+    "stage2_lr": (float, "peak learning rate of the LoRA adapters in stage 2 (about 5e-5 with --full-finetune)"),
+    "stage2_estimator_lr": (float, "peak learning rate of the estimator parameters in stage 2"),
+    "rows_weight": (float, "weight of Hedgehog's attention-row cross-entropy in stage 1"),
+    "hidden_weight": (float, "weight of the final hidden states' error next to the embedding loss (encoders)"),
+    "layer_weight": (float, "weight of the intermediate layers' hidden-state error in stage 2"),
+    "lora_rank": (int, "LoRA rank r (lora_alpha = 2 r)"),
+    "full_finetune": (bool, "stage 2 trains every weight instead of LoRA adapters"),
+}
+
+
+def add_distill_option(parser: argparse.ArgumentParser, name: str, kind: Any, text: str) -> None:
+    """Add `--name-with-dashes` (and `--name_with_underscores`) for the `DistillConfig` field `name`, default None."""
+    from .distill import DistillConfig
+
+    flags = ["--" + name.replace("_", "-")] + (["--" + name] if "_" in name else [])
+    default = getattr(DistillConfig, name)
+    if kind is bool:
+        parser.add_argument(*flags, dest=name, action="store_const", const=True, default=None, help=text)
+    else:
+        parser.add_argument(*flags, dest=name, type=kind, default=None, help=f"{text} (default: {default})")
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from .distill import DistillConfig, distill_checkpoint, read_train_texts
     from .io import check_output_folder
@@ -230,20 +261,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     layers = arguments.parse_layers(args.layers) if args.layers else None
     stages = tuple(arguments.parse_ints(args.stages, "--stages", minimum=1))
     set_threads(args.threads)
-    config = DistillConfig(
-        stages=stages,
-        max_minutes=args.max_minutes,
-        max_steps=args.max_steps,
-        max_length=args.max_length,
-        batch_tokens=args.batch_tokens,
-        stage1_lr=args.stage1_lr,
-        stage2_lr=args.stage2_lr,
-        rows_weight=args.rows_weight,
-        lora_rank=args.lora_rank,
-        full_finetune=args.full_finetune,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    given = {name: getattr(args, name) for name in DISTILL_FIELDS if getattr(args, name) is not None}
+    config = DistillConfig(stages=stages, seed=args.seed, progress=not args.no_progress, **given)
     texts = read_train_texts(args.train_file)
     # check the method and hyper-parameters before loading any weights
     from .integration import LaraConfig
@@ -560,57 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="training texts: .txt (one per line), .jsonl (`text` field) or .json (list)",
     )
-    p.add_argument(
-        "--max-minutes",
-        "--max_minutes",
-        dest="max_minutes",
-        type=float,
-        default=10.0,
-        help="wall-clock budget of all stages together (default: 10)",
-    )
     p.add_argument("--stages", default="1,2", help="1 = attention transfer, 2 = end to end (default: 1,2)")
-    p.add_argument(
-        "--max-steps",
-        "--max_steps",
-        dest="max_steps",
-        type=int,
-        default=None,
-        help="at most this many steps per stage",
-    )
-    p.add_argument(
-        "--max-length",
-        "--max_length",
-        dest="max_length",
-        type=int,
-        default=512,
-        help="truncate training texts to this many tokens; train as long as you will use (default: 512)",
-    )
-    p.add_argument(
-        "--batch-tokens",
-        "--batch_tokens",
-        dest="batch_tokens",
-        type=int,
-        default=1024,
-        help="padded tokens per batch, texts batched by length (default: 1024)",
-    )
-    p.add_argument("--stage1-lr", "--stage1_lr", dest="stage1_lr", type=float, default=1e-2)
-    p.add_argument("--stage2-lr", "--stage2_lr", dest="stage2_lr", type=float, default=1e-3)
-    p.add_argument(
-        "--rows-weight",
-        "--rows_weight",
-        dest="rows_weight",
-        type=float,
-        default=0.0,
-        help="weight of Hedgehog's attention-row cross-entropy in stage 1 (default: 0)",
-    )
-    p.add_argument("--lora-rank", "--lora_rank", dest="lora_rank", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument(
-        "--full-finetune",
-        "--full_finetune",
-        dest="full_finetune",
-        action="store_true",
-        help="stage 2 trains every weight instead of LoRA adapters",
-    )
+    for name, (kind, text) in DISTILL_FIELDS.items():
+        add_distill_option(p, name, kind, text)
     p.add_argument("--layers", help="comma-separated self-attention layers to convert (default: all)")
     p.add_argument(
         "--keep-softmax",

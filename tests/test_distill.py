@@ -4,6 +4,7 @@ model saves and loads, the time budget holds; `convert(keep_softmax=K)` leaves t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 
@@ -258,6 +259,10 @@ def test_cli_distill_respects_budget_and_stays_a_sentence_transformer(tmp_path):
     results = json.loads((out / "distill_results.json").read_text())
     steps = {name: stage["steps"] for name, stage in results["stages"].items()}
     assert set(steps) == {"attention_transfer", "end_to_end"} and min(steps.values()) >= 1
+    # an option left out takes the `DistillConfig` default: the command trains as the Python API does
+    given = {"max_minutes": budget, "max_length": 64, "batch_tokens": 64, "progress": False}
+    expected = {**json.loads(json.dumps(dataclasses.asdict(DistillConfig()))), **given}
+    assert results["config"] == expected
     # each stage stops at the first step past its budget: one tiny step (well under a second) of slack
     assert results["minutes"] < budget + 1.0 / 60, results["minutes"]
     assert wall < budget * 60 + 30  # loading, converting and saving included
