@@ -35,6 +35,7 @@ from fidelity_texts import documents, sentences, stdlib_files, training_files  #
 from report import write_report  # noqa: E402
 
 import hf_lara  # noqa: E402
+from hf_lara.arguments import parse_method_hparams  # noqa: E402
 from hf_lara.distill import (  # noqa: E402
     DistillConfig,
     attention_transfer,
@@ -96,6 +97,7 @@ def run_one(base, method: str, regime: str, data: dict, args) -> dict:
     hparams = METHODS[method](window)
     if args.sink_tokens and method != "eva":
         hparams["sink_tokens"] = args.sink_tokens
+    hparams.update(args.method_hparams.get(method, {}))
     st = copy.deepcopy(base)
     st.max_seq_length = max_length
     model = st[0].auto_model
@@ -171,8 +173,12 @@ def distill_options(items: list[str]) -> dict:
         default = fields[key]
         if isinstance(default, bool):
             options[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, int | float):
+            options[key] = type(default)(value)
+        elif default is None:  # optional numbers, e.g. max_steps
+            options[key] = int(value) if value.lstrip("-").isdigit() else float(value)
         else:
-            options[key] = type(default)(value) if isinstance(default, int | float) else value
+            options[key] = value
     return options
 
 
@@ -268,11 +274,19 @@ def main(argv=None) -> None:
         metavar="KEY=VALUE",
         help="another `DistillConfig` field, e.g. --distill layer_weight=1 (repeatable)",
     )
+    parser.add_argument(
+        "--hparam",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="override one method's hyper-parameter, e.g. --hparam kernel.num_features=64 (repeatable)",
+    )
     parser.add_argument("--output", default=str(RESULTS / "fidelity"))
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
     args.num_train = {"long": args.num_train_long, "short": args.num_train_short}
     args.distill_options = distill_options(args.distill)
+    args.method_hparams = parse_method_hparams(args.hparam)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_start = os.getloadavg()
@@ -300,6 +314,7 @@ def main(argv=None) -> None:
         "sink_tokens": args.sink_tokens,
         "keep_softmax": args.keep_softmax,
         "distill_options": args.distill_options,
+        "hparam_overrides": args.method_hparams,
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
         "data": {
