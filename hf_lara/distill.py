@@ -55,7 +55,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
 
-from .integration import ESTIMATOR_ATTR, lara_attention_forward, lara_padding_mask
+from .integration import ESTIMATOR_ATTR, compat, lara_attention_forward, lara_padding_mask
 from .integration.attention import repeat_kv
 
 #: Attention implementation used by stage 1: teacher output forward, student loss recorded.
@@ -805,7 +805,8 @@ def add_lora(model: nn.Module, rank: int = 16, seed: int = 0) -> nn.Module:
         fan_in_fan_out=any(isinstance(model.get_submodule(t), Conv1D) for t in targets),
     )
     torch.manual_seed(seed)
-    return peft.get_peft_model(model, lora)
+    with compat.peft_wrapping():
+        return peft.get_peft_model(model, lora)
 
 
 @contextlib.contextmanager

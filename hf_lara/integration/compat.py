@@ -7,7 +7,9 @@ rename fails there, by name, instead of silently changing behaviour elsewhere. T
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -99,3 +101,15 @@ def called_by_peft_card(depth: int = 2) -> bool:
 
     frame = sys._getframe(depth)
     return frame.f_code.co_name == PEFT_CARD_METHOD and frame.f_globals.get("__name__", "").startswith("peft")
+
+
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Silence the one warning of wrapping a model in peft that users cannot act on.
+
+    Why: peft 0.21's `PeftModel.__init__` reads `model.is_gradient_checkpointing`, which transformers 5.24 deprecates
+    in favour of `is_activation_checkpointing` with a FutureWarning on every wrap. Only that message is filtered.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

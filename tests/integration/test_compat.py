@@ -71,3 +71,19 @@ def test_peft_saves_through_its_card_update_which_reads_model_tags(tmp_path):
     model = peft.get_peft_model(Probe(), peft.LoraConfig(r=2, target_modules=["linear"]))
     model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
     assert True in seen
+
+
+def test_lora_wrap_of_a_converted_model_raises_no_future_warning():
+    """`peft_wrapping`: peft reads `is_gradient_checkpointing` (deprecated in transformers 5.24) on every wrap; the
+    stage-2 LoRA wrap of `hf_lara.distill` shows users no warning they cannot act on."""
+    import hf_lara
+    from hf_lara.distill import add_lora
+
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    model = hf_lara.convert(transformers.BertModel(config), "kernel")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        wrapped = add_lora(model, rank=2)
+    assert type(wrapped).__module__.startswith("peft")
