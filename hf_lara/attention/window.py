@@ -43,12 +43,13 @@ from .linear import (
     _normalise,
     _rescaled_prefix,
     _scanned_prefix,
-    _tiny,
     _with_ones,
 )
 
 #: smallest block length of the blocked path (short windows would make the block statistics many and tiny)
 MIN_BLOCK = 16
+#: logit elements `B H g T M` of one group of `g` query blocks: the group's buffers stay in cache
+NEAR_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -70,14 +71,6 @@ def blocks(x: torch.Tensor, front: int, length: int, block: int) -> torch.Tensor
     pad = [0, 0] * (x.dim() - 3) + [front, length - front - x.shape[2]]
     x = F.pad(x, pad)
     return x.reshape(x.shape[0], x.shape[1], length // block, block, *x.shape[3:])
-
-
-def _near(x: torch.Tensor, block: int, num_blocks: int, causal: bool = False) -> torch.Tensor:
-    """Blocks `b - 1, b, b + 1` side by side (`b - 1, b` if `causal`: block `b + 1` is all future):
-    `(B, H, N, ...)` -> `(B, H, num_blocks, 3 block or 2 block, ...)`."""
-    padded = blocks(x, block, (num_blocks + 2) * block, block)
-    parts = [padded[:, :, :-2], padded[:, :, 1:-1]] + ([] if causal else [padded[:, :, 2:]])
-    return torch.cat(parts, dim=3)
 
 
 def window_bounds(
@@ -131,89 +124,9 @@ def sink_positions(
     return pos.clamp(0, max(num_keys - 1, 0)), ok
 
 
-def _kernel_logits(lq: torch.Tensor, lk: torch.Tensor) -> torch.Tensor:
-    """`log sum_s exp(lq_is + lk_js)` `(..., n, m)` by one GEMM of max-shifted features (see `linear.py`)."""
-    e = lq.detach().amax(dim=-1, keepdim=True)
-    m = lk.detach().amax(dim=-1, keepdim=True)
-    products = torch.exp(lq - e) @ torch.exp(lk - m).transpose(-1, -2)
-    return torch.log(products.clamp_min(_tiny(products.dtype))) + e + m.transpose(-1, -2)
-
-
-def _state_read(lq: torch.Tensor, kvz: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sum_s exp(lq_s + shift_s) kvz_s` as `(exp(-c) * value, c)`: `lq` `(..., n, S)`, `kvz` `(..., S, D + 1)`."""
-    a = lq + shift[..., None, :]
-    c = a.detach().amax(dim=-1)
-    return torch.exp(a - c[..., None]) @ kvz, c
-
-
 def _inference(*tensors: torch.Tensor) -> bool:
     """True when no gradient is recorded for `tensors`: the in-place fast paths may run."""
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-
-
-def _combine(
-    exact: list[tuple[torch.Tensor, torch.Tensor]], far: list[tuple[torch.Tensor, torch.Tensor]]
-) -> torch.Tensor:
-    """Normalised `[sum_exact exp(logits) @ v1 + sum_far exp(c) part]`, all under one detached row max,
-    `(..., n, D)`. `exact` holds `(logits (..., n, m), v1 (..., m, D + 1))` pairs; without autograd the logits
-    are overwritten (exponentiated in place)."""
-    top = None
-    for logits, _ in exact:
-        row = logits.detach().amax(dim=-1)
-        top = row if top is None else torch.maximum(top, row)
-    for _, c in far:
-        top = torch.maximum(top, c)
-    top = top.clamp_min(_LOG_FLOOR)
-    out = None
-    for logits, v1 in exact:
-        if _inference(logits, v1):
-            weights = logits.sub_(top[..., None]).exp_()
-        else:
-            weights = torch.exp(logits - top[..., None])
-        out = weights @ v1 if out is None else out + weights @ v1
-    for part, c in far:
-        out = out + torch.exp(c - top)[..., None] * part
-    return _normalise(out)
-
-
-def _near_logits(
-    q: torch.Tensor,
-    kn: torch.Tensor,
-    lq: torch.Tensor,
-    lkn: torch.Tensor,
-    in_window: torch.Tensor,
-    dead: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Exact logits on `in_window`, `-inf` on `dead`, kernel logits elsewhere: `(..., n, m)` (autograd path)."""
-    exact = (q @ kn.transpose(-1, -2)) * scale
-    return torch.where(in_window, exact, _kernel_logits(lq, lkn)).masked_fill(dead, float("-inf"))
-
-
-def _near_logits_inplace(
-    q: torch.Tensor,
-    kn: torch.Tensor,
-    lq: torch.Tensor,
-    fkn: torch.Tensor,
-    mn: torch.Tensor,
-    in_window: torch.Tensor,
-    dead: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """`_near_logits` without autograd, in one `(..., n, m)` buffer written in place: the kernel logits, then the
-    exact ones where `in_window`, then `-inf` where `dead`. The keys come as `fkn = exp(lk - mn)` and their shift
-    `mn` `(..., m, 1)`, computed once per key rather than once per near block. The masks are applied as float
-    tensors (`lerp_` by a 0/1 weight, `add_` of a 0/-inf bias): CPU kernels with a broadcast bool mask
-    (`where`, `masked_fill_`) run about ten times slower than these."""
-    e = lq.amax(dim=-1, keepdim=True)
-    logits = torch.exp(lq - e) @ fkn.transpose(-1, -2)
-    # clamped as in `_kernel_logits`: finite logits, so that `lerp_` with weight 0 keeps them exactly
-    logits.clamp_min_(_tiny(logits.dtype)).log_().add_(e).add_(mn.transpose(-1, -2))  # as `_kernel_logits`
-    exact = (q @ kn.transpose(-1, -2)).mul_(scale)
-    logits.lerp_(exact, in_window.to(logits.dtype))  # weight 1 gives `exact` exactly, weight 0 the kernel logit
-    return logits.add_(
-        torch.zeros(dead.shape, dtype=logits.dtype, device=logits.device).masked_fill_(dead, -torch.inf)
-    )
 
 
 def _block_statistics(
@@ -236,6 +149,131 @@ def _block_statistics(
     prefix = _rescaled_prefix(delta, running, state)
     prior, _ = prefix if prefix is not None else _scanned_prefix(delta, running, state)
     return (prior.flip(2), running.flip(2)) if reverse else (prior, running)
+
+
+def _spans(window: int, block: int, causal: bool) -> tuple[int, int]:
+    """Blocks `(before, after)` around a query block that hold every key of its queries' windows (a
+    bidirectional window clamped at a row's edge may reach `W - 1` positions to either side of its query)."""
+    reach = -(-(window - 1) // block)
+    return reach, 0 if causal else reach
+
+
+def _far_statistics(
+    lk: torch.Tensor, v: torch.Tensor, block: int, num_blocks: int, state: LinearState, layout: _Layout
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Kernel statistics `(kvz (B, H, nB, S, D + 1), shift (B, H, nB, S))` of the keys of blocks `< b - before`
+    (with `state`) and, bidirectionally, of blocks `> b + after`: every key outside the near span of block `b`."""
+    before, after = layout.before, layout.after
+    prior, shift = _block_statistics(lk, v, block, num_blocks, state, False)
+    index = (torch.arange(num_blocks, device=lk.device) - before).clamp_min(0)  # entry 0: the state alone
+    far = [(prior[:, :, index], shift[:, :, index])]
+    if not layout.causal:
+        empty = LinearState.empty(lk.shape[0], lk.shape[1], lk.shape[-1], v)
+        prior, shift = _block_statistics(lk, v, block, num_blocks, empty, True)
+        # entry b + after; past the last block, nothing (zeros at the floor shift)
+        prior = torch.cat([prior, empty.kvz[:, :, None]], dim=2)
+        shift = torch.cat([shift, empty.shift[:, :, None]], dim=2)
+        index = (torch.arange(num_blocks, device=lk.device) + after).clamp_max(num_blocks)
+        far.append((prior[:, :, index], shift[:, :, index]))
+    return far
+
+
+def _pad_rows(x: torch.Tensor, front: int, length: int, value: float = 0.0) -> torch.Tensor:
+    """`x` `(B, H, N, ...)` (or a mask `(B, N)`) padded along its token dimension to `length` rows, `front` first."""
+    dim = 2 if x.dim() > 2 else 1
+    pad = [0, 0] * (x.dim() - dim - 1) + [front, length - front - x.shape[dim]]
+    return F.pad(x, pad, value=value)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Query blocks of `T` tokens; block `b`'s near span is key blocks `b - before .. b + after` (`M` keys), of
+    which the first `Mk` may fall outside a window (all `M` bidirectionally) and get kernel weights."""
+
+    T: int
+    before: int
+    after: int
+    num_keys: int
+    window: int
+    causal: bool
+
+    @property
+    def M(self) -> int:
+        return (self.before + 1 + self.after) * self.T
+
+    @property
+    def Mk(self) -> int:
+        # causal: key j is left of some window of block b only if j <= (b + 1) T - 1 - W
+        return max(self.M - self.window, 0) if self.causal else self.M
+
+
+def _near_masks(
+    layout: _Layout, block_ids: torch.Tensor, key_real: torch.Tensor, bounds_mask: torch.Tensor | None, dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float masks of query blocks `block_ids` `(g,)`, shared by the heads: the exact-logit bias `(B or 1, 1, g,
+    T, M)` (0 on a real key of the window, `-inf` elsewhere) and the kernel mask `(B or 1, 1, g, T, Mk)` (1 outside
+    the window). `key_real` `(B or 1, g, M)`: near keys that exist, are not padding and are not sinks."""
+    T, M = layout.T, layout.M
+    query_pos = block_ids[:, None] * T + torch.arange(T, device=block_ids.device)  # (g, T)
+    key_pos = (block_ids[:, None] - layout.before) * T + torch.arange(M, device=block_ids.device)  # (g, M)
+    lo = window_bounds(query_pos, bounds_mask, layout.num_keys, layout.window, layout.causal)[..., None]
+    kp = key_pos[None, :, None, :]
+    in_window = (kp >= lo) & (kp < lo + layout.window)  # causal: lo + W - 1 is the query itself
+    exact = in_window & key_real[:, :, None]
+    bias = torch.zeros(exact.shape, dtype=dtype, device=exact.device).masked_fill_(~exact, float("-inf"))
+    kernel = (kp < lo) if layout.causal else ~in_window  # causal: never a key after the query
+    return bias[:, None], kernel[..., : layout.Mk].to(dtype)[:, None]
+
+
+def _group(
+    layout: _Layout,
+    qs: torch.Tensor,
+    lq: torch.Tensor,
+    near: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    masks: tuple[torch.Tensor, torch.Tensor],
+    far: list[tuple[torch.Tensor, torch.Tensor]],
+    sink: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """Normalised output `(B, H, g, T, D)` of a group of `g` query blocks.
+
+    Args:
+        qs, lq (`torch.Tensor` of shape `(B, H, g, T, D or S)`): scaled queries and their log-features.
+        near: keys `(B, H, g, D, M)`, log-features of the first `Mk` keys `(B, H, g, S, Mk)` (`-inf` = not a key)
+            and values with ones `(B, H, g, M, D + 1)` of each block's near span.
+        masks: `_near_masks`.
+        far: `(kvz (B, H, g, S, D + 1), shift (B, H, g, S))` of the far keys.
+        sink: sink keys `(B, H, 1, D, G2)`, values `(B, H, 1, G2, D + 1)`, bias `(B, 1, g or 1, T or 1, G2)`.
+
+    Every term is `exp(logit - top)` under one detached row bound `top`: the exact logits' row max, and for each
+    kernel part `max_s (lq_s + c_s)` with `c` its per-feature key max (a kernel logit is at most that plus `log S`).
+    """
+    kn, lkn, vn1 = near
+    bias, kernel_mask = masks
+    inplace = _inference(qs, lq, kn, lkn, vn1)
+    exact = qs @ kn
+    exact = exact.add_(bias) if inplace else exact + bias
+    c_near = lkn.detach().amax(dim=-1).clamp_min(_LOG_FLOOR)  # (B, H, g, S)
+    kernel = [(lq + c_near[..., None, :], None)] + [(lq + shift[..., None, :], kvz) for kvz, shift in far]
+    tops = [exact.detach().amax(dim=-1)] + [a.detach().amax(dim=-1) for a, _ in kernel]
+    if sink is not None:
+        sink_keys, sink_values, sink_bias = sink
+        sink_logits = qs @ sink_keys + sink_bias
+        tops.append(sink_logits.detach().amax(dim=-1))
+    top = torch.stack(tops, dim=-1).amax(dim=-1).clamp_min(_LOG_FLOOR)[..., None]  # (B, H, g, T, 1)
+    weights = exact.sub_(top).exp_() if inplace else torch.exp(exact - top)
+    Mk = lkn.shape[-1]
+    if Mk:
+        near_kernel = torch.exp(kernel[0][0] - top) @ torch.exp(lkn - c_near[..., None])  # (B, H, g, T, Mk)
+        if inplace:
+            weights[..., :Mk].addcmul_(near_kernel, kernel_mask)
+        else:
+            weights = torch.cat([weights[..., :Mk] + near_kernel * kernel_mask, weights[..., Mk:]], dim=-1)
+    out = weights @ vn1
+    for a, kvz in kernel[1:]:
+        out = out + torch.exp(a - top) @ kvz
+    if sink is not None:
+        out = out + torch.exp(sink_logits - top) @ sink_values
+    return _normalise(out)
 
 
 def windowed_attention(
@@ -262,7 +300,7 @@ def windowed_attention(
         window (`int`): `W >= 1`.
         maps (`WindowMaps`): complete log-feature maps.
         state (`LinearState`, *optional*): causal only; kernel statistics of keys before position 0 (decoding).
-        block_size (`int`, *optional*): block length `T` (at least `W`; default `max(W, 16)`).
+        block_size (`int`, *optional*): block length `T >= 1` (default `max(W, 16)`).
         sinks (`int`, *optional*, defaults to 0): `G`; the first `G` real keys (bidirectional: and the last `G`) are
             attended exactly by every query that may see them (`sink_positions`); not with `state`.
 
@@ -271,71 +309,63 @@ def windowed_attention(
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    T = max(block_size or MIN_BLOCK, window)
+    T = block_size or max(window, MIN_BLOCK)
+    before, after = _spans(window, T, causal)
+    layout = _Layout(T, before, after, Nk, window, causal)
     nB = -(-Nk // T)
     lk = maps.key(k)
     S = lk.shape[-1]
-    empty = LinearState.empty(B, H, S, v)
     bounds_mask = key_mask
     if sinks:
         sink_pos, sink_ok = sink_positions(key_mask, B, Nk, sinks, causal, q.device)
         is_sink = ((torch.arange(Nk, device=q.device) == sink_pos[..., None]) & sink_ok[..., None]).any(1)
         # sink keys leave the window and the kernel part: they are attended exactly, once
         key_mask = ~is_sink if key_mask is None else key_mask & ~is_sink
-    left, left_shift = _block_statistics(_mask_keys(lk, key_mask), v, T, nB, state or empty, False)
-    if not causal:
-        right, right_shift = _block_statistics(_mask_keys(lk, key_mask), v, T, nB, empty, True)
-    # far statistics of block b: prefix before b - 1 (entry b - 1; the state alone for b = 0), suffix after b + 1
-    left = torch.cat([(state or empty).kvz[:, :, None], left[:, :, :-1]], dim=2)
-    left_shift = torch.cat([(state or empty).shift[:, :, None], left_shift[:, :, :-1]], dim=2)
-    if not causal:
-        right = F.pad(right[:, :, 1:], (0, 0, 0, 0, 0, 1))
-        right_shift = F.pad(right_shift[:, :, 1:], (0, 0, 0, 1), value=_LOG_FLOOR)
+    lk = _mask_keys(lk, key_mask)
+    far = _far_statistics(lk, v, T, nB, state or LinearState.empty(B, H, S, v), layout)
 
     first = (Nk - Nq) // T  # first block holding a query
-    nQ = nB - first
-    qb = blocks(q, Nk - Nq - first * T, nQ * T, T)  # (B, H, nQ, T, D)
-    lqb = maps.query(qb.flatten(2, 3)).unflatten(2, (nQ, T))
-    M = (2 if causal else 3) * T  # near keys of a block
-    kn, vn1 = (_near(x, T, nB, causal)[:, :, first:] for x in (k, _with_ones(v)))
-    device = q.device
-    query_pos = (first + torch.arange(nQ, device=device))[:, None] * T + torch.arange(T, device=device)  # (nQ, T)
-    key_pos = (first - 1 + torch.arange(nQ, device=device))[:, None] * T + torch.arange(M, device=device)
-    real = ((key_pos >= 0) & (key_pos < Nk))[None]  # (1, nQ, M)
-    if key_mask is not None:
-        real = real & (_near(key_mask[:, None, :, None].to(q.dtype), T, nB, causal)[:, 0, first:, :, 0] > 0.5)
-    lo = window_bounds(query_pos, bounds_mask, Nk, window, causal)[..., None]  # (B or 1, nQ, T, 1)
-    kp = key_pos[None, :, None, :]
-    # the pattern depends on positions only (and on B with a key mask): built once, shared by the heads
-    in_window = real[:, :, None, :] & (kp >= lo) & (kp < lo + window)
-    dead = ~real[:, :, None, :]
-    if causal:
-        causal_ok = kp <= query_pos[None, :, :, None]
-        in_window, dead = in_window & causal_ok, dead | ~causal_ok
-    in_window, dead = in_window[:, None], dead[:, None]  # (B or 1, 1, nQ, T, M)
-
-    if _inference(q, k, lqb, lk):
-        m = lk.amax(dim=-1, keepdim=True)
-        fkn, mn = (_near(x, T, nB, causal)[:, :, first:] for x in (torch.exp(lk - m), m))
-        exact = [(_near_logits_inplace(qb, kn, lqb, fkn, mn, in_window, dead, scale), vn1)]
-    else:
-        lkn = _near(lk, T, nB, causal)[:, :, first:]
-        exact = [(_near_logits(qb, kn, lqb, lkn, in_window, dead, scale), vn1)]
+    nQ, front = nB - first, Nk - Nq - first * T
+    qs = blocks(q * scale, front, nQ * T, T)  # (B, H, nQ, T, D)
+    lqb = maps.query(blocks(q, front, nQ * T, T).flatten(2, 3)).unflatten(2, (nQ, T))
+    # keys padded by `before` blocks in front and `after` behind: the near span of block b starts at row b T
+    length, offset = (nB + before + after) * T, before * T
+    kp, vp = _pad_rows(k, offset, length), _pad_rows(_with_ones(v), offset, length)
+    lkp = _pad_rows(lk, offset, length, -torch.inf)
+    real = torch.ones(1, Nk, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
+    realp = _pad_rows(real, offset, length)
     if sinks:
-        # the few sink keys get their own small GEMM (no concatenation with the near keys)
         index = sink_pos[:, None, :, None].expand(B, H, -1, D)
-        ks, vs1 = k.gather(2, index), _with_ones(v.gather(2, index))  # (B, H, G2, D), (B, H, G2, D + 1)
-        seen = sink_ok[:, None, :, None]  # (B, 1, G2, 1) against (B, H, G2, nQ T)
-        if causal:
-            seen = seen & (sink_pos[:, None, :, None] <= query_pos.reshape(1, 1, 1, -1))
-        sink_logits = (ks @ (qb.flatten(2, 3) * scale).transpose(-1, -2)).masked_fill(~seen, float("-inf"))
-        exact.append((sink_logits.transpose(-1, -2).unflatten(2, (nQ, T)), vs1[:, :, None]))
-    far = [_state_read(lqb, left[:, :, first:], left_shift[:, :, first:])]
-    if not causal:
-        far.append(_state_read(lqb, right[:, :, first:], right_shift[:, :, first:]))
-    out = _combine(exact, far).reshape(B, H, nQ * T, D)
-    start = Nk - Nq - first * T
-    return out[:, :, start : start + Nq]
+        sink_keys = k.gather(2, index).transpose(-1, -2)[:, :, None]  # (B, H, 1, D, G2)
+        sink_values = _with_ones(v.gather(2, index))[:, :, None]  # (B, H, 1, G2, D + 1)
+        sink_bias = torch.zeros(sink_ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~sink_ok, -torch.inf)
+        sink_bias = sink_bias[:, None, None, None]  # (B, 1, 1, 1, G2)
+    M, Mk = layout.M, layout.Mk
+    group = max(1, NEAR_ELEMENTS // (B * H * T * M))
+    outs = []
+    for g0 in range(0, nQ, group):
+        g1 = min(g0 + group, nQ)
+        b0, b1 = first + g0, first + g1  # their key blocks
+        rows = slice(b0 * T, (b1 + before + after) * T)
+        near = (
+            kp[:, :, rows].unfold(2, M, T),
+            lkp[:, :, rows].unfold(2, M, T)[..., :Mk],
+            vp[:, :, rows].unfold(2, M, T).transpose(-1, -2),
+        )
+        block_ids = torch.arange(b0, b1, device=q.device)
+        masks = _near_masks(layout, block_ids, realp[:, rows].unfold(1, M, T), bounds_mask, q.dtype)
+        sink = None
+        if sinks:
+            bias = sink_bias
+            if causal:  # a sink is seen from its own position on
+                query_pos = (block_ids[:, None] * T + torch.arange(T, device=q.device))[None, None, :, :, None]
+                late = sink_pos[:, None, None, None, :] > query_pos
+                bias = bias.masked_fill(late, -torch.inf)
+            sink = sink_keys, sink_values, bias
+        group_far = [(kvz[:, :, b0:b1], shift[:, :, b0:b1]) for kvz, shift in far]
+        outs.append(_group(layout, qs[:, :, g0:g1], lqb[:, :, g0:g1], near, masks, group_far, sink))
+    out = torch.cat(outs, dim=2).reshape(B, H, nQ * T, D)
+    return out[:, :, front : front + Nq]
 
 
 @dataclass
@@ -517,24 +547,51 @@ def window_step(
         prefix = None if fresh else state.linear
         out = windowed_attention(q, keys, values, key_mask, True, scale, window, maps, prefix, sinks=sinks)
         return out, advance(state, k, v, lk, mask, window)
-    w = state.keys.shape[2]
-    lq = maps.query(q)
     lks = torch.cat([state.log_features, lk], dim=2)
-    query_pos = torch.arange(w, w + n, device=q.device)[:, None]
-    key_pos = torch.arange(w + n, device=q.device)[None, :]
-    seen = key_mask[:, None, None, :] & (key_pos <= query_pos)  # (B, 1, n, w + n)
-    in_window = seen & (key_pos > query_pos - window)
-    logits = (q @ keys.transpose(-1, -2)) * scale
-    if w + n > window:  # some buffered keys are outside the window of the first new queries
-        logits = torch.where(in_window, logits, _kernel_logits(lq, lks)).masked_fill(~seen, float("-inf"))
-    else:
-        logits = logits.masked_fill(~in_window, float("-inf"))
-    exact = [(logits, _with_ones(values))]
-    if sinks:
-        # sinks captured before this step (new ones are inside every later new query's window, as n <= W)
-        filled = torch.arange(sinks, device=q.device) < state.sink_count[:, None]  # (B, G)
-        sink_logits = (q @ state.sink_keys.transpose(-1, -2) * scale).masked_fill(~filled[:, None, None], -torch.inf)
-        exact.append((sink_logits, _with_ones(state.sink_values)))
-    far = [_state_read(lq, state.linear.kvz, state.linear.shift)]
-    out = _combine(exact, far)
+    out = _step_output(q * scale, maps.query(q), (keys, values, lks, key_mask), state, window)
     return out, _advance(state, k, v, mask, (keys, values, lks, key_mask), window)
+
+
+def _step_output(
+    qs: torch.Tensor,
+    lq: torch.Tensor,
+    joined: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    state: WindowState,
+    window: int,
+) -> torch.Tensor:
+    """Output `(B, H, n, D)` of `n <= W` new queries (`qs` scaled, `lq` log-features) over the buffer joined with
+    the new tokens (`w + n` keys), the sinks captured before this step and the kernel state, as in `_group`.
+
+    (New sinks are inside every later new query's window, as `n <= W`.)"""
+    keys, values, lks, key_mask = joined
+    n, m = qs.shape[2], keys.shape[2]
+    inplace = _inference(qs, lq, keys, values, lks)
+    query_pos = torch.arange(m - n, m, device=qs.device)[:, None]
+    key_pos = torch.arange(m, device=qs.device)
+    in_window = (key_pos <= query_pos) & (key_pos > query_pos - window)  # (n, m)
+    exact = qs @ keys.transpose(-1, -2)
+    hidden = ~(in_window & key_mask[:, None, None, :])  # (B, 1, n, m)
+    exact = exact.masked_fill_(hidden, -torch.inf) if inplace else exact.masked_fill(hidden, -torch.inf)
+    far = lq + state.linear.shift[:, :, None, :]
+    tops = [exact.detach().amax(dim=-1), far.detach().amax(dim=-1)]
+    Mk = max(m - window, 0)  # keys that may be left of a new query's window
+    if Mk:
+        lkn = lks[:, :, :Mk].masked_fill(~key_mask[:, None, :Mk, None], -torch.inf)
+        c = lkn.detach().amax(dim=2).clamp_min(_LOG_FLOOR)  # (B, H, S)
+        near = lq + c[:, :, None, :]
+        tops.append(near.detach().amax(dim=-1))
+    sinks = state.sink_keys.shape[2]
+    if sinks:
+        filled = torch.arange(sinks, device=qs.device) < state.sink_count[:, None]  # (B, G)
+        sink_logits = (qs @ state.sink_keys.transpose(-1, -2)).masked_fill(~filled[:, None, None], -torch.inf)
+        tops.append(sink_logits.detach().amax(dim=-1))
+    top = torch.stack(tops, dim=-1).amax(dim=-1).clamp_min(_LOG_FLOOR)[..., None]  # (B, H, n, 1)
+    weights = exact.sub_(top).exp_() if inplace else torch.exp(exact - top)
+    if Mk:
+        kernel = torch.exp(near - top) @ torch.exp(lkn - c[:, :, None, :]).transpose(-1, -2)
+        left = (key_pos[:Mk] <= query_pos - window).to(qs.dtype)  # (n, Mk)
+        weights = torch.cat([weights[..., :Mk] + kernel * left, weights[..., Mk:]], dim=-1)
+    out = weights @ _with_ones(values) + torch.exp(far - top) @ state.linear.kvz
+    if sinks:
+        out = out + torch.exp(sink_logits - top) @ _with_ones(state.sink_values)
+    return _normalise(out)

@@ -223,13 +223,14 @@ def test_blocked_path_never_builds_an_n_by_n_tensor(monkeypatch):
     attn = build_small("rfa", 1, D, window_size=8).double().eval()
     q, k, v = qkv(1, 1, N, D)
     largest = []
-    real_combine = __import__("hf_lara.attention.window", fromlist=["_combine"])._combine
+    real_group = __import__("hf_lara.attention.window", fromlist=["_group"])._group
 
-    def spy(exact, far):
-        largest.extend(logits.numel() for logits, _ in exact)
-        return real_combine(exact, far)
+    def spy(layout, qs, lq, near, masks, far, sink):
+        largest.extend(t.numel() for t in (*near, *masks, qs))
+        largest.append(qs.shape[2] * qs.shape[3] * layout.M)  # the weights of the group
+        return real_group(layout, qs, lq, near, masks, far, sink)
 
-    monkeypatch.setattr("hf_lara.attention.window._combine", spy)
+    monkeypatch.setattr("hf_lara.attention.window._group", spy)
     for causal in (False, True):
         windowed_attention(q, k, v, None, causal, D**-0.5, 8, attn.window_maps(D**-0.5, q.dtype))
     assert max(largest) < N * N / 4
