@@ -127,11 +127,16 @@ def _inference(*tensors: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-def _spans(window: int, block: int, causal: bool) -> tuple[int, int]:
-    """Blocks `(before, after)` around a query block that hold every key of its queries' windows (a
-    bidirectional window clamped at a row's edge may reach `W - 1` positions to either side of its query)."""
+def _layouts(window: int, block: int, num_keys: int, causal: bool) -> tuple[_Layout, _Layout]:
+    """`(narrow, wide)` spans of a query block: `narrow` holds the unclamped windows `[i - (W - 1) // 2, i + W // 2]`
+    (causal: `[i - W + 1, i]`), `wide` also the bidirectional windows clamped at a row's edge, which may reach
+    `W - 1` positions to either side of their query."""
     reach = -(-(window - 1) // block)
-    return reach, 0 if causal else reach
+    wide = _Layout(block, reach, 0 if causal else reach, num_keys, window, causal)
+    if causal:
+        return wide, wide
+    narrow = _Layout(block, -(-((window - 1) // 2) // block), -(-(window // 2) // block), num_keys, window, causal)
+    return narrow, wide
 
 
 def _scan(delta: torch.Tensor, decay: torch.Tensor, initial: torch.Tensor, order: range) -> list[torch.Tensor]:
@@ -147,10 +152,10 @@ def _scan(delta: torch.Tensor, decay: torch.Tensor, initial: torch.Tensor, order
 
 
 def _far_statistics(
-    lk: torch.Tensor, v: torch.Tensor, block: int, num_blocks: int, state: LinearState, layout: _Layout
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Kernel statistics `(kvz (B, H, nB, S, D + 1), shift (B, H, nB, S))` of the keys of blocks `< b - before`
-    (with `state`) and, bidirectionally, of blocks `> b + after`: every key outside the near span of block `b`.
+    lk: torch.Tensor, v: torch.Tensor, block: int, num_blocks: int, state: LinearState, causal: bool
+) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """Kernel statistics of the keys before each block (with `state`) and, unless `causal`, after it: per
+    direction `nB` tensors `(B, H, S, D + 1)` and their shifts `(B, H, nB, S)` (see `_pick_far`).
 
     Each block's sums `phi(K_b)^T [V_b, 1]` are taken relative to the running per-feature key max up to it (from
     the left, or from the right) and scanned with the decay `exp(running[b'] - running[b])` between blocks."""
@@ -160,7 +165,7 @@ def _far_statistics(
     chunk_max = lkb.detach().amax(dim=3)  # (B, H, nB, S)
     empty = LinearState.empty(lk.shape[0], lk.shape[1], lk.shape[-1], v)
     far = []
-    for reverse, start in ((False, state),) if layout.causal else ((False, state), (True, empty)):
+    for reverse, start in ((False, state),) if causal else ((False, state), (True, empty)):
         maxima = torch.maximum(chunk_max, start.shift[:, :, None])
         if reverse:
             running = torch.cummax(maxima.flip(2), dim=2).values.flip(2).clamp_min(_LOG_FLOOR)
@@ -171,15 +176,25 @@ def _far_statistics(
         decay = torch.exp(running.roll(-1 if reverse else 1, dims=2) - running)  # from the block scanned before
         initial = start.kvz * torch.exp(start.shift - running[:, :, order[0]])[..., None]
         priors = _scan(delta, decay, initial, order)
-        if reverse:  # entry b + after; past the last block, nothing (zeros at the floor shift)
-            picks = [b + layout.after for b in range(nB)]
-            stats = [priors[b] if b < nB else empty.kvz for b in picks]
-            shifts = [running[:, :, b] if b < nB else empty.shift for b in picks]
-        else:  # entry b - before; the state alone before that
-            picks = [max(b - layout.before, 0) for b in range(nB)]
-            stats, shifts = [priors[b] for b in picks], [running[:, :, b] for b in picks]
-        far.append((torch.stack(stats, dim=2), torch.stack(shifts, dim=2)))
+        far.append((priors, running))
     return far
+
+
+def _pick_far(
+    far: list[tuple[list[torch.Tensor], torch.Tensor]], layout: _Layout, block_ids: range, like: LinearState
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`(kvz (B, H, g, S, D + 1), shift (B, H, g, S))` of the keys of blocks `< b - before` and (bidirectional)
+    `> b + after` for the query blocks `block_ids`: every key outside their near spans. `like`: an empty state."""
+    (left, left_shift), *right = far
+    picks = [max(b - layout.before, 0) for b in block_ids]  # the state alone before block 0
+    out = [(torch.stack([left[b] for b in picks], dim=2), left_shift[:, :, picks])]
+    if right:
+        (right, right_shift), nB = right[0], len(left)
+        picks = [b + layout.after for b in block_ids]  # past the last block: nothing (zeros at the floor shift)
+        kvz = torch.stack([right[b] if b < nB else like.kvz for b in picks], dim=2)
+        shift = torch.stack([right_shift[:, :, b] if b < nB else like.shift for b in picks], dim=2)
+        out.append((kvz, shift))
+    return out
 
 
 def _pad_rows(x: torch.Tensor, front: int, length: int, value: float = 0.0) -> torch.Tensor:
@@ -256,28 +271,54 @@ def _group(
     inplace = _inference(qs, lq, kn, lkn, vn1)
     exact = qs @ kn
     exact = exact.add_(bias) if inplace else exact + bias
-    c_near = lkn.detach().amax(dim=-1).clamp_min(_LOG_FLOOR)  # (B, H, g, S)
-    kernel = [(lq + c_near[..., None, :], None)] + [(lq + shift[..., None, :], kvz) for kvz, shift in far]
-    tops = [exact.detach().amax(dim=-1)] + [a.detach().amax(dim=-1) for a, _ in kernel]
+    Mk = lkn.shape[-1]
+    far = [(lq + shift[..., None, :], kvz) for kvz, shift in far]
+    tops = [exact.detach().amax(dim=-1)] + [a.detach().amax(dim=-1) for a, _ in far]
+    if Mk:
+        c_near = lkn.detach().amax(dim=-1).clamp_min(_LOG_FLOOR)  # (B, H, g, S)
+        near_query = lq + c_near[..., None, :]
+        tops.append(near_query.detach().amax(dim=-1))
     if sink is not None:
         sink_keys, sink_values, sink_bias = sink
         sink_logits = qs @ sink_keys + sink_bias
         tops.append(sink_logits.detach().amax(dim=-1))
     top = torch.stack(tops, dim=-1).amax(dim=-1).clamp_min(_LOG_FLOOR)[..., None]  # (B, H, g, T, 1)
     weights = exact.sub_(top).exp_() if inplace else torch.exp(exact - top)
-    Mk = lkn.shape[-1]
     if Mk:
-        near_kernel = torch.exp(kernel[0][0] - top) @ torch.exp(lkn - c_near[..., None])  # (B, H, g, T, Mk)
+        near_kernel = torch.exp(near_query - top) @ torch.exp(lkn - c_near[..., None])  # (B, H, g, T, Mk)
         if inplace:
             weights[..., :Mk].addcmul_(near_kernel, kernel_mask)
         else:
             weights = torch.cat([weights[..., :Mk] + near_kernel * kernel_mask, weights[..., Mk:]], dim=-1)
     out = weights @ vn1
-    for a, kvz in kernel[1:]:
+    for a, kvz in far:
         out = out + torch.exp(a - top) @ kvz
     if sink is not None:
         out = out + torch.exp(sink_logits - top) @ sink_values
     return _normalise(out)
+
+
+def _groups(
+    narrow: _Layout, wide: _Layout, first: int, num_blocks: int, bounds_mask: torch.Tensor | None, rows: int
+) -> list[tuple[_Layout, int, int]]:
+    """Query blocks `first .. nB - 1` cut into groups `(layout, b0, b1)` of at most `NEAR_ELEMENTS` weights
+    (`rows` = `B H`). A block takes the `wide` span if a query of it (in any row) has a window clamped at an edge."""
+    T = narrow.T
+    if narrow == wide:
+        kinds = [wide] * (num_blocks - first)
+    else:
+        query_pos = torch.arange(first * T, num_blocks * T, device=None if bounds_mask is None else bounds_mask.device)
+        lo = window_bounds(query_pos, bounds_mask, narrow.num_keys, narrow.window, False)
+        clamped = (lo != query_pos - (narrow.window - 1) // 2).any(0).reshape(-1, T).any(1)
+        kinds = [wide if c else narrow for c in clamped.tolist()]
+    groups, b0 = [], first
+    for b in range(first, num_blocks + 1):
+        layout = kinds[b0 - first]
+        size = max(1, NEAR_ELEMENTS // (rows * T * layout.M))
+        if b == num_blocks or kinds[b - first] is not layout or b - b0 == size:
+            groups.append((layout, b0, b))
+            b0 = b
+    return groups
 
 
 def windowed_attention(
@@ -314,8 +355,7 @@ def windowed_attention(
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     T = block_size or max(window, MIN_BLOCK)
-    before, after = _spans(window, T, causal)
-    layout = _Layout(T, before, after, Nk, window, causal)
+    narrow, wide = _layouts(window, T, Nk, causal)
     nB = -(-Nk // T)
     lk = maps.key(k)
     S = lk.shape[-1]
@@ -326,31 +366,29 @@ def windowed_attention(
         # sink keys leave the window and the kernel part: they are attended exactly, once
         key_mask = ~is_sink if key_mask is None else key_mask & ~is_sink
     lk = _mask_keys(lk, key_mask)
-    far = _far_statistics(lk, v, T, nB, state or LinearState.empty(B, H, S, v), layout)
+    empty = LinearState.empty(B, H, S, v)
+    far = _far_statistics(lk, v, T, nB, state or empty, causal)
 
     first = (Nk - Nq) // T  # first block holding a query
     nQ, front = nB - first, Nk - Nq - first * T
     qs = blocks(q * scale, front, nQ * T, T)  # (B, H, nQ, T, D)
     lqb = maps.query(blocks(q, front, nQ * T, T).flatten(2, 3)).unflatten(2, (nQ, T))
-    # keys padded by `before` blocks in front and `after` behind: the near span of block b starts at row b T
-    length, offset = (nB + before + after) * T, before * T
-    kp, vp = _pad_rows(k, offset, length), _pad_rows(_with_ones(v), offset, length)
-    lkp = _pad_rows(lk, offset, length, -torch.inf)
+    # keys padded by `wide.before` blocks in front and `wide.after` behind
+    length, offset = (nB + wide.before + wide.after) * T, wide.before
+    kp, vp = _pad_rows(k, offset * T, length), _pad_rows(_with_ones(v), offset * T, length)
+    lkp = _pad_rows(lk, offset * T, length, -torch.inf)
     real = torch.ones(1, Nk, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
-    realp = _pad_rows(real, offset, length)
+    realp = _pad_rows(real, offset * T, length)
     if sinks:
         index = sink_pos[:, None, :, None].expand(B, H, -1, D)
         sink_keys = k.gather(2, index).transpose(-1, -2)[:, :, None]  # (B, H, 1, D, G2)
         sink_values = _with_ones(v.gather(2, index))[:, :, None]  # (B, H, 1, G2, D + 1)
         sink_bias = torch.zeros(sink_ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~sink_ok, -torch.inf)
         sink_bias = sink_bias[:, None, None, None]  # (B, 1, 1, 1, G2)
-    M, Mk = layout.M, layout.Mk
-    group = max(1, NEAR_ELEMENTS // (B * H * T * M))
     outs = []
-    for g0 in range(0, nQ, group):
-        g1 = min(g0 + group, nQ)
-        b0, b1 = first + g0, first + g1  # their key blocks
-        rows = slice(b0 * T, (b1 + before + after) * T)
+    for layout, b0, b1 in _groups(narrow, wide, first, nB, bounds_mask, B * H):
+        M, Mk = layout.M, layout.Mk
+        rows = slice((b0 - layout.before + offset) * T, (b1 + layout.after + offset) * T)
         near = (
             kp[:, :, rows].unfold(2, M, T),
             lkp[:, :, rows].unfold(2, M, T)[..., :Mk],
@@ -366,7 +404,8 @@ def windowed_attention(
                 late = sink_pos[:, None, None, None, :] > query_pos
                 bias = bias.masked_fill(late, -torch.inf)
             sink = sink_keys, sink_values, bias
-        group_far = [(kvz[:, :, b0:b1], shift[:, :, b0:b1]) for kvz, shift in far]
+        group_far = _pick_far(far, layout, range(b0, b1), empty)
+        g0, g1 = b0 - first, b1 - first
         outs.append(_group(layout, qs[:, :, g0:g1], lqb[:, :, g0:g1], near, masks, group_far, sink))
     out = torch.cat(outs, dim=2).reshape(B, H, nQ * T, D)
     return out[:, :, front : front + Nq]
