@@ -30,6 +30,7 @@ of the keys that left the window; a step costs `O(W D + S D)` and memory stays c
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -548,10 +549,21 @@ def _advance(
     leaving = max(keys.shape[2] - (window - 1), 0)
     # `LinearState.absorb` rebinds its tensors (never writes them in place): a shallow copy leaves `state` intact
     linear = LinearState(state.linear.kvz, state.linear.shift)
-    if leaving:
+    if leaving == 1:  # decoding: one token leaves the window per step
+        linear = _absorb_one(linear, lks[:, :, :1], values[:, :, :1], masks[:, :1])
+    elif leaving:
         linear.absorb(lks[:, :, :leaving], values[:, :, :leaving], masks[:, :leaving])
     kept = keys[:, :, leaving:], values[:, :, leaving:], lks[:, :, leaving:], masks[:, leaving:]
     return WindowState(linear, *kept, sink_keys, sink_values, sink_count)
+
+
+def _absorb_one(state: LinearState, lk: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> LinearState:
+    """A new `LinearState` with one more token `lk` `(B, H, 1, S)`, `v` `(B, H, 1, D)`, mask `(B, 1)`: the
+    single-token case of `LinearState.absorb` in a handful of ops (the running max rises to the token's features)."""
+    lk = lk.masked_fill(~mask[:, None, :, None], -torch.inf)
+    shift = torch.maximum(state.shift, lk[:, :, 0].detach().clamp_min(_LOG_FLOOR))
+    part = torch.exp(lk - shift[:, :, None]).transpose(-1, -2) * _with_ones(v)  # (B, H, S, D + 1)
+    return LinearState(torch.addcmul(part, state.kvz, torch.exp(state.shift - shift)[..., None]), shift)
 
 
 def window_step(
@@ -609,11 +621,14 @@ def _step_output(
     keys, values, lks, key_mask = joined
     n, m = qs.shape[2], keys.shape[2]
     inplace = _inference(qs, lq, keys, values, lks)
-    query_pos = torch.arange(m - n, m, device=qs.device)[:, None]
-    key_pos = torch.arange(m, device=qs.device)
-    in_window = (key_pos <= query_pos) & (key_pos > query_pos - window)  # (n, m)
     exact = qs @ keys.transpose(-1, -2)
-    hidden = ~(in_window & key_mask[:, None, None, :])  # (B, 1, n, m)
+    if n == 1 and m <= window:  # decoding: every buffered key is in the window
+        hidden = ~key_mask[:, None, None, :]
+    else:
+        query_pos = torch.arange(m - n, m, device=qs.device)[:, None]
+        key_pos = torch.arange(m, device=qs.device)
+        in_window = (key_pos <= query_pos) & (key_pos > query_pos - window)  # (n, m)
+        hidden = ~(in_window & key_mask[:, None, None, :])  # (B, 1, n, m)
     exact = exact.masked_fill_(hidden, -torch.inf) if inplace else exact.masked_fill(hidden, -torch.inf)
     far = lq + state.linear.shift[:, :, None, :]
     tops = [exact.detach().amax(dim=-1), far.detach().amax(dim=-1)]
@@ -628,11 +643,11 @@ def _step_output(
         filled = torch.arange(sinks, device=qs.device) < state.sink_count[:, None]  # (B, G)
         sink_logits = (qs @ state.sink_keys.transpose(-1, -2)).masked_fill(~filled[:, None, None], -torch.inf)
         tops.append(sink_logits.detach().amax(dim=-1))
-    top = torch.stack(tops, dim=-1).amax(dim=-1).clamp_min(_LOG_FLOOR)[..., None]  # (B, H, n, 1)
+    top = functools.reduce(torch.maximum, tops).clamp_min(_LOG_FLOOR)[..., None]  # (B, H, n, 1)
     weights = exact.sub_(top).exp_() if inplace else torch.exp(exact - top)
     if Mk:
         kernel = torch.exp(near - top) @ torch.exp(lkn - c[:, :, None, :]).transpose(-1, -2)
-        left = (key_pos[:Mk] <= query_pos - window).to(qs.dtype)  # (n, Mk)
+        left = (key_pos[:Mk] <= query_pos - window).to(qs.dtype)  # (n, Mk); here n > 1 or m > W
         weights = torch.cat([weights[..., :Mk] + kernel * left, weights[..., Mk:]], dim=-1)
     out = weights @ _with_ones(values) + torch.exp(far - top) @ state.linear.kvz
     if sinks:
