@@ -15,17 +15,27 @@ a convex combination of the values, exact when `W(i)` holds every key. Both part
   the window stays inside the row's real tokens (first to last real position): a window as long as the sequence
   covers it, and left or right padding moves nothing.
 
-**Blocked form.** Keys are cut into blocks of `T >= W` positions from position 0, the block layout of EVA
-(`blocks`, shared with `eva.py`). A query of block `b` has its window inside blocks `b - 1 .. b + 1` (causal: `b - 1, b`);
-those `3T` (`2T`) *near* keys get one `T x 3T` (`T x 2T`) logit matrix (exact logits inside the window, kernel logits
-`log phi(q).phi(k)` outside it), computed with per-row and per-key max shifts as in `linear.py`. Keys of blocks
-`< b - 1` (and `> b + 1` when bidirectional) come from the exclusive prefix (suffix) sums of per-block statistics
-`phi(K_b)^T [V_b, 1]`, kept relative to a running per-feature max shift (`linear._rescaled_prefix`), and a
-`LinearState` of earlier tokens (decoding) joins the prefix. The three parts are merged under one detached
-row max. Cost `O(N (3T D + 3T S + S D))`, memory `O(N (T + S + D) + (N / T) S D)`: no `N x N` tensor.
+**Blocked form.** Queries are cut into blocks of `T` positions from position 0, the block layout of EVA (`blocks`,
+shared with `eva.py`; any `T >= 1`, default `max(W, 16)`). The *near span* of block `b` is key blocks
+`b - before .. b + after`, `M = (before + 1 + after) T` keys (`_Layout`): causally `before = ceil((W - 1) / T)`,
+`after = 0`; bidirectionally the *narrow* span `before = ceil(((W - 1) // 2) / T)`, `after = ceil((W // 2) / T)`
+for blocks where no query's window is clamped at a row's edge, and the *wide* span `before = after =
+ceil((W - 1) / T)` for the others (a clamped window reaches up to `W - 1` positions to one side). Keys outside the
+span are *far*: their statistics `phi(K)^T [V, 1]` come from exclusive prefix (and suffix) scans over per-block
+sums, kept relative to a running per-feature max (`_far_statistics`), with a decoding `LinearState` in front.
+
+Near keys get exact weights `exp(s q.k - top)` inside the window and kernel weights `exp(lq + c - top) . exp(lk - c)`
+outside it, `c` the detached per-feature key max of the span, so that `max_s (lq_s + c_s)` bounds every kernel
+logit up to `log S` (no `log`/`exp` round trip). Causally only the first `Mk = M - W` keys of a span can be left of
+a window: the kernel GEMM covers those alone. Exact, near-kernel, far and sink terms share one detached row bound
+`top`; one `weights @ [V, 1]` product serves the near keys. Query blocks run in groups of about `NEAR_ELEMENTS`
+weights (`_groups`), so that a group's buffers stay in cache; near keys are `unfold` views of the padded keys (no
+full-length copy per span). Cost `O(N (M D + Mk S + M D + S D))` per head, memory `O(N (S + D) + (N / T) S D)`
+plus one group: no `N x N` tensor.
 
 **Decoding** (`WindowState`): the last `W - 1` keys, values and key log-features in a buffer plus the `LinearState`
-of the keys that left the window; a step costs `O(W D + S D)` and memory stays constant.
+of the keys that left the window; a step costs `O(W D + S D)` and memory stays constant. A single new token skips
+the window-pattern tensors, and the token leaving the window is absorbed directly (`_absorb_one`).
 """
 
 from __future__ import annotations
