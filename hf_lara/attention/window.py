@@ -255,6 +255,11 @@ def _near_masks(
     return bias[:, None], kernel[..., : layout.Mk].to(dtype)[:, None]
 
 
+def _exp_minus(x: torch.Tensor, top: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """`exp(x - top)`, overwriting `x` (a temporary) when `inplace`: no new buffer per group."""
+    return x.sub_(top).exp_() if inplace else torch.exp(x - top)
+
+
 def _group(
     layout: _Layout,
     qs: torch.Tensor,
@@ -296,14 +301,14 @@ def _group(
     top = torch.stack(tops, dim=-1).amax(dim=-1).clamp_min(_LOG_FLOOR)[..., None]  # (B, H, g, T, 1)
     weights = exact.sub_(top).exp_() if inplace else torch.exp(exact - top)
     if Mk:
-        near_kernel = torch.exp(near_query - top) @ torch.exp(lkn - c_near[..., None])  # (B, H, g, T, Mk)
+        near_kernel = _exp_minus(near_query, top, inplace) @ (lkn - c_near[..., None]).exp_()  # (B, H, g, T, Mk)
         if inplace:
             weights[..., :Mk].addcmul_(near_kernel, kernel_mask)
         else:
             weights = torch.cat([weights[..., :Mk] + near_kernel * kernel_mask, weights[..., Mk:]], dim=-1)
     out = weights @ vn1
     for a, kvz in far:
-        out = out + torch.exp(a - top) @ kvz
+        out = out + _exp_minus(a, top, inplace) @ kvz
     if sink is not None:
         out = out + torch.exp(sink_logits - top) @ sink_values
     return _normalise(out)
