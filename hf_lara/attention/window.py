@@ -143,10 +143,12 @@ def _layouts(window: int, block: int, num_keys: int, causal: bool) -> tuple[_Lay
     (causal: `[i - W + 1, i]`), `wide` also the bidirectional windows clamped at a row's edge, which may reach
     `W - 1` positions to either side of their query."""
     reach = -(-(window - 1) // block)
-    wide = _Layout(block, reach, 0 if causal else reach, num_keys, window, causal)
     if causal:
+        wide = _Layout(block, reach, 0, num_keys, window, causal, (window - 1, 0))
         return wide, wide
-    narrow = _Layout(block, -(-((window - 1) // 2) // block), -(-(window // 2) // block), num_keys, window, causal)
+    wide = _Layout(block, reach, reach, num_keys, window, causal, (window - 1, window - 1))
+    left, right = (window - 1) // 2, window // 2
+    narrow = _Layout(block, -(-left // block), -(-right // block), num_keys, window, causal, (left, right))
     return narrow, wide
 
 
@@ -218,7 +220,8 @@ def _pad_rows(x: torch.Tensor, front: int, length: int, value: float = 0.0) -> t
 @dataclass(frozen=True)
 class _Layout:
     """Query blocks of `T` tokens; block `b`'s near span is key blocks `b - before .. b + after` (`M` keys), of
-    which the first `Mk` may fall outside a window (all `M` bidirectionally) and get kernel weights."""
+    which the first `Mk` may fall outside a window (all `M` bidirectionally) and get kernel weights, and columns
+    `exact_columns` may fall inside one (a window reaches `reach` positions left and right of its query)."""
 
     T: int
     before: int
@@ -226,6 +229,7 @@ class _Layout:
     num_keys: int
     window: int
     causal: bool
+    reach: tuple[int, int]
 
     @property
     def M(self) -> int:
@@ -236,20 +240,29 @@ class _Layout:
         # causal: key j is left of some window of block b only if j <= (b + 1) T - 1 - W
         return max(self.M - self.window, 0) if self.causal else self.M
 
+    @property
+    def exact_columns(self) -> tuple[int, int]:
+        if self.causal:  # at most W - 1 fewer than M: not worth a second weight buffer
+            return 0, self.M
+        start = self.before * self.T
+        return max(start - self.reach[0], 0), min(start + self.T + self.reach[1], self.M)
+
 
 def _near_masks(
     layout: _Layout, block_ids: torch.Tensor, key_real: torch.Tensor, bounds_mask: torch.Tensor | None, dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float masks of query blocks `block_ids` `(g,)`, shared by the heads: the exact-logit bias `(B or 1, 1, g,
-    T, M)` (0 on a real key of the window, `-inf` elsewhere) and the kernel mask `(B or 1, 1, g, T, Mk)` (1 outside
-    the window). `key_real` `(B or 1, g, M)`: near keys that exist, are not padding and are not sinks."""
+    T, E)` on the `E` exact columns (0 on a real key of the window, `-inf` elsewhere) and the kernel mask
+    `(B or 1, 1, g, T, Mk)` (1 outside the window). `key_real` `(B or 1, g, M)`: near keys that exist, are not
+    padding and are not sinks."""
     T, M = layout.T, layout.M
     query_pos = block_ids[:, None] * T + torch.arange(T, device=block_ids.device)  # (g, T)
     key_pos = (block_ids[:, None] - layout.before) * T + torch.arange(M, device=block_ids.device)  # (g, M)
     lo = window_bounds(query_pos, bounds_mask, layout.num_keys, layout.window, layout.causal)[..., None]
     kp = key_pos[None, :, None, :]
     in_window = (kp >= lo) & (kp < lo + layout.window)  # causal: lo + W - 1 is the query itself
-    exact = in_window & key_real[:, :, None]
+    e0, e1 = layout.exact_columns
+    exact = (in_window & key_real[:, :, None])[..., e0:e1]
     bias = torch.zeros(exact.shape, dtype=dtype, device=exact.device).masked_fill_(~exact, float("-inf"))
     kernel = (kp < lo) if layout.causal else ~in_window  # causal: never a key after the query
     return bias[:, None], kernel[..., : layout.Mk].to(dtype)[:, None]
@@ -285,9 +298,10 @@ def _group(
     kn, lkn, vn1 = near
     bias, kernel_mask = masks
     inplace = _inference(qs, lq, kn, lkn, vn1)
-    exact = qs @ kn
+    e0, e1 = layout.exact_columns
+    exact = qs @ kn[..., e0:e1]
     exact = exact.add_(bias) if inplace else exact + bias
-    Mk = lkn.shape[-1]
+    M, Mk = vn1.shape[-2], lkn.shape[-1]
     far = [(lq + shift[..., None, :], kvz) for kvz, shift in far]
     tops = [exact.detach().amax(dim=-1)] + [a.detach().amax(dim=-1) for a, _ in far]
     if Mk:
@@ -302,6 +316,13 @@ def _group(
     weights = exact.sub_(top).exp_() if inplace else torch.exp(exact - top)
     if Mk:
         near_kernel = _exp_minus(near_query, top, inplace) @ (lkn - c_near[..., None]).exp_()  # (B, H, g, T, Mk)
+    if e1 - e0 < M:  # bidirectional narrow span (Mk = M): the exact weights join the kernel ones on their columns
+        if inplace:
+            near_kernel.mul_(kernel_mask)[..., e0:e1].add_(weights)
+            weights = near_kernel
+        else:
+            weights = near_kernel * kernel_mask + F.pad(weights, (e0, M - e1))
+    elif Mk:
         if inplace:
             weights[..., :Mk].addcmul_(near_kernel, kernel_mask)
         else:
