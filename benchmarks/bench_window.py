@@ -5,15 +5,22 @@ bidirectional and causal, no window / `W=64` / `W=64` + 1 sink token, for each l
 estimator's recurrent API (`prefill` of the context, then one new token), with and without the window.
 Timing: the best of `--reps` calls after one warm-up; prints a Markdown table.
 
+`--baseline PACKAGE` also times the windowed settings with another copy of `hf_lara` importable as `PACKAGE`
+(e.g. an older commit exported and renamed `hf_lara_main`), interleaved call by call with this one, so that
+both columns see the same machine load.
+
 Usage::
 
     python benchmarks/bench_window.py --lengths 512 4096
+    PYTHONPATH=/tmp/ab python benchmarks/bench_window.py --baseline hf_lara_main
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -23,36 +30,49 @@ H, D = 12, 64
 SETTINGS = [("no window", 0, 0), ("W=64", 64, 0), ("W=64 + 1 sink", 64, 1)]
 
 
-def best_ms(fn, reps: int) -> float:
-    """The best wall time of `reps` calls after one warm-up, in milliseconds."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
+def best_ms(fns: list[Callable[[], object]], reps: int) -> list[float]:
+    """The best wall time of `reps` calls of each of `fns` (interleaved, after one warm-up), in milliseconds."""
+    for fn in fns:
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    best = [float("inf")] * len(fns)
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [b * 1e3 for b in best]
 
 
-def forward_row(n: int, causal: bool, reps: int) -> list[float]:
-    """Forward ms per setting of `SETTINGS` at length `n`."""
+def _modules(classes: list[type], window: int, sinks: int) -> list[torch.nn.Module]:
+    """One module per class (the baseline's only for windowed settings), same random features."""
+    out = []
+    for cls in classes[: 1 if not window else None]:
+        torch.manual_seed(0)
+        out.append(cls(H, D, window_size=window, sink_tokens=sinks).eval())
+    return out
+
+
+def forward_row(n: int, causal: bool, reps: int, classes: list[type]) -> list[list[float]]:
+    """Forward ms per setting of `SETTINGS` at length `n` (one entry per class for windowed settings)."""
     q, k, v = torch.randn(3, 1, H, n, D).unbind(0)
     row = []
     for _, window, sinks in SETTINGS:
-        attn = RandomFeatureAttention(H, D, window_size=window, sink_tokens=sinks).eval()
-        row.append(best_ms(lambda a=attn: a(q, k, v, causal=causal), reps))
+        fns = [lambda a=a: a(q, k, v, causal=causal) for a in _modules(classes, window, sinks)]
+        row.append(best_ms(fns, reps))
     return row
 
 
-def decode_row(n: int, reps: int) -> list[float]:
+def decode_row(n: int, reps: int, classes: list[type]) -> list[list[float]]:
     """One decoding step (ms) after a context of `n` tokens, per setting of `SETTINGS`."""
     q, k, v = torch.randn(3, 1, H, n + 1, D).unbind(0)
     new = q[:, :, n:], k[:, :, n:], v[:, :, n:]
     row = []
     for _, window, sinks in SETTINGS:
-        attn = RandomFeatureAttention(H, D, window_size=window, sink_tokens=sinks).eval()
-        _, state = attn.prefill(q[:, :, :n], k[:, :, :n], v[:, :, :n])
-        row.append(best_ms(lambda a=attn, s=state: a.step(*new, s), reps * 10))
+        fns = []
+        for attn in _modules(classes, window, sinks):
+            _, state = attn.prefill(q[:, :, :n], k[:, :, :n], v[:, :, :n])
+            fns.append(lambda a=attn, s=state: a.step(*new, s))
+        row.append(best_ms(fns, reps * 10))
     return row
 
 
@@ -61,22 +81,30 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 4096])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--baseline", help="package name of another hf_lara copy to time alongside")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    names = [name for name, _, _ in SETTINGS]
-    print("| pass | N | " + " | ".join(names) + " | W=64 / no window |")
-    print("|---|---|" + "---|" * (len(names) + 1))
+    classes = [RandomFeatureAttention]
+    if args.baseline:
+        classes.append(importlib.import_module(f"{args.baseline}.attention.rfa").RandomFeatureAttention)
+    names = [SETTINGS[0][0]]
+    for name, _, _ in SETTINGS[1:]:
+        names += [f"{name} (baseline)", name] if args.baseline else [name]
+    ratio = ["W=64 / no window (baseline)", "W=64 / no window"] if args.baseline else ["W=64 / no window"]
+    print("| pass | N | " + " | ".join(names + ratio) + " |")
+    print("|---|---|" + "---|" * (len(names) + len(ratio)))
     with torch.no_grad():
         for n in args.lengths:
-            for causal in (False, True):
-                row = forward_row(n, causal, args.reps)
-                label = "causal forward" if causal else "bidirectional forward"
-                cells = " | ".join(f"{ms:.1f} ms" for ms in row)
-                print(f"| {label} | {n} | {cells} | {row[1] / row[0]:.2f}x |", flush=True)
-            row = decode_row(n, args.reps)
-            cells = " | ".join(f"{ms:.3f} ms" for ms in row)
-            print(f"| decode step | {n} | {cells} | {row[1] / row[0]:.2f}x |", flush=True)
+            for label, fmt in (("bidirectional forward", ".1f"), ("causal forward", ".1f"), ("decode step", ".3f")):
+                if label == "decode step":
+                    row = decode_row(n, args.reps, classes)
+                else:
+                    row = forward_row(n, label == "causal forward", args.reps, classes)
+                cells = [row[0][0]] + [ms for setting in row[1:] for ms in reversed(setting)]
+                ratios = [ms / row[0][0] for ms in reversed(row[1])]
+                text = " | ".join(f"{ms:{fmt}} ms" for ms in cells) + " | " + " | ".join(f"{r:.2f}x" for r in ratios)
+                print(f"| {label} | {n} | {text} |", flush=True)
 
 
 if __name__ == "__main__":

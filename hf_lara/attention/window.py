@@ -15,21 +15,32 @@ a convex combination of the values, exact when `W(i)` holds every key. Both part
   the window stays inside the row's real tokens (first to last real position): a window as long as the sequence
   covers it, and left or right padding moves nothing.
 
-**Blocked form.** Keys are cut into blocks of `T >= W` positions from position 0, the block layout of EVA
-(`blocks`, shared with `eva.py`). A query of block `b` has its window inside blocks `b - 1 .. b + 1` (causal: `b - 1, b`);
-those `3T` (`2T`) *near* keys get one `T x 3T` (`T x 2T`) logit matrix (exact logits inside the window, kernel logits
-`log phi(q).phi(k)` outside it), computed with per-row and per-key max shifts as in `linear.py`. Keys of blocks
-`< b - 1` (and `> b + 1` when bidirectional) come from the exclusive prefix (suffix) sums of per-block statistics
-`phi(K_b)^T [V_b, 1]`, kept relative to a running per-feature max shift (`linear._rescaled_prefix`), and a
-`LinearState` of earlier tokens (decoding) joins the prefix. The three parts are merged under one detached
-row max. Cost `O(N (3T D + 3T S + S D))`, memory `O(N (T + S + D) + (N / T) S D)`: no `N x N` tensor.
+**Blocked form.** Queries are cut into blocks of `T` positions from position 0, the block layout of EVA (`blocks`,
+shared with `eva.py`; any `T >= 1`, default `max(W, 16)`). The *near span* of block `b` is key blocks
+`b - before .. b + after`, `M = (before + 1 + after) T` keys (`_Layout`): causally `before = ceil((W - 1) / T)`,
+`after = 0`; bidirectionally the *narrow* span `before = ceil(((W - 1) // 2) / T)`, `after = ceil((W // 2) / T)`
+for blocks where no query's window is clamped at a row's edge, and the *wide* span `before = after =
+ceil((W - 1) / T)` for the others (a clamped window reaches up to `W - 1` positions to one side). Keys outside the
+span are *far*: their statistics `phi(K)^T [V, 1]` come from exclusive prefix (and suffix) scans over per-block
+sums, kept relative to a running per-feature max (`_far_statistics`), with a decoding `LinearState` in front.
+
+Near keys get exact weights `exp(s q.k - top)` inside the window and kernel weights `exp(lq + c - top) . exp(lk - c)`
+outside it, `c` the detached per-feature key max of the span, so that `max_s (lq_s + c_s)` bounds every kernel
+logit up to `log S` (no `log`/`exp` round trip). Causally only the first `Mk = M - W` keys of a span can be left of
+a window: the kernel GEMM covers those alone. Exact, near-kernel, far and sink terms share one detached row bound
+`top`; one `weights @ [V, 1]` product serves the near keys. Query blocks run in groups of about `NEAR_ELEMENTS`
+weights (`_groups`), so that a group's buffers stay in cache; near keys are `unfold` views of the padded keys (no
+full-length copy per span). Cost `O(N (M D + Mk S + M D + S D))` per head, memory `O(N (S + D) + (N / T) S D)`
+plus one group: no `N x N` tensor.
 
 **Decoding** (`WindowState`): the last `W - 1` keys, values and key log-features in a buffer plus the `LinearState`
-of the keys that left the window; a step costs `O(W D + S D)` and memory stays constant.
+of the keys that left the window; a step costs `O(W D + S D)` and memory stays constant. A single new token skips
+the window-pattern tensors, and the token leaving the window is absorbed directly (`_absorb_one`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,14 +52,13 @@ from .linear import (
     LinearState,
     _mask_keys,
     _normalise,
-    _rescaled_prefix,
-    _scanned_prefix,
-    _tiny,
     _with_ones,
 )
 
 #: smallest block length of the blocked path (short windows would make the block statistics many and tiny)
 MIN_BLOCK = 16
+#: logit elements `B H g T M` of one group of `g` query blocks: the group's buffers stay in cache
+NEAR_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -70,14 +80,6 @@ def blocks(x: torch.Tensor, front: int, length: int, block: int) -> torch.Tensor
     pad = [0, 0] * (x.dim() - 3) + [front, length - front - x.shape[2]]
     x = F.pad(x, pad)
     return x.reshape(x.shape[0], x.shape[1], length // block, block, *x.shape[3:])
-
-
-def _near(x: torch.Tensor, block: int, num_blocks: int, causal: bool = False) -> torch.Tensor:
-    """Blocks `b - 1, b, b + 1` side by side (`b - 1, b` if `causal`: block `b + 1` is all future):
-    `(B, H, N, ...)` -> `(B, H, num_blocks, 3 block or 2 block, ...)`."""
-    padded = blocks(x, block, (num_blocks + 2) * block, block)
-    parts = [padded[:, :, :-2], padded[:, :, 1:-1]] + ([] if causal else [padded[:, :, 2:]])
-    return torch.cat(parts, dim=3)
 
 
 def window_bounds(
@@ -131,111 +133,229 @@ def sink_positions(
     return pos.clamp(0, max(num_keys - 1, 0)), ok
 
 
-def _kernel_logits(lq: torch.Tensor, lk: torch.Tensor) -> torch.Tensor:
-    """`log sum_s exp(lq_is + lk_js)` `(..., n, m)` by one GEMM of max-shifted features (see `linear.py`)."""
-    e = lq.detach().amax(dim=-1, keepdim=True)
-    m = lk.detach().amax(dim=-1, keepdim=True)
-    products = torch.exp(lq - e) @ torch.exp(lk - m).transpose(-1, -2)
-    return torch.log(products.clamp_min(_tiny(products.dtype))) + e + m.transpose(-1, -2)
-
-
-def _state_read(lq: torch.Tensor, kvz: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sum_s exp(lq_s + shift_s) kvz_s` as `(exp(-c) * value, c)`: `lq` `(..., n, S)`, `kvz` `(..., S, D + 1)`."""
-    a = lq + shift[..., None, :]
-    c = a.detach().amax(dim=-1)
-    return torch.exp(a - c[..., None]) @ kvz, c
-
-
 def _inference(*tensors: torch.Tensor) -> bool:
     """True when no gradient is recorded for `tensors`: the in-place fast paths may run."""
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-def _combine(
-    exact: list[tuple[torch.Tensor, torch.Tensor]], far: list[tuple[torch.Tensor, torch.Tensor]]
-) -> torch.Tensor:
-    """Normalised `[sum_exact exp(logits) @ v1 + sum_far exp(c) part]`, all under one detached row max,
-    `(..., n, D)`. `exact` holds `(logits (..., n, m), v1 (..., m, D + 1))` pairs; without autograd the logits
-    are overwritten (exponentiated in place)."""
-    top = None
-    for logits, _ in exact:
-        row = logits.detach().amax(dim=-1)
-        top = row if top is None else torch.maximum(top, row)
-    for _, c in far:
-        top = torch.maximum(top, c)
-    top = top.clamp_min(_LOG_FLOOR)
-    out = None
-    for logits, v1 in exact:
-        if _inference(logits, v1):
-            weights = logits.sub_(top[..., None]).exp_()
+def _layouts(window: int, block: int, num_keys: int, causal: bool) -> tuple[_Layout, _Layout]:
+    """`(narrow, wide)` spans of a query block: `narrow` holds the unclamped windows `[i - (W - 1) // 2, i + W // 2]`
+    (causal: `[i - W + 1, i]`), `wide` also the bidirectional windows clamped at a row's edge, which may reach
+    `W - 1` positions to either side of their query."""
+    reach = -(-(window - 1) // block)
+    if causal:
+        wide = _Layout(block, reach, 0, num_keys, window, causal, (window - 1, 0))
+        return wide, wide
+    wide = _Layout(block, reach, reach, num_keys, window, causal, (window - 1, window - 1))
+    left, right = (window - 1) // 2, window // 2
+    narrow = _Layout(block, -(-left // block), -(-right // block), num_keys, window, causal, (left, right))
+    return narrow, wide
+
+
+def _scan(delta: torch.Tensor, decay: torch.Tensor, initial: torch.Tensor, order: range) -> list[torch.Tensor]:
+    """Exclusive scan `prior[b] = (prior[b'] + delta[b']) * decay[b]` along `order` (`b'` the block before `b` in
+    that order, `prior[order[0]] = initial`). `delta` `(B, H, nB, S, D + 1)`, `decay` `(B, H, nB, S)`. A loop of
+    small adds: several times faster on CPU than `cumsum` over the block dimension."""
+    priors = [initial] * delta.shape[2]
+    previous = order[0]
+    for b in order[1:]:
+        priors[b] = (priors[previous] + delta[:, :, previous]) * decay[:, :, b, :, None]
+        previous = b
+    return priors
+
+
+def _far_statistics(
+    lk: torch.Tensor, v: torch.Tensor, block: int, num_blocks: int, state: LinearState, causal: bool
+) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """Kernel statistics of the keys before each block (with `state`) and, unless `causal`, after it: per
+    direction `nB` tensors `(B, H, S, D + 1)` and their shifts `(B, H, nB, S)` (see `_pick_far`).
+
+    Each block's sums `phi(K_b)^T [V_b, 1]` are taken relative to the running per-feature key max up to it (from
+    the left, or from the right) and scanned with the decay `exp(running[b'] - running[b])` between blocks."""
+    nB = num_blocks
+    lkb = _pad_rows(lk, 0, nB * block, -torch.inf).unflatten(2, (nB, block))  # (B, H, nB, T, S)
+    v1 = blocks(_with_ones(v), 0, nB * block, block)
+    chunk_max = lkb.detach().amax(dim=3)  # (B, H, nB, S)
+    empty = LinearState.empty(lk.shape[0], lk.shape[1], lk.shape[-1], v)
+    far = []
+    for reverse, start in ((False, state),) if causal else ((False, state), (True, empty)):
+        maxima = torch.maximum(chunk_max, start.shift[:, :, None])
+        if reverse:
+            running = torch.cummax(maxima.flip(2), dim=2).values.flip(2).clamp_min(_LOG_FLOOR)
         else:
-            weights = torch.exp(logits - top[..., None])
-        out = weights @ v1 if out is None else out + weights @ v1
-    for part, c in far:
-        out = out + torch.exp(c - top)[..., None] * part
+            running = torch.cummax(maxima, dim=2).values.clamp_min(_LOG_FLOOR)
+        delta = torch.exp(lkb - running[:, :, :, None]).transpose(-1, -2) @ v1  # (B, H, nB, S, D + 1)
+        order = range(nB - 1, -1, -1) if reverse else range(nB)
+        decay = torch.exp(running.roll(-1 if reverse else 1, dims=2) - running)  # from the block scanned before
+        initial = start.kvz * torch.exp(start.shift - running[:, :, order[0]])[..., None]
+        priors = _scan(delta, decay, initial, order)
+        far.append((priors, running))
+    return far
+
+
+def _pick_far(
+    far: list[tuple[list[torch.Tensor], torch.Tensor]], layout: _Layout, block_ids: range, like: LinearState
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`(kvz (B, H, g, S, D + 1), shift (B, H, g, S))` of the keys of blocks `< b - before` and (bidirectional)
+    `> b + after` for the query blocks `block_ids`: every key outside their near spans. `like`: an empty state."""
+    (left, left_shift), *right = far
+    picks = [max(b - layout.before, 0) for b in block_ids]  # the state alone before block 0
+    out = [(torch.stack([left[b] for b in picks], dim=2), left_shift[:, :, picks])]
+    if right:
+        (right, right_shift), nB = right[0], len(left)
+        picks = [b + layout.after for b in block_ids]  # past the last block: nothing (zeros at the floor shift)
+        kvz = torch.stack([right[b] if b < nB else like.kvz for b in picks], dim=2)
+        shift = torch.stack([right_shift[:, :, b] if b < nB else like.shift for b in picks], dim=2)
+        out.append((kvz, shift))
+    return out
+
+
+def _pad_rows(x: torch.Tensor, front: int, length: int, value: float = 0.0) -> torch.Tensor:
+    """`x` `(B, H, N, ...)` (or a mask `(B, N)`) padded along its token dimension to `length` rows, `front` first."""
+    dim = 2 if x.dim() > 2 else 1
+    pad = [0, 0] * (x.dim() - dim - 1) + [front, length - front - x.shape[dim]]
+    return F.pad(x, pad, value=value)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Query blocks of `T` tokens; block `b`'s near span is key blocks `b - before .. b + after` (`M` keys), of
+    which the first `Mk` may fall outside a window (all `M` bidirectionally) and get kernel weights, and columns
+    `exact_columns` may fall inside one (a window reaches `reach` positions left and right of its query)."""
+
+    T: int
+    before: int
+    after: int
+    num_keys: int
+    window: int
+    causal: bool
+    reach: tuple[int, int]
+
+    @property
+    def M(self) -> int:
+        return (self.before + 1 + self.after) * self.T
+
+    @property
+    def Mk(self) -> int:
+        # causal: key j is left of some window of block b only if j <= (b + 1) T - 1 - W
+        return max(self.M - self.window, 0) if self.causal else self.M
+
+    @property
+    def exact_columns(self) -> tuple[int, int]:
+        if self.causal:  # at most W - 1 fewer than M: not worth a second weight buffer
+            return 0, self.M
+        start = self.before * self.T
+        return max(start - self.reach[0], 0), min(start + self.T + self.reach[1], self.M)
+
+
+def _near_masks(
+    layout: _Layout, block_ids: torch.Tensor, key_real: torch.Tensor, bounds_mask: torch.Tensor | None, dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float masks of query blocks `block_ids` `(g,)`, shared by the heads: the exact-logit bias `(B or 1, 1, g,
+    T, E)` on the `E` exact columns (0 on a real key of the window, `-inf` elsewhere) and the kernel mask
+    `(B or 1, 1, g, T, Mk)` (1 outside the window). `key_real` `(B or 1, g, M)`: near keys that exist, are not
+    padding and are not sinks."""
+    T, M = layout.T, layout.M
+    query_pos = block_ids[:, None] * T + torch.arange(T, device=block_ids.device)  # (g, T)
+    key_pos = (block_ids[:, None] - layout.before) * T + torch.arange(M, device=block_ids.device)  # (g, M)
+    lo = window_bounds(query_pos, bounds_mask, layout.num_keys, layout.window, layout.causal)[..., None]
+    kp = key_pos[None, :, None, :]
+    in_window = (kp >= lo) & (kp < lo + layout.window)  # causal: lo + W - 1 is the query itself
+    e0, e1 = layout.exact_columns
+    exact = (in_window & key_real[:, :, None])[..., e0:e1]
+    bias = torch.zeros(exact.shape, dtype=dtype, device=exact.device).masked_fill_(~exact, float("-inf"))
+    kernel = (kp < lo) if layout.causal else ~in_window  # causal: never a key after the query
+    return bias[:, None], kernel[..., : layout.Mk].to(dtype)[:, None]
+
+
+def _exp_minus(x: torch.Tensor, top: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """`exp(x - top)`, overwriting `x` (a temporary) when `inplace`: no new buffer per group."""
+    return x.sub_(top).exp_() if inplace else torch.exp(x - top)
+
+
+def _group(
+    layout: _Layout,
+    qs: torch.Tensor,
+    lq: torch.Tensor,
+    near: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    masks: tuple[torch.Tensor, torch.Tensor],
+    far: list[tuple[torch.Tensor, torch.Tensor]],
+    sink: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """Normalised output `(B, H, g, T, D)` of a group of `g` query blocks.
+
+    Args:
+        qs, lq (`torch.Tensor` of shape `(B, H, g, T, D or S)`): scaled queries and their log-features.
+        near: keys `(B, H, g, D, M)`, log-features of the first `Mk` keys `(B, H, g, S, Mk)` (`-inf` = not a key)
+            and values with ones `(B, H, g, M, D + 1)` of each block's near span.
+        masks: `_near_masks`.
+        far: `(kvz (B, H, g, S, D + 1), shift (B, H, g, S))` of the far keys.
+        sink: sink keys `(B, H, 1, D, G2)`, values `(B, H, 1, G2, D + 1)`, bias `(B, 1, g or 1, T or 1, G2)`.
+
+    Every term is `exp(logit - top)` under one detached row bound `top`: the exact logits' row max, and for each
+    kernel part `max_s (lq_s + c_s)` with `c` its per-feature key max (a kernel logit is at most that plus `log S`).
+    """
+    kn, lkn, vn1 = near
+    bias, kernel_mask = masks
+    inplace = _inference(qs, lq, kn, lkn, vn1)
+    e0, e1 = layout.exact_columns
+    exact = qs @ kn[..., e0:e1]
+    exact = exact.add_(bias) if inplace else exact + bias
+    M, Mk = vn1.shape[-2], lkn.shape[-1]
+    far = [(lq + shift[..., None, :], kvz) for kvz, shift in far]
+    tops = [exact.detach().amax(dim=-1)] + [a.detach().amax(dim=-1) for a, _ in far]
+    if Mk:
+        c_near = lkn.detach().amax(dim=-1).clamp_min(_LOG_FLOOR)  # (B, H, g, S)
+        near_query = lq + c_near[..., None, :]
+        tops.append(near_query.detach().amax(dim=-1))
+    if sink is not None:
+        sink_keys, sink_values, sink_bias = sink
+        sink_logits = qs @ sink_keys + sink_bias
+        tops.append(sink_logits.detach().amax(dim=-1))
+    top = torch.stack(tops, dim=-1).amax(dim=-1).clamp_min(_LOG_FLOOR)[..., None]  # (B, H, g, T, 1)
+    weights = exact.sub_(top).exp_() if inplace else torch.exp(exact - top)
+    if Mk:
+        near_kernel = _exp_minus(near_query, top, inplace) @ (lkn - c_near[..., None]).exp_()  # (B, H, g, T, Mk)
+    if e1 - e0 < M:  # bidirectional narrow span (Mk = M): the exact weights join the kernel ones on their columns
+        if inplace:
+            near_kernel.mul_(kernel_mask)[..., e0:e1].add_(weights)
+            weights = near_kernel
+        else:
+            weights = near_kernel * kernel_mask + F.pad(weights, (e0, M - e1))
+    elif Mk:
+        if inplace:
+            weights[..., :Mk].addcmul_(near_kernel, kernel_mask)
+        else:
+            weights = torch.cat([weights[..., :Mk] + near_kernel * kernel_mask, weights[..., Mk:]], dim=-1)
+    out = weights @ vn1
+    for a, kvz in far:
+        out = out + _exp_minus(a, top, inplace) @ kvz
+    if sink is not None:
+        out = out + torch.exp(sink_logits - top) @ sink_values
     return _normalise(out)
 
 
-def _near_logits(
-    q: torch.Tensor,
-    kn: torch.Tensor,
-    lq: torch.Tensor,
-    lkn: torch.Tensor,
-    in_window: torch.Tensor,
-    dead: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Exact logits on `in_window`, `-inf` on `dead`, kernel logits elsewhere: `(..., n, m)` (autograd path)."""
-    exact = (q @ kn.transpose(-1, -2)) * scale
-    return torch.where(in_window, exact, _kernel_logits(lq, lkn)).masked_fill(dead, float("-inf"))
-
-
-def _near_logits_inplace(
-    q: torch.Tensor,
-    kn: torch.Tensor,
-    lq: torch.Tensor,
-    fkn: torch.Tensor,
-    mn: torch.Tensor,
-    in_window: torch.Tensor,
-    dead: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """`_near_logits` without autograd, in one `(..., n, m)` buffer written in place: the kernel logits, then the
-    exact ones where `in_window`, then `-inf` where `dead`. The keys come as `fkn = exp(lk - mn)` and their shift
-    `mn` `(..., m, 1)`, computed once per key rather than once per near block. The masks are applied as float
-    tensors (`lerp_` by a 0/1 weight, `add_` of a 0/-inf bias): CPU kernels with a broadcast bool mask
-    (`where`, `masked_fill_`) run about ten times slower than these."""
-    e = lq.amax(dim=-1, keepdim=True)
-    logits = torch.exp(lq - e) @ fkn.transpose(-1, -2)
-    # clamped as in `_kernel_logits`: finite logits, so that `lerp_` with weight 0 keeps them exactly
-    logits.clamp_min_(_tiny(logits.dtype)).log_().add_(e).add_(mn.transpose(-1, -2))  # as `_kernel_logits`
-    exact = (q @ kn.transpose(-1, -2)).mul_(scale)
-    logits.lerp_(exact, in_window.to(logits.dtype))  # weight 1 gives `exact` exactly, weight 0 the kernel logit
-    return logits.add_(
-        torch.zeros(dead.shape, dtype=logits.dtype, device=logits.device).masked_fill_(dead, -torch.inf)
-    )
-
-
-def _block_statistics(
-    lk: torch.Tensor, v: torch.Tensor, block: int, num_blocks: int, state: LinearState, reverse: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exclusive prefix sums of `phi(K_b)^T [V_b, 1]` over key blocks (suffix sums if `reverse`).
-
-    Returns `prior` `(B, H, nB, S, D + 1)` (statistics of `state` and the blocks before `b`, or after `b`) relative
-    to the running max `(B, H, nB, S)` up to block `b`.
-    """
-    lkb = blocks(lk, 0, num_blocks * block, block)  # padding rows: lk = 0 and v = 0 are masked below
-    valid = (torch.arange(num_blocks * block, device=lk.device) < lk.shape[2]).reshape(num_blocks, block, 1)
-    lkb = lkb.masked_fill(~valid, float("-inf"))
-    v1 = blocks(_with_ones(v), 0, num_blocks * block, block)
-    if reverse:
-        lkb, v1 = lkb.flip(2), v1.flip(2)
-    chunk_max = lkb.detach().amax(dim=3)
-    running = torch.cummax(torch.maximum(chunk_max, state.shift[:, :, None]), dim=2).values.clamp_min(_LOG_FLOOR)
-    delta = torch.exp(lkb - running[:, :, :, None]).transpose(-1, -2) @ v1
-    prefix = _rescaled_prefix(delta, running, state)
-    prior, _ = prefix if prefix is not None else _scanned_prefix(delta, running, state)
-    return (prior.flip(2), running.flip(2)) if reverse else (prior, running)
+def _groups(
+    narrow: _Layout, wide: _Layout, first: int, num_blocks: int, bounds_mask: torch.Tensor | None, rows: int
+) -> list[tuple[_Layout, int, int]]:
+    """Query blocks `first .. nB - 1` cut into groups `(layout, b0, b1)` of at most `NEAR_ELEMENTS` weights
+    (`rows` = `B H`). A block takes the `wide` span if a query of it (in any row) has a window clamped at an edge."""
+    T = narrow.T
+    if narrow == wide:
+        kinds = [wide] * (num_blocks - first)
+    else:
+        query_pos = torch.arange(first * T, num_blocks * T, device=None if bounds_mask is None else bounds_mask.device)
+        lo = window_bounds(query_pos, bounds_mask, narrow.num_keys, narrow.window, False)
+        clamped = (lo != query_pos - (narrow.window - 1) // 2).any(0).reshape(-1, T).any(1)
+        kinds = [wide if c else narrow for c in clamped.tolist()]
+    groups, b0 = [], first
+    for b in range(first, num_blocks + 1):
+        layout = kinds[b0 - first]
+        size = max(1, NEAR_ELEMENTS // (rows * T * layout.M))
+        if b == num_blocks or kinds[b - first] is not layout or b - b0 == size:
+            groups.append((layout, b0, b))
+            b0 = b
+    return groups
 
 
 def windowed_attention(
@@ -262,7 +382,7 @@ def windowed_attention(
         window (`int`): `W >= 1`.
         maps (`WindowMaps`): complete log-feature maps.
         state (`LinearState`, *optional*): causal only; kernel statistics of keys before position 0 (decoding).
-        block_size (`int`, *optional*): block length `T` (at least `W`; default `max(W, 16)`).
+        block_size (`int`, *optional*): block length `T >= 1` (default `max(W, 16)`).
         sinks (`int`, *optional*, defaults to 0): `G`; the first `G` real keys (bidirectional: and the last `G`) are
             attended exactly by every query that may see them (`sink_positions`); not with `state`.
 
@@ -271,71 +391,61 @@ def windowed_attention(
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    T = max(block_size or MIN_BLOCK, window)
+    T = block_size or max(window, MIN_BLOCK)
+    narrow, wide = _layouts(window, T, Nk, causal)
     nB = -(-Nk // T)
     lk = maps.key(k)
     S = lk.shape[-1]
-    empty = LinearState.empty(B, H, S, v)
     bounds_mask = key_mask
     if sinks:
         sink_pos, sink_ok = sink_positions(key_mask, B, Nk, sinks, causal, q.device)
         is_sink = ((torch.arange(Nk, device=q.device) == sink_pos[..., None]) & sink_ok[..., None]).any(1)
         # sink keys leave the window and the kernel part: they are attended exactly, once
         key_mask = ~is_sink if key_mask is None else key_mask & ~is_sink
-    left, left_shift = _block_statistics(_mask_keys(lk, key_mask), v, T, nB, state or empty, False)
-    if not causal:
-        right, right_shift = _block_statistics(_mask_keys(lk, key_mask), v, T, nB, empty, True)
-    # far statistics of block b: prefix before b - 1 (entry b - 1; the state alone for b = 0), suffix after b + 1
-    left = torch.cat([(state or empty).kvz[:, :, None], left[:, :, :-1]], dim=2)
-    left_shift = torch.cat([(state or empty).shift[:, :, None], left_shift[:, :, :-1]], dim=2)
-    if not causal:
-        right = F.pad(right[:, :, 1:], (0, 0, 0, 0, 0, 1))
-        right_shift = F.pad(right_shift[:, :, 1:], (0, 0, 0, 1), value=_LOG_FLOOR)
+    lk = _mask_keys(lk, key_mask)
+    empty = LinearState.empty(B, H, S, v)
+    far = _far_statistics(lk, v, T, nB, state or empty, causal)
 
     first = (Nk - Nq) // T  # first block holding a query
-    nQ = nB - first
-    qb = blocks(q, Nk - Nq - first * T, nQ * T, T)  # (B, H, nQ, T, D)
-    lqb = maps.query(qb.flatten(2, 3)).unflatten(2, (nQ, T))
-    M = (2 if causal else 3) * T  # near keys of a block
-    kn, vn1 = (_near(x, T, nB, causal)[:, :, first:] for x in (k, _with_ones(v)))
-    device = q.device
-    query_pos = (first + torch.arange(nQ, device=device))[:, None] * T + torch.arange(T, device=device)  # (nQ, T)
-    key_pos = (first - 1 + torch.arange(nQ, device=device))[:, None] * T + torch.arange(M, device=device)
-    real = ((key_pos >= 0) & (key_pos < Nk))[None]  # (1, nQ, M)
-    if key_mask is not None:
-        real = real & (_near(key_mask[:, None, :, None].to(q.dtype), T, nB, causal)[:, 0, first:, :, 0] > 0.5)
-    lo = window_bounds(query_pos, bounds_mask, Nk, window, causal)[..., None]  # (B or 1, nQ, T, 1)
-    kp = key_pos[None, :, None, :]
-    # the pattern depends on positions only (and on B with a key mask): built once, shared by the heads
-    in_window = real[:, :, None, :] & (kp >= lo) & (kp < lo + window)
-    dead = ~real[:, :, None, :]
-    if causal:
-        causal_ok = kp <= query_pos[None, :, :, None]
-        in_window, dead = in_window & causal_ok, dead | ~causal_ok
-    in_window, dead = in_window[:, None], dead[:, None]  # (B or 1, 1, nQ, T, M)
-
-    if _inference(q, k, lqb, lk):
-        m = lk.amax(dim=-1, keepdim=True)
-        fkn, mn = (_near(x, T, nB, causal)[:, :, first:] for x in (torch.exp(lk - m), m))
-        exact = [(_near_logits_inplace(qb, kn, lqb, fkn, mn, in_window, dead, scale), vn1)]
-    else:
-        lkn = _near(lk, T, nB, causal)[:, :, first:]
-        exact = [(_near_logits(qb, kn, lqb, lkn, in_window, dead, scale), vn1)]
+    nQ, front = nB - first, Nk - Nq - first * T
+    qs = blocks(q * scale, front, nQ * T, T)  # (B, H, nQ, T, D)
+    lqb = maps.query(blocks(q, front, nQ * T, T).flatten(2, 3)).unflatten(2, (nQ, T))
+    # keys padded by `wide.before` blocks in front and `wide.after` behind
+    length, offset = (nB + wide.before + wide.after) * T, wide.before
+    kp, vp = _pad_rows(k, offset * T, length), _pad_rows(_with_ones(v), offset * T, length)
+    lkp = _pad_rows(lk, offset * T, length, -torch.inf)
+    real = torch.ones(1, Nk, dtype=torch.bool, device=q.device) if key_mask is None else key_mask
+    realp = _pad_rows(real, offset * T, length)
     if sinks:
-        # the few sink keys get their own small GEMM (no concatenation with the near keys)
         index = sink_pos[:, None, :, None].expand(B, H, -1, D)
-        ks, vs1 = k.gather(2, index), _with_ones(v.gather(2, index))  # (B, H, G2, D), (B, H, G2, D + 1)
-        seen = sink_ok[:, None, :, None]  # (B, 1, G2, 1) against (B, H, G2, nQ T)
-        if causal:
-            seen = seen & (sink_pos[:, None, :, None] <= query_pos.reshape(1, 1, 1, -1))
-        sink_logits = (ks @ (qb.flatten(2, 3) * scale).transpose(-1, -2)).masked_fill(~seen, float("-inf"))
-        exact.append((sink_logits.transpose(-1, -2).unflatten(2, (nQ, T)), vs1[:, :, None]))
-    far = [_state_read(lqb, left[:, :, first:], left_shift[:, :, first:])]
-    if not causal:
-        far.append(_state_read(lqb, right[:, :, first:], right_shift[:, :, first:]))
-    out = _combine(exact, far).reshape(B, H, nQ * T, D)
-    start = Nk - Nq - first * T
-    return out[:, :, start : start + Nq]
+        sink_keys = k.gather(2, index).transpose(-1, -2)[:, :, None]  # (B, H, 1, D, G2)
+        sink_values = _with_ones(v.gather(2, index))[:, :, None]  # (B, H, 1, G2, D + 1)
+        sink_bias = torch.zeros(sink_ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~sink_ok, -torch.inf)
+        sink_bias = sink_bias[:, None, None, None]  # (B, 1, 1, 1, G2)
+    outs = []
+    for layout, b0, b1 in _groups(narrow, wide, first, nB, bounds_mask, B * H):
+        M, Mk = layout.M, layout.Mk
+        rows = slice((b0 - layout.before + offset) * T, (b1 + layout.after + offset) * T)
+        near = (
+            kp[:, :, rows].unfold(2, M, T),
+            lkp[:, :, rows].unfold(2, M, T)[..., :Mk],
+            vp[:, :, rows].unfold(2, M, T).transpose(-1, -2),
+        )
+        block_ids = torch.arange(b0, b1, device=q.device)
+        masks = _near_masks(layout, block_ids, realp[:, rows].unfold(1, M, T), bounds_mask, q.dtype)
+        sink = None
+        if sinks:
+            bias = sink_bias
+            if causal:  # a sink is seen from its own position on
+                query_pos = (block_ids[:, None] * T + torch.arange(T, device=q.device))[None, None, :, :, None]
+                late = sink_pos[:, None, None, None, :] > query_pos
+                bias = bias.masked_fill(late, -torch.inf)
+            sink = sink_keys, sink_values, bias
+        group_far = _pick_far(far, layout, range(b0, b1), empty)
+        g0, g1 = b0 - first, b1 - first
+        outs.append(_group(layout, qs[:, :, g0:g1], lqb[:, :, g0:g1], near, masks, group_far, sink))
+    out = torch.cat(outs, dim=2).reshape(B, H, nQ * T, D)
+    return out[:, :, front : front + Nq]
 
 
 @dataclass
@@ -475,10 +585,21 @@ def _advance(
     leaving = max(keys.shape[2] - (window - 1), 0)
     # `LinearState.absorb` rebinds its tensors (never writes them in place): a shallow copy leaves `state` intact
     linear = LinearState(state.linear.kvz, state.linear.shift)
-    if leaving:
+    if leaving == 1:  # decoding: one token leaves the window per step
+        linear = _absorb_one(linear, lks[:, :, :1], values[:, :, :1], masks[:, :1])
+    elif leaving:
         linear.absorb(lks[:, :, :leaving], values[:, :, :leaving], masks[:, :leaving])
     kept = keys[:, :, leaving:], values[:, :, leaving:], lks[:, :, leaving:], masks[:, leaving:]
     return WindowState(linear, *kept, sink_keys, sink_values, sink_count)
+
+
+def _absorb_one(state: LinearState, lk: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> LinearState:
+    """A new `LinearState` with one more token `lk` `(B, H, 1, S)`, `v` `(B, H, 1, D)`, mask `(B, 1)`: the
+    single-token case of `LinearState.absorb` in a handful of ops (the running max rises to the token's features)."""
+    lk = lk.masked_fill(~mask[:, None, :, None], -torch.inf)
+    shift = torch.maximum(state.shift, lk[:, :, 0].detach().clamp_min(_LOG_FLOOR))
+    part = torch.exp(lk - shift[:, :, None]).transpose(-1, -2) * _with_ones(v)  # (B, H, S, D + 1)
+    return LinearState(torch.addcmul(part, state.kvz, torch.exp(state.shift - shift)[..., None]), shift)
 
 
 def window_step(
@@ -517,24 +638,54 @@ def window_step(
         prefix = None if fresh else state.linear
         out = windowed_attention(q, keys, values, key_mask, True, scale, window, maps, prefix, sinks=sinks)
         return out, advance(state, k, v, lk, mask, window)
-    w = state.keys.shape[2]
-    lq = maps.query(q)
     lks = torch.cat([state.log_features, lk], dim=2)
-    query_pos = torch.arange(w, w + n, device=q.device)[:, None]
-    key_pos = torch.arange(w + n, device=q.device)[None, :]
-    seen = key_mask[:, None, None, :] & (key_pos <= query_pos)  # (B, 1, n, w + n)
-    in_window = seen & (key_pos > query_pos - window)
-    logits = (q @ keys.transpose(-1, -2)) * scale
-    if w + n > window:  # some buffered keys are outside the window of the first new queries
-        logits = torch.where(in_window, logits, _kernel_logits(lq, lks)).masked_fill(~seen, float("-inf"))
-    else:
-        logits = logits.masked_fill(~in_window, float("-inf"))
-    exact = [(logits, _with_ones(values))]
-    if sinks:
-        # sinks captured before this step (new ones are inside every later new query's window, as n <= W)
-        filled = torch.arange(sinks, device=q.device) < state.sink_count[:, None]  # (B, G)
-        sink_logits = (q @ state.sink_keys.transpose(-1, -2) * scale).masked_fill(~filled[:, None, None], -torch.inf)
-        exact.append((sink_logits, _with_ones(state.sink_values)))
-    far = [_state_read(lq, state.linear.kvz, state.linear.shift)]
-    out = _combine(exact, far)
+    out = _step_output(q * scale, maps.query(q), (keys, values, lks, key_mask), state, window)
     return out, _advance(state, k, v, mask, (keys, values, lks, key_mask), window)
+
+
+def _step_output(
+    qs: torch.Tensor,
+    lq: torch.Tensor,
+    joined: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    state: WindowState,
+    window: int,
+) -> torch.Tensor:
+    """Output `(B, H, n, D)` of `n <= W` new queries (`qs` scaled, `lq` log-features) over the buffer joined with
+    the new tokens (`w + n` keys), the sinks captured before this step and the kernel state, as in `_group`.
+
+    (New sinks are inside every later new query's window, as `n <= W`.)"""
+    keys, values, lks, key_mask = joined
+    n, m = qs.shape[2], keys.shape[2]
+    inplace = _inference(qs, lq, keys, values, lks)
+    exact = qs @ keys.transpose(-1, -2)
+    if n == 1 and m <= window:  # decoding: every buffered key is in the window
+        hidden = ~key_mask[:, None, None, :]
+    else:
+        query_pos = torch.arange(m - n, m, device=qs.device)[:, None]
+        key_pos = torch.arange(m, device=qs.device)
+        in_window = (key_pos <= query_pos) & (key_pos > query_pos - window)  # (n, m)
+        hidden = ~(in_window & key_mask[:, None, None, :])  # (B, 1, n, m)
+    exact = exact.masked_fill_(hidden, -torch.inf) if inplace else exact.masked_fill(hidden, -torch.inf)
+    far = lq + state.linear.shift[:, :, None, :]
+    tops = [exact.detach().amax(dim=-1), far.detach().amax(dim=-1)]
+    Mk = max(m - window, 0)  # keys that may be left of a new query's window
+    if Mk:
+        lkn = lks[:, :, :Mk].masked_fill(~key_mask[:, None, :Mk, None], -torch.inf)
+        c = lkn.detach().amax(dim=2).clamp_min(_LOG_FLOOR)  # (B, H, S)
+        near = lq + c[:, :, None, :]
+        tops.append(near.detach().amax(dim=-1))
+    sinks = state.sink_keys.shape[2]
+    if sinks:
+        filled = torch.arange(sinks, device=qs.device) < state.sink_count[:, None]  # (B, G)
+        sink_logits = (qs @ state.sink_keys.transpose(-1, -2)).masked_fill(~filled[:, None, None], -torch.inf)
+        tops.append(sink_logits.detach().amax(dim=-1))
+    top = functools.reduce(torch.maximum, tops).clamp_min(_LOG_FLOOR)[..., None]  # (B, H, n, 1)
+    weights = exact.sub_(top).exp_() if inplace else torch.exp(exact - top)
+    if Mk:
+        kernel = torch.exp(near - top) @ torch.exp(lkn - c[:, :, None, :]).transpose(-1, -2)
+        left = (key_pos[:Mk] <= query_pos - window).to(qs.dtype)  # (n, Mk); here n > 1 or m > W
+        weights = torch.cat([weights[..., :Mk] + kernel * left, weights[..., Mk:]], dim=-1)
+    out = weights @ _with_ones(values) + torch.exp(far - top) @ state.linear.kvz
+    if sinks:
+        out = out + torch.exp(sink_logits - top) @ _with_ones(state.sink_values)
+    return _normalise(out)

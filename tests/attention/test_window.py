@@ -112,6 +112,40 @@ def test_matches_naive_twin_with_padding(method, causal, sinks):
         assert_close(f"row {row}", ref[0], out[row][:, real], 1e-12)
 
 
+@pytest.mark.parametrize("causal", MODES)
+@pytest.mark.parametrize("window, block_size", [(23, 1), (23, 5), (23, 8), (23, 11), (23, 12), (6, 4), (5, 16)])
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_any_block_size_matches_naive_twin(causal, window, block_size, sinks):
+    """Blocks shorter than the window (spans of several blocks each side, narrow and edge-clamped spans), N = 71
+    not a multiple of the block, left- and right-padded rows, sinks: the quadratic twin's outputs, with and without
+    autograd, and its gradients."""
+    attn = _perturb(build_small("rfa", H, D, window_size=window, sink_tokens=sinks).double().eval())
+    q, k, v = (t.requires_grad_() for t in qkv(3, H, 71, D))
+    mask = _mask(3, 71)
+    maps = attn.window_maps(D**-0.5, q.dtype)
+
+    def run():
+        return windowed_attention(q, k, v, mask, causal, D**-0.5, window, maps, block_size=block_size, sinks=sinks)
+
+    out = run()
+    with torch.no_grad():
+        fast = run()
+    grad = torch.randn_like(out) * mask[:, None, :, None]
+    got = torch.autograd.grad(out, [q, k, v], grad)
+    refs = []
+    for row in range(3):
+        real = mask[row]
+        qr, kr, vr = (t[row : row + 1, :, real] for t in (q, k, v))
+        lq, lk = _complete_features(attn, qr, kr, D**-0.5, causal)
+        refs.append(naive_windowed_feature_attention(qr, kr, vr, lq, lk, window, causal=causal, sinks=sinks))
+        assert_close(f"row {row}", refs[-1][0], out[row][:, real], 1e-12)
+        assert_close(f"row {row} no autograd", refs[-1][0], fast[row][:, real], 1e-12)
+    ref_loss = sum((r[0] * grad[row][:, mask[row]]).sum() for row, r in enumerate(refs))
+    want = torch.autograd.grad(ref_loss, [q, k, v])
+    for name, a, b in zip("qkv", want, got, strict=True):
+        assert_close(f"grad {name}", a, b, 1e-10)
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("causal", MODES)
 def test_exact_when_the_window_covers_the_sequence(method, causal):
@@ -223,13 +257,14 @@ def test_blocked_path_never_builds_an_n_by_n_tensor(monkeypatch):
     attn = build_small("rfa", 1, D, window_size=8).double().eval()
     q, k, v = qkv(1, 1, N, D)
     largest = []
-    real_combine = __import__("hf_lara.attention.window", fromlist=["_combine"])._combine
+    real_group = __import__("hf_lara.attention.window", fromlist=["_group"])._group
 
-    def spy(exact, far):
-        largest.extend(logits.numel() for logits, _ in exact)
-        return real_combine(exact, far)
+    def spy(layout, qs, lq, near, masks, far, sink):
+        largest.extend(t.numel() for t in (*near, *masks, qs))
+        largest.append(qs.shape[2] * qs.shape[3] * layout.M)  # the weights of the group
+        return real_group(layout, qs, lq, near, masks, far, sink)
 
-    monkeypatch.setattr("hf_lara.attention.window._combine", spy)
+    monkeypatch.setattr("hf_lara.attention.window._group", spy)
     for causal in (False, True):
         windowed_attention(q, k, v, None, causal, D**-0.5, 8, attn.window_maps(D**-0.5, q.dtype))
     assert max(largest) < N * N / 4
