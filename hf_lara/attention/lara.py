@@ -354,7 +354,7 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         half_norm = 0.5 * scale * _LOG2E
         group = max(1, min(H, INFERENCE_ELEMENTS // (N * width)))
         scratch = q.new_empty(group * N * width)
-        part = q.new_empty(group * N * D)
+        part = q.new_empty(group * N * D)  # squared keys
         out = q.new_empty(b, N, H, D)
         for i in range(b):
             for h0 in range(0, H, group):
@@ -380,8 +380,9 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
                     t.div_(t.sum(dim=1, keepdim=True))
                     t.sub_(t.mean(dim=-1, keepdim=True)).mul_(self.alpha_coeff)
                     p.mul_(t.add_(balance[i, h0:h1, None]).clamp_min_(_ALPHA_FLOOR))
-                num = torch.bmm(p, f, out=part[: g * N * D].view(g, N, D))
-                torch.div(num, p.sum(dim=-1, keepdim=True), out=out[i, :, h0:h1].transpose(0, 1))
+                p.div_(p.sum(dim=-1, keepdim=True))
+                for j in range(g):  # straight into the (N, D) rows of head h0 + j, leading dimension H D
+                    torch.mm(p[j], f[j], out=out[i, :, h0 + j])
         return out.transpose(1, 2)
 
     def mixture(
