@@ -32,6 +32,10 @@ chunk other than c plus one summary of `c` minus the tokens of `w` (its own coun
 shift and merged over the *other* windows of the chunk with a `g x g` off-diagonal matrix (`g = P / E` windows per
 chunk), never as "chunk total - window" (no cancellation). Cost `O(N (E + C) D + C g^2 D)`, memory
 `O(N (E + C) + C g^2)`; the `g^2` terms (`N^2 / (C E^2)`) only matter for very few chunks on very long inputs.
+Without autograd (`bidirectional_eva_inference`) windows and chunks are views of the inputs and a few heads at a time
+run on reused buffers: one GEMM for the window logits, one against every whole chunk key whose own-chunk column (a
+diagonal view) is replaced by the "own chunk minus own window" logit, `exp2_` in place and products into one output
+buffer laid out `(B, N, H, D)`.
 
 **Causal** (`window_size` E, `chunk_size` P, `E % P == 0`). Windows are causal blocks of E positions (a query
 sees the keys of its block at or before it); chunks are fixed blocks of P tokens. A query in block w sees exactly

@@ -248,6 +248,9 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
           `out_n = (p_n kv) / (p_n z)`, which equals `softmax_c(log w_nc) f_c` (the `log Z_c - s_c = log z_c` part
           comes in through `z`; `alpha` multiplies instead of going through `log`).
 
+        Without autograd, with `block_size` None and `N 2C <= INFERENCE_ELEMENTS`, `_bidirectional_inference` runs
+        instead (whole sequence per head group, every logit computed once).
+
         Args:
             noise (`torch.Tensor` of shape `(b, H, C_eff, D)`, *optional*): as in `mixture`.
             block_size (`int`, *optional*): tokens per block (default: about `2^22 / (b H 2C)`, i.e.
