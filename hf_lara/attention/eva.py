@@ -135,15 +135,23 @@ def _summary_sets(valid: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor
 
 
 def _chunk_summaries(
-    kc: torch.Tensor, vc: torch.Tensor, valid: torch.Tensor, key_map: Map, mu_map: Map, sample: bool
+    kc: torch.Tensor,
+    vc: torch.Tensor,
+    valid: torch.Tensor,
+    key_map: Map,
+    mu_map: Map,
+    sample: bool,
+    unit: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summaries of every chunk without each of its windows (`r < g`) and of the whole chunk (`r = g`).
 
     Args:
-        kc (`torch.Tensor` of shape `(B, H, C, g, E, D)`): tilde-space keys, chunk by window.
+        kc (`torch.Tensor` of shape `(B, H, C, g, E, D)`): keys times `unit` in tilde space (`unit k~`), chunk
+            by window.
         vc (`torch.Tensor` of shape `(B, H, C, g, E, D)`): values.
         valid (`torch.Tensor` of shape `(C, g, E)`, bool): real positions (False past `N`).
         key_map, mu_map, sample: as in `bidirectional_eva`.
+        unit (`float`, *optional*, defaults to 1): the factor on `kc`.
 
     Returns:
         Chunk keys `kappa~` and values `beta`, `(B, H, C, g + 1, D)`, and the token counts `(g + 1, C)`.
@@ -151,8 +159,16 @@ def _chunk_summaries(
     g = kc.shape[3]
     select, counts = _summary_sets(valid, kc.dtype)
     sums = torch.einsum("rg,bhcgd->bhcrd", select.to(kc.dtype), kc.sum(-2))
-    means = sums / counts.T.clamp_min(1)[..., None]  # (B, H, C, g + 1, D)
-    log_w = _sampled_log_weights(kc, mu_map(means[:, :, :, g]), sample).masked_fill(~valid, float("-inf"))
+    means = sums / (counts.T.clamp_min(1)[..., None] * unit)  # (B, H, C, g + 1, D)
+    mu = mu_map(means[:, :, :, g])
+    omega = mu + torch.randn_like(mu) if sample else mu
+    # log xi(k_m, w_c) = w_c.k~_m - |k~_m|^2 / 2; without autograd the squared norms need no (.., D) temporary
+    dots = (kc.flatten(3, 4) @ omega[..., None]).unflatten(3, kc.shape[3:5])[..., 0]  # (B, H, C, g, E)
+    if torch.is_grad_enabled():
+        squares = kc.square().sum(-1)
+    else:
+        squares = torch.linalg.vector_norm(kc, dim=-1).square_()
+    log_w = (dots / unit - squares * (0.5 / unit**2)).masked_fill(~valid, float("-inf"))
     betas = merged_value_summaries(log_w, vc, select)  # (B, H, C, g + 1, D)
     return key_map(means), betas, counts
 
@@ -270,7 +286,8 @@ def bidirectional_eva_inference(
     q, k, v = _padded_to(q, L), _padded_to(k, L), _padded_to(v, L)
     group = max(1, min(H, INFERENCE_ELEMENTS // (L * (E + C))))
     local_buf, chunk_buf = q.new_empty(group * L * E), q.new_empty(group * L * C)
-    qs_buf, ks_buf, acc_buf = (q.new_empty(group * L * D) for _ in range(3))
+    ks_buf, acc_buf = q.new_empty(group * L * D), q.new_empty(group * L * D)
+    unit = root * _LOG2E
     log2_counts = _log_count(_summary_sets(valid, q.dtype)[1]) * _LOG2E  # (g + 1, C)
     tail = valid.reshape(C * g, 1, E)[N // E :]  # windows holding positions past N
     out = q.new_empty(B, N, H, D)
@@ -278,15 +295,17 @@ def bidirectional_eva_inference(
         for h0 in range(0, H, group):
             h1 = min(H, h0 + group)
             n = h1 - h0
-            kt = torch.mul(k[b, h0:h1], root, out=ks_buf[: n * L * D].view(n, L, D))
+            # k2 = scale log2(e) k = unit k~: base-2 window logits straight from raw queries
+            k2 = torch.mul(k[b, h0:h1], unit * root, out=ks_buf[: n * L * D].view(n, L, D))
             vc = v[b, h0:h1].reshape(1, n, C, g, E, D)
-            keys, betas, _ = _chunk_summaries(kt.view(1, n, C, g, E, D), vc, valid, key_map, mu_map, sample)
-            keys, betas = keys[0], betas[0]  # (n, C, g + 1, D)
-            q2 = torch.mul(q[b, h0:h1], root * _LOG2E, out=qs_buf[: n * L * D].view(n, L, D))
+            keys, betas, _ = _chunk_summaries(k2.view(1, n, C, g, E, D), vc, valid, key_map, mu_map, sample, unit)
+            keys = keys[0] * unit  # (n, C, g + 1, D): q . keys = log2(e) q~ . kappa~
+            betas = betas[0]
+            q_g = q[b, h0:h1]
             # window logits; keys past N (last chunk only) are masked
             local = torch.bmm(
-                q2.view(n * C * g, E, D),
-                kt.view(n * C * g, E, D).transpose(1, 2),
+                q_g.reshape(n * C * g, E, D),
+                k2.view(n * C * g, E, D).transpose(1, 2),
                 out=local_buf[: n * L * E].view(n * C * g, E, E),
             ).view(n, C * g, E, E)
             if tail.shape[0]:
@@ -294,11 +313,11 @@ def bidirectional_eva_inference(
             # logits against every whole chunk, then the own column replaced by "own chunk minus own window"
             chunk = torch.baddbmm(
                 log2_counts[g].expand(n, 1, C),
-                q2,
+                q_g,
                 keys[:, :, g].transpose(1, 2),
                 out=chunk_buf[: n * L * C].view(n, L, C),
             )
-            rest = torch.bmm(q2.view(n * C * g, E, D), keys[:, :, :g].reshape(n * C * g, D, 1)).view(n, C, g, E)
+            rest = torch.bmm(q_g.reshape(n * C * g, E, D), keys[:, :, :g].reshape(n * C * g, D, 1)).view(n, C, g, E)
             rest.add_(log2_counts[:g].T[:, :, None])
             own = torch.diagonal(chunk.view(n, C, P, C), dim1=1, dim2=3)  # (n, P, C): row c P + p, column c
             own.copy_(rest.view(n, C, P).transpose(1, 2))
