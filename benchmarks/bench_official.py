@@ -58,6 +58,12 @@ from torch import nn
 from hf_lara.attention import build_attention
 
 B, H, D = 1, 12, 64
+NOTES = (
+    "Timings: best of `reps` alternating calls, no autograd; on a shared machine compare the two sides of one row "
+    "only. `fresh MB`: pages first touched during one more call (minor faults x page size). EVA rows compare "
+    "different estimators by design: the official chunks overlap the local window (tokens counted twice), ours "
+    "count every token once; `err` is each side's relative error against exact softmax."
+)
 RESULTS = Path(__file__).resolve().parent / "results"
 ENV_VAR = "HF_LARA_OFFICIAL_PATH"
 CASES = (("rfa", False), ("lara", False), ("eva", False), ("eva", True))
@@ -360,7 +366,7 @@ def write_results(rows: Sequence[dict], out_dir: Path, meta: dict) -> tuple[Path
     """Write `official.md` and `official.json` into `out_dir` (each through a temporary file and a rename)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     header = ", ".join(f"{key}={value}" for key, value in meta.items())
-    md = f"# hf_lara vs the official HKUNLP modules\n\n{header}\n\n{format_table(rows)}\n"
+    md = f"# hf_lara vs the official HKUNLP modules\n\n{header}\n\n{format_table(rows)}\n\n{NOTES}\n"
     md_path, json_path = out_dir / "official.md", out_dir / "official.json"
     _write_atomic(md_path, md)
     _write_atomic(json_path, json.dumps({"meta": meta, "rows": list(rows)}, indent=1) + "\n")

@@ -77,8 +77,10 @@ from .window import WindowMaps
 MIS_TYPES = ("opt", "bh")
 _ALPHA_FLOOR = 1e-8
 _LOG2E = 1.0 / math.log(2.0)
-#: the inference path of bidirectional LARA holds `(heads, N, 2C)` logits of at most this many elements
+#: the inference path of bidirectional LARA runs when one head's `(N, 2C)` logits hold at most this many elements
 INFERENCE_ELEMENTS = 1 << 21
+#: and takes as many heads at a time as fit this many logits (at least one)
+GROUP_ELEMENTS = 1 << 19
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -355,7 +357,7 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
             own = torch.diagonal(log_density, dim1=-2, dim2=-1)
             balance = torch.exp(own - torch.logsumexp(log_density, dim=-1))  # (b, H, C)
         half_norm = 0.5 * scale * _LOG2E
-        group = max(1, min(H, INFERENCE_ELEMENTS // (N * width)))
+        group = max(1, min(H, GROUP_ELEMENTS // (N * width)))
         scratch = q.new_empty(group * N * width)
         part = q.new_empty(group * N * D)  # squared keys
         out = q.new_empty(b, N, H, D)

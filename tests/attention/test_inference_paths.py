@@ -103,7 +103,7 @@ def _spy(monkeypatch, module, name: str) -> list:
 def test_lara_inference_path_with_padding(mis, elements, mode, monkeypatch):
     """N = 29 (row 1: 24, row 2: 11 real tokens) with C = 5 landmarks: uneven segments everywhere."""
     B, H, N, D, C = 3, 3, 29, 8, 5
-    monkeypatch.setattr(lara_module, "INFERENCE_ELEMENTS", elements)
+    monkeypatch.setattr(lara_module, "GROUP_ELEMENTS", elements)  # 300: one head (opt) or two (bh) per group
     calls = _spy(monkeypatch, LinearRandomizedAttention, "_bidirectional_inference")
     attn = LinearRandomizedAttention(H, D, num_landmarks=C, mis=mis, alpha_coeff=0.7).double().eval()
     q, k, v = qkv(B, H, N, D, std=0.8, generator=torch.Generator().manual_seed(2))
