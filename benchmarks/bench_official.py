@@ -27,6 +27,9 @@ Each official module is driven on the attention core: its input projections retu
 
 Timing: fp32, `--threads` threads, no autograd (`torch.inference_mode`); `--warmup` calls of each side first (the
 allocator warmed on both), then `--reps` rounds alternating which side goes first; best time per side.
+`fresh MB` is the memory each side newly maps during one more call after the timing (minor page faults times the
+page size, `getrusage`; Linux/Unix only, `nan` elsewhere): large temporaries that the allocator hands back to the
+system after every call show up there, reused buffers do not.
 Results: `benchmarks/results/official.md` and `official.json` (`--out` to change), with the 1-minute load average
 before and after the run (on a shared machine timings are only comparable between the two sides of one row).
 """
@@ -55,6 +58,12 @@ from torch import nn
 from hf_lara.attention import build_attention
 
 B, H, D = 1, 12, 64
+NOTES = (
+    "Timings: best of `reps` alternating calls, no autograd; on a shared machine compare the two sides of one row "
+    "only. `fresh MB`: pages first touched during one more call (minor faults x page size). EVA rows compare "
+    "different estimators by design: the official chunks overlap the local window (tokens counted twice), ours "
+    "count every token once; `err` is each side's relative error against exact softmax."
+)
 RESULTS = Path(__file__).resolve().parent / "results"
 ENV_VAR = "HF_LARA_OFFICIAL_PATH"
 CASES = (("rfa", False), ("lara", False), ("eva", False), ("eva", True))
@@ -285,6 +294,18 @@ def time_pair(fns: Sequence[Callable[[], torch.Tensor]], warmup: int, reps: int)
     return best
 
 
+def fresh_memory_mb(fn: Callable[[], torch.Tensor]) -> float:
+    """MiB of fresh pages touched by one call of `fn` (minor page faults x page size); `nan` without `resource`."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Unix
+        return math.nan
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return (after - before) * resource.getpagesize() / 2**20
+
+
 def measure(ea: types.ModuleType, method: str, causal: bool, n: int, warmup: int, reps: int, seed: int = 0) -> dict:
     """One table row: times, speed-up, max |diff| and each side's relative error against exact softmax."""
     gen = torch.Generator().manual_seed(seed)
@@ -296,6 +317,7 @@ def measure(ea: types.ModuleType, method: str, causal: bool, n: int, warmup: int
         with _without_stabilisers(ea, method):
             diff = float((official() - out_ours).abs().max())
         t_official, t_ours = time_pair([official, ours], warmup, reps)
+        fresh_official, fresh_ours = fresh_memory_mb(official), fresh_memory_mb(ours)
     return {
         "method": method,
         "causal": causal,
@@ -307,6 +329,8 @@ def measure(ea: types.ModuleType, method: str, causal: bool, n: int, warmup: int
         "same_estimator": same,
         "err_official": relative_error(out_official, exact),
         "err_ours": relative_error(out_ours, exact),
+        "fresh_mb_official": fresh_official,
+        "fresh_mb_ours": fresh_ours,
     }
 
 
@@ -316,16 +340,18 @@ def measure(ea: types.ModuleType, method: str, causal: bool, n: int, warmup: int
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    """Markdown table: method, N, causal, official ms, ours ms, speed-up, max |diff|, errors vs softmax."""
+    """Markdown table: method, N, causal, official ms, ours ms, speed-up, max |diff|, errors vs softmax, fresh MB."""
     lines = [
-        "| method | N | causal | official ms | ours ms | speed-up | max abs diff | err official | err ours |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| method | N | causal | official ms | ours ms | speed-up | max abs diff | err official | err ours "
+        "| fresh MB official | fresh MB ours |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         diff = f"{r['max_abs_diff']:.2e}" + ("" if r["same_estimator"] else " (other estimator)")
         lines.append(
             f"| {r['method']} | {r['N']} | {'yes' if r['causal'] else 'no'} | {r['official_ms']:.1f} | "
-            f"{r['ours_ms']:.1f} | {r['speedup']:.2f}x | {diff} | {r['err_official']:.3f} | {r['err_ours']:.3f} |"
+            f"{r['ours_ms']:.1f} | {r['speedup']:.2f}x | {diff} | {r['err_official']:.3f} | {r['err_ours']:.3f} | "
+            f"{r.get('fresh_mb_official', math.nan):.1f} | {r.get('fresh_mb_ours', math.nan):.1f} |"
         )
     return "\n".join(lines)
 
@@ -340,7 +366,7 @@ def write_results(rows: Sequence[dict], out_dir: Path, meta: dict) -> tuple[Path
     """Write `official.md` and `official.json` into `out_dir` (each through a temporary file and a rename)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     header = ", ".join(f"{key}={value}" for key, value in meta.items())
-    md = f"# hf_lara vs the official HKUNLP modules\n\n{header}\n\n{format_table(rows)}\n"
+    md = f"# hf_lara vs the official HKUNLP modules\n\n{header}\n\n{format_table(rows)}\n\n{NOTES}\n"
     md_path, json_path = out_dir / "official.md", out_dir / "official.json"
     _write_atomic(md_path, md)
     _write_atomic(json_path, json.dumps({"meta": meta, "rows": list(rows)}, indent=1) + "\n")

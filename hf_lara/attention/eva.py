@@ -32,6 +32,10 @@ chunk other than c plus one summary of `c` minus the tokens of `w` (its own coun
 shift and merged over the *other* windows of the chunk with a `g x g` off-diagonal matrix (`g = P / E` windows per
 chunk), never as "chunk total - window" (no cancellation). Cost `O(N (E + C) D + C g^2 D)`, memory
 `O(N (E + C) + C g^2)`; the `g^2` terms (`N^2 / (C E^2)`) only matter for very few chunks on very long inputs.
+Without autograd (`bidirectional_eva_inference`) windows and chunks are views of the inputs and a few heads at a time
+run on reused buffers: one GEMM for the window logits, one against every whole chunk key whose own-chunk column (a
+diagonal view) is replaced by the "own chunk minus own window" logit, `exp2_` in place and products into one output
+buffer laid out `(B, N, H, D)`.
 
 **Causal** (`window_size` E, `chunk_size` P, `E % P == 0`). Windows are causal blocks of E positions (a query
 sees the keys of its block at or before it); chunks are fixed blocks of P tokens. A query in block w sees exactly
@@ -76,6 +80,9 @@ from .window import blocks as _blocks
 
 # A finite floor for detached max shifts: exp(x - floor) stays well defined for empty sets.
 _LOG_FLOOR = -1e30
+_LOG2E = 1.0 / math.log(2.0)
+#: the bidirectional inference path holds `(heads, N, E + C)` logits of at most this many elements
+INFERENCE_ELEMENTS = 1 << 21
 #: queries per block on the causal path (whole windows)
 CAUSAL_BLOCK_ROWS = 1024
 Map = Callable[[torch.Tensor], torch.Tensor]
@@ -119,6 +126,77 @@ def _sampled_log_weights(k: torch.Tensor, mu: torch.Tensor, sample: bool) -> tor
     return positive_random_log_features(k, omega).squeeze(-1)
 
 
+def _summary_sets(valid: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """For `valid` `(C, g, E)`: `select` `(g + 1, g)`, the windows of each summary of a chunk (`r < g`: all but
+    window `r`; `r = g`: all), and the token counts `(g + 1, C)` of every summary."""
+    g = valid.shape[1]
+    select = torch.cat([~torch.eye(g, dtype=torch.bool, device=valid.device), valid.new_ones(1, g)])
+    return select, select.to(dtype) @ valid.sum(-1).to(dtype).T
+
+
+def _chunk_summaries(
+    kc: torch.Tensor,
+    vc: torch.Tensor,
+    valid: torch.Tensor,
+    key_map: Map,
+    mu_map: Map,
+    sample: bool,
+    unit: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summaries of every chunk without each of its windows (`r < g`) and of the whole chunk (`r = g`).
+
+    Args:
+        kc (`torch.Tensor` of shape `(B, H, C, g, E, D)`): keys times `unit` in tilde space (`unit k~`), chunk
+            by window.
+        vc (`torch.Tensor` of shape `(B, H, C, g, E, D)`): values.
+        valid (`torch.Tensor` of shape `(C, g, E)`, bool): real positions (False past `N`).
+        key_map, mu_map, sample: as in `bidirectional_eva`.
+        unit (`float`, *optional*, defaults to 1): the factor on `kc`.
+
+    Returns:
+        Chunk keys `kappa~` and values `beta`, `(B, H, C, g + 1, D)`, and the token counts `(g + 1, C)`.
+    """
+    g = kc.shape[3]
+    select, counts = _summary_sets(valid, kc.dtype)
+    sums = torch.einsum("rg,bhcgd->bhcrd", select.to(kc.dtype), kc.sum(-2))
+    means = sums / (counts.T.clamp_min(1)[..., None] * unit)  # (B, H, C, g + 1, D)
+    mu = mu_map(means[:, :, :, g])
+    omega = mu + torch.randn_like(mu) if sample else mu
+    # log xi(k_m, w_c) = w_c.k~_m - |k~_m|^2 / 2; without autograd the squared norms need no (.., D) temporary
+    dots = (kc.flatten(3, 4) @ omega[..., None]).unflatten(3, kc.shape[3:5])[..., 0]  # (B, H, C, g, E)
+    if torch.is_grad_enabled():
+        squares = kc.square().sum(-1)
+    else:
+        squares = torch.linalg.vector_norm(kc, dim=-1).square_()
+    log_w = (dots / unit - squares * (0.5 / unit**2)).masked_fill(~valid, float("-inf"))
+    betas = merged_value_summaries(log_w, vc, select)  # (B, H, C, g + 1, D)
+    return key_map(means), betas, counts
+
+
+@dataclass(frozen=True)
+class _Bidirectional:
+    """Geometry of bidirectional EVA on `N` tokens: windows of `E`, `g` windows per chunk, `C` chunks of `P = g E`."""
+
+    N: int
+    E: int
+    g: int
+    C: int
+
+    @classmethod
+    def of(cls, N: int, window_size: int, num_chunks: int) -> _Bidirectional:
+        E = min(window_size, N)
+        g = -(-N // (num_chunks * E))  # windows per chunk
+        return cls(N, E, g, -(-N // (g * E)))
+
+    @property
+    def P(self) -> int:
+        return self.g * self.E
+
+    def valid(self, device: torch.device) -> torch.Tensor:
+        """`(C, g, E)` bool: positions before `N`."""
+        return (torch.arange(self.C * self.P, device=device) < self.N).reshape(self.C, self.g, self.E)
+
+
 def bidirectional_eva(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -142,22 +220,12 @@ def bidirectional_eva(
         `torch.Tensor` of shape `(B, H, N, D)`.
     """
     B, H, N, D = q.shape
-    E = min(window_size, N)
+    geo = _Bidirectional.of(N, window_size, num_chunks)
+    E, g, C, P = geo.E, geo.g, geo.C, geo.P
     num_windows = -(-N // E)
-    g = -(-N // (num_chunks * E))  # windows per chunk
-    P = g * E
-    C = -(-N // P)
-    valid = (torch.arange(C * P, device=q.device) < N).reshape(C, g, E)
+    valid = geo.valid(q.device)
     kc, vc = _blocks(k, 0, C * P, E).reshape(B, H, C, g, E, D), _blocks(v, 0, C * P, E).reshape(B, H, C, g, E, D)
-
-    # summaries r < g: the chunk without window r; summary g: the whole chunk
-    select = torch.cat([~torch.eye(g, dtype=torch.bool, device=q.device), q.new_ones(1, g, dtype=torch.bool)])
-    counts = select.to(q.dtype) @ valid.sum(-1).to(q.dtype).T  # (g + 1, C)
-    sums = torch.einsum("rg,bhcgd->bhcrd", select.to(q.dtype), kc.sum(-2))
-    means = sums / counts.T.clamp_min(1)[..., None]  # (B, H, C, g + 1, D)
-    log_w = _sampled_log_weights(kc, mu_map(means[:, :, :, g]), sample).masked_fill(~valid, float("-inf"))
-    betas = merged_value_summaries(log_w, vc, select)  # (B, H, C, g + 1, D)
-    keys = key_map(means)
+    keys, betas, counts = _chunk_summaries(kc, vc, valid, key_map, mu_map, sample)
 
     qw = _blocks(q, 0, num_windows * E, E)
     kw, vw = kc.reshape(B, H, C * g, E, D)[:, :, :num_windows], vc.reshape(B, H, C * g, E, D)[:, :, :num_windows]
@@ -174,6 +242,100 @@ def bidirectional_eva(
     out = probs[..., :E] @ vw + probs[..., E : E + C] @ betas[:, :, None, :, g]
     out = out + probs[..., -1:] * rest_betas[:, :, :, None]
     return out.reshape(B, H, num_windows * E, D)[:, :, :N]
+
+
+def _padded_to(x: torch.Tensor, length: int) -> torch.Tensor:
+    """`x` `(B, H, N, D)` itself when `N == length`, else a copy zero-padded to `length` tokens."""
+    return x if x.shape[2] == length else F.pad(x, (0, 0, 0, length - x.shape[2]))
+
+
+def bidirectional_eva_inference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window_size: int,
+    num_chunks: int,
+    key_map: Map,
+    mu_map: Map,
+    sample: bool,
+    scale: float,
+) -> torch.Tensor:
+    """`bidirectional_eva` without autograd, a few heads at a time, on raw (not tilde) `q`, `k`.
+
+    Windows and chunks are views of the inputs (zero-padded copies only when `P` does not divide `N`). Per head
+    group: the summaries of `_chunk_summaries`, then in base 2 (`exp2_`, logits times `log2 e`) one GEMM for the
+    window logits `(C g, E, E)` and one for the logits against every whole chunk `(C P, C)`; the own-chunk column
+    (a diagonal view) is overwritten by the logit of the own chunk minus the query's window, taken out after the
+    exponential and added back with that summary's value. Outputs go through `bmm` / `baddbmm_` into one reused
+    buffer and are divided into a `(B, N, H, D)` tensor, returned as its `(B, H, N, D)` view.
+
+    Args:
+        q, k, v (`torch.Tensor` of shape `(B, H, N, D)`): raw queries, keys and values (all tokens real).
+        window_size, num_chunks, key_map, mu_map, sample: as in `bidirectional_eva`.
+        scale (`float`): logit scale (`x~ = x * scale**0.5`).
+
+    Returns:
+        `torch.Tensor` of shape `(B, H, N, D)`.
+    """
+    B, H, N, D = q.shape
+    geo = _Bidirectional.of(N, window_size, num_chunks)
+    E, g, C, P = geo.E, geo.g, geo.C, geo.P
+    L = C * P
+    valid = geo.valid(q.device)
+    root = scale**0.5
+    q, k, v = _padded_to(q, L), _padded_to(k, L), _padded_to(v, L)
+    group = max(1, min(H, INFERENCE_ELEMENTS // (L * (E + C))))
+    local_buf, chunk_buf = q.new_empty(group * L * E), q.new_empty(group * L * C)
+    ks_buf, acc_buf = q.new_empty(group * L * D), q.new_empty(group * L * D)
+    unit = root * _LOG2E
+    log2_counts = _log_count(_summary_sets(valid, q.dtype)[1]) * _LOG2E  # (g + 1, C)
+    tail = valid.reshape(C * g, 1, E)[N // E :]  # windows holding positions past N
+    out = q.new_empty(B, N, H, D)
+    for b in range(B):
+        for h0 in range(0, H, group):
+            h1 = min(H, h0 + group)
+            n = h1 - h0
+            # k2 = scale log2(e) k = unit k~: base-2 window logits straight from raw queries
+            k2 = torch.mul(k[b, h0:h1], unit * root, out=ks_buf[: n * L * D].view(n, L, D))
+            vc = v[b, h0:h1].reshape(1, n, C, g, E, D)
+            keys, betas, _ = _chunk_summaries(k2.view(1, n, C, g, E, D), vc, valid, key_map, mu_map, sample, unit)
+            keys = keys[0] * unit  # (n, C, g + 1, D): q . keys = log2(e) q~ . kappa~
+            betas = betas[0]
+            q_g = q[b, h0:h1]
+            # window logits; keys past N (last chunk only) are masked
+            local = torch.bmm(
+                q_g.reshape(n * C * g, E, D),
+                k2.view(n * C * g, E, D).transpose(1, 2),
+                out=local_buf[: n * L * E].view(n * C * g, E, E),
+            ).view(n, C * g, E, E)
+            if tail.shape[0]:
+                local[:, N // E :].masked_fill_(~tail, float("-inf"))
+            # logits against every whole chunk, then the own column replaced by "own chunk minus own window"
+            chunk = torch.baddbmm(
+                log2_counts[g].expand(n, 1, C),
+                q_g,
+                keys[:, :, g].transpose(1, 2),
+                out=chunk_buf[: n * L * C].view(n, L, C),
+            )
+            rest = torch.bmm(q_g.reshape(n * C * g, E, D), keys[:, :, :g].reshape(n * C * g, D, 1)).view(n, C, g, E)
+            rest.add_(log2_counts[:g].T[:, :, None])
+            own = torch.diagonal(chunk.view(n, C, P, C), dim1=1, dim2=3)  # (n, P, C): row c P + p, column c
+            own.copy_(rest.view(n, C, P).transpose(1, 2))
+            top = torch.maximum(local.amax(dim=-1).view(n, L), chunk.amax(dim=-1))[..., None]  # (n, L, 1)
+            local.sub_(top.view(n, C * g, E, 1)).exp2_()
+            chunk.sub_(top).exp2_()
+            den = local.sum(dim=-1).view(n, L).add_(chunk.sum(dim=-1))
+            p_own = own.transpose(1, 2).reshape(n, C, g, E, 1).clone()  # kept before the column is cleared
+            own.zero_()
+            acc = torch.bmm(
+                local.view(n * C * g, E, E),
+                vc.reshape(n * C * g, E, D),
+                out=acc_buf[: n * L * D].view(n * C * g, E, D),
+            ).view(n, L, D)
+            acc.baddbmm_(chunk, betas[:, :, g])
+            acc.view(n, C, g, E, D).addcmul_(p_own, betas[:, :, :g, None])
+            torch.div(acc[:, :N], den[:, :N, None], out=out[b, :, h0:h1].transpose(0, 1))
+    return out.transpose(1, 2)
 
 
 def causal_summaries(
@@ -591,6 +753,8 @@ class EVAAttention(AttentionEstimator):
         maps = self._map(self.chunk_key_proj), self._map(self.proposal_proj), self.training
         if causal:
             return causal_eva(q, k, v, self.window_size, self.chunk_size, *maps, scale=scale)
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *self.parameters()))):
+            return bidirectional_eva_inference(q, k, v, self.window_size, self.num_chunks, *maps, scale=scale)
         return bidirectional_eva(q * root, k * root, v, self.window_size, self.num_chunks, *maps)
 
     def prefill(

@@ -53,6 +53,8 @@ never reads `proposal_noise` and the causal path never reads the adaptive maps, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,6 +76,16 @@ from .window import WindowMaps
 
 MIS_TYPES = ("opt", "bh")
 _ALPHA_FLOOR = 1e-8
+_LOG2E = 1.0 / math.log(2.0)
+#: the inference path of bidirectional LARA runs when one head's `(N, 2C)` logits hold at most this many elements
+INFERENCE_ELEMENTS = 1 << 21
+#: and takes as many heads at a time as fit this many logits (at least one)
+GROUP_ELEMENTS = 1 << 19
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd would record an operation on any of `tensors`."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def segment_means(x: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -238,6 +250,9 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
           `out_n = (p_n kv) / (p_n z)`, which equals `softmax_c(log w_nc) f_c` (the `log Z_c - s_c = log z_c` part
           comes in through `z`; `alpha` multiplies instead of going through `log`).
 
+        Without autograd, with `block_size` None and `N 2C <= INFERENCE_ELEMENTS`, `_bidirectional_inference` runs
+        instead (whole sequence per head group, every logit computed once).
+
         Args:
             noise (`torch.Tensor` of shape `(b, H, C_eff, D)`, *optional*): as in `mixture`.
             block_size (`int`, *optional*): tokens per block (default: about `2^22 / (b H 2C)`, i.e.
@@ -247,6 +262,9 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         q_bar, mu, omega = self.proposals(q, k, scale, noise)
         C = omega.shape[2]
         root = scale**0.5
+        tracked = (q, k, v, q_bar, mu, omega)
+        if block_size is None and N * 2 * C <= INFERENCE_ELEMENTS and not _needs_grad(*tracked):
+            return self._bidirectional_inference(q, k, v, q_bar, mu, omega, scale)
         if block_size is None:
             block_size = max(BIDIRECTIONAL_BLOCK_ELEMENTS // (b * H * max(2 * C, D + 1)), 1)
         block = block_length(b * H, max(2 * C, D + 1), block_size=block_size)
@@ -300,6 +318,77 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         if not grad:
             return out
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _bidirectional_inference(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_bar: torch.Tensor,
+        mu: torch.Tensor,
+        omega: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """`bidirectional` without autograd, a few heads at a time on reused scratch buffers.
+
+        Every logit is computed once, in base 2 (weights and biases times `log2 e`, then `exp2_` in place): per
+        head, `lk = k [root omega]^T - scale |k|^2 / 2` `(N, C)` gives `f_c` and `log Z_c`, and one GEMM
+        `q [root omega, root q̄]^T` `(N, 2C)` gives `lq` and, for `"opt"`, the `t` logits, whose softmax over the
+        queries is taken in place. The output is written into a `(b, N, H, D)` buffer (the layout the head merge
+        wants) and returned as its `(b, H, N, D)` view.
+
+        Args:
+            q, k, v (`torch.Tensor` of shape `(b, H, N, D)`): raw unpadded inputs.
+            q_bar, mu, omega (`torch.Tensor` of shape `(b, H, C, D)`): as returned by `proposals`.
+
+        Returns:
+            `torch.Tensor` of shape `(b, H, N, D)` (a view of a `(b, N, H, D)` tensor).
+        """
+        b, H, N, D = q.shape
+        C = omega.shape[2]
+        opt = self.mis == "opt"
+        width = 2 * C if opt else C
+        root2 = scale**0.5 * _LOG2E
+        log_density = proposal_log_density(omega, mu)  # (b, H, C, C)
+        weight = torch.cat([omega, q_bar], dim=2) if opt else omega  # (b, H, width, D)
+        weight = (weight * root2).transpose(-1, -2)  # (b, H, D, width), base-2 logits
+        log2_inverse = log_inverse_proposal(log_density, self.mis) * _LOG2E  # (b, H, C)
+        if opt:
+            own = torch.diagonal(log_density, dim1=-2, dim2=-1)
+            balance = torch.exp(own - torch.logsumexp(log_density, dim=-1))  # (b, H, C)
+        half_norm = 0.5 * scale * _LOG2E
+        group = max(1, min(H, GROUP_ELEMENTS // (N * width)))
+        scratch = q.new_empty(group * N * width)
+        part = q.new_empty(group * N * D)  # squared keys
+        out = q.new_empty(b, N, H, D)
+        for i in range(b):
+            for h0 in range(0, H, group):
+                h1 = min(H, h0 + group)
+                g = h1 - h0
+                w_g = weight[i, h0:h1]
+                # keys: lk = log2 xi(k_m, w_c), shifted by its max over the keys s_c, exponentiated in place
+                k_g = k[i, h0:h1]
+                lk = torch.bmm(k_g, w_g[..., :C], out=scratch[: g * N * C].view(g, N, C))
+                lk.sub_(torch.mul(k_g, k_g, out=part[: g * N * D].view(g, N, D)).sum(-1, keepdim=True).mul_(half_norm))
+                shift = lk.amax(dim=1, keepdim=True)  # (g, 1, C)
+                z = lk.sub_(shift).exp2_().sum(dim=1)  # (g, C)
+                f = torch.bmm(lk.transpose(1, 2), v[i, h0:h1]).div_(z[..., None])  # (g, C, D)
+                # queries: log2 w_nc = lq_nc + log2 Z_c - log2 q_c(w_c) (+ log2 alpha_nc, multiplied in below)
+                bias = (shift[:, 0] + z.log2() + log2_inverse[i, h0:h1])[:, None]  # (g, 1, C)
+                proj = torch.bmm(q[i, h0:h1], w_g, out=scratch[: g * N * width].view(g, N, width))
+                log_w = proj[..., :C].add_(bias)
+                p = log_w.sub_(log_w.amax(dim=-1, keepdim=True)).exp2_()
+                if opt:
+                    # t_nc = softmax over queries of q~_n.q̄_c; alpha = max(BH_c + lambda (t_nc - mean_c t), 1e-8)
+                    t = proj[..., C:]
+                    t = t.sub_(t.amax(dim=1, keepdim=True)).exp2_()
+                    t.div_(t.sum(dim=1, keepdim=True))
+                    t.sub_(t.mean(dim=-1, keepdim=True)).mul_(self.alpha_coeff)
+                    p.mul_(t.add_(balance[i, h0:h1, None]).clamp_min_(_ALPHA_FLOOR))
+                p.div_(p.sum(dim=-1, keepdim=True))
+                for j in range(g):  # straight into the (N, D) rows of head h0 + j, leading dimension H D
+                    torch.mm(p[j], f[j], out=out[i, :, h0 + j])
+        return out.transpose(1, 2)
 
     def mixture(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, noise: torch.Tensor | None = None

@@ -10,9 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import hf_lara.attention.eva as eva_module
+import hf_lara.attention.lara as lara_module
+from hf_lara.attention.eva import EVAAttention
 from hf_lara.attention.lara import LinearRandomizedAttention
 from hf_lara.attention.linear import bidirectional_linear_attention
-from hf_lara.attention.naive import naive_bidirectional_lara, naive_feature_attention
+from hf_lara.attention.naive import naive_bidirectional_lara, naive_eva_attention, naive_feature_attention
 from hf_lara.attention.rfa import RandomFeatureAttention
 
 from .utils import assert_close, qkv
@@ -56,3 +59,139 @@ def test_bidirectional_linear_attention_without_autograd(maps, block_size):
     assert_close("rows with keys", expected[:2], out[:2], 1e-10)
     assert torch.equal(out[2], torch.zeros_like(out[2]))
     assert torch.equal(lq, lq_before) and torch.equal(lk, lk_before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The per-head-group inference paths of bidirectional LARA and EVA (`_bidirectional_inference`,
+# `bidirectional_eva_inference`): padding masks (packed groups of several lengths), lengths that no landmark or chunk
+# count divides, one head per group and all heads in one group, the `(B, N, H, D)` output layout.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _padding_mask(B: int, N: int) -> torch.Tensor:
+    """Row 0 full, row 1 left-padded by 5, row 2 right-padded to 11 tokens (B = 3)."""
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[1, :5] = False
+    mask[2, 11:] = False
+    return mask
+
+
+def _per_row(mask: torch.Tensor, q, k, v, reference) -> torch.Tensor:
+    """`reference` on each row's real tokens, zero at padded queries (what the packed estimators return)."""
+    out = torch.zeros_like(q)
+    for b in range(q.shape[0]):
+        real = mask[b].nonzero().flatten()
+        out[b, :, real] = reference(q[b : b + 1, :, real], k[b : b + 1, :, real], v[b : b + 1, :, real])[0]
+    return out
+
+
+def _spy(monkeypatch, module, name: str) -> list:
+    calls = []
+    original = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("mis", ["opt", "bh"])
+@pytest.mark.parametrize("elements", [1 << 21, 300], ids=["all-heads", "head-groups"])
+@pytest.mark.parametrize("mode", ["inference", "no_grad"])
+def test_lara_inference_path_with_padding(mis, elements, mode, monkeypatch):
+    """N = 29 (row 1: 24, row 2: 11 real tokens) with C = 5 landmarks: uneven segments everywhere."""
+    B, H, N, D, C = 3, 3, 29, 8, 5
+    monkeypatch.setattr(lara_module, "GROUP_ELEMENTS", elements)  # 300: one head (opt) or two (bh) per group
+    calls = _spy(monkeypatch, LinearRandomizedAttention, "_bidirectional_inference")
+    attn = LinearRandomizedAttention(H, D, num_landmarks=C, mis=mis, alpha_coeff=0.7).double().eval()
+    q, k, v = qkv(B, H, N, D, std=0.8, generator=torch.Generator().manual_seed(2))
+    mask = _padding_mask(B, N)
+    with torch.inference_mode() if mode == "inference" else torch.no_grad():
+        out = attn(q, k, v, padding_mask=mask)
+        full = attn(q, k, v)
+    assert len(calls) == 4  # three packed groups, one unpadded call
+
+    def reference(qb, kb, vb):
+        return naive_bidirectional_lara(qb, kb, vb, D**-0.5, C, mis, 0.7)[2]
+
+    assert_close("lara padded", _per_row(mask, q, k, v, reference), out, 1e-10)
+    assert_close("lara unpadded", reference(q, k, v), full, 1e-10)
+    assert full.transpose(1, 2).is_contiguous()  # written as (B, N, H, D)
+
+
+def test_lara_inference_path_only_without_autograd_and_within_budget(monkeypatch):
+    """Autograd, an explicit `block_size` or `N 2C` above the budget take the blocked path (same numbers)."""
+    B, H, N, D, C = 1, 2, 40, 8, 4
+    calls = _spy(monkeypatch, LinearRandomizedAttention, "_bidirectional_inference")
+    attn = LinearRandomizedAttention(H, D, num_landmarks=C).double().eval()
+    q, k, v = qkv(B, H, N, D, generator=torch.Generator().manual_seed(4))
+    expected = naive_bidirectional_lara(q, k, v, D**-0.5, C, "opt", 1.0)[2]
+    assert_close("autograd", expected, attn(q, k, v), 1e-10)
+    with torch.no_grad():
+        assert_close("block_size", expected, attn.bidirectional(q, k, v, D**-0.5, block_size=9), 1e-10)
+        monkeypatch.setattr(lara_module, "INFERENCE_ELEMENTS", N * 2 * C - 1)
+        assert_close("over budget", expected, attn(q, k, v), 1e-10)
+    assert calls == []
+
+
+def _eva_reference(attn: EVAAttention):
+    def reference(qb, kb, vb):
+        return naive_eva_attention(
+            qb,
+            kb,
+            vb,
+            causal=False,
+            window_size=attn.window_size,
+            num_chunks=attn.num_chunks,
+            key_proj=attn.chunk_key_proj,
+            proposal_proj=attn.proposal_proj,
+        )
+
+    return reference
+
+
+# (N, window_size, num_chunks): P divides N (views), P does not (zero-padded copy), a partial last window, one
+# window per chunk (empty excluded summaries), the window holding everything (softmax).
+EVA_SHAPES = [(32, 4, 4), (29, 4, 3), (30, 4, 64), (23, 5, 2), (12, 16, 3)]
+
+
+@pytest.mark.parametrize("N,E,C", EVA_SHAPES, ids=[f"T{n}-E{e}-C{c}" for n, e, c in EVA_SHAPES])
+@pytest.mark.parametrize("elements", [1 << 21, 50], ids=["all-heads", "one-head"])
+@pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "fixed"])
+def test_eva_inference_path_with_padding(N, E, C, elements, adaptive, monkeypatch):
+    B, H, D = 3, 3, 8
+    monkeypatch.setattr(eva_module, "INFERENCE_ELEMENTS", elements)
+    calls = _spy(monkeypatch, eva_module, "bidirectional_eva_inference")
+    attn = EVAAttention(H, D, window_size=E, num_chunks=C, chunk_size=1, adaptive=adaptive).double().eval()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(5)
+        for p in attn.parameters():
+            p.add_(0.2 * torch.randn(p.shape, dtype=p.dtype, generator=gen))
+    q, k, v = qkv(B, H, N, D, generator=torch.Generator().manual_seed(6))
+    mask = _padding_mask(B, N)
+    with torch.inference_mode():
+        out = attn(q, k, v, padding_mask=mask)
+        full = attn(q, k, v)
+    assert len(calls) == 4
+    reference = _eva_reference(attn)
+    assert_close("eva padded", _per_row(mask, q, k, v, reference), out, 1e-10)
+    assert_close("eva unpadded", reference(q, k, v), full, 1e-10)
+    assert full.transpose(1, 2).is_contiguous()  # written as (B, N, H, D)
+
+
+def test_eva_inference_path_on_strided_inputs_and_autograd_path(monkeypatch):
+    """Expanded (stride 0) and transposed inputs; with autograd the reference path runs (same numbers)."""
+    H, N, D = 2, 26, 8
+    calls = _spy(monkeypatch, eva_module, "bidirectional_eva_inference")
+    attn = EVAAttention(H, D, window_size=4, num_chunks=3, chunk_size=1).double().eval()
+    q, k, v = qkv(1, 1, N, D, generator=torch.Generator().manual_seed(7))
+    q, k = q.expand(2, H, N, D), k.expand(2, H, N, D)
+    v = torch.randn(2, N, H, D, dtype=torch.float64).transpose(1, 2)
+    expected = _eva_reference(attn)(q, k, v)
+    with torch.no_grad():
+        assert_close("strided", expected, attn(q, k, v), 1e-10)
+    assert len(calls) == 1
+    assert_close("autograd", expected, attn(q, k, v), 1e-10)
+    assert len(calls) == 1
