@@ -24,10 +24,12 @@ over *blocks* of `~2^20 / (B H S)` tokens only, carrying an `S x (D + 1)` state:
 
 The fast path is guarded. A row whose denominator falls below `sqrt(tiny)` although it sees a real key (a key far
 larger than every earlier one, late in its chunk, for every feature the query weighs) makes its block rerun with
-the exact per-chunk form (`_exact_block`: per-key shifts and log-domain intra-chunk scores, the running state
-rescaled chunk by chunk). The rescaled cumulative sum needs the running max of a block to grow by less than
-`_SCAN_RANGE` nats; otherwise the prefix states come from a sequential scan over the block's chunks. No `N x N`
-tensor and no `N x S x D` tensor is ever built; memory is `O(N S + N C + (N / C) S D)` per head.
+the exact form (`_exact_block`: per-key shifts and log-domain intra-chunk scores, each chunk reading the prefix
+state relative to the running max before it). The rescaled cumulative sum needs the running max of a block to grow
+by less than `_SCAN_RANGE` nats; otherwise the prefix states come from `_prefix_sums`, products of decays `<= 1`
+(valid for any range). Neither loops over chunks in Python: a traced graph (`torch.compile`, which takes the exact
+form since it cannot branch on the data) grows with the number of blocks only. No `N x N` tensor and no
+`N x S x D` tensor is ever built; memory is `O(N S + N C + (N / C) S D)` per head.
 """
 
 from __future__ import annotations
@@ -310,50 +312,147 @@ class LinearState:
 
 
 def _intra_chunk_scores(lq: torch.Tensor, lk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal scores inside one chunk, `P_ij = phi(q_i).phi(k_j)` for `j <= i`, scaled per row (exact path).
+    """Causal scores inside each chunk, `P_ij = phi(q_i).phi(k_j)` for `j <= i`, scaled per row (exact path).
 
-    A per-key shift `m_j` (its largest log-feature) absorbs the key's magnitude, so the `n x n` product of features
+    A per-key shift `m_j` (its largest log-feature) absorbs the key's magnitude, so the `C x C` product of features
     in `[0, 1]` never underflows because of a large key that comes later in the chunk; the magnitudes come back as
     logits and each row is rescaled by its own causal max `d_i`.
 
+    Args:
+        lq, lk (`torch.Tensor` of shape `(..., C, S)`): log-features of one chunk per leading index.
+
     Returns:
-        `P` `(B, H, n, n)` (lower-triangular) and `d` `(B, H, n)` with true scores `P * exp(d)[..., None]`.
+        `P` `(..., C, C)` (lower-triangular) and `d` `(..., C)` with true scores `P * exp(d)[..., None]`.
     """
-    e = lq.detach().amax(dim=-1, keepdim=True)  # (B, H, n, 1)
-    key_max = lk.detach().amax(dim=-1)  # (B, H, n); -inf for padded keys
+    e = lq.detach().amax(dim=-1, keepdim=True)  # (..., C, 1)
+    key_max = lk.detach().amax(dim=-1)  # (..., C); -inf for padded keys
     m = key_max.clamp_min(_LOG_FLOOR)
     products = torch.exp(lq - e) @ torch.exp(lk - m[..., None]).transpose(-1, -2)
-    logits = torch.log(products.clamp_min(_tiny(products.dtype))) + m[:, :, None, :] + e
-    n = lq.shape[2]
-    hidden = torch.ones(n, n, dtype=torch.bool, device=lq.device).triu(1) | (key_max == float("-inf"))[:, :, None, :]
+    logits = torch.log(products.clamp_min(_tiny(products.dtype))) + m[..., None, :] + e
+    n = lq.shape[-2]
+    hidden = torch.ones(n, n, dtype=torch.bool, device=lq.device).triu(1) | (key_max == float("-inf"))[..., None, :]
     logits = logits.masked_fill(hidden, float("-inf"))
     d = logits.detach().amax(dim=-1).clamp_min(_LOG_FLOOR)
     return torch.exp(logits - d[..., None]), d
 
 
+def _chunks(
+    lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(B, H, L, .)` -> `(B, H, n, C, .)` chunks, the last one padded (keys at `-inf`); values as `[v, 1]`."""
+    B, H, L, S = lk.shape
+    n = -(-L // chunk_size)
+    pad = n * chunk_size - L
+    if pad:
+        lq, lk, v = F.pad(lq, (0, 0, 0, pad)), F.pad(lk, (0, 0, 0, pad), value=float("-inf")), F.pad(v, (0, 0, 0, pad))
+    v1 = _with_ones(v).reshape(B, H, n, chunk_size, -1)
+    return lq.reshape(B, H, n, chunk_size, S), lk.reshape(B, H, n, chunk_size, S), v1
+
+
+def _running_max(lk: torch.Tensor, state: LinearState) -> torch.Tensor:
+    """`(B, H, n, S)`: per-feature max of the keys of chunks `0..c` `(B, H, n, C, S)` and of `state` (detached)."""
+    chunk_max = lk.detach().amax(dim=3)
+    return torch.cummax(torch.maximum(chunk_max, state.shift[:, :, None]), dim=2).values.clamp_min(_LOG_FLOOR)
+
+
+#: terms summed by one lower-triangular product in `_prefix_sums`; longer sums recurse over groups of this many
+_PREFIX_GROUP = 32
+
+
+def _triangular_prefix(terms: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """`_prefix_sums` of `(..., m, S, E)` terms as one product with the `m x m` lower-triangular factors."""
+    m = terms.shape[-3]
+    s = shifts.transpose(-1, -2)  # (..., S, m)
+    exponents = s[..., None, :] - s[..., :, None]  # (..., S, c, j): shifts_j - shifts_c <= 0 for j <= c
+    above = torch.ones(m, m, dtype=torch.bool, device=terms.device).triu(1)
+    factors = torch.exp(exponents.masked_fill(above, float("-inf")))
+    return (factors @ terms.transpose(-3, -2)).transpose(-3, -2)
+
+
+def _prefix_sums(terms: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Inclusive prefix sums over `n` terms kept relative to a nondecreasing running log shift.
+
+    `x_c = sum_{j <= c} exp(shifts_j - shifts_c) terms_j`: the recurrence `x_c = exp(shifts_{c-1} - shifts_c)
+    x_{c-1} + terms_c` with its products of decays telescoped, so every factor is `<= 1` (no overflow, whatever the
+    range of the shifts). Up to `_PREFIX_GROUP` terms this is one lower-triangular product; beyond, the sums inside
+    groups of `_PREFIX_GROUP`, then (recursively) the sums of the group totals carried into each group: no Python
+    loop over the terms, so a traced graph does not grow with `n`.
+
+    Args:
+        terms (`torch.Tensor` of shape `(B, H, n, S, E)`): term `c` relative to `shifts[:, :, c]`.
+        shifts (`torch.Tensor` of shape `(B, H, n, S)`): nondecreasing along `n`, finite, detached.
+
+    Returns:
+        `torch.Tensor` of shape `(B, H, n, S, E)`: `x_c` relative to `shifts[:, :, c]`.
+    """
+    (B, H, n, S, E), group = terms.shape, _PREFIX_GROUP
+    if n <= group:
+        return _triangular_prefix(terms, shifts)
+    groups = -(-n // group)
+    pad = groups * group - n
+    # padding terms are 0 at the last shift (the shifts stay nondecreasing)
+    terms = F.pad(terms, (0, 0, 0, 0, 0, pad)).reshape(B, H, groups, group, S, E)
+    shifts = torch.cat([shifts, shifts[:, :, -1:].expand(B, H, pad, S)], dim=2).reshape(B, H, groups, group, S)
+    inside = _triangular_prefix(terms, shifts)  # (B, H, groups, group, S, E)
+    ends = shifts[:, :, :, -1]  # (B, H, groups, S)
+    totals = _prefix_sums(inside[:, :, :, -1], ends)  # everything up to the end of each group
+    carried = F.pad(totals[:, :, :-1], (0, 0, 0, 0, 1, 0))  # before each group (0 before the first)
+    carried_shift = torch.cat([shifts[:, :, :1, 0], ends[:, :, :-1]], dim=2)
+    out = inside + torch.exp(carried_shift[:, :, :, None] - shifts)[..., None] * carried[:, :, :, None]
+    return out.reshape(B, H, groups * group, S, E)[:, :, :n]
+
+
+def _chunk_states(delta: torch.Tensor, running: torch.Tensor, state: LinearState) -> tuple[torch.Tensor, torch.Tensor]:
+    """The statistics after `state` and each chunk, `(B, H, n + 1, S, D + 1)`, relative to `before` `(B, H, n + 1, S)`
+    (the state's shift, then the running max after each chunk)."""
+    before = torch.cat([state.shift[:, :, None], running], dim=2)
+    return _prefix_sums(torch.cat([state.kvz[:, :, None], delta], dim=2), before), before
+
+
+def _chunk_sums(lk: torch.Tensor, v1: torch.Tensor, running: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`phi(K_c)` `(B, H, n, C, S)` relative to `running[c]` and `dS_c = phi(K_c)^T [V_c, 1]` `(B, H, n, S, D + 1)`."""
+    phi_k = torch.exp(lk - running[:, :, :, None])
+    return phi_k, phi_k.transpose(-1, -2) @ v1
+
+
 def _exact_block(
     lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, chunk_size: int, state: LinearState
 ) -> torch.Tensor:
-    """The exact per-chunk loop (robust to any feature range); updates `state`, returns `(B, H, n, D)`."""
-    outputs = []
-    for start in range(0, lq.shape[2], chunk_size):
-        lq_c, lk_c = lq[:, :, start : start + chunk_size], lk[:, :, start : start + chunk_size]
-        v1_c = _with_ones(v[:, :, start : start + chunk_size])
-        # earlier chunks through the state, scaled by exp(c); this chunk exactly, scaled by exp(d)
-        shifted = lq_c + state.shift[:, :, None, :]
-        c = shifted.detach().amax(dim=-1)
-        scores, d = _intra_chunk_scores(lq_c, lk_c)
-        top = torch.maximum(c, d)
-        inter = torch.exp(shifted - top[..., None]) @ state.kvz
-        outputs.append(_normalise(inter + torch.exp(d - top)[..., None] * (scores @ v1_c)))
-        state.absorb(lk_c, v1_c[..., :-1])
-    return torch.cat(outputs, dim=2)
+    """Causal attention over one block, exact for any feature range, all chunks at once; updates `state`.
+
+    Chunk `c` reads the earlier chunks through the statistics before it, relative to the running max before it
+    (row scale `exp(c_i)`), and its own keys through `_intra_chunk_scores` (row scale `exp(d_i)`); both parts are
+    rescaled to `max(c_i, d_i)`, so neither overflows nor hides the other.
+
+    Args:
+        lq, lk (`torch.Tensor` of shape `(B, H, L, S)`): log-features of the block (padded keys at `-inf`).
+        v (`torch.Tensor` of shape `(B, H, L, D)`): values.
+        chunk_size (`int`): `C`.
+        state (`LinearState`): statistics before the block; replaced by those after it.
+
+    Returns:
+        `torch.Tensor` of shape `(B, H, L, D)`.
+    """
+    B, H, L, _ = lk.shape
+    lq, lk, v1 = _chunks(lq, lk, v, chunk_size)
+    running = _running_max(lk, state)
+    sums, before = _chunk_states(_chunk_sums(lk, v1, running)[1], running, state)
+    shifted = lq + before[:, :, :-1, None]  # (B, H, n, C, S)
+    c = shifted.detach().amax(dim=-1)
+    scores, d = _intra_chunk_scores(lq, lk)
+    top = torch.maximum(c, d)
+    inter = torch.exp(shifted - top[..., None]) @ sums[:, :, :-1]
+    out = inter + torch.exp(d - top)[..., None] * (scores @ v1)  # (B, H, n, C, D + 1)
+    state.kvz, state.shift = sums[:, :, -1], running[:, :, -1]
+    return _normalise(out.reshape(B, H, -1, v1.shape[-1])[:, :, :L])
 
 
 def _rescaled_prefix(
     delta: torch.Tensor, running: torch.Tensor, state: LinearState
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Exclusive prefix sums of chunk statistics by one rescaled cumulative sum, or None if out of range.
+
+    Always None when traced: the range test reads the data, and `_scanned_prefix` is valid for any range.
 
     Args:
         delta (`torch.Tensor` of shape `(B, H, n, S, D + 1)`): chunk sums, chunk `c` relative to `running[c]`.
@@ -364,6 +463,8 @@ def _rescaled_prefix(
         `prior` `(B, H, n, S, D + 1)`, the statistics before chunk `c` relative to `running[c]`, and the final
         statistics `(B, H, S, D + 1)` relative to `running[-1]`.
     """
+    if is_tracing():
+        return None
     shifts = torch.cat([state.shift[:, :, None], running], dim=2)  # (B, H, n + 1, S)
     top = running[:, :, -1:]
     seen = shifts > _LOG_FLOOR / 2
@@ -380,13 +481,11 @@ def _rescaled_prefix(
 def _scanned_prefix(
     delta: torch.Tensor, running: torch.Tensor, state: LinearState
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same as `_rescaled_prefix` by a sequential scan over the chunks (any range of the running max)."""
-    current, shift, priors = state.kvz, state.shift, []
-    for c in range(delta.shape[2]):
-        current = current * torch.exp(shift - running[:, :, c])[..., None]
-        priors.append(current)
-        current, shift = current + delta[:, :, c], running[:, :, c]
-    return torch.stack(priors, dim=2), current
+    """Same as `_rescaled_prefix` for any range of the running max, by `_prefix_sums` (no loop over chunks)."""
+    sums, before = _chunk_states(delta, running, state)
+    # the statistics before chunk c, moved from the max before it to the max after it (a factor <= 1)
+    prior = sums[:, :, :-1] * torch.exp(before[:, :, :-1] - running)[..., None]
+    return prior, sums[:, :, -1]
 
 
 def _fast_block(
@@ -410,22 +509,15 @@ def _fast_block(
     Returns:
         The output `(B, H, L, D)` and the state after the block.
     """
-    B, H, L, S = lk.shape
-    n = -(-L // chunk_size)
-    pad = n * chunk_size - L
-    if pad:
-        lq, lk, v = F.pad(lq, (0, 0, 0, pad)), F.pad(lk, (0, 0, 0, pad), value=float("-inf")), F.pad(v, (0, 0, 0, pad))
-    lq, lk = lq.reshape(B, H, n, chunk_size, S), lk.reshape(B, H, n, chunk_size, S)
-    v1 = _with_ones(v).reshape(B, H, n, chunk_size, -1)
-    chunk_max = lk.detach().amax(dim=3)  # (B, H, n, S)
-    running = torch.cummax(torch.maximum(chunk_max, state.shift[:, :, None]), dim=2).values.clamp_min(_LOG_FLOOR)
-    phi_k = torch.exp(lk - running[:, :, :, None])  # (B, H, n, C, S)
-    delta = phi_k.transpose(-1, -2) @ v1  # (B, H, n, S, D + 1)
+    B, H, L, _ = lk.shape
+    lq, lk, v1 = _chunks(lq, lk, v, chunk_size)
+    running = _running_max(lk, state)  # (B, H, n, S)
+    phi_k, delta = _chunk_sums(lk, v1, running)  # (B, H, n, C, S), (B, H, n, S, D + 1)
     prefix = _rescaled_prefix(delta, running, state)
     prior, final = prefix if prefix is not None else _scanned_prefix(delta, running, state)
     phi_q = _query_weights(lq, running[:, :, :, None])  # (B, H, n, C, S)
     scores = (phi_q @ phi_k.transpose(-1, -2)).tril_()  # (B, H, n, C, C)
-    out = (phi_q @ prior + scores @ v1).reshape(B, H, n * chunk_size, -1)[:, :, :L]
+    out = (phi_q @ prior + scores @ v1).reshape(B, H, -1, v1.shape[-1])[:, :, :L]
     den = out[..., -1].detach()
     weak = den < _tiny(den.dtype) ** 0.5
     if visible is not None:

@@ -82,6 +82,58 @@ def test_late_huge_key_falls_back_to_exact_block(monkeypatch):
     assert paths.counts["exact"] == 1 and paths.counts["fast"] == 3
 
 
+def _sequential_prefix(terms: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """The definition of `_prefix_sums`, one term at a time: `x_c = exp(shifts_{c-1} - shifts_c) x_{c-1} + terms_c`."""
+    x, out = torch.zeros_like(terms[:, :, 0]), []
+    for c in range(terms.shape[2]):
+        x = x * torch.exp(shifts[:, :, max(c - 1, 0)] - shifts[:, :, c])[..., None] + terms[:, :, c]
+        out.append(x)
+    return torch.stack(out, dim=2)
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 1100])
+@pytest.mark.parametrize("step", [1.0, 1000.0], ids=["small", "huge"])
+def test_prefix_sums_equal_sequential_recurrence(n, step):
+    """One triangular product (n <= 32) and the grouped recursion (n > 32), against the sequential scan, with
+    shifts at the floor first (no key yet), flat stretches and jumps far beyond fp64's exponent range."""
+    g = torch.Generator().manual_seed(42)
+    terms = torch.rand(2, 3, n, 4, 5, dtype=torch.float64, generator=g)
+    jumps = torch.rand(2, 3, n, 4, dtype=torch.float64, generator=g) * step
+    shifts = jumps.masked_fill(torch.rand(jumps.shape, generator=g) < 0.5, 0.0).cumsum(dim=2)
+    floor = min(n // 3, 5)
+    terms[:, :, :floor], shifts[:, :, :floor] = 0.0, linear._LOG_FLOOR
+    assert_close("prefix", _sequential_prefix(terms, shifts), linear._prefix_sums(terms, shifts), 1e-14)
+
+
+@pytest.mark.parametrize("chunks", [1, 31, 32, 33, 1100])
+@pytest.mark.parametrize("path", ["scanned", "exact"])
+def test_loop_free_prefix_paths_equal_quadratic(chunks, path, monkeypatch):
+    """Huge logits: feature 0 of the keys jumps by 1000 nats after 3 earlier keys (absorbed into the state) and
+    grows by 2 nats a token, so the running max spans more than `_SCAN_RANGE` and the fast path takes
+    `_scanned_prefix`. Traced, every block takes `_exact_block`, here with a key 800 nats above all the others late
+    in a chunk. One block holds all the chunks (1 to 1100)."""
+    paths = PathCounter(monkeypatch)
+    if path == "exact":
+        monkeypatch.setattr(linear, "is_tracing", lambda: True)
+    C, prefix = 2, 3
+    T = max(C * chunks - 1, 2)
+    lq, lk, v = (t.requires_grad_(chunks <= 33) for t in _log_features(1, 1, prefix + T, 3, spread=1.0))
+    boost = torch.zeros(prefix + T, 3, dtype=torch.float64)
+    boost[prefix:, 0] = 1000.0 + 2.0 * torch.arange(T)
+    if path == "exact":
+        boost[prefix + (T // 2 | 1)] += 800.0  # second in its chunk
+    lk_big, lq_q = lk + boost, lq[:, :, prefix:]
+    ref = naive_feature_attention(lq_q, lk_big, v, causal=True)
+    out, _ = causal_linear_attention(lq_q, lk_big, v, chunk_size=C, block_size=T + C)
+    assert_close("out", ref, out, 1e-10)
+    if chunks <= 33:
+        grad = torch.randn_like(ref)
+        for name, r, o in zip(("dlq", "dlk", "dv"), *(torch.autograd.grad(x, (lq, lk, v), grad) for x in (ref, out))):
+            assert_close(name, r, o, 1e-9)
+    expected = {"fast": 1, "scanned": 1, "exact": 0} if path == "scanned" else {"fast": 0, "scanned": 0, "exact": 1}
+    assert paths.counts == expected
+
+
 @pytest.mark.parametrize("T,C,block", SHAPES, ids=SHAPE_IDS)
 def test_blocked_bidirectional_equals_quadratic(T, C, block):
     lq, lk, v = (t.requires_grad_() for t in _log_features(2, 2, T, 6))

@@ -11,8 +11,10 @@ import torch
 import hf_lara.attention.base as base
 import hf_lara.attention.linear as linear
 from hf_lara.attention import build_attention
+from hf_lara.attention.linear import causal_linear_attention
+from hf_lara.attention.naive import naive_feature_attention
 
-from .utils import build_small, qkv
+from .utils import assert_close, build_small, qkv
 
 
 @pytest.fixture
@@ -87,3 +89,38 @@ def test_packed_estimator_without_traced_form_says_so(traced):
     q, k, v = qkv(5, 2, 9, 8, dtype=torch.float32)
     with pytest.raises(NotImplementedError, match="cannot be traced .* with a padding mask"):
         attn(q, k, v, padding_mask=padding_mask(5, 9))
+
+
+@pytest.mark.parametrize("method", ["rfa", "kernel", "lara"])
+def test_compiled_causal_equals_eager_and_naive(method):
+    """`torch.compile(fullgraph=True)` (no graph break) of the causal linear path with a padding mask, 38 chunks of
+    2 in one block (the grouped prefix), equals the eager module and quadratic attention on the same features."""
+    torch.manual_seed(0)
+    attn = build_small(method, num_heads=2, head_dim=8, chunk_size=2).double().eval()
+    q, k, v = (x.requires_grad_() for x in qkv(5, 2, 75, 8))
+    mask = padding_mask(5, 75)
+    maps = attn.feature_maps(8**-0.5, torch.float64)
+    lq, lk = maps.query(q), maps.key(k)
+    ref, ref_grads = run(lambda *a, **kw: naive_feature_attention(lq, lk, v, mask, causal=True), q, k, v, mask, True)
+    eager, eager_grads = run(attn, q, k, v, mask, True)
+    torch._dynamo.reset()
+    out, grads = run(torch.compile(attn, fullgraph=True, backend="eager"), q, k, v, mask, True)
+    assert_close("eager", ref, eager, 1e-10)
+    assert_close("compiled", ref, out, 1e-10)
+    torch.testing.assert_close(out, eager, rtol=1e-12, atol=1e-14)
+    for name, g, e, r in zip("qkv", grads, eager_grads, ref_grads):
+        assert_close(f"grad {name}", r, g, 1e-9)
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_causal_graph_has_no_break_and_does_not_grow_with_chunks():
+    """Dynamo's count of graph breaks is 0, and the traced graph of one block has as many ops for 40 chunks as for
+    900 (the prefix is no Python loop over chunks)."""
+    sizes = {}
+    for chunks in (40, 900):
+        lq, lk, v = (torch.randn(1, 2, chunks, 4) for _ in range(3))
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(causal_linear_attention)(lq, lk, v, chunk_size=1, block_size=chunks)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+        sizes[chunks] = len(explained.graphs[0].graph.nodes)
+    assert sizes[40] == sizes[900], sizes
