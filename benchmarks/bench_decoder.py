@@ -3,25 +3,33 @@
 No small pretrained causal LM is available offline, so the benchmark first trains one: a byte-level BPE tokenizer
 and a small Llama-shaped model (`LlamaForCausalLM`, 4 layers, hidden 128, 4 heads, context 512) trained from scratch
 on docstrings of numpy/torch/transformers (BSD-3, BSD-3, Apache-2.0) read from the installed sources
-(`fidelity_texts.py`). The teacher is cached (safetensors + tokenizer.json) under `--cache_dir`, keyed by its
-configuration, so reruns skip training. Evaluation text is held out by source: docstrings of Python's standard
-library (PSF), documents of 384-512 tokens.
+(`fidelity_texts.py`). So that the teacher needs context far beyond the estimators' window, a share `--recall_share`
+of its training sequences repeat a span of 64-200 tokens >= 128 tokens after its first occurrence; in half of them
+the span is made of random tokens, which only copying predicts (induction heads; real-text repeats alone did not
+teach a 4-layer model to copy within 400 steps). The teacher is cached (safetensors + tokenizer.json) under
+`--cache_dir`, keyed by its configuration, so reruns skip training. Evaluation text is held out by source:
+docstrings of Python's standard library (PSF), documents of 384-512 tokens.
 
 For each method the teacher is converted (causal, window 64 + sink tokens, so that >= 75 % of the keys of a
 512-token context are outside the window), measured fresh, after stage 1 (attention transfer) and after stage 2
-(end to end: logits KL with LoRA through peft, merged) of `hf_lara.distill`:
+(end to end: logits KL with LoRA through peft, merged) of `hf_lara.distill` (training documents: the same share
+with a repeated span):
 
-* perplexity on the held-out documents (all predicted tokens), its ratio to the teacher's;
-* greedy continuation agreement: for `--num_prompts` held-out prompts of `--prompt_tokens` tokens, the teacher and
-  the converted model each generate `--new_tokens` tokens with `model.generate` (the converted model through its
-  recurrent cache); exact = share of prompts whose continuation is identical, prefix = mean share of tokens before
-  the first divergence.
+* text perplexity on the held-out documents (all predicted tokens), its ratio to the teacher's;
+* repeat perplexity: the held-out documents with a span repeated >= 128 tokens later, scored on the second
+  occurrence only (its source is outside the window: only the far-context part of an estimator can reach it);
+* copy continuations: `--num_prompts` prompts of `--prompt_tokens` tokens ending with the first 8 tokens of a span
+  that starts >= 128 tokens back; teacher and converted model each generate `--new_tokens` tokens greedily
+  (`model.generate`, the converted model through its recurrent cache); exact = share of prompts whose continuation
+  is the teacher's, prefix = mean share of tokens before the first divergence, source = the same prefix against the
+  text the prompt copies;
+* text continuations: the same on plain held-out prompts.
 
 Baselines printed with the teacher: a unigram model of the training tokens and the teacher restricted to its last
 `window` keys (+ sinks) by a sliding-window mask, i.e. what an estimator would get with nothing beyond the window.
 
-    python benchmarks/bench_decoder.py              # teacher: ~10 min once (cached), then ~3 min per method
-    python benchmarks/bench_decoder.py --quick      # 1-2 minute smoke run
+    python benchmarks/bench_decoder.py              # teacher: ~10-20 min once (cached), then ~3 min per method
+    python benchmarks/bench_decoder.py --quick      # few-minute smoke run (its teacher learns little)
 """
 
 from __future__ import annotations
@@ -77,7 +85,9 @@ def teacher_settings(args) -> dict:
         "seq_len": 512,
         "lr": 3e-3,
         "seed": 0,
-        "version": 1,
+        "recall_share": args.recall_share,
+        "random_span_share": 0.5,
+        "version": 3,
     }
 
 
@@ -142,24 +152,39 @@ def train_teacher(settings: dict, texts: list[str], tokenizer) -> tuple[torch.nn
     stream = torch.tensor(ids)
     n, batch = settings["seq_len"], settings["batch_size"]
     gen = torch.Generator().manual_seed(settings["seed"])
+    rng = random.Random(settings["seed"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.1, betas=(0.9, 0.95))
     steps, warmup = settings["steps"], max(1, settings["steps"] // 20)
     model.train()
-    start, cpu, losses = time.monotonic(), time.process_time(), []
+    start, cpu, losses, copy_losses = time.monotonic(), time.process_time(), [], [float("nan")]
     for step in range(steps):
         for g in optimizer.param_groups:
             g["lr"] = settings["lr"] * _schedule(step, steps, warmup)
         offsets = torch.randint(0, len(stream) - n - 1, (batch,), generator=gen)
         x = torch.stack([stream[o : o + n] for o in offsets.tolist()])
-        loss = model(input_ids=x, labels=x).loss
+        copies = torch.zeros_like(x, dtype=torch.bool)  # predicted tokens inside a copy (for the log only)
+        for row in range(batch):
+            if rng.random() < settings["recall_share"]:
+                x[row], (s, t, length) = with_repeat(x[row], rng)
+                copies[row, t + 1 : t + length] = True
+                if rng.random() < settings["random_span_share"]:  # random tokens: only copying predicts them
+                    span = torch.randint(0, settings["vocab_size"], (length,), generator=gen)
+                    x[row, s : s + length], x[row, t : t + length] = span, span
+        logits = model(input_ids=x).logits[:, :-1]
+        token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+        loss = token_loss.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
-        if step % 50 == 0 or step == steps - 1:
+        if copies[:, 1:].any():
+            copy_losses.append(token_loss[copies[:, 1:]].mean().item())
+        if step % 25 == 0 or step == steps - 1:
             print(
-                f"  teacher step {step}/{steps} loss {loss.item():.3f} ({time.monotonic() - start:.0f} s)", flush=True
+                f"  teacher step {step}/{steps} loss {loss.item():.3f} copy loss {copy_losses[-1]:.3f} "
+                f"({time.monotonic() - start:.0f} s)",
+                flush=True,
             )
     model.eval()
     tokenizer.model_max_length = settings["seq_len"]
@@ -169,6 +194,7 @@ def train_teacher(settings: dict, texts: list[str], tokenizer) -> tuple[torch.nn
         "cpu_minutes": (time.process_time() - cpu) / 60,
         "loss_first": losses[0],
         "loss_last": sum(losses[-20:]) / len(losses[-20:]),
+        "copy_loss_last": sum(copy_losses[-20:]) / len(copy_losses[-20:]),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     return model, stats
@@ -207,6 +233,33 @@ def cached_teacher(args) -> tuple[torch.nn.Module, object, dict]:
     return model, tokenizer, {**stats, "cached": False}
 
 
+# ------------------------------------------------------------------------------------------------ repeats
+def repeat_layout(n: int, rng: random.Random, low: int = 64, high: int = 200, gap: int = 128, start: int = 8):
+    """Where to repeat a span in a sequence of `n` tokens: `(s, t, length)` with the source `[s, s + length)`, the copy
+    `[t, t + length)`, `t - s >= gap` (the copy's source is >= `gap` tokens back), no overlap, `s >= start` (clear of
+    sink tokens) and `length` uniform in `low..high` (capped by what fits). None when not even `low` tokens fit."""
+    room = n - start
+    longest = room // 2 if room >= 2 * gap else room - gap
+    longest = min(high, longest)
+    if longest < low:
+        return None
+    length = rng.randint(low, longest)
+    s = rng.randint(start, n - length - max(length, gap))
+    t = rng.randint(s + max(length, gap), n - length)
+    return s, t, length
+
+
+def with_repeat(ids: torch.Tensor, rng: random.Random, **layout) -> tuple[torch.Tensor, tuple[int, int, int] | None]:
+    """`ids` `(n,)` with a span copied further on (`repeat_layout`); the layout, or `(ids, None)` if none fits."""
+    where = repeat_layout(len(ids), rng, **layout)
+    if where is None:
+        return ids, None
+    s, t, length = where
+    out = ids.clone()
+    out[t : t + length] = ids[s : s + length]
+    return out, where
+
+
 # ------------------------------------------------------------------------------------------------ measures
 def sliding_window_mask(n: int, window: int, sinks: int) -> torch.Tensor:
     """`(1, 1, n, n)` boolean mask: causal, the last `window` keys and the first `sinks` keys (True = attend)."""
@@ -215,15 +268,23 @@ def sliding_window_mask(n: int, window: int, sinks: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, docs: list[torch.Tensor], window: int | None = None, sinks: int = 0) -> float:
-    """exp of the mean next-token negative log-likelihood over every predicted token of `docs` (one at a time);
-    with `window`, attention limited to the last `window` keys (+ `sinks` first keys)."""
+def perplexity(
+    model,
+    docs: list[torch.Tensor],
+    window: int | None = None,
+    sinks: int = 0,
+    targets: list[tuple[int, int]] | None = None,
+) -> float:
+    """exp of the mean next-token negative log-likelihood over the predicted tokens of `docs` (one at a time): all of
+    them, or with `targets` only the tokens `ids[lo:hi]` of each doc (`lo >= 1`); with `window`, attention limited to
+    the last `window` keys (+ `sinks` first keys)."""
     nll, count = 0.0, 0
-    for ids in docs:
+    for k, ids in enumerate(docs):
+        lo, hi = (1, len(ids)) if targets is None else targets[k]
         mask = None if window is None else sliding_window_mask(len(ids), window, sinks)
-        logits = model(input_ids=ids[None], attention_mask=mask).logits[0, :-1].float()
-        nll += torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum").item()
-        count += len(ids) - 1
+        logits = model(input_ids=ids[None], attention_mask=mask).logits[0, lo - 1 : hi - 1].float()
+        nll += torch.nn.functional.cross_entropy(logits, ids[lo:hi], reduction="sum").item()
+        count += hi - lo
     return math.exp(nll / count)
 
 
@@ -251,17 +312,39 @@ def greedy(model, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 
 def agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict:
+    """exact: share of rows of `student` `(P, T)` equal to `teacher`'s; prefix: mean share of tokens before the first
+    difference."""
     same = student == teacher
     prefix = same.int().cumprod(dim=1).sum(dim=1).float() / teacher.shape[1]
     return {"exact": same.all(dim=1).float().mean().item(), "prefix": prefix.mean().item()}
 
 
+def copy_prompt(
+    ids: torch.Tensor, rng: random.Random, length: int, cue: int = 8, gap: int = 128, start: int = 8, new: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A `(length,)` prompt whose continuation is a copy of earlier text: `ids[:length - cue]` then the `cue` tokens
+    `ids[s : s + cue]` of a source `s` >= `gap` tokens back; returns it and the `(new,)` source continuation
+    `ids[s + cue : s + cue + new]`, which lies wholly in the prompt (needs `gap >= cue + new`)."""
+    assert gap >= cue + new and len(ids) >= length
+    t = length - cue
+    s = rng.randint(start, t - gap)
+    return torch.cat([ids[:t], ids[s : s + cue]]), ids[s + cue : s + cue + new]
+
+
 def measure(model, data: dict) -> dict:
     ppl = perplexity(model, data["eval_docs"])
+    rep = perplexity(model, data["repeat_docs"], targets=data["repeat_targets"])
+    copied = greedy(model, data["copy_prompts"], data["new_tokens"])
     return {
         "ppl": ppl,
         "ppl_ratio": ppl / data["teacher_ppl"],
+        "repeat_ppl": rep,
+        "repeat_ratio": rep / data["teacher_repeat_ppl"],
         **agreement(greedy(model, data["prompts"], data["new_tokens"]), data["teacher_continuations"]),
+        "copy": {
+            **agreement(copied, data["teacher_copies"]),
+            "source_prefix": agreement(copied, data["copy_sources"])["prefix"],
+        },
     }
 
 
@@ -295,24 +378,52 @@ def run_one(teacher, tokenizer, method: str, data: dict, args) -> dict:
 def fmt(m: dict) -> str:
     if "ppl" not in m:
         return "—"
-    return f"{m['ppl']:.2f} ({m['ppl_ratio']:.3f}x) / {100 * m['exact']:.0f} % / {100 * m['prefix']:.0f} %"
+    c = m["copy"]
+    return (
+        f"{m['ppl']:.2f} ({m['ppl_ratio']:.3f}x) | {m['repeat_ppl']:.2f} ({m['repeat_ratio']:.2f}x) "
+        f"| {100 * c['exact']:.0f} % / {100 * c['prefix']:.0f} % / {100 * c['source_prefix']:.0f} % "
+        f"| {100 * m['exact']:.0f} % / {100 * m['prefix']:.0f} %"
+    )
 
 
 def table(rows: list[dict], data: dict) -> str:
+    c = data["teacher_copy_source_prefix"]
     lines = [
-        f"Teacher ppl {data['teacher_ppl']:.2f}; unigram {data['unigram_ppl']:.1f}; teacher with only its last "
-        f"{WINDOW} keys + {SINKS} sinks (sliding-window mask) {data['window_only_ppl']:.2f}.",
+        f"Teacher: text ppl {data['teacher_ppl']:.2f}, repeat ppl {data['teacher_repeat_ppl']:.2f}, copy prompts "
+        f"continued as the source for {100 * c:.0f} % of the tokens (mean prefix). Teacher with only its last "
+        f"{WINDOW} keys + {SINKS} sinks (sliding-window mask): text ppl {data['window_only_ppl']:.2f}, repeat ppl "
+        f"{data['window_only_repeat_ppl']:.2f}. Unigram text ppl {data['unigram_ppl']:.1f}.",
         "",
-        "| method | hparams | fresh ppl (ratio) / exact / prefix | stage 1 | stage 2 | train min (wall / CPU) |",
-        "|---|---|---|---|---|---|",
+        "text ppl: all tokens of held-out documents; repeat ppl: the second occurrence of a span repeated >= 128 tokens "
+        "later (its source is outside the window); copy: greedy continuations of prompts ending with the first "
+        f"8 tokens of such a copy, = teacher exact / prefix / = source prefix; text: greedy continuations of plain "
+        f"prompts, = teacher exact / prefix ({data['new_tokens']} new tokens each).",
+        "",
+        "| method | stage | text ppl (ratio) | repeat ppl (ratio) | copy: exact / prefix / source | "
+        "text: exact / prefix | train min (wall / CPU) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         hp = ", ".join(f"{k}={v}" for k, v in r["hparams"].items())
-        lines.append(
-            f"| {r['method']} | {hp} | {fmt(r['fresh'])} | {fmt(r['stage1'])} | {fmt(r['stage2'])} "
-            f"| {r['train_minutes']:.1f} / {r['train_cpu_minutes']:.1f} |"
-        )
+        for stage in ("fresh", "stage1", "stage2"):
+            name = r["method"] if stage == "fresh" else ""
+            spent = f"{r['train_minutes']:.1f} / {r['train_cpu_minutes']:.1f}" if stage == "stage2" else ""
+            cells = fmt(r[stage]) if "ppl" in r[stage] else "— | — | — | —"
+            lines.append(f"| {name} | {stage} | {cells} | {spent} |")
+        lines.append(f"| | ({hp}) | | | | | |")
     return "\n".join(lines)
+
+
+def repeat_texts(tokenizer, texts: list[str], share: float, seed: int) -> list[str]:
+    """`texts` with a share `share` of them (seeded) rewritten with a span repeated >= 128 tokens on (`with_repeat`
+    on their tokens, decoded back to text)."""
+    rng, out = random.Random(seed), []
+    for text in texts:
+        if rng.random() < share:
+            ids, where = with_repeat(torch.tensor(tokenizer(text)["input_ids"]), rng)
+            text = tokenizer.decode(ids) if where is not None else text
+        out.append(text)
+    return out
 
 
 def build_data(teacher, tokenizer, args) -> dict:
@@ -321,18 +432,34 @@ def build_data(teacher, tokenizer, args) -> dict:
     train_docs = documents(training_files(), tokenizer, 256, 512, args.num_train, seed=1)
     tokenizer.model_max_length = 512
     ids = [torch.tensor(tokenizer(d)["input_ids"]) for d in eval_docs]
-    prompts = torch.stack([d[: args.prompt_tokens] for d in ids[: args.num_prompts]])
+    rng = random.Random(2)
+    repeats = [with_repeat(d, rng) for d in ids]
+    repeat_docs = [r for r, where in repeats if where is not None]
+    repeat_targets = [(t + 1, t + length) for _, (_, t, length) in (r for r in repeats if r[1] is not None)]
+    chosen = ids[-args.num_prompts :] if len(ids) > args.num_prompts else ids
+    pairs = [copy_prompt(d, rng, args.prompt_tokens, new=args.new_tokens) for d in chosen]
     data = {
         "eval_docs": ids,
-        "train_docs": train_docs,
-        "prompts": prompts,
+        "repeat_docs": repeat_docs,
+        "repeat_targets": repeat_targets,
+        "train_docs": repeat_texts(tokenizer, train_docs, args.recall_share, seed=3),
+        "prompts": torch.stack([d[: args.prompt_tokens] for d in ids[: args.num_prompts]]),
+        "copy_prompts": torch.stack([p for p, _ in pairs]),
+        "copy_sources": torch.stack([c for _, c in pairs]),
         "new_tokens": args.new_tokens,
         "eval_tokens": sorted(len(d) for d in ids),
+        "repeat_lengths": sorted(hi - lo for lo, hi in repeat_targets),
     }
     data["teacher_ppl"] = perplexity(teacher, ids)
     data["window_only_ppl"] = perplexity(teacher, ids, window=WINDOW, sinks=SINKS)
+    data["teacher_repeat_ppl"] = perplexity(teacher, repeat_docs, targets=repeat_targets)
+    data["window_only_repeat_ppl"] = perplexity(
+        teacher, repeat_docs, window=WINDOW, sinks=SINKS, targets=repeat_targets
+    )
     data["unigram_ppl"] = unigram_perplexity(tokenizer, train_docs, ids)
-    data["teacher_continuations"] = greedy(teacher, prompts, args.new_tokens)
+    data["teacher_continuations"] = greedy(teacher, data["prompts"], args.new_tokens)
+    data["teacher_copies"] = greedy(teacher, data["copy_prompts"], args.new_tokens)
+    data["teacher_copy_source_prefix"] = agreement(data["teacher_copies"], data["copy_sources"])["prefix"]
     return data
 
 
@@ -342,6 +469,12 @@ def main(argv=None) -> None:
     parser.add_argument("--minutes", type=float, default=2.0, help="distillation budget per method (both stages)")
     parser.add_argument("--teacher_steps", type=int, default=400)
     parser.add_argument("--train_chars", type=int, default=4_000_000, help="characters of teacher training text")
+    parser.add_argument(
+        "--recall_share",
+        type=float,
+        default=0.75,
+        help="share of teacher training sequences (and distillation documents) with a span repeated >= 128 tokens on",
+    )
     parser.add_argument("--batch_tokens", type=int, default=2048)
     parser.add_argument("--num_eval", type=int, default=48)
     parser.add_argument("--num_train", type=int, default=400, help="training documents for distillation")
@@ -365,19 +498,18 @@ def main(argv=None) -> None:
             parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    wall, cpu = time.monotonic(), time.process_time()
+    wall, cpu, load_start = time.monotonic(), time.process_time(), os.getloadavg()
     teacher, tokenizer, teacher_stats = cached_teacher(args)
     data = build_data(teacher, tokenizer, args)
     n = data["eval_tokens"]
     print(
         f"{len(n)} eval docs ({n[0]}-{n[-1]} tokens, median {n[len(n) // 2]}), {len(data['train_docs'])} train docs; "
         f"teacher ppl {data['teacher_ppl']:.2f}, window-only {data['window_only_ppl']:.2f}, "
-        f"unigram {data['unigram_ppl']:.1f}",
+        f"unigram {data['unigram_ppl']:.1f}; {len(data['repeat_docs'])} repeat docs: teacher repeat ppl "
+        f"{data['teacher_repeat_ppl']:.2f}, window-only {data['window_only_repeat_ppl']:.2f}; teacher copies the "
+        f"source for {100 * data['teacher_copy_source_prefix']:.0f} % of copy-prompt tokens",
         flush=True,
     )
-    rows = [run_one(teacher, tokenizer, m, data, args) for m in methods]
-    text = table(rows, data)
-    print(text)
     conditions = {
         "teacher": teacher_stats,
         "torch_threads": args.threads,
@@ -390,16 +522,36 @@ def main(argv=None) -> None:
         "eval_tokens": {"min": n[0], "median": n[len(n) // 2], "max": n[-1]},
         "keys_outside_window_at_last_position": {"min": 1 - WINDOW / n[0], "median": 1 - WINDOW / n[len(n) // 2]},
         "prompts": {"count": len(data["prompts"]), "tokens": args.prompt_tokens, "new_tokens": args.new_tokens},
+        "recall_share": args.recall_share,
+        "repeat_docs": len(data["repeat_docs"]),
+        "repeat_scored_tokens": {
+            "min": data["repeat_lengths"][0],
+            "max": data["repeat_lengths"][-1],
+            "total": sum(data["repeat_lengths"]),
+        },
         "teacher_ppl": data["teacher_ppl"],
         "window_only_ppl": data["window_only_ppl"],
+        "teacher_repeat_ppl": data["teacher_repeat_ppl"],
+        "window_only_repeat_ppl": data["window_only_repeat_ppl"],
+        "teacher_copy_source_prefix": data["teacher_copy_source_prefix"],
+        "load_average": {"start": load_start, "end": None},
         "unigram_ppl": data["unigram_ppl"],
         "eval_source": "Python standard library docstrings (PSF)",
         "train_source": "numpy, torch, transformers docstrings (BSD-3, BSD-3, Apache-2.0)",
-        "wall_minutes": (time.monotonic() - wall) / 60,
-        "cpu_minutes": (time.process_time() - cpu) / 60,
         "quick": args.quick,
     }
-    write_report(args.output, conditions, rows, text)
+    rows = []
+    for m in methods:  # the report is rewritten after each method, so an interrupted run keeps what it measured
+        rows.append(run_one(teacher, tokenizer, m, data, args))
+        text = table(rows, data)
+        conditions.update(
+            wall_minutes=(time.monotonic() - wall) / 60,
+            cpu_minutes=(time.process_time() - cpu) / 60,
+            methods_done=[r["method"] for r in rows],
+        )
+        conditions["load_average"]["end"] = os.getloadavg()
+        write_report(args.output, conditions, rows, text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""The pure helpers of `benchmarks/bench_decoder.py`: repeated spans, copy prompts, masks and scored perplexity."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decoder.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_decoder", PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("n", [200, 257, 384, 512])
+def test_repeat_layout_keeps_its_constraints(bench, n):
+    rng = random.Random(0)
+    lengths = set()
+    for _ in range(300):
+        s, t, length = bench.repeat_layout(n, rng)
+        assert 64 <= length <= 200 and s >= 8 and t - s >= 128 and t >= s + length and t + length <= n
+        lengths.add(length)
+    assert len(lengths) > 1 or n == 200  # 200 = 8 + 128 + 64: only the shortest span fits
+
+
+def test_repeat_layout_none_when_nothing_fits(bench):
+    assert bench.repeat_layout(199, random.Random(0)) is None  # 8 + 128 + 64 = 200 tokens needed
+    ids = torch.arange(150)
+    out, where = bench.with_repeat(ids, random.Random(0))
+    assert where is None and torch.equal(out, ids)
+
+
+def test_with_repeat_copies_the_span_only(bench):
+    ids = torch.arange(1000, 1512)
+    out, (s, t, length) = bench.with_repeat(ids, random.Random(3))
+    assert torch.equal(ids, torch.arange(1000, 1512))  # input untouched
+    expected = ids.tolist()
+    expected[t : t + length] = expected[s : s + length]
+    assert out.tolist() == expected
+
+
+def test_copy_prompt_ends_with_a_far_cue(bench):
+    ids = torch.arange(400)  # distinct tokens: the cue tells where its source is
+    rng = random.Random(1)
+    for _ in range(50):
+        prompt, source = bench.copy_prompt(ids, rng, 320, cue=8, gap=128, new=32)
+        s = int(prompt[-8])
+        assert prompt.shape == (320,) and torch.equal(prompt[:312], ids[:312])
+        assert torch.equal(prompt[-8:], torch.arange(s, s + 8)) and 8 <= s and 312 - s >= 128
+        assert torch.equal(source, torch.arange(s + 8, s + 40))
+
+
+def test_sliding_window_mask_matches_a_loop(bench):
+    n, window, sinks = 12, 3, 2
+    mask = bench.sliding_window_mask(n, window, sinks)[0, 0]
+    for i in range(n):
+        for j in range(n):
+            assert bool(mask[i, j]) == (j <= i and (i - j < window or j < sinks))
+
+
+def test_agreement_exact_and_prefix(bench):
+    teacher = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]])
+    student = torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4]])
+    assert bench.agreement(student, teacher) == pytest.approx({"exact": 0.5, "prefix": (1 + 0.25) / 2})
+
+
+def test_perplexity_scores_the_chosen_targets(bench):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    docs = [torch.randint(0, 50, (30,)), torch.randint(0, 50, (20,))]
+    targets = [(5, 12), (1, 20)]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids, (lo, hi) in zip(docs, targets):
+            logp = model(input_ids=ids[None]).logits[0].double().log_softmax(-1)
+            nll -= sum(logp[k - 1, ids[k]].item() for k in range(lo, hi))
+            count += hi - lo
+    assert bench.perplexity(model, docs, targets=targets) == pytest.approx(math.exp(nll / count), rel=1e-5)
+    full = bench.perplexity(model, docs)
+    assert bench.perplexity(model, docs, window=64, sinks=0) == pytest.approx(full, rel=1e-5)
+    assert bench.perplexity(model, docs, window=2, sinks=1) != pytest.approx(full, rel=1e-3)
