@@ -102,6 +102,15 @@ def is_empty(q: torch.Tensor) -> bool:
     return q.shape[0] == 0 or q.shape[2] == 0
 
 
+#: `log2 e`: logits times this are base-2 logits for the in-place `exp2_` of the inference paths.
+LOG2E = 1.0 / math.log(2.0)
+
+
+def records_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd would record an operation on any of `tensors` (if not, in-place inference paths may run)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def is_tracing() -> bool:
     """True under `torch.compile` or `torch.export`: no host synchronisation nor data-dependent shape allowed."""
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()

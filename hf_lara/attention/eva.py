@@ -66,11 +66,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (
+    LOG2E,
     AttentionEstimator,
     check_int,
     compute_dtype,
     gather_tokens,
     is_empty,
+    records_grad,
     register_estimator,
     resolve_scale,
 )
@@ -80,7 +82,6 @@ from .window import blocks as _blocks
 
 # A finite floor for detached max shifts: exp(x - floor) stays well defined for empty sets.
 _LOG_FLOOR = -1e30
-_LOG2E = 1.0 / math.log(2.0)
 #: the bidirectional inference path holds `(heads, N, E + C)` logits of at most this many elements
 INFERENCE_ELEMENTS = 1 << 21
 #: queries per block on the causal path (whole windows)
@@ -287,8 +288,8 @@ def bidirectional_eva_inference(
     group = max(1, min(H, INFERENCE_ELEMENTS // (L * (E + C))))
     local_buf, chunk_buf = q.new_empty(group * L * E), q.new_empty(group * L * C)
     ks_buf, acc_buf = q.new_empty(group * L * D), q.new_empty(group * L * D)
-    unit = root * _LOG2E
-    log2_counts = _log_count(_summary_sets(valid, q.dtype)[1]) * _LOG2E  # (g + 1, C)
+    unit = root * LOG2E
+    log2_counts = _log_count(_summary_sets(valid, q.dtype)[1]) * LOG2E  # (g + 1, C)
     tail = valid.reshape(C * g, 1, E)[N // E :]  # windows holding positions past N
     out = q.new_empty(B, N, H, D)
     for b in range(B):
@@ -429,7 +430,7 @@ def attend_causal(
     if q.shape[2] < geo.window:
         return _causal_direct(q, k, v, keys, betas, geo)
     tracked = (q, k, v, keys, betas)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in tracked):
+    if records_grad(*tracked):
         return _causal_blocked(q, k, v, keys, betas, geo, block_size)
     out = _causal_fast(q, k, v, keys, betas, geo, block_size)
     # one reduction: an overflow anywhere makes the sum inf or nan
@@ -753,7 +754,7 @@ class EVAAttention(AttentionEstimator):
         maps = self._map(self.chunk_key_proj), self._map(self.proposal_proj), self.training
         if causal:
             return causal_eva(q, k, v, self.window_size, self.chunk_size, *maps, scale=scale)
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *self.parameters()))):
+        if not records_grad(q, k, v, *self.parameters()):
             return bidirectional_eva_inference(q, k, v, self.window_size, self.num_chunks, *maps, scale=scale)
         return bidirectional_eva(q * root, k * root, v, self.window_size, self.num_chunks, *maps)
 

@@ -53,13 +53,11 @@ never reads `proposal_noise` and the causal path never reads the adaptive maps, 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AttentionEstimator, check_choice, check_float, check_int, register_estimator
+from .base import LOG2E, AttentionEstimator, check_choice, check_float, check_int, records_grad, register_estimator
 from .linear import (
     BIDIRECTIONAL_BLOCK_ELEMENTS,
     DEFAULT_CHUNK_SIZE,
@@ -76,16 +74,10 @@ from .window import WindowMaps
 
 MIS_TYPES = ("opt", "bh")
 _ALPHA_FLOOR = 1e-8
-_LOG2E = 1.0 / math.log(2.0)
 #: the inference path of bidirectional LARA runs when one head's `(N, 2C)` logits hold at most this many elements
 INFERENCE_ELEMENTS = 1 << 21
 #: and takes as many heads at a time as fit this many logits (at least one)
 GROUP_ELEMENTS = 1 << 19
-
-
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd would record an operation on any of `tensors`."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def segment_means(x: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -263,7 +255,7 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         C = omega.shape[2]
         root = scale**0.5
         tracked = (q, k, v, q_bar, mu, omega)
-        if block_size is None and N * 2 * C <= INFERENCE_ELEMENTS and not _needs_grad(*tracked):
+        if block_size is None and N * 2 * C <= INFERENCE_ELEMENTS and not records_grad(*tracked):
             return self._bidirectional_inference(q, k, v, q_bar, mu, omega, scale)
         if block_size is None:
             block_size = max(BIDIRECTIONAL_BLOCK_ELEMENTS // (b * H * max(2 * C, D + 1)), 1)
@@ -289,7 +281,7 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
             balance = torch.exp(own - torch.logsumexp(log_density, dim=-1))[:, :, None, :]  # (b, H, 1, C)
             weight = torch.cat([w_omega, w_t], dim=-1)  # (b, H, D, 2C)
             bias = torch.cat([bias, -log_t_norm], dim=-1)  # (b, H, 1, 2C)
-        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, kvz, weight, bias))
+        grad = records_grad(q, kvz, weight, bias)
         out = None if grad else q.new_empty(b, H, N, D)
         outs = []
         flat_bias, flat_weight, flat_kvz = bias.flatten(0, 1), weight.flatten(0, 1), kvz.flatten(0, 1)
@@ -348,15 +340,15 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         C = omega.shape[2]
         opt = self.mis == "opt"
         width = 2 * C if opt else C
-        root2 = scale**0.5 * _LOG2E
+        root2 = scale**0.5 * LOG2E
         log_density = proposal_log_density(omega, mu)  # (b, H, C, C)
         weight = torch.cat([omega, q_bar], dim=2) if opt else omega  # (b, H, width, D)
         weight = (weight * root2).transpose(-1, -2)  # (b, H, D, width), base-2 logits
-        log2_inverse = log_inverse_proposal(log_density, self.mis) * _LOG2E  # (b, H, C)
+        log2_inverse = log_inverse_proposal(log_density, self.mis) * LOG2E  # (b, H, C)
         if opt:
             own = torch.diagonal(log_density, dim1=-2, dim2=-1)
             balance = torch.exp(own - torch.logsumexp(log_density, dim=-1))  # (b, H, C)
-        half_norm = 0.5 * scale * _LOG2E
+        half_norm = 0.5 * scale * LOG2E
         group = max(1, min(H, GROUP_ELEMENTS // (N * width)))
         scratch = q.new_empty(group * N * width)
         part = q.new_empty(group * N * D)  # squared keys

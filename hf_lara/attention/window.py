@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .base import records_grad
 from .linear import (
     _LOG_FLOOR,
     LinearState,
@@ -131,11 +132,6 @@ def sink_positions(
         tail = last - offsets
         pos, ok = torch.cat([pos, tail], dim=1), torch.cat([ok, tail >= first + sinks], dim=1)
     return pos.clamp(0, max(num_keys - 1, 0)), ok
-
-
-def _inference(*tensors: torch.Tensor) -> bool:
-    """True when no gradient is recorded for `tensors`: the in-place fast paths may run."""
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def _layouts(window: int, block: int, num_keys: int, causal: bool) -> tuple[_Layout, _Layout]:
@@ -297,7 +293,7 @@ def _group(
     """
     kn, lkn, vn1 = near
     bias, kernel_mask = masks
-    inplace = _inference(qs, lq, kn, lkn, vn1)
+    inplace = not records_grad(qs, lq, kn, lkn, vn1)
     e0, e1 = layout.exact_columns
     exact = qs @ kn[..., e0:e1]
     exact = exact.add_(bias) if inplace else exact + bias
@@ -656,7 +652,7 @@ def _step_output(
     (New sinks are inside every later new query's window, as `n <= W`.)"""
     keys, values, lks, key_mask = joined
     n, m = qs.shape[2], keys.shape[2]
-    inplace = _inference(qs, lq, keys, values, lks)
+    inplace = not records_grad(qs, lq, keys, values, lks)
     exact = qs @ keys.transpose(-1, -2)
     if n == 1 and m <= window:  # decoding: every buffered key is in the window
         hidden = ~key_mask[:, None, None, :]
