@@ -79,6 +79,7 @@ from .base import (
 from .linear import _with_ones
 from .random_features import positive_random_log_features
 from .window import blocks as _blocks
+from .window import sink_positions
 
 # A finite floor for detached max shifts: exp(x - floor) stays well defined for empty sets.
 _LOG_FLOOR = -1e30
@@ -143,6 +144,7 @@ def _chunk_summaries(
     mu_map: Map,
     sample: bool,
     unit: float = 1.0,
+    holes: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summaries of every chunk without each of its windows (`r < g`) and of the whole chunk (`r = g`).
 
@@ -150,16 +152,19 @@ def _chunk_summaries(
         kc (`torch.Tensor` of shape `(B, H, C, g, E, D)`): keys times `unit` in tilde space (`unit k~`), chunk
             by window.
         vc (`torch.Tensor` of shape `(B, H, C, g, E, D)`): values.
-        valid (`torch.Tensor` of shape `(C, g, E)`, bool): real positions (False past `N`).
+        valid (`torch.Tensor` of shape `(C, g, E)`, bool): summarised positions (False past `N`, where `kc` is 0).
         key_map, mu_map, sample: as in `bidirectional_eva`.
         unit (`float`, *optional*, defaults to 1): the factor on `kc`.
+        holes (`bool`, *optional*, defaults to False): `valid` is also False at positions before `N` (sinks), so
+            the key sums skip them explicitly.
 
     Returns:
         Chunk keys `kappa~` and values `beta`, `(B, H, C, g + 1, D)`, and the token counts `(g + 1, C)`.
     """
     g = kc.shape[3]
     select, counts = _summary_sets(valid, kc.dtype)
-    sums = torch.einsum("rg,bhcgd->bhcrd", select.to(kc.dtype), kc.sum(-2))
+    window_sums = torch.where(valid[..., None], kc, 0.0).sum(-2) if holes else kc.sum(-2)
+    sums = torch.einsum("rg,bhcgd->bhcrd", select.to(kc.dtype), window_sums)
     means = sums / (counts.T.clamp_min(1)[..., None] * unit)  # (B, H, C, g + 1, D)
     mu = mu_map(means[:, :, :, g])
     omega = mu + torch.randn_like(mu) if sample else mu
@@ -197,6 +202,18 @@ class _Bidirectional:
         """`(C, g, E)` bool: positions before `N`."""
         return (torch.arange(self.C * self.P, device=device) < self.N).reshape(self.C, self.g, self.E)
 
+    def sinks(self, sinks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The `G2 <= 2G` sink positions (first and last `G` tokens, `window.sink_positions`), which of them each
+        query attends through the sink block `(C P, G2)` (not when the sink lies in the query's own window, which
+        already holds it, nor when it is a duplicate), and the summarised positions `(C, g, E)` (sinks left out)."""
+        pos, ok = sink_positions(None, 1, self.N, sinks, False, device)
+        pos, ok = pos[0], ok[0]
+        rows = torch.arange(self.C * self.P, device=device)
+        seen = ok & (rows[:, None] // self.E != pos // self.E)
+        summarised = self.valid(device).flatten()
+        summarised[pos] = False
+        return pos, seen, summarised.reshape(self.C, self.g, self.E)
+
 
 def bidirectional_eva(
     q: torch.Tensor,
@@ -207,6 +224,7 @@ def bidirectional_eva(
     key_map: Map,
     mu_map: Map,
     sample: bool,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """Bidirectional EVA; every token is real (the estimator cuts padding away first).
 
@@ -216,6 +234,8 @@ def bidirectional_eva(
         window_size, num_chunks (`int`): `E` and `C` of the module docstring.
         key_map, mu_map (`Callable`): chunk key and proposal mean maps, `(..., D) -> (..., D)`.
         sample (`bool`): draw `w_c = mu_c + N(0, I)` (training) instead of `w_c = mu_c`.
+        sinks (`int`, *optional*, defaults to 0): `G`; the first and last `G` tokens are exact for every query
+            (one `(N, 2G)` logit block) and left out of the summaries.
 
     Returns:
         `torch.Tensor` of shape `(B, H, N, D)`.
@@ -225,8 +245,11 @@ def bidirectional_eva(
     E, g, C, P = geo.E, geo.g, geo.C, geo.P
     num_windows = -(-N // E)
     valid = geo.valid(q.device)
+    summarised = valid
+    if sinks:
+        sink_pos, sink_seen, summarised = geo.sinks(sinks, q.device)
     kc, vc = _blocks(k, 0, C * P, E).reshape(B, H, C, g, E, D), _blocks(v, 0, C * P, E).reshape(B, H, C, g, E, D)
-    keys, betas, counts = _chunk_summaries(kc, vc, valid, key_map, mu_map, sample)
+    keys, betas, counts = _chunk_summaries(kc, vc, summarised, key_map, mu_map, sample, holes=bool(sinks))
 
     qw = _blocks(q, 0, num_windows * E, E)
     kw, vw = kc.reshape(B, H, C * g, E, D)[:, :, :num_windows], vc.reshape(B, H, C * g, E, D)[:, :, :num_windows]
@@ -237,11 +260,17 @@ def bidirectional_eva(
     rest_keys = keys[:, :, :, :g].reshape(B, H, C * g, D)[:, :, :num_windows]
     rest_count = counts[:g].T.reshape(C * g)[:num_windows]
     rest = torch.einsum("bhwed,bhwd->bhwe", qw, rest_keys)[..., None] + _log_count(rest_count)[:, None, None]
+    parts = [local, full, rest]
+    if sinks:
+        far_sinks = qw.flatten(2, 3) @ k[:, :, sink_pos].transpose(-1, -2)  # (B, H, nW E, G2)
+        parts.append(far_sinks.masked_fill(~sink_seen[: num_windows * E], float("-inf")).unflatten(2, (-1, E)))
 
-    probs = torch.softmax(torch.cat([local, full, rest], dim=-1), dim=-1)
+    probs = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
     rest_betas = betas[:, :, :, :g].reshape(B, H, C * g, D)[:, :, :num_windows]
     out = probs[..., :E] @ vw + probs[..., E : E + C] @ betas[:, :, None, :, g]
-    out = out + probs[..., -1:] * rest_betas[:, :, :, None]
+    out = out + probs[..., E + C, None] * rest_betas[:, :, :, None]
+    if sinks:
+        out = out + probs[..., E + C + 1 :] @ v[:, :, None, sink_pos]
     return out.reshape(B, H, num_windows * E, D)[:, :, :N]
 
 
@@ -260,6 +289,7 @@ def bidirectional_eva_inference(
     mu_map: Map,
     sample: bool,
     scale: float,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """`bidirectional_eva` without autograd, a few heads at a time, on raw (not tilde) `q`, `k`.
 
@@ -272,7 +302,8 @@ def bidirectional_eva_inference(
 
     Args:
         q, k, v (`torch.Tensor` of shape `(B, H, N, D)`): raw queries, keys and values (all tokens real).
-        window_size, num_chunks, key_map, mu_map, sample: as in `bidirectional_eva`.
+        window_size, num_chunks, key_map, mu_map, sample, sinks: as in `bidirectional_eva` (sinks: one more
+            `(heads, C P, 2G)` logit block, in the shared row max).
         scale (`float`): logit scale (`x~ = x * scale**0.5`).
 
     Returns:
@@ -282,14 +313,16 @@ def bidirectional_eva_inference(
     geo = _Bidirectional.of(N, window_size, num_chunks)
     E, g, C, P = geo.E, geo.g, geo.C, geo.P
     L = C * P
-    valid = geo.valid(q.device)
+    valid = summarised = geo.valid(q.device)
+    if sinks:
+        sink_pos, sink_seen, summarised = geo.sinks(sinks, q.device)
     root = scale**0.5
     q, k, v = _padded_to(q, L), _padded_to(k, L), _padded_to(v, L)
     group = max(1, min(H, INFERENCE_ELEMENTS // (L * (E + C))))
     local_buf, chunk_buf = q.new_empty(group * L * E), q.new_empty(group * L * C)
     ks_buf, acc_buf = q.new_empty(group * L * D), q.new_empty(group * L * D)
     unit = root * LOG2E
-    log2_counts = _log_count(_summary_sets(valid, q.dtype)[1]) * LOG2E  # (g + 1, C)
+    log2_counts = _log_count(_summary_sets(summarised, q.dtype)[1]) * LOG2E  # (g + 1, C)
     tail = valid.reshape(C * g, 1, E)[N // E :]  # windows holding positions past N
     out = q.new_empty(B, N, H, D)
     for b in range(B):
@@ -299,7 +332,8 @@ def bidirectional_eva_inference(
             # k2 = scale log2(e) k = unit k~: base-2 window logits straight from raw queries
             k2 = torch.mul(k[b, h0:h1], unit * root, out=ks_buf[: n * L * D].view(n, L, D))
             vc = v[b, h0:h1].reshape(1, n, C, g, E, D)
-            keys, betas, _ = _chunk_summaries(k2.view(1, n, C, g, E, D), vc, valid, key_map, mu_map, sample, unit)
+            kc = k2.view(1, n, C, g, E, D)
+            keys, betas, _ = _chunk_summaries(kc, vc, summarised, key_map, mu_map, sample, unit, bool(sinks))
             keys = keys[0] * unit  # (n, C, g + 1, D): q . keys = log2(e) q~ . kappa~
             betas = betas[0]
             q_g = q[b, h0:h1]
@@ -323,6 +357,9 @@ def bidirectional_eva_inference(
             own = torch.diagonal(chunk.view(n, C, P, C), dim1=1, dim2=3)  # (n, P, C): row c P + p, column c
             own.copy_(rest.view(n, C, P).transpose(1, 2))
             top = torch.maximum(local.amax(dim=-1).view(n, L), chunk.amax(dim=-1))[..., None]  # (n, L, 1)
+            if sinks:
+                far_sinks = torch.bmm(q_g, k2[:, sink_pos].transpose(1, 2)).masked_fill_(~sink_seen, -math.inf)
+                top = torch.maximum(top, far_sinks.amax(dim=-1, keepdim=True))
             local.sub_(top.view(n, C * g, E, 1)).exp2_()
             chunk.sub_(top).exp2_()
             den = local.sum(dim=-1).view(n, L).add_(chunk.sum(dim=-1))
@@ -335,6 +372,10 @@ def bidirectional_eva_inference(
             ).view(n, L, D)
             acc.baddbmm_(chunk, betas[:, :, g])
             acc.view(n, C, g, E, D).addcmul_(p_own, betas[:, :, :g, None])
+            if sinks:
+                far_sinks.sub_(top).exp2_()
+                den.add_(far_sinks.sum(dim=-1))
+                acc.baddbmm_(far_sinks, v[b, h0:h1, sink_pos])
             torch.div(acc[:, :N], den[:, :N, None], out=out[b, :, h0:h1].transpose(0, 1))
     return out.transpose(1, 2)
 
@@ -699,6 +740,10 @@ class EVAAttention(AttentionEstimator):
         chunk_size (`int`, *optional*, defaults to 16): tokens per chunk summary (causal); must divide `window_size`.
         adaptive (`bool`, *optional*, defaults to `True`): learn the chunk key and proposal mean maps
             (`chunk_key_proj`, `proposal_proj`: `nn.Linear(D, D)` shared by the heads, initialised to the identity).
+        sink_tokens (`int`, *optional*, defaults to 0): `G`; the first `G` real tokens (bidirectional: and the last
+            `G`, e.g. `[CLS]` and `[SEP]`) are attended exactly by every query that may see them, as attention
+            sinks (StreamingLLM, Xiao et al., arXiv 2309.17453), besides the local window, and are left out of the
+            chunk summaries: every key still counts once, under one normaliser.
 
     Trained (with `adaptive=True`, the default): `chunk_key_proj` (the summaries' keys `kappa_T`, EVA's adaptive
     chunk keys) and `proposal_proj` (the proposal means `mu_T`), identity at init so that a fresh conversion uses
@@ -726,9 +771,11 @@ class EVAAttention(AttentionEstimator):
         num_chunks: int = 64,
         chunk_size: int = 16,
         adaptive: bool = True,
+        sink_tokens: int | None = 0,
     ) -> None:
         super().__init__(num_heads, head_dim)
         self.window_size = check_int("window_size", window_size)
+        self.sink_tokens = check_int("sink_tokens", sink_tokens or 0, minimum=0)
         self.num_chunks = check_int("num_chunks", num_chunks)
         self.chunk_size = check_int("chunk_size", chunk_size)
         if window_size % chunk_size:
@@ -752,11 +799,14 @@ class EVAAttention(AttentionEstimator):
     def attend_unpadded(self, q, k, v, causal, scale):
         root = scale**0.5
         maps = self._map(self.chunk_key_proj), self._map(self.proposal_proj), self.training
+        G = self.sink_tokens
         if causal:
+            if G:
+                raise ValueError(f"`sink_tokens={G}` is not supported by causal eva yet; use sink_tokens=0.")
             return causal_eva(q, k, v, self.window_size, self.chunk_size, *maps, scale=scale)
         if not records_grad(q, k, v, *self.parameters()):
-            return bidirectional_eva_inference(q, k, v, self.window_size, self.num_chunks, *maps, scale=scale)
-        return bidirectional_eva(q * root, k * root, v, self.window_size, self.num_chunks, *maps)
+            return bidirectional_eva_inference(q, k, v, self.window_size, self.num_chunks, *maps, scale=scale, sinks=G)
+        return bidirectional_eva(q * root, k * root, v, self.window_size, self.num_chunks, *maps, sinks=G)
 
     def prefill(
         self,
@@ -793,6 +843,8 @@ class EVAAttention(AttentionEstimator):
             there) and the new `EVAState` (fp32, fp64 for fp64 inputs). Cost `O(n (E + N / P) D)` per head.
         """
         self._check_inputs(q, k, v, padding_mask, True)
+        if self.sink_tokens:
+            raise ValueError(f"`sink_tokens={self.sink_tokens}` is not supported by eva decoding yet; use 0.")
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"`step` takes the new tokens only: got {q.shape[2]} queries and {k.shape[2]} keys.")
         scale = resolve_scale(scale, q.shape[-1])
@@ -812,5 +864,5 @@ class EVAAttention(AttentionEstimator):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, window_size={self.window_size}, num_chunks={self.num_chunks}, "
-            f"chunk_size={self.chunk_size}, adaptive={self.adaptive}"
+            f"chunk_size={self.chunk_size}, adaptive={self.adaptive}, sink_tokens={self.sink_tokens}"
         )
