@@ -381,7 +381,14 @@ def bidirectional_eva_inference(
 
 
 def causal_summaries(
-    k: torch.Tensor, v: torch.Tensor, chunk_size: int, key_map: Map, mu_map: Map, sample: bool, root: float
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_size: int,
+    key_map: Map,
+    mu_map: Map,
+    sample: bool,
+    root: float,
+    skip: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys `kappa~_c` (tilde space) and values `beta_c`, `(B, H, C, D)`, of the `C = N // P` complete chunks.
 
@@ -390,6 +397,8 @@ def causal_summaries(
         chunk_size (`int`): `P`.
         key_map, mu_map, sample: as in `bidirectional_eva`.
         root (`float`): `scale ** 0.5`, the tilde factor.
+        skip (`int`, *optional*, defaults to 0): the first `skip` tokens (sinks) belong to no summary; a chunk of
+            sinks only gets a zero key and value (`_log_counts` gives it no weight).
 
     Each summary depends on its own `P` keys and values only, so a chunk's summary never changes once complete.
     """
@@ -397,8 +406,14 @@ def causal_summaries(
     C = N // chunk_size
     kc = k[:, :, : C * chunk_size].reshape(B, H, C, 1, chunk_size, D) * root
     vc = v[:, :, : C * chunk_size].reshape(B, H, C, 1, chunk_size, D)
-    means = kc.mean(dim=-2)[:, :, :, 0]  # (B, H, C, D)
-    log_w = _sampled_log_weights(kc, mu_map(means), sample)
+    if skip:
+        kept = (torch.arange(C * chunk_size, device=k.device) >= skip).reshape(C, 1, chunk_size)
+        count = kept.sum(-1).clamp_min(1)[:, 0, None]  # (C, 1)
+        means = torch.where(kept[..., None], kc, 0.0).sum(dim=-2)[:, :, :, 0] / count
+        log_w = _sampled_log_weights(kc, mu_map(means), sample).masked_fill(~kept, float("-inf"))
+    else:
+        means = kc.mean(dim=-2)[:, :, :, 0]  # (B, H, C, D)
+        log_w = _sampled_log_weights(kc, mu_map(means), sample)
     betas = merged_value_summaries(log_w, vc, k.new_ones(1, 1, dtype=torch.bool))[:, :, :, 0]
     return key_map(means), betas
 
@@ -416,6 +431,26 @@ class _Causal:
     chunk_size: int  # P
     prior: int  # summaries of chunks before position 0 (decoding state)
     scale: float
+    sinks: int = 0  # G: global positions 0 .. G - 1 are exact for the later windows and in no summary
+
+
+def _log_counts(geo: _Causal, num: int, like: torch.Tensor) -> torch.Tensor | float:
+    """`log n_j` of the first `num` summaries: `log P`, or with sinks a `(num,)` tensor whose first chunks count
+    only their tokens past the sinks (`-inf` for a chunk of sinks only)."""
+    P = geo.chunk_size
+    if not geo.sinks:
+        return math.log(P)
+    start = torch.arange(num, device=like.device, dtype=like.dtype) * P
+    return _log_count((start + P - torch.maximum(start, start.new_tensor(geo.sinks))).clamp(0, P))
+
+
+def _hidden_sinks(windows: torch.Tensor, geo: _Causal, num: int) -> torch.Tensor:
+    """`(..., num)` bool: which of the sinks `0 .. num - 1` queries of windows `windows` `(..., 1)` (indices past
+    position 0 of `k`) do not attend through the sink block: those in their own or a later window (the window holds
+    what they see)."""
+    full_window = geo.per_window * geo.chunk_size
+    sink_window = torch.arange(num, device=windows.device) // full_window
+    return sink_window >= geo.prior // geo.per_window + windows
 
 
 def causal_eva(
@@ -429,6 +464,7 @@ def causal_eva(
     sample: bool,
     scale: float,
     block_size: int | None = None,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """Causal EVA; queries are positions `N - Nq .. N - 1` (`Nq < N` decodes over a cache), all tokens real.
 
@@ -440,6 +476,8 @@ def causal_eva(
         key_map, mu_map, sample: as in `bidirectional_eva`.
         scale (`float`): logit scale (`x~ = x * scale**0.5`).
         block_size (`int`, *optional*): queries per block, rounded to whole windows (default `CAUSAL_BLOCK_ROWS`).
+        sinks (`int`, *optional*, defaults to 0): `G`; keys `0 .. G - 1` are exact for the queries of later windows
+            (one `(Nq, G)` logit block) and left out of the summaries.
 
     Returns:
         `torch.Tensor` of shape `(B, H, Nq, D)`.
@@ -449,8 +487,11 @@ def causal_eva(
     per_window = window_size // chunk_size
     # chunks entirely before the last window: the only ones any query sees
     end = (N - 1) // E * per_window * chunk_size
-    keys, betas = causal_summaries(k[:, :, :end], v[:, :, :end], chunk_size, key_map, mu_map, sample, scale**0.5)
-    return attend_causal(q, k, v, keys, betas, _Causal(E, per_window, chunk_size, 0, scale), block_size)
+    root = scale**0.5
+    keys, betas = causal_summaries(k[:, :, :end], v[:, :, :end], chunk_size, key_map, mu_map, sample, root, sinks)
+    geo = _Causal(E, per_window, chunk_size, 0, scale, sinks)
+    sink_kv = (k[:, :, :sinks], v[:, :, :sinks]) if sinks else None
+    return attend_causal(q, k, v, keys, betas, geo, block_size, sink_kv)
 
 
 def attend_causal(
@@ -461,22 +502,24 @@ def attend_causal(
     betas: torch.Tensor,
     geo: _Causal,
     block_size: int | None = None,
+    sinks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal EVA given the summaries `keys` (`kappa~`) and `betas` `(B, H, C, D)` (see `_Causal`).
 
     Few queries (decoding) attend directly; longer inputs go block by block. Without autograd the blocks run in
     place on reused buffers and shift the summary logits by the row max of the exact logits (folded into the product);
     should that overflow (a summary logit above every exact one by ~88 in fp32), the call reruns with exact max shifts.
+    `sinks`: raw keys and values `(B, H, G, D)` of global positions `0 .. G - 1` when `geo.sinks = G`.
     """
     if q.shape[2] < geo.window:
-        return _causal_direct(q, k, v, keys, betas, geo)
-    tracked = (q, k, v, keys, betas)
+        return _causal_direct(q, k, v, keys, betas, geo, sinks)
+    tracked = (q, k, v, keys, betas, *(sinks or ()))
     if records_grad(*tracked):
-        return _causal_blocked(q, k, v, keys, betas, geo, block_size)
-    out = _causal_fast(q, k, v, keys, betas, geo, block_size)
+        return _causal_blocked(q, k, v, keys, betas, geo, block_size, sinks)
+    out = _causal_fast(q, k, v, keys, betas, geo, block_size, sinks)
     # one reduction: an overflow anywhere makes the sum inf or nan
     if not bool(torch.isfinite(out.sum())):
-        out = _causal_blocked(q, k, v, keys, betas, geo, block_size)
+        out = _causal_blocked(q, k, v, keys, betas, geo, block_size, sinks)
     return out
 
 
@@ -485,8 +528,8 @@ def _visible_chunks(windows: torch.Tensor, num: int, geo: _Causal) -> torch.Tens
     return torch.arange(num, device=windows.device) < geo.prior + windows * geo.per_window
 
 
-def _causal_direct(q, k, v, keys, betas, geo: _Causal) -> torch.Tensor:
-    """Every query against its window's keys and its summaries at once: `O(Nq (2E + C) D)`."""
+def _causal_direct(q, k, v, keys, betas, geo: _Causal, sinks=None) -> torch.Tensor:
+    """Every query against its window's keys, its summaries and the sinks at once: `O(Nq (2E + C + G) D)`."""
     Nq, N, E = q.shape[2], k.shape[2], geo.window
     start = (N - Nq) // E * E
     query_pos = torch.arange(N - Nq, N, device=q.device)[:, None]
@@ -497,16 +540,21 @@ def _causal_direct(q, k, v, keys, betas, geo: _Causal) -> torch.Tensor:
     values = v[:, :, start:]
     num = min(keys.shape[2], geo.prior + (N - 1) // E * geo.per_window)
     if num:
-        far = qs @ keys[:, :, :num].transpose(-1, -2) / geo.scale**0.5 + math.log(geo.chunk_size)
+        far = qs @ keys[:, :, :num].transpose(-1, -2) / geo.scale**0.5 + _log_counts(geo, num, q)
         far = far.masked_fill(~_visible_chunks(query_pos // E, num, geo), float("-inf"))
         logits, values = torch.cat([logits, far], dim=-1), torch.cat([values, betas[:, :, :num]], dim=2)
+    if sinks is not None:
+        far_sinks = (qs @ sinks[0].transpose(-1, -2)).masked_fill(
+            _hidden_sinks(query_pos // E, geo, sinks[0].shape[2]), float("-inf")
+        )
+        logits, values = torch.cat([logits, far_sinks], dim=-1), torch.cat([values, sinks[1]], dim=2)
     return torch.softmax(logits, dim=-1) @ values
 
 
-def _causal_blocked(q, k, v, keys, betas, geo: _Causal, block_size: int | None) -> torch.Tensor:
-    """Queries in blocks of whole windows against their windows and the summaries finished before the block's last
-    window (the few after the block's first window get a mask), under one softmax. Nothing of size `(N, C)` is built:
-    memory `O(N (E + D) + block C)`."""
+def _causal_blocked(q, k, v, keys, betas, geo: _Causal, block_size: int | None, sinks=None) -> torch.Tensor:
+    """Queries in blocks of whole windows against their windows, the summaries finished before the block's last
+    window (the few after the block's first window get a mask) and the sinks, under one softmax. Nothing of size
+    `(N, C)` is built: memory `O(N (E + D + G) + block C)`."""
     B, H, Nq, D = q.shape
     N, BH, E, pw = k.shape[2], B * H, geo.window, geo.per_window
     first, last = (N - Nq) // E, (N - 1) // E
@@ -514,6 +562,8 @@ def _causal_blocked(q, k, v, keys, betas, geo: _Causal, block_size: int | None) 
     q_rows, k_rows, v_rows, front = _causal_rows(q, k, v, E)
     C = min(keys.shape[2], geo.prior + last * pw)
     keys, betas = keys[:, :, :C].reshape(BH, C, D) / geo.scale**0.5, betas[:, :, :C].reshape(BH, C, D)
+    if sinks is not None:
+        sink_keys, sink_values = (t.reshape(BH, -1, D) for t in sinks)
     causal = torch.ones(E, E, dtype=torch.bool, device=q.device).triu(1)
     step = max(1, min(num_windows, (block_size or CAUSAL_BLOCK_ROWS) // E))  # windows per block
     outs = []
@@ -522,14 +572,23 @@ def _causal_blocked(q, k, v, keys, betas, geo: _Causal, block_size: int | None) 
         seen = min(C, geo.prior + (first + b - 1) * pw)
         qs = q_rows[:, a * E : b * E] * geo.scale
         logits = (qs.unflatten(1, (b - a, E)) @ k_rows[:, a:b].transpose(-1, -2)).masked_fill(causal, -math.inf)
+        windows = (first + torch.arange(a, b, device=q.device))[:, None, None]  # (nb, 1, 1)
         if seen:
-            far = (qs @ keys[:, :seen].transpose(1, 2) + math.log(geo.chunk_size)).unflatten(1, (b - a, E))
-            windows = (first + torch.arange(a, b, device=q.device))[:, None, None]  # (nb, 1, 1)
+            far = (qs @ keys[:, :seen].transpose(1, 2) + _log_counts(geo, seen, q)).unflatten(1, (b - a, E))
             far = far.masked_fill(~_visible_chunks(windows, seen, geo), -math.inf)
             logits = torch.cat([logits, far], dim=-1)
-        probs = torch.softmax(logits, dim=-1)  # (BH, nb, E, E + seen)
+        if sinks is not None:
+            far_sinks = (qs @ sink_keys.transpose(1, 2)).unflatten(1, (b - a, E))
+            logits = torch.cat(
+                [logits, far_sinks.masked_fill(_hidden_sinks(windows, geo, sink_keys.shape[1]), -math.inf)], dim=-1
+            )
+        probs = torch.softmax(logits, dim=-1)  # (BH, nb, E, E + seen + G)
         part = probs[..., :E] @ v_rows[:, a:b]
-        outs.append((part + probs[..., E:] @ betas[:, None, :seen] if seen else part).flatten(1, 2))
+        if seen:
+            part = part + probs[..., E : E + seen] @ betas[:, None, :seen]
+        if sinks is not None:
+            part = part + probs[..., E + seen :] @ sink_values[:, None]
+        outs.append(part.flatten(1, 2))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return out.reshape(B, H, num_windows * E, D)[:, :, front : front + Nq]
 
@@ -547,11 +606,12 @@ def _causal_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, E: int):
     return q_rows, k_rows, v_rows, front
 
 
-def _causal_fast(q, k, v, keys, betas, geo: _Causal, block_size: int | None) -> torch.Tensor:
+def _causal_fast(q, k, v, keys, betas, geo: _Causal, block_size: int | None, sinks=None) -> torch.Tensor:
     """`_causal_blocked` without autograd, with few large in-place ops (on shared CPUs every op waits for its slowest
     thread). The exact part runs over all windows at once; each block of queries then adds its summaries with one
     product `[q s, log P - top] @ [kappa~ / root, 1]^T` (logits already shifted by the exact part's row max
-    `top`), one `exp_` and one `baddbmm_` into the accumulator."""
+    `top`), one `exp_` and one `baddbmm_` into the accumulator. Sinks join the exact part (one `(L, G)` block in the
+    row max)."""
     B, H, Nq, D = q.shape
     N, BH, E, pw = k.shape[2], B * H, geo.window, geo.per_window
     first, last = (N - Nq) // E, (N - 1) // E
@@ -563,10 +623,21 @@ def _causal_fast(q, k, v, keys, betas, geo: _Causal, block_size: int | None) -> 
     local = qs @ k_rows.transpose(-1, -2)  # (BH, nW, E, E)
     causal = torch.ones(E, E, dtype=torch.bool, device=q.device).triu(1)
     top = local.masked_fill_(causal, float("-inf")).amax(dim=-1, keepdim=True)  # finite: a query sees itself
+    if sinks is not None:
+        sink_keys, sink_values = (t.reshape(BH, -1, D) for t in sinks)
+        far_sinks = (qs @ sink_keys[:, None].transpose(-1, -2)).masked_fill_(
+            _hidden_sinks(first + torch.arange(num_windows, device=q.device)[:, None, None], geo, sink_keys.shape[1]),
+            -math.inf,
+        )  # (BH, nW, E, G)
+        top = torch.maximum(top, far_sinks.amax(dim=-1, keepdim=True))
     # numerator and normaliser apart: `[v, 1]` would copy the values
     den = local.sub_(top).exp_().sum(dim=-1).flatten(1, 2)  # (BH, L)
     acc = (local @ v_rows).flatten(1, 2)  # (BH, L, D)
     del local
+    if sinks is not None:
+        far_sinks = far_sinks.sub_(top).exp_().flatten(1, 2)
+        den.add_(far_sinks.sum(dim=-1))
+        acc.baddbmm_(far_sinks, sink_values)
     C = min(keys.shape[2], geo.prior + last * pw)
     if C:
         torch.sub(math.log(geo.chunk_size), top.flatten(1, 2), out=q_aug[..., D:])
@@ -583,6 +654,9 @@ def _causal_fast(q, k, v, keys, betas, geo: _Causal, block_size: int | None) -> 
             if not seen:
                 continue
             far = torch.bmm(q_aug[:, rows], keys_t[..., :seen], out=far_buf[: BH * n * seen].view(BH, n, seen))
+            if geo.sinks:
+                few = min(seen, -(-geo.sinks // geo.chunk_size))  # chunks holding sinks count fewer tokens
+                far[..., :few].add_(_log_counts(geo, few, q) - math.log(geo.chunk_size))
             if seen > common:
                 far.view(BH, b - a, E, seen)[..., common:].masked_fill_(hidden[: b - a, :, : seen - common], -math.inf)
             # a strided `out=` makes BLAS go matrix by matrix: product into a contiguous buffer, then one add
@@ -615,6 +689,8 @@ class EVAState:
         chunk_keys, chunk_values (`torch.Tensor` of shape `(B, H, C, D)`): `kappa~_c` and `beta_c` of the finished
             chunks; slots `< count[b]` are row `b`'s.
         count (`torch.Tensor` of shape `(B,)`, long): finished chunks of each row.
+        sink_keys, sink_values (`torch.Tensor` of shape `(B, H, G, D)`): raw keys and values of each row's first
+            `G` real tokens (`sink_tokens`; slots past the row's tokens hold zeros and are never attended).
     """
 
     keys: torch.Tensor
@@ -623,22 +699,28 @@ class EVAState:
     chunk_keys: torch.Tensor
     chunk_values: torch.Tensor
     count: torch.Tensor
+    sink_keys: torch.Tensor
+    sink_values: torch.Tensor
 
     @classmethod
-    def empty(cls, batch_size: int, num_heads: int, window: int, like: torch.Tensor) -> EVAState:
-        """A state holding no token, for values like `like` `(..., D)` (dtype, device and `D`)."""
+    def empty(cls, batch_size: int, num_heads: int, window: int, like: torch.Tensor, sinks: int = 0) -> EVAState:
+        """A state holding no token, for values like `like` `(..., D)` (dtype, device and `D`), `G = sinks`."""
         buffer = like.new_zeros(batch_size, num_heads, window, like.shape[-1])
         none = torch.zeros(batch_size, dtype=torch.long, device=like.device)
-        return cls(buffer, buffer.clone(), none, buffer[:, :, :0], buffer[:, :, :0], none.clone())
+        sink = like.new_zeros(batch_size, num_heads, sinks, like.shape[-1])
+        return cls(buffer, buffer.clone(), none, buffer[:, :, :0], buffer[:, :, :0], none.clone(), sink, sink.clone())
 
     def _floats(self) -> tuple[torch.Tensor, ...]:
-        return self.keys, self.values, self.chunk_keys, self.chunk_values
+        return self.keys, self.values, self.chunk_keys, self.chunk_values, self.sink_keys, self.sink_values
+
+    def _with(self, floats: list[torch.Tensor], fill: torch.Tensor, count: torch.Tensor) -> EVAState:
+        keys, values, chunk_keys, chunk_values, sink_keys, sink_values = floats
+        return EVAState(keys, values, fill, chunk_keys, chunk_values, count, sink_keys, sink_values)
 
     def to(self, *args, **kwargs) -> EVAState:
         """A copy moved or cast as by `torch.Tensor.to`; the counters stay long."""
-        keys, values, chunk_keys, chunk_values = (t.to(*args, **kwargs) for t in self._floats())
-        fill, count = self.fill.to(keys.device), self.count.to(keys.device)
-        return EVAState(keys, values, fill, chunk_keys, chunk_values, count)
+        floats = [t.to(*args, **kwargs) for t in self._floats()]
+        return self._with(floats, self.fill.to(floats[0].device), self.count.to(floats[0].device))
 
     @property
     def device(self) -> torch.device:
@@ -654,9 +736,8 @@ class EVAState:
 
     def index_select(self, index: torch.Tensor) -> EVAState:
         """Rows `index` `(B',)` (beam search, batch edits)."""
-        keys, values, chunk_keys, chunk_values = (t.index_select(0, index) for t in self._floats())
-        fill, count = self.fill.index_select(0, index), self.count.index_select(0, index)
-        return EVAState(keys, values, fill, chunk_keys, chunk_values, count)
+        floats = [t.index_select(0, index) for t in self._floats()]
+        return self._with(floats, self.fill.index_select(0, index), self.count.index_select(0, index))
 
 
 def eva_step(
@@ -674,10 +755,11 @@ def eva_step(
 ) -> tuple[torch.Tensor, EVAState]:
     """Causal EVA of `n` new tokens `(B, H, n, D)` given the state of the earlier ones; padded new tokens (`mask`
     False) are skipped and get output 0. Rows at the same offsets run together: the open window's tokens plus the
-    real new ones attend through `attend_causal`, the row's summaries in front (`prior`). Returns the output and a
-    new state (the input state is not modified)."""
+    real new ones attend through `attend_causal`, the row's summaries in front (`prior`) and its sinks (the first
+    `G = state.sink_keys.shape[2]` tokens, kept in the state as they arrive). Returns the output and a new state (the
+    input state is not modified)."""
     B, H, n, D = q.shape
-    E, pw = window_size, window_size // chunk_size
+    E, pw, G = window_size, window_size // chunk_size, state.sink_keys.shape[2]
     mask = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask
     real = mask.sum(-1)
     order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices  # real new tokens first, in order
@@ -690,6 +772,7 @@ def eva_step(
             F.pad(t, (0, 0, 0, grow)) if grow else t.clone() for t in (chunk_keys, chunk_values)
         )
     keys, values = state.keys.clone(), state.values.clone()
+    sink_keys, sink_values = state.sink_keys.clone(), state.sink_values.clone()
     out = q.new_zeros(B, H, n, D)
     heads, dims = torch.arange(H, device=q.device)[None, :, None, None], torch.arange(D, device=q.device)
     offsets = torch.stack([state.fill, state.count, real], dim=-1)
@@ -703,21 +786,29 @@ def eva_step(
         vg = torch.cat([state.values[rows, :, :fill], gather_tokens(v, rows, index)], dim=2)
         total = fill + m
         closed = total // E * E
+        start = count * chunk_size  # position of `kg[:, :, 0]` among the row's real tokens
         new_keys, new_betas = causal_summaries(
-            kg[:, :, :closed], vg[:, :, :closed], chunk_size, key_map, mu_map, sample, scale**0.5
+            kg[:, :, :closed], vg[:, :, :closed], chunk_size, key_map, mu_map, sample, scale**0.5, max(G - start, 0)
         )
         prior_keys = torch.cat([state.chunk_keys[rows, :, :count], new_keys], dim=2)
         prior_betas = torch.cat([state.chunk_values[rows, :, :count], new_betas], dim=2)
-        geo = _Causal(min(E, total), pw, chunk_size, count, scale)
+        geo = _Causal(min(E, total), pw, chunk_size, count, scale, G)
+        sinks = None
+        if G:
+            fresh = min(G, start + total) - start  # sinks among these tokens
+            if fresh > 0:
+                sink_keys[rows, :, start : start + fresh] = kg[:, :, :fresh]
+                sink_values[rows, :, start : start + fresh] = vg[:, :, :fresh]
+            sinks = sink_keys[rows], sink_values[rows]
         out[rows[:, None, None, None], heads, index[:, None, :, None], dims] = attend_causal(
-            qg, kg, vg, prior_keys, prior_betas, geo
+            qg, kg, vg, prior_keys, prior_betas, geo, sinks=sinks
         )
         if closed:
             slots = slice(count, count + new_keys.shape[2])
             chunk_keys[rows, :, slots], chunk_values[rows, :, slots] = new_keys, new_betas
         keys[rows, :, : total - closed], values[rows, :, : total - closed] = kg[:, :, closed:], vg[:, :, closed:]
     fill, count = state.fill + real - done * E, state.count + done * pw
-    return out, EVAState(keys, values, fill, chunk_keys, chunk_values, count)
+    return out, EVAState(keys, values, fill, chunk_keys, chunk_values, count, sink_keys, sink_values)
 
 
 def _identity_linear(dim: int) -> nn.Linear:
@@ -801,9 +892,7 @@ class EVAAttention(AttentionEstimator):
         maps = self._map(self.chunk_key_proj), self._map(self.proposal_proj), self.training
         G = self.sink_tokens
         if causal:
-            if G:
-                raise ValueError(f"`sink_tokens={G}` is not supported by causal eva yet; use sink_tokens=0.")
-            return causal_eva(q, k, v, self.window_size, self.chunk_size, *maps, scale=scale)
+            return causal_eva(q, k, v, self.window_size, self.chunk_size, *maps, scale=scale, sinks=G)
         if not records_grad(q, k, v, *self.parameters()):
             return bidirectional_eva_inference(q, k, v, self.window_size, self.num_chunks, *maps, scale=scale, sinks=G)
         return bidirectional_eva(q * root, k * root, v, self.window_size, self.num_chunks, *maps, sinks=G)
@@ -843,16 +932,19 @@ class EVAAttention(AttentionEstimator):
             there) and the new `EVAState` (fp32, fp64 for fp64 inputs). Cost `O(n (E + N / P) D)` per head.
         """
         self._check_inputs(q, k, v, padding_mask, True)
-        if self.sink_tokens:
-            raise ValueError(f"`sink_tokens={self.sink_tokens}` is not supported by eva decoding yet; use 0.")
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"`step` takes the new tokens only: got {q.shape[2]} queries and {k.shape[2]} keys.")
         scale = resolve_scale(scale, q.shape[-1])
         if state is not None and not isinstance(state, EVAState):
             raise TypeError(f"`state` must be an EVAState, got {type(state).__name__}; start from `prefill` or None.")
+        if state is not None and state.sink_keys.shape[2] != self.sink_tokens:
+            raise ValueError(
+                f"`state` keeps {state.sink_keys.shape[2]} sink tokens but the estimator has "
+                f"`sink_tokens={self.sink_tokens}`; start from `prefill` with this estimator."
+            )
         input_dtype, dtype = q.dtype, compute_dtype(q.dtype)
         if state is None:
-            state = EVAState.empty(q.shape[0], self.num_heads, self.window_size, v.to(dtype))
+            state = EVAState.empty(q.shape[0], self.num_heads, self.window_size, v.to(dtype), self.sink_tokens)
         if is_empty(q):
             return q * 0, state
         q, k, v, state = q.to(dtype), k.to(dtype), v.to(dtype), state.to(dtype)

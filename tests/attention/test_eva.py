@@ -413,11 +413,11 @@ def _left_and_right_padding(B: int, N: int) -> torch.Tensor:
     return mask
 
 
-@pytest.mark.parametrize("causal", [False], ids=["bidirectional"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("G", [1, 3])
 def test_sinks_with_left_and_right_padding(causal, G):
-    """Sinks are each row's first (and last) real tokens: padded rows equal their real tokens run alone, in the
-    inference path and the autograd path (outputs and gradients)."""
+    """Sinks are each row's first (bidirectional: and last) real tokens: padded rows equal their real tokens run
+    alone, in the inference path and the autograd path (outputs and gradients)."""
     B, N, H, D = 3, 26, 2, 6
     attn = _eva(D, H, 4, num_chunks=3, chunk=2, sink_tokens=G)
     _perturb(attn)
@@ -433,7 +433,7 @@ def test_sinks_with_left_and_right_padding(causal, G):
         assert_close("padded inference", slow, attn(q, k, v, padding_mask=mask, causal=causal), 1e-10)
 
 
-@pytest.mark.parametrize("causal", [False], ids=["bidirectional"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("G", [1, 4, 40])
 def test_sinks_with_window_covering_sequence_are_softmax(causal, G):
     """Sinks inside the window are counted once: with the window covering the sequence EVA stays exact."""
@@ -453,3 +453,79 @@ def test_sinks_hyper_parameter():
     for bad in (-1, 1.5):
         with pytest.raises(ValueError, match="sink_tokens"):
             build_attention("eva", num_heads=2, head_dim=8, sink_tokens=bad)
+
+
+# (B, N, H, D, window_size, chunk_size, G): sinks inside the first window, spanning windows and chunks (partial and
+# sink-only chunks, whose summaries get no weight), more sinks than tokens.
+CAUSAL_SINKS = [
+    pytest.param(2, 29, 2, 8, 8, 4, 2, id="B2-T29-E8-P4-G2"),
+    pytest.param(1, 23, 3, 6, 6, 2, 7, id="B1-T23-E6-P2-G7"),
+    pytest.param(2, 37, 2, 8, 4, 4, 5, id="B2-T37-E4-P4-G5"),
+    pytest.param(1, 19, 1, 4, 3, 1, 11, id="B1-T19-E3-P1-G11"),
+    pytest.param(1, 6, 1, 4, 2, 2, 9, id="B1-T6-E2-P2-G9"),
+]
+
+
+@pytest.mark.parametrize("B,N,H,D,E,P,G", CAUSAL_SINKS)
+def test_causal_sinks_match_naive_with_gradients(B, N, H, D, E, P, G):
+    """Autograd path (outputs and gradients of q, k, v and both maps), the no-grad fast path and decoding over a
+    cache (`Nq < N`, the direct path) equal the per-query reference."""
+    attn = _eva(D, H, E, chunk=P, sink_tokens=G)
+    _perturb(attn)
+    q, k, v = (t.requires_grad_() for t in qkv(B, H, N, D))
+    inputs = [q, k, v, *attn.parameters()]
+    weight = torch.randn(B, H, N, D, dtype=torch.float64)
+    fast, slow = attn(q, k, v, causal=True), _reference(attn, q, k, v, True)
+    assert_close("causal sinks autograd", slow, fast, 1e-10)
+    for ref, out in zip(_grads(slow, inputs, weight), _grads(fast, inputs, weight), strict=True):
+        assert_close("causal sinks gradient", ref, out, 1e-10)
+    with torch.no_grad():
+        assert_close("causal sinks fast path", slow, attn(q, k, v, causal=True), 1e-10)
+        for nq in (1, 3, E + 1, N - 1):
+            part = attn(q[:, :, -nq:], k, v, causal=True)
+            assert_close(f"causal sinks Nq={nq}", slow[:, :, -nq:], part, 1e-10)
+
+
+@pytest.mark.parametrize("block_size", [1, 9, 24], ids=["one-window", "two-windows", "three-windows"])
+@pytest.mark.parametrize("grad", [True, False], ids=["blocked", "fast"])
+def test_causal_sinks_any_block_size(block_size, grad):
+    """Sinks across several query blocks (windows of 4, chunks of 2, G = 6): both block loops equal the reference."""
+    attn = _eva(6, 2, 4, chunk=2, sink_tokens=6)
+    _perturb(attn)
+    q, k, v = qkv(2, 2, 31, 6)
+    maps = attn._map(attn.chunk_key_proj), attn._map(attn.proposal_proj), False
+    with torch.set_grad_enabled(grad):
+        q.requires_grad_(grad)
+        out = causal_eva(q, k, v, 4, 2, *maps, scale=6**-0.5, block_size=block_size, sinks=6)
+    assert_close("blocks", _reference(attn, q, k, v, True), out, 1e-10)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("G", [3, 13])
+def test_decoding_with_sinks_equals_full_forward(padded, G):
+    """Prefill, then steps of 1 to 9 tokens crossing windows (and, for G = 13, the sinks' end): the rows of the full
+    causal forward; the state keeps the first G keys and values only (constant memory)."""
+    torch.manual_seed(0)
+    attn = _eva(6, 2, 8, chunk=4, sink_tokens=G)
+    _perturb(attn)
+    q, k, v = qkv(2, 2, 45, 6)
+    mask = torch.ones(2, 45, dtype=torch.bool)
+    mask[0, :5] = not padded
+    with torch.no_grad():
+        full = attn(q, k, v, padding_mask=mask, causal=True)
+        assert_close("full vs naive (row 1)", _reference(attn, q[1:], k[1:], v[1:], True), full[1:], 1e-10)
+        out, state = attn.prefill(q[:, :, :6], k[:, :, :6], v[:, :, :6], padding_mask=mask[:, :6])
+        outs, start = [out], 6
+        for n in (1, 1, 5, 9, 1, 1, 1, 8, 3, 1, 1, 7):
+            part = slice(start, start + n)
+            before = state.sink_keys.clone()
+            out, new = attn.step(q[:, :, part], k[:, :, part], v[:, :, part], state, padding_mask=mask[:, part])
+            assert torch.equal(state.sink_keys, before)  # the input state is left alone
+            assert new.sink_keys.shape == (2, 2, G, 6)
+            outs.append(out)
+            state, start = new, start + n
+    assert_close("decode vs full", full, torch.cat(outs, dim=2), 1e-12)
+    first = mask[0].nonzero().flatten()[:G]
+    assert torch.equal(state.sink_keys[0], k[0, :, first].to(state.sink_keys.dtype))
+    with pytest.raises(ValueError, match="sink_tokens"):
+        _eva(6, 2, 8, chunk=4).step(q[:, :, :1], k[:, :, :1], v[:, :, :1], state)

@@ -141,7 +141,7 @@ def test_converted_in_place_model_still_returns_hidden_states(family, base_check
         assert_close(h, e)
 
 
-@pytest.mark.parametrize("family", ["bert"])
+@pytest.mark.parametrize("family", ["bert", "llama"])
 def test_eva_with_sink_tokens_converts_and_is_padding_invariant(family, base_checkpoints, tmp_path):
     """`convert(model, "eva", sink_tokens=G)`: a window covering the input keeps the model exact; a short window
     with sinks differs from no sinks, survives a save/load round trip and gives a padded row its unpadded output."""
@@ -164,7 +164,7 @@ def test_eva_with_sink_tokens_converts_and_is_padding_invariant(family, base_che
     assert_close(run(reloaded, inputs), out, atol=1e-12, rtol=1e-12)
 
     ids, mask = inputs["input_ids"], inputs["attention_mask"].clone()
-    mask[1, SEQ_LEN - 3 :] = 0  # right padding: [CLS]-like first and [SEP]-like last real tokens move
+    mask[1, SEQ_LEN - 3 :] = 0  # right padding: the last real tokens (bidirectional sinks) move
     padded = run(model, {"input_ids": ids, "attention_mask": mask})
     alone = run(model, {"input_ids": ids[1:, : SEQ_LEN - 3], "attention_mask": mask[1:, : SEQ_LEN - 3]})
     assert_close(padded[1:, : SEQ_LEN - 3], alone, atol=1e-10, rtol=1e-10)
