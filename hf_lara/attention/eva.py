@@ -48,6 +48,14 @@ window (`causal_eva`), so memory stays `O(N (E + D) + block N / P)`: no `(N, N /
 exact part runs over all windows at once and each block adds its summaries with one product whose logits are already
 shifted by the exact part's row max, one `exp_` and one product with the values (`_causal_fast`).
 
+**Sinks** (`sink_tokens` G; attention sinks, StreamingLLM, arXiv 2309.17453). The first G tokens (bidirectional:
+and the last G, e.g. `[CLS]` and `[SEP]`; `window.sink_positions`) join the exact set of every query that may see
+them: one `(N, G2)` logit block in the same softmax, with the sinks of a query's own window masked there (the window
+already holds them). They are left out of every summary (counts, means, proposals and `beta`), so each key still
+counts once and a window covering the sequence stays exact. Causal: a query sees sink `s` through the block when `s`
+lies in an earlier window; a chunk holding sinks counts only its other tokens (a chunk of sinks gets no weight).
+Decoding keeps the G sink keys and values in the state.
+
 **Causal decoding** (`EVAAttention.prefill` / `step`, `EVAState`): the tokens of the open window plus every
 finished chunk summary. A summary is computed once, when its window closes, so a step costs `O((E + N / P) D)` and
 the state grows by `2 D` numbers per `P` tokens. With padding, windows and chunks start at each row's first real
@@ -144,7 +152,7 @@ def _chunk_summaries(
     mu_map: Map,
     sample: bool,
     unit: float = 1.0,
-    holes: bool = False,
+    holes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summaries of every chunk without each of its windows (`r < g`) and of the whole chunk (`r = g`).
 
@@ -155,15 +163,19 @@ def _chunk_summaries(
         valid (`torch.Tensor` of shape `(C, g, E)`, bool): summarised positions (False past `N`, where `kc` is 0).
         key_map, mu_map, sample: as in `bidirectional_eva`.
         unit (`float`, *optional*, defaults to 1): the factor on `kc`.
-        holes (`bool`, *optional*, defaults to False): `valid` is also False at positions before `N` (sinks), so
-            the key sums skip them explicitly.
+        holes (`torch.Tensor`, *optional*): the windows `(h,)` (indices into the `C g` windows) where `valid` is
+            also False before `N` (sinks); their key sums skip those positions explicitly.
 
     Returns:
         Chunk keys `kappa~` and values `beta`, `(B, H, C, g + 1, D)`, and the token counts `(g + 1, C)`.
     """
     g = kc.shape[3]
     select, counts = _summary_sets(valid, kc.dtype)
-    window_sums = torch.where(valid[..., None], kc, 0.0).sum(-2) if holes else kc.sum(-2)
+    window_sums = kc.sum(-2)
+    if holes is not None:
+        flat, kept = window_sums.flatten(2, 3), valid.flatten(0, 1)[holes, :, None]
+        exact = torch.where(kept, kc.flatten(2, 3)[:, :, holes], 0.0).sum(-2)  # (B, H, h, D)
+        window_sums = flat.index_copy(2, holes, exact).view_as(window_sums)
     sums = torch.einsum("rg,bhcgd->bhcrd", select.to(kc.dtype), window_sums)
     means = sums / (counts.T.clamp_min(1)[..., None] * unit)  # (B, H, C, g + 1, D)
     mu = mu_map(means[:, :, :, g])
@@ -202,17 +214,18 @@ class _Bidirectional:
         """`(C, g, E)` bool: positions before `N`."""
         return (torch.arange(self.C * self.P, device=device) < self.N).reshape(self.C, self.g, self.E)
 
-    def sinks(self, sinks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sinks(self, sinks: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         """The `G2 <= 2G` sink positions (first and last `G` tokens, `window.sink_positions`), which of them each
         query attends through the sink block `(C P, G2)` (not when the sink lies in the query's own window, which
-        already holds it, nor when it is a duplicate), and the summarised positions `(C, g, E)` (sinks left out)."""
+        already holds it, nor when it is a duplicate), the summarised positions `(C, g, E)` (sinks left out) and
+        the windows holding sinks."""
         pos, ok = sink_positions(None, 1, self.N, sinks, False, device)
         pos, ok = pos[0], ok[0]
         rows = torch.arange(self.C * self.P, device=device)
         seen = ok & (rows[:, None] // self.E != pos // self.E)
         summarised = self.valid(device).flatten()
         summarised[pos] = False
-        return pos, seen, summarised.reshape(self.C, self.g, self.E)
+        return pos, seen, summarised.reshape(self.C, self.g, self.E), torch.unique(pos // self.E)
 
 
 def bidirectional_eva(
@@ -245,11 +258,11 @@ def bidirectional_eva(
     E, g, C, P = geo.E, geo.g, geo.C, geo.P
     num_windows = -(-N // E)
     valid = geo.valid(q.device)
-    summarised = valid
+    summarised, holes = valid, None
     if sinks:
-        sink_pos, sink_seen, summarised = geo.sinks(sinks, q.device)
+        sink_pos, sink_seen, summarised, holes = geo.sinks(sinks, q.device)
     kc, vc = _blocks(k, 0, C * P, E).reshape(B, H, C, g, E, D), _blocks(v, 0, C * P, E).reshape(B, H, C, g, E, D)
-    keys, betas, counts = _chunk_summaries(kc, vc, summarised, key_map, mu_map, sample, holes=bool(sinks))
+    keys, betas, counts = _chunk_summaries(kc, vc, summarised, key_map, mu_map, sample, holes=holes)
 
     qw = _blocks(q, 0, num_windows * E, E)
     kw, vw = kc.reshape(B, H, C * g, E, D)[:, :, :num_windows], vc.reshape(B, H, C * g, E, D)[:, :, :num_windows]
@@ -314,8 +327,9 @@ def bidirectional_eva_inference(
     E, g, C, P = geo.E, geo.g, geo.C, geo.P
     L = C * P
     valid = summarised = geo.valid(q.device)
+    holes = None
     if sinks:
-        sink_pos, sink_seen, summarised = geo.sinks(sinks, q.device)
+        sink_pos, sink_seen, summarised, holes = geo.sinks(sinks, q.device)
     root = scale**0.5
     q, k, v = _padded_to(q, L), _padded_to(k, L), _padded_to(v, L)
     group = max(1, min(H, INFERENCE_ELEMENTS // (L * (E + C))))
@@ -333,7 +347,7 @@ def bidirectional_eva_inference(
             k2 = torch.mul(k[b, h0:h1], unit * root, out=ks_buf[: n * L * D].view(n, L, D))
             vc = v[b, h0:h1].reshape(1, n, C, g, E, D)
             kc = k2.view(1, n, C, g, E, D)
-            keys, betas, _ = _chunk_summaries(kc, vc, summarised, key_map, mu_map, sample, unit, bool(sinks))
+            keys, betas, _ = _chunk_summaries(kc, vc, summarised, key_map, mu_map, sample, unit, holes)
             keys = keys[0] * unit  # (n, C, g + 1, D): q . keys = log2(e) q~ . kappa~
             betas = betas[0]
             q_g = q[b, h0:h1]
@@ -406,14 +420,15 @@ def causal_summaries(
     C = N // chunk_size
     kc = k[:, :, : C * chunk_size].reshape(B, H, C, 1, chunk_size, D) * root
     vc = v[:, :, : C * chunk_size].reshape(B, H, C, 1, chunk_size, D)
-    if skip:
-        kept = (torch.arange(C * chunk_size, device=k.device) >= skip).reshape(C, 1, chunk_size)
-        count = kept.sum(-1).clamp_min(1)[:, 0, None]  # (C, 1)
-        means = torch.where(kept[..., None], kc, 0.0).sum(dim=-2)[:, :, :, 0] / count
-        log_w = _sampled_log_weights(kc, mu_map(means), sample).masked_fill(~kept, float("-inf"))
-    else:
-        means = kc.mean(dim=-2)[:, :, :, 0]  # (B, H, C, D)
-        log_w = _sampled_log_weights(kc, mu_map(means), sample)
+    means = kc.mean(dim=-2)[:, :, :, 0]  # (B, H, C, D)
+    few = min(C, -(-skip // chunk_size))  # chunks holding sinks
+    if few:
+        kept = (torch.arange(few * chunk_size, device=k.device) >= skip).reshape(few, 1, chunk_size)
+        head = torch.where(kept[..., None], kc[:, :, :few], 0.0).sum(dim=-2)[:, :, :, 0]
+        means = torch.cat([head / kept.sum(-1).clamp_min(1), means[:, :, few:]], dim=2)
+    log_w = _sampled_log_weights(kc, mu_map(means), sample)
+    if few:
+        log_w = torch.cat([log_w[:, :, :few].masked_fill(~kept, float("-inf")), log_w[:, :, few:]], dim=2)
     betas = merged_value_summaries(log_w, vc, k.new_ones(1, 1, dtype=torch.bool))[:, :, :, 0]
     return key_map(means), betas
 
@@ -625,7 +640,8 @@ def _causal_fast(q, k, v, keys, betas, geo: _Causal, block_size: int | None, sin
     top = local.masked_fill_(causal, float("-inf")).amax(dim=-1, keepdim=True)  # finite: a query sees itself
     if sinks is not None:
         sink_keys, sink_values = (t.reshape(BH, -1, D) for t in sinks)
-        far_sinks = (qs @ sink_keys[:, None].transpose(-1, -2)).masked_fill_(
+        far_sinks = torch.bmm(qs.flatten(1, 2), sink_keys.transpose(1, 2)).view(BH, num_windows, E, -1)
+        far_sinks.masked_fill_(
             _hidden_sinks(first + torch.arange(num_windows, device=q.device)[:, None, None], geo, sink_keys.shape[1]),
             -math.inf,
         )  # (BH, nW, E, G)
