@@ -529,3 +529,20 @@ def test_decoding_with_sinks_equals_full_forward(padded, G):
     assert torch.equal(state.sink_keys[0], k[0, :, first].to(state.sink_keys.dtype))
     with pytest.raises(ValueError, match="sink_tokens"):
         _eva(6, 2, 8, chunk=4).step(q[:, :, :1], k[:, :, :1], v[:, :, :1], state)
+
+
+def test_causal_sinks_overflow_falls_back_to_exact_shifts():
+    """A low sink and summaries far above every exact logit: the shifted fp32 pass overflows, the fallback (with
+    the sinks) equals the fp64 reference."""
+    attn = _eva(4, 1, 4, chunk=2, sink_tokens=1).float()
+    q, k, v = qkv(1, 1, 12, 4)
+    q[..., 0], k[..., 1:4, 0], k[..., 0, 0], k[..., 4:, 0] = 20.0, 20.0, -20.0, -20.0
+    with torch.no_grad():
+        out = attn(q.float(), k.float(), v.float(), causal=True)
+        maps = (lambda x: x, lambda x: x, False)
+        keys, betas = causal_summaries(k.float(), v.float(), 2, *maps, 0.5**0.5, 1)
+        geo = eva_module._Causal(4, 2, 2, 0, 0.5, 1)
+        sinks = (k[:, :, :1].float(), v[:, :, :1].float())
+        shifted = eva_module._causal_fast(q.float(), k.float(), v.float(), keys, betas, geo, None, sinks)
+    assert not torch.isfinite(shifted).all() and torch.isfinite(out).all()
+    assert_close("overflow fallback", _reference(attn.double(), q, k, v, True), out.double(), 1e-4)
