@@ -95,7 +95,7 @@ def compare(st, reference: torch.Tensor, texts: list[str], max_length: int) -> d
 def run_one(base, method: str, regime: str, data: dict, args) -> dict:
     (low, high), max_length, window = REGIMES[regime]
     hparams = METHODS[method](window)
-    if args.sink_tokens and method != "eva":
+    if args.sink_tokens:
         hparams["sink_tokens"] = args.sink_tokens
     hparams.update(args.method_hparams.get(method, {}))
     st = copy.deepcopy(base)
@@ -263,7 +263,9 @@ def main(argv=None) -> None:
     parser.add_argument("--num_train_long", type=int, default=400)
     parser.add_argument("--num_train_short", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--sink_tokens", type=int, default=0, help="sink tokens of windowed rfa/kernel/lara")
+    parser.add_argument(
+        "--sink_tokens", type=int, default=0, help="sink tokens of every method (eva and windowed rfa/kernel/lara)"
+    )
     parser.add_argument(
         "--keep_softmax", type=int, default=0, help="leave the K layers with the largest error on softmax (quadratic)"
     )

@@ -210,10 +210,10 @@ def test_convert_takes_hyper_parameters_as_flags(src, tmp_path, capsys):
     """`--window_size 16 --adaptive=false` is the same as `--hparam window_size=16 --hparam adaptive=false`."""
     out = tmp_path / "eva"
     code, _, err = run_main(["convert", str(src), str(out), "--method", "eva", "--window_size", "16",
-                             "--num-chunks=4", "--adaptive", "false"], capsys)  # fmt: skip
+                             "--num-chunks=4", "--adaptive", "false", "--sink_tokens", "2"], capsys)  # fmt: skip
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())
-    assert config["lara_hparams"] == {"window_size": 16, "num_chunks": 4, "adaptive": False}
+    assert config["lara_hparams"] == {"window_size": 16, "num_chunks": 4, "adaptive": False, "sink_tokens": 2}
     code, _, err = run_main(["convert", str(src), str(tmp_path / "x"), "--method", "eva", "--window_size"], capsys)
     assert code == 2 and "needs a value" in err
     code, _, err = run_main(["bench", "--window_size", "16"], capsys)

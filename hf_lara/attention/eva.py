@@ -48,6 +48,14 @@ window (`causal_eva`), so memory stays `O(N (E + D) + block N / P)`: no `(N, N /
 exact part runs over all windows at once and each block adds its summaries with one product whose logits are already
 shifted by the exact part's row max, one `exp_` and one product with the values (`_causal_fast`).
 
+**Sinks** (`sink_tokens` G; attention sinks, StreamingLLM, arXiv 2309.17453). The first G tokens (bidirectional:
+and the last G, e.g. `[CLS]` and `[SEP]`; `window.sink_positions`) join the exact set of every query that may see
+them: one `(N, G2)` logit block in the same softmax, with the sinks of a query's own window masked there (the window
+already holds them). They are left out of every summary (counts, means, proposals and `beta`), so each key still
+counts once and a window covering the sequence stays exact. Causal: a query sees sink `s` through the block when `s`
+lies in an earlier window; a chunk holding sinks counts only its other tokens (a chunk of sinks gets no weight).
+Decoding keeps the G sink keys and values in the state.
+
 **Causal decoding** (`EVAAttention.prefill` / `step`, `EVAState`): the tokens of the open window plus every
 finished chunk summary. A summary is computed once, when its window closes, so a step costs `O((E + N / P) D)` and
 the state grows by `2 D` numbers per `P` tokens. With padding, windows and chunks start at each row's first real
@@ -79,6 +87,7 @@ from .base import (
 from .linear import _with_ones
 from .random_features import positive_random_log_features
 from .window import blocks as _blocks
+from .window import sink_positions
 
 # A finite floor for detached max shifts: exp(x - floor) stays well defined for empty sets.
 _LOG_FLOOR = -1e30
@@ -143,6 +152,7 @@ def _chunk_summaries(
     mu_map: Map,
     sample: bool,
     unit: float = 1.0,
+    holes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summaries of every chunk without each of its windows (`r < g`) and of the whole chunk (`r = g`).
 
@@ -150,16 +160,23 @@ def _chunk_summaries(
         kc (`torch.Tensor` of shape `(B, H, C, g, E, D)`): keys times `unit` in tilde space (`unit k~`), chunk
             by window.
         vc (`torch.Tensor` of shape `(B, H, C, g, E, D)`): values.
-        valid (`torch.Tensor` of shape `(C, g, E)`, bool): real positions (False past `N`).
+        valid (`torch.Tensor` of shape `(C, g, E)`, bool): summarised positions (False past `N`, where `kc` is 0).
         key_map, mu_map, sample: as in `bidirectional_eva`.
         unit (`float`, *optional*, defaults to 1): the factor on `kc`.
+        holes (`torch.Tensor`, *optional*): the windows `(h,)` (indices into the `C g` windows) where `valid` is
+            also False before `N` (sinks); their key sums skip those positions explicitly.
 
     Returns:
         Chunk keys `kappa~` and values `beta`, `(B, H, C, g + 1, D)`, and the token counts `(g + 1, C)`.
     """
     g = kc.shape[3]
     select, counts = _summary_sets(valid, kc.dtype)
-    sums = torch.einsum("rg,bhcgd->bhcrd", select.to(kc.dtype), kc.sum(-2))
+    window_sums = kc.sum(-2)
+    if holes is not None:
+        flat, kept = window_sums.flatten(2, 3), valid.flatten(0, 1)[holes, :, None]
+        exact = torch.where(kept, kc.flatten(2, 3)[:, :, holes], 0.0).sum(-2)  # (B, H, h, D)
+        window_sums = flat.index_copy(2, holes, exact).view_as(window_sums)
+    sums = torch.einsum("rg,bhcgd->bhcrd", select.to(kc.dtype), window_sums)
     means = sums / (counts.T.clamp_min(1)[..., None] * unit)  # (B, H, C, g + 1, D)
     mu = mu_map(means[:, :, :, g])
     omega = mu + torch.randn_like(mu) if sample else mu
@@ -197,6 +214,19 @@ class _Bidirectional:
         """`(C, g, E)` bool: positions before `N`."""
         return (torch.arange(self.C * self.P, device=device) < self.N).reshape(self.C, self.g, self.E)
 
+    def sinks(self, sinks: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The `G2 <= 2G` sink positions (first and last `G` tokens, `window.sink_positions`), which of them each
+        query attends through the sink block `(C P, G2)` (not when the sink lies in the query's own window, which
+        already holds it, nor when it is a duplicate), the summarised positions `(C, g, E)` (sinks left out) and
+        the windows holding sinks."""
+        pos, ok = sink_positions(None, 1, self.N, sinks, False, device)
+        pos, ok = pos[0], ok[0]
+        rows = torch.arange(self.C * self.P, device=device)
+        seen = ok & (rows[:, None] // self.E != pos // self.E)
+        summarised = self.valid(device).flatten()
+        summarised[pos] = False
+        return pos, seen, summarised.reshape(self.C, self.g, self.E), torch.unique(pos // self.E)
+
 
 def bidirectional_eva(
     q: torch.Tensor,
@@ -207,6 +237,7 @@ def bidirectional_eva(
     key_map: Map,
     mu_map: Map,
     sample: bool,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """Bidirectional EVA; every token is real (the estimator cuts padding away first).
 
@@ -216,6 +247,8 @@ def bidirectional_eva(
         window_size, num_chunks (`int`): `E` and `C` of the module docstring.
         key_map, mu_map (`Callable`): chunk key and proposal mean maps, `(..., D) -> (..., D)`.
         sample (`bool`): draw `w_c = mu_c + N(0, I)` (training) instead of `w_c = mu_c`.
+        sinks (`int`, *optional*, defaults to 0): `G`; the first and last `G` tokens are exact for every query
+            (one `(N, 2G)` logit block) and left out of the summaries.
 
     Returns:
         `torch.Tensor` of shape `(B, H, N, D)`.
@@ -225,8 +258,11 @@ def bidirectional_eva(
     E, g, C, P = geo.E, geo.g, geo.C, geo.P
     num_windows = -(-N // E)
     valid = geo.valid(q.device)
+    summarised, holes = valid, None
+    if sinks:
+        sink_pos, sink_seen, summarised, holes = geo.sinks(sinks, q.device)
     kc, vc = _blocks(k, 0, C * P, E).reshape(B, H, C, g, E, D), _blocks(v, 0, C * P, E).reshape(B, H, C, g, E, D)
-    keys, betas, counts = _chunk_summaries(kc, vc, valid, key_map, mu_map, sample)
+    keys, betas, counts = _chunk_summaries(kc, vc, summarised, key_map, mu_map, sample, holes=holes)
 
     qw = _blocks(q, 0, num_windows * E, E)
     kw, vw = kc.reshape(B, H, C * g, E, D)[:, :, :num_windows], vc.reshape(B, H, C * g, E, D)[:, :, :num_windows]
@@ -237,11 +273,17 @@ def bidirectional_eva(
     rest_keys = keys[:, :, :, :g].reshape(B, H, C * g, D)[:, :, :num_windows]
     rest_count = counts[:g].T.reshape(C * g)[:num_windows]
     rest = torch.einsum("bhwed,bhwd->bhwe", qw, rest_keys)[..., None] + _log_count(rest_count)[:, None, None]
+    parts = [local, full, rest]
+    if sinks:
+        far_sinks = qw.flatten(2, 3) @ k[:, :, sink_pos].transpose(-1, -2)  # (B, H, nW E, G2)
+        parts.append(far_sinks.masked_fill(~sink_seen[: num_windows * E], float("-inf")).unflatten(2, (-1, E)))
 
-    probs = torch.softmax(torch.cat([local, full, rest], dim=-1), dim=-1)
+    probs = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
     rest_betas = betas[:, :, :, :g].reshape(B, H, C * g, D)[:, :, :num_windows]
     out = probs[..., :E] @ vw + probs[..., E : E + C] @ betas[:, :, None, :, g]
-    out = out + probs[..., -1:] * rest_betas[:, :, :, None]
+    out = out + probs[..., E + C, None] * rest_betas[:, :, :, None]
+    if sinks:
+        out = out + probs[..., E + C + 1 :] @ v[:, :, None, sink_pos]
     return out.reshape(B, H, num_windows * E, D)[:, :, :N]
 
 
@@ -260,6 +302,7 @@ def bidirectional_eva_inference(
     mu_map: Map,
     sample: bool,
     scale: float,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """`bidirectional_eva` without autograd, a few heads at a time, on raw (not tilde) `q`, `k`.
 
@@ -272,7 +315,8 @@ def bidirectional_eva_inference(
 
     Args:
         q, k, v (`torch.Tensor` of shape `(B, H, N, D)`): raw queries, keys and values (all tokens real).
-        window_size, num_chunks, key_map, mu_map, sample: as in `bidirectional_eva`.
+        window_size, num_chunks, key_map, mu_map, sample, sinks: as in `bidirectional_eva` (sinks: one more
+            `(heads, C P, 2G)` logit block, in the shared row max).
         scale (`float`): logit scale (`x~ = x * scale**0.5`).
 
     Returns:
@@ -282,14 +326,17 @@ def bidirectional_eva_inference(
     geo = _Bidirectional.of(N, window_size, num_chunks)
     E, g, C, P = geo.E, geo.g, geo.C, geo.P
     L = C * P
-    valid = geo.valid(q.device)
+    valid = summarised = geo.valid(q.device)
+    holes = None
+    if sinks:
+        sink_pos, sink_seen, summarised, holes = geo.sinks(sinks, q.device)
     root = scale**0.5
     q, k, v = _padded_to(q, L), _padded_to(k, L), _padded_to(v, L)
     group = max(1, min(H, INFERENCE_ELEMENTS // (L * (E + C))))
     local_buf, chunk_buf = q.new_empty(group * L * E), q.new_empty(group * L * C)
     ks_buf, acc_buf = q.new_empty(group * L * D), q.new_empty(group * L * D)
     unit = root * LOG2E
-    log2_counts = _log_count(_summary_sets(valid, q.dtype)[1]) * LOG2E  # (g + 1, C)
+    log2_counts = _log_count(_summary_sets(summarised, q.dtype)[1]) * LOG2E  # (g + 1, C)
     tail = valid.reshape(C * g, 1, E)[N // E :]  # windows holding positions past N
     out = q.new_empty(B, N, H, D)
     for b in range(B):
@@ -299,7 +346,8 @@ def bidirectional_eva_inference(
             # k2 = scale log2(e) k = unit k~: base-2 window logits straight from raw queries
             k2 = torch.mul(k[b, h0:h1], unit * root, out=ks_buf[: n * L * D].view(n, L, D))
             vc = v[b, h0:h1].reshape(1, n, C, g, E, D)
-            keys, betas, _ = _chunk_summaries(k2.view(1, n, C, g, E, D), vc, valid, key_map, mu_map, sample, unit)
+            kc = k2.view(1, n, C, g, E, D)
+            keys, betas, _ = _chunk_summaries(kc, vc, summarised, key_map, mu_map, sample, unit, holes)
             keys = keys[0] * unit  # (n, C, g + 1, D): q . keys = log2(e) q~ . kappa~
             betas = betas[0]
             q_g = q[b, h0:h1]
@@ -323,6 +371,9 @@ def bidirectional_eva_inference(
             own = torch.diagonal(chunk.view(n, C, P, C), dim1=1, dim2=3)  # (n, P, C): row c P + p, column c
             own.copy_(rest.view(n, C, P).transpose(1, 2))
             top = torch.maximum(local.amax(dim=-1).view(n, L), chunk.amax(dim=-1))[..., None]  # (n, L, 1)
+            if sinks:
+                far_sinks = torch.bmm(q_g, k2[:, sink_pos].transpose(1, 2)).masked_fill_(~sink_seen, -math.inf)
+                top = torch.maximum(top, far_sinks.amax(dim=-1, keepdim=True))
             local.sub_(top.view(n, C * g, E, 1)).exp2_()
             chunk.sub_(top).exp2_()
             den = local.sum(dim=-1).view(n, L).add_(chunk.sum(dim=-1))
@@ -335,12 +386,23 @@ def bidirectional_eva_inference(
             ).view(n, L, D)
             acc.baddbmm_(chunk, betas[:, :, g])
             acc.view(n, C, g, E, D).addcmul_(p_own, betas[:, :, :g, None])
+            if sinks:
+                far_sinks.sub_(top).exp2_()
+                den.add_(far_sinks.sum(dim=-1))
+                acc.baddbmm_(far_sinks, v[b, h0:h1, sink_pos])
             torch.div(acc[:, :N], den[:, :N, None], out=out[b, :, h0:h1].transpose(0, 1))
     return out.transpose(1, 2)
 
 
 def causal_summaries(
-    k: torch.Tensor, v: torch.Tensor, chunk_size: int, key_map: Map, mu_map: Map, sample: bool, root: float
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_size: int,
+    key_map: Map,
+    mu_map: Map,
+    sample: bool,
+    root: float,
+    skip: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys `kappa~_c` (tilde space) and values `beta_c`, `(B, H, C, D)`, of the `C = N // P` complete chunks.
 
@@ -349,6 +411,8 @@ def causal_summaries(
         chunk_size (`int`): `P`.
         key_map, mu_map, sample: as in `bidirectional_eva`.
         root (`float`): `scale ** 0.5`, the tilde factor.
+        skip (`int`, *optional*, defaults to 0): the first `skip` tokens (sinks) belong to no summary; a chunk of
+            sinks only gets a zero key and value (`_log_counts` gives it no weight).
 
     Each summary depends on its own `P` keys and values only, so a chunk's summary never changes once complete.
     """
@@ -357,7 +421,14 @@ def causal_summaries(
     kc = k[:, :, : C * chunk_size].reshape(B, H, C, 1, chunk_size, D) * root
     vc = v[:, :, : C * chunk_size].reshape(B, H, C, 1, chunk_size, D)
     means = kc.mean(dim=-2)[:, :, :, 0]  # (B, H, C, D)
+    few = min(C, -(-skip // chunk_size))  # chunks holding sinks
+    if few:
+        kept = (torch.arange(few * chunk_size, device=k.device) >= skip).reshape(few, 1, chunk_size)
+        head = torch.where(kept[..., None], kc[:, :, :few], 0.0).sum(dim=-2)[:, :, :, 0]
+        means = torch.cat([head / kept.sum(-1).clamp_min(1), means[:, :, few:]], dim=2)
     log_w = _sampled_log_weights(kc, mu_map(means), sample)
+    if few:
+        log_w = torch.cat([log_w[:, :, :few].masked_fill(~kept, float("-inf")), log_w[:, :, few:]], dim=2)
     betas = merged_value_summaries(log_w, vc, k.new_ones(1, 1, dtype=torch.bool))[:, :, :, 0]
     return key_map(means), betas
 
@@ -375,6 +446,26 @@ class _Causal:
     chunk_size: int  # P
     prior: int  # summaries of chunks before position 0 (decoding state)
     scale: float
+    sinks: int = 0  # G: global positions 0 .. G - 1 are exact for the later windows and in no summary
+
+
+def _log_counts(geo: _Causal, num: int, like: torch.Tensor) -> torch.Tensor | float:
+    """`log n_j` of the first `num` summaries: `log P`, or with sinks a `(num,)` tensor whose first chunks count
+    only their tokens past the sinks (`-inf` for a chunk of sinks only)."""
+    P = geo.chunk_size
+    if not geo.sinks:
+        return math.log(P)
+    start = torch.arange(num, device=like.device, dtype=like.dtype) * P
+    return _log_count((start + P - torch.maximum(start, start.new_tensor(geo.sinks))).clamp(0, P))
+
+
+def _hidden_sinks(windows: torch.Tensor, geo: _Causal, num: int) -> torch.Tensor:
+    """`(..., num)` bool: which of the sinks `0 .. num - 1` queries of windows `windows` `(..., 1)` (indices past
+    position 0 of `k`) do not attend through the sink block: those in their own or a later window (the window holds
+    what they see)."""
+    full_window = geo.per_window * geo.chunk_size
+    sink_window = torch.arange(num, device=windows.device) // full_window
+    return sink_window >= geo.prior // geo.per_window + windows
 
 
 def causal_eva(
@@ -388,6 +479,7 @@ def causal_eva(
     sample: bool,
     scale: float,
     block_size: int | None = None,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """Causal EVA; queries are positions `N - Nq .. N - 1` (`Nq < N` decodes over a cache), all tokens real.
 
@@ -399,6 +491,8 @@ def causal_eva(
         key_map, mu_map, sample: as in `bidirectional_eva`.
         scale (`float`): logit scale (`x~ = x * scale**0.5`).
         block_size (`int`, *optional*): queries per block, rounded to whole windows (default `CAUSAL_BLOCK_ROWS`).
+        sinks (`int`, *optional*, defaults to 0): `G`; keys `0 .. G - 1` are exact for the queries of later windows
+            (one `(Nq, G)` logit block) and left out of the summaries.
 
     Returns:
         `torch.Tensor` of shape `(B, H, Nq, D)`.
@@ -408,8 +502,11 @@ def causal_eva(
     per_window = window_size // chunk_size
     # chunks entirely before the last window: the only ones any query sees
     end = (N - 1) // E * per_window * chunk_size
-    keys, betas = causal_summaries(k[:, :, :end], v[:, :, :end], chunk_size, key_map, mu_map, sample, scale**0.5)
-    return attend_causal(q, k, v, keys, betas, _Causal(E, per_window, chunk_size, 0, scale), block_size)
+    root = scale**0.5
+    keys, betas = causal_summaries(k[:, :, :end], v[:, :, :end], chunk_size, key_map, mu_map, sample, root, sinks)
+    geo = _Causal(E, per_window, chunk_size, 0, scale, sinks)
+    sink_kv = (k[:, :, :sinks], v[:, :, :sinks]) if sinks else None
+    return attend_causal(q, k, v, keys, betas, geo, block_size, sink_kv)
 
 
 def attend_causal(
@@ -420,22 +517,24 @@ def attend_causal(
     betas: torch.Tensor,
     geo: _Causal,
     block_size: int | None = None,
+    sinks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal EVA given the summaries `keys` (`kappa~`) and `betas` `(B, H, C, D)` (see `_Causal`).
 
     Few queries (decoding) attend directly; longer inputs go block by block. Without autograd the blocks run in
     place on reused buffers and shift the summary logits by the row max of the exact logits (folded into the product);
     should that overflow (a summary logit above every exact one by ~88 in fp32), the call reruns with exact max shifts.
+    `sinks`: raw keys and values `(B, H, G, D)` of global positions `0 .. G - 1` when `geo.sinks = G`.
     """
     if q.shape[2] < geo.window:
-        return _causal_direct(q, k, v, keys, betas, geo)
-    tracked = (q, k, v, keys, betas)
+        return _causal_direct(q, k, v, keys, betas, geo, sinks)
+    tracked = (q, k, v, keys, betas, *(sinks or ()))
     if records_grad(*tracked):
-        return _causal_blocked(q, k, v, keys, betas, geo, block_size)
-    out = _causal_fast(q, k, v, keys, betas, geo, block_size)
+        return _causal_blocked(q, k, v, keys, betas, geo, block_size, sinks)
+    out = _causal_fast(q, k, v, keys, betas, geo, block_size, sinks)
     # one reduction: an overflow anywhere makes the sum inf or nan
     if not bool(torch.isfinite(out.sum())):
-        out = _causal_blocked(q, k, v, keys, betas, geo, block_size)
+        out = _causal_blocked(q, k, v, keys, betas, geo, block_size, sinks)
     return out
 
 
@@ -444,8 +543,8 @@ def _visible_chunks(windows: torch.Tensor, num: int, geo: _Causal) -> torch.Tens
     return torch.arange(num, device=windows.device) < geo.prior + windows * geo.per_window
 
 
-def _causal_direct(q, k, v, keys, betas, geo: _Causal) -> torch.Tensor:
-    """Every query against its window's keys and its summaries at once: `O(Nq (2E + C) D)`."""
+def _causal_direct(q, k, v, keys, betas, geo: _Causal, sinks=None) -> torch.Tensor:
+    """Every query against its window's keys, its summaries and the sinks at once: `O(Nq (2E + C + G) D)`."""
     Nq, N, E = q.shape[2], k.shape[2], geo.window
     start = (N - Nq) // E * E
     query_pos = torch.arange(N - Nq, N, device=q.device)[:, None]
@@ -456,16 +555,21 @@ def _causal_direct(q, k, v, keys, betas, geo: _Causal) -> torch.Tensor:
     values = v[:, :, start:]
     num = min(keys.shape[2], geo.prior + (N - 1) // E * geo.per_window)
     if num:
-        far = qs @ keys[:, :, :num].transpose(-1, -2) / geo.scale**0.5 + math.log(geo.chunk_size)
+        far = qs @ keys[:, :, :num].transpose(-1, -2) / geo.scale**0.5 + _log_counts(geo, num, q)
         far = far.masked_fill(~_visible_chunks(query_pos // E, num, geo), float("-inf"))
         logits, values = torch.cat([logits, far], dim=-1), torch.cat([values, betas[:, :, :num]], dim=2)
+    if sinks is not None:
+        far_sinks = (qs @ sinks[0].transpose(-1, -2)).masked_fill(
+            _hidden_sinks(query_pos // E, geo, sinks[0].shape[2]), float("-inf")
+        )
+        logits, values = torch.cat([logits, far_sinks], dim=-1), torch.cat([values, sinks[1]], dim=2)
     return torch.softmax(logits, dim=-1) @ values
 
 
-def _causal_blocked(q, k, v, keys, betas, geo: _Causal, block_size: int | None) -> torch.Tensor:
-    """Queries in blocks of whole windows against their windows and the summaries finished before the block's last
-    window (the few after the block's first window get a mask), under one softmax. Nothing of size `(N, C)` is built:
-    memory `O(N (E + D) + block C)`."""
+def _causal_blocked(q, k, v, keys, betas, geo: _Causal, block_size: int | None, sinks=None) -> torch.Tensor:
+    """Queries in blocks of whole windows against their windows, the summaries finished before the block's last
+    window (the few after the block's first window get a mask) and the sinks, under one softmax. Nothing of size
+    `(N, C)` is built: memory `O(N (E + D + G) + block C)`."""
     B, H, Nq, D = q.shape
     N, BH, E, pw = k.shape[2], B * H, geo.window, geo.per_window
     first, last = (N - Nq) // E, (N - 1) // E
@@ -473,6 +577,8 @@ def _causal_blocked(q, k, v, keys, betas, geo: _Causal, block_size: int | None) 
     q_rows, k_rows, v_rows, front = _causal_rows(q, k, v, E)
     C = min(keys.shape[2], geo.prior + last * pw)
     keys, betas = keys[:, :, :C].reshape(BH, C, D) / geo.scale**0.5, betas[:, :, :C].reshape(BH, C, D)
+    if sinks is not None:
+        sink_keys, sink_values = (t.reshape(BH, -1, D) for t in sinks)
     causal = torch.ones(E, E, dtype=torch.bool, device=q.device).triu(1)
     step = max(1, min(num_windows, (block_size or CAUSAL_BLOCK_ROWS) // E))  # windows per block
     outs = []
@@ -481,14 +587,23 @@ def _causal_blocked(q, k, v, keys, betas, geo: _Causal, block_size: int | None) 
         seen = min(C, geo.prior + (first + b - 1) * pw)
         qs = q_rows[:, a * E : b * E] * geo.scale
         logits = (qs.unflatten(1, (b - a, E)) @ k_rows[:, a:b].transpose(-1, -2)).masked_fill(causal, -math.inf)
+        windows = (first + torch.arange(a, b, device=q.device))[:, None, None]  # (nb, 1, 1)
         if seen:
-            far = (qs @ keys[:, :seen].transpose(1, 2) + math.log(geo.chunk_size)).unflatten(1, (b - a, E))
-            windows = (first + torch.arange(a, b, device=q.device))[:, None, None]  # (nb, 1, 1)
+            far = (qs @ keys[:, :seen].transpose(1, 2) + _log_counts(geo, seen, q)).unflatten(1, (b - a, E))
             far = far.masked_fill(~_visible_chunks(windows, seen, geo), -math.inf)
             logits = torch.cat([logits, far], dim=-1)
-        probs = torch.softmax(logits, dim=-1)  # (BH, nb, E, E + seen)
+        if sinks is not None:
+            far_sinks = (qs @ sink_keys.transpose(1, 2)).unflatten(1, (b - a, E))
+            logits = torch.cat(
+                [logits, far_sinks.masked_fill(_hidden_sinks(windows, geo, sink_keys.shape[1]), -math.inf)], dim=-1
+            )
+        probs = torch.softmax(logits, dim=-1)  # (BH, nb, E, E + seen + G)
         part = probs[..., :E] @ v_rows[:, a:b]
-        outs.append((part + probs[..., E:] @ betas[:, None, :seen] if seen else part).flatten(1, 2))
+        if seen:
+            part = part + probs[..., E : E + seen] @ betas[:, None, :seen]
+        if sinks is not None:
+            part = part + probs[..., E + seen :] @ sink_values[:, None]
+        outs.append(part.flatten(1, 2))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return out.reshape(B, H, num_windows * E, D)[:, :, front : front + Nq]
 
@@ -506,11 +621,12 @@ def _causal_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, E: int):
     return q_rows, k_rows, v_rows, front
 
 
-def _causal_fast(q, k, v, keys, betas, geo: _Causal, block_size: int | None) -> torch.Tensor:
+def _causal_fast(q, k, v, keys, betas, geo: _Causal, block_size: int | None, sinks=None) -> torch.Tensor:
     """`_causal_blocked` without autograd, with few large in-place ops (on shared CPUs every op waits for its slowest
     thread). The exact part runs over all windows at once; each block of queries then adds its summaries with one
     product `[q s, log P - top] @ [kappa~ / root, 1]^T` (logits already shifted by the exact part's row max
-    `top`), one `exp_` and one `baddbmm_` into the accumulator."""
+    `top`), one `exp_` and one `baddbmm_` into the accumulator. Sinks join the exact part (one `(L, G)` block in the
+    row max)."""
     B, H, Nq, D = q.shape
     N, BH, E, pw = k.shape[2], B * H, geo.window, geo.per_window
     first, last = (N - Nq) // E, (N - 1) // E
@@ -522,10 +638,22 @@ def _causal_fast(q, k, v, keys, betas, geo: _Causal, block_size: int | None) -> 
     local = qs @ k_rows.transpose(-1, -2)  # (BH, nW, E, E)
     causal = torch.ones(E, E, dtype=torch.bool, device=q.device).triu(1)
     top = local.masked_fill_(causal, float("-inf")).amax(dim=-1, keepdim=True)  # finite: a query sees itself
+    if sinks is not None:
+        sink_keys, sink_values = (t.reshape(BH, -1, D) for t in sinks)
+        far_sinks = torch.bmm(qs.flatten(1, 2), sink_keys.transpose(1, 2)).view(BH, num_windows, E, -1)
+        far_sinks.masked_fill_(
+            _hidden_sinks(first + torch.arange(num_windows, device=q.device)[:, None, None], geo, sink_keys.shape[1]),
+            -math.inf,
+        )  # (BH, nW, E, G)
+        top = torch.maximum(top, far_sinks.amax(dim=-1, keepdim=True))
     # numerator and normaliser apart: `[v, 1]` would copy the values
     den = local.sub_(top).exp_().sum(dim=-1).flatten(1, 2)  # (BH, L)
     acc = (local @ v_rows).flatten(1, 2)  # (BH, L, D)
     del local
+    if sinks is not None:
+        far_sinks = far_sinks.sub_(top).exp_().flatten(1, 2)
+        den.add_(far_sinks.sum(dim=-1))
+        acc.baddbmm_(far_sinks, sink_values)
     C = min(keys.shape[2], geo.prior + last * pw)
     if C:
         torch.sub(math.log(geo.chunk_size), top.flatten(1, 2), out=q_aug[..., D:])
@@ -542,6 +670,9 @@ def _causal_fast(q, k, v, keys, betas, geo: _Causal, block_size: int | None) -> 
             if not seen:
                 continue
             far = torch.bmm(q_aug[:, rows], keys_t[..., :seen], out=far_buf[: BH * n * seen].view(BH, n, seen))
+            if geo.sinks:
+                few = min(seen, -(-geo.sinks // geo.chunk_size))  # chunks holding sinks count fewer tokens
+                far[..., :few].add_(_log_counts(geo, few, q) - math.log(geo.chunk_size))
             if seen > common:
                 far.view(BH, b - a, E, seen)[..., common:].masked_fill_(hidden[: b - a, :, : seen - common], -math.inf)
             # a strided `out=` makes BLAS go matrix by matrix: product into a contiguous buffer, then one add
@@ -574,6 +705,8 @@ class EVAState:
         chunk_keys, chunk_values (`torch.Tensor` of shape `(B, H, C, D)`): `kappa~_c` and `beta_c` of the finished
             chunks; slots `< count[b]` are row `b`'s.
         count (`torch.Tensor` of shape `(B,)`, long): finished chunks of each row.
+        sink_keys, sink_values (`torch.Tensor` of shape `(B, H, G, D)`): raw keys and values of each row's first
+            `G` real tokens (`sink_tokens`; slots past the row's tokens hold zeros and are never attended).
     """
 
     keys: torch.Tensor
@@ -582,22 +715,28 @@ class EVAState:
     chunk_keys: torch.Tensor
     chunk_values: torch.Tensor
     count: torch.Tensor
+    sink_keys: torch.Tensor
+    sink_values: torch.Tensor
 
     @classmethod
-    def empty(cls, batch_size: int, num_heads: int, window: int, like: torch.Tensor) -> EVAState:
-        """A state holding no token, for values like `like` `(..., D)` (dtype, device and `D`)."""
+    def empty(cls, batch_size: int, num_heads: int, window: int, like: torch.Tensor, sinks: int = 0) -> EVAState:
+        """A state holding no token, for values like `like` `(..., D)` (dtype, device and `D`), `G = sinks`."""
         buffer = like.new_zeros(batch_size, num_heads, window, like.shape[-1])
         none = torch.zeros(batch_size, dtype=torch.long, device=like.device)
-        return cls(buffer, buffer.clone(), none, buffer[:, :, :0], buffer[:, :, :0], none.clone())
+        sink = like.new_zeros(batch_size, num_heads, sinks, like.shape[-1])
+        return cls(buffer, buffer.clone(), none, buffer[:, :, :0], buffer[:, :, :0], none.clone(), sink, sink.clone())
 
     def _floats(self) -> tuple[torch.Tensor, ...]:
-        return self.keys, self.values, self.chunk_keys, self.chunk_values
+        return self.keys, self.values, self.chunk_keys, self.chunk_values, self.sink_keys, self.sink_values
+
+    def _with(self, floats: list[torch.Tensor], fill: torch.Tensor, count: torch.Tensor) -> EVAState:
+        keys, values, chunk_keys, chunk_values, sink_keys, sink_values = floats
+        return EVAState(keys, values, fill, chunk_keys, chunk_values, count, sink_keys, sink_values)
 
     def to(self, *args, **kwargs) -> EVAState:
         """A copy moved or cast as by `torch.Tensor.to`; the counters stay long."""
-        keys, values, chunk_keys, chunk_values = (t.to(*args, **kwargs) for t in self._floats())
-        fill, count = self.fill.to(keys.device), self.count.to(keys.device)
-        return EVAState(keys, values, fill, chunk_keys, chunk_values, count)
+        floats = [t.to(*args, **kwargs) for t in self._floats()]
+        return self._with(floats, self.fill.to(floats[0].device), self.count.to(floats[0].device))
 
     @property
     def device(self) -> torch.device:
@@ -613,9 +752,8 @@ class EVAState:
 
     def index_select(self, index: torch.Tensor) -> EVAState:
         """Rows `index` `(B',)` (beam search, batch edits)."""
-        keys, values, chunk_keys, chunk_values = (t.index_select(0, index) for t in self._floats())
-        fill, count = self.fill.index_select(0, index), self.count.index_select(0, index)
-        return EVAState(keys, values, fill, chunk_keys, chunk_values, count)
+        floats = [t.index_select(0, index) for t in self._floats()]
+        return self._with(floats, self.fill.index_select(0, index), self.count.index_select(0, index))
 
 
 def eva_step(
@@ -633,10 +771,11 @@ def eva_step(
 ) -> tuple[torch.Tensor, EVAState]:
     """Causal EVA of `n` new tokens `(B, H, n, D)` given the state of the earlier ones; padded new tokens (`mask`
     False) are skipped and get output 0. Rows at the same offsets run together: the open window's tokens plus the
-    real new ones attend through `attend_causal`, the row's summaries in front (`prior`). Returns the output and a
-    new state (the input state is not modified)."""
+    real new ones attend through `attend_causal`, the row's summaries in front (`prior`) and its sinks (the first
+    `G = state.sink_keys.shape[2]` tokens, kept in the state as they arrive). Returns the output and a new state (the
+    input state is not modified)."""
     B, H, n, D = q.shape
-    E, pw = window_size, window_size // chunk_size
+    E, pw, G = window_size, window_size // chunk_size, state.sink_keys.shape[2]
     mask = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask
     real = mask.sum(-1)
     order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices  # real new tokens first, in order
@@ -649,6 +788,7 @@ def eva_step(
             F.pad(t, (0, 0, 0, grow)) if grow else t.clone() for t in (chunk_keys, chunk_values)
         )
     keys, values = state.keys.clone(), state.values.clone()
+    sink_keys, sink_values = state.sink_keys.clone(), state.sink_values.clone()
     out = q.new_zeros(B, H, n, D)
     heads, dims = torch.arange(H, device=q.device)[None, :, None, None], torch.arange(D, device=q.device)
     offsets = torch.stack([state.fill, state.count, real], dim=-1)
@@ -662,21 +802,29 @@ def eva_step(
         vg = torch.cat([state.values[rows, :, :fill], gather_tokens(v, rows, index)], dim=2)
         total = fill + m
         closed = total // E * E
+        start = count * chunk_size  # position of `kg[:, :, 0]` among the row's real tokens
         new_keys, new_betas = causal_summaries(
-            kg[:, :, :closed], vg[:, :, :closed], chunk_size, key_map, mu_map, sample, scale**0.5
+            kg[:, :, :closed], vg[:, :, :closed], chunk_size, key_map, mu_map, sample, scale**0.5, max(G - start, 0)
         )
         prior_keys = torch.cat([state.chunk_keys[rows, :, :count], new_keys], dim=2)
         prior_betas = torch.cat([state.chunk_values[rows, :, :count], new_betas], dim=2)
-        geo = _Causal(min(E, total), pw, chunk_size, count, scale)
+        geo = _Causal(min(E, total), pw, chunk_size, count, scale, G)
+        sinks = None
+        if G:
+            fresh = min(G, start + total) - start  # sinks among these tokens
+            if fresh > 0:
+                sink_keys[rows, :, start : start + fresh] = kg[:, :, :fresh]
+                sink_values[rows, :, start : start + fresh] = vg[:, :, :fresh]
+            sinks = sink_keys[rows], sink_values[rows]
         out[rows[:, None, None, None], heads, index[:, None, :, None], dims] = attend_causal(
-            qg, kg, vg, prior_keys, prior_betas, geo
+            qg, kg, vg, prior_keys, prior_betas, geo, sinks=sinks
         )
         if closed:
             slots = slice(count, count + new_keys.shape[2])
             chunk_keys[rows, :, slots], chunk_values[rows, :, slots] = new_keys, new_betas
         keys[rows, :, : total - closed], values[rows, :, : total - closed] = kg[:, :, closed:], vg[:, :, closed:]
     fill, count = state.fill + real - done * E, state.count + done * pw
-    return out, EVAState(keys, values, fill, chunk_keys, chunk_values, count)
+    return out, EVAState(keys, values, fill, chunk_keys, chunk_values, count, sink_keys, sink_values)
 
 
 def _identity_linear(dim: int) -> nn.Linear:
@@ -699,6 +847,10 @@ class EVAAttention(AttentionEstimator):
         chunk_size (`int`, *optional*, defaults to 16): tokens per chunk summary (causal); must divide `window_size`.
         adaptive (`bool`, *optional*, defaults to `True`): learn the chunk key and proposal mean maps
             (`chunk_key_proj`, `proposal_proj`: `nn.Linear(D, D)` shared by the heads, initialised to the identity).
+        sink_tokens (`int`, *optional*, defaults to 0): `G`; the first `G` real tokens (bidirectional: and the last
+            `G`, e.g. `[CLS]` and `[SEP]`) are attended exactly by every query that may see them, as attention
+            sinks (StreamingLLM, Xiao et al., arXiv 2309.17453), besides the local window, and are left out of the
+            chunk summaries: every key still counts once, under one normaliser.
 
     Trained (with `adaptive=True`, the default): `chunk_key_proj` (the summaries' keys `kappa_T`, EVA's adaptive
     chunk keys) and `proposal_proj` (the proposal means `mu_T`), identity at init so that a fresh conversion uses
@@ -726,9 +878,11 @@ class EVAAttention(AttentionEstimator):
         num_chunks: int = 64,
         chunk_size: int = 16,
         adaptive: bool = True,
+        sink_tokens: int | None = 0,
     ) -> None:
         super().__init__(num_heads, head_dim)
         self.window_size = check_int("window_size", window_size)
+        self.sink_tokens = check_int("sink_tokens", sink_tokens or 0, minimum=0)
         self.num_chunks = check_int("num_chunks", num_chunks)
         self.chunk_size = check_int("chunk_size", chunk_size)
         if window_size % chunk_size:
@@ -752,11 +906,12 @@ class EVAAttention(AttentionEstimator):
     def attend_unpadded(self, q, k, v, causal, scale):
         root = scale**0.5
         maps = self._map(self.chunk_key_proj), self._map(self.proposal_proj), self.training
+        G = self.sink_tokens
         if causal:
-            return causal_eva(q, k, v, self.window_size, self.chunk_size, *maps, scale=scale)
+            return causal_eva(q, k, v, self.window_size, self.chunk_size, *maps, scale=scale, sinks=G)
         if not records_grad(q, k, v, *self.parameters()):
-            return bidirectional_eva_inference(q, k, v, self.window_size, self.num_chunks, *maps, scale=scale)
-        return bidirectional_eva(q * root, k * root, v, self.window_size, self.num_chunks, *maps)
+            return bidirectional_eva_inference(q, k, v, self.window_size, self.num_chunks, *maps, scale=scale, sinks=G)
+        return bidirectional_eva(q * root, k * root, v, self.window_size, self.num_chunks, *maps, sinks=G)
 
     def prefill(
         self,
@@ -798,9 +953,14 @@ class EVAAttention(AttentionEstimator):
         scale = resolve_scale(scale, q.shape[-1])
         if state is not None and not isinstance(state, EVAState):
             raise TypeError(f"`state` must be an EVAState, got {type(state).__name__}; start from `prefill` or None.")
+        if state is not None and state.sink_keys.shape[2] != self.sink_tokens:
+            raise ValueError(
+                f"`state` keeps {state.sink_keys.shape[2]} sink tokens but the estimator has "
+                f"`sink_tokens={self.sink_tokens}`; start from `prefill` with this estimator."
+            )
         input_dtype, dtype = q.dtype, compute_dtype(q.dtype)
         if state is None:
-            state = EVAState.empty(q.shape[0], self.num_heads, self.window_size, v.to(dtype))
+            state = EVAState.empty(q.shape[0], self.num_heads, self.window_size, v.to(dtype), self.sink_tokens)
         if is_empty(q):
             return q * 0, state
         q, k, v, state = q.to(dtype), k.to(dtype), v.to(dtype), state.to(dtype)
@@ -812,5 +972,5 @@ class EVAAttention(AttentionEstimator):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, window_size={self.window_size}, num_chunks={self.num_chunks}, "
-            f"chunk_size={self.chunk_size}, adaptive={self.adaptive}"
+            f"chunk_size={self.chunk_size}, adaptive={self.adaptive}, sink_tokens={self.sink_tokens}"
         )

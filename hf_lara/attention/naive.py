@@ -185,18 +185,28 @@ def naive_bidirectional_lara(q, k, v, scale, num_landmarks, mis, alpha_coeff, no
     return w_hat, f, w_hat @ f
 
 
-def eva_visible_sets(n: int, N: int, causal: bool, window: int, num_chunks: int, chunk: int):
-    """For the query at position `n` of `N`: its exact keys and its summaries as `(tokens, sampled_from)` pairs."""
+def eva_visible_sets(n: int, N: int, causal: bool, window: int, num_chunks: int, chunk: int, sinks: int = 0):
+    """For the query at position `n` of `N`: its exact keys and its summaries as `(tokens, sampled_from)` pairs.
+
+    `sinks=G`: the first `G` positions (bidirectional: and the last `G`) are exact for every query that may see them
+    and belong to no summary (nor to the tokens a summary's proposal is drawn from).
+    """
     w = n // window
+    sink = set(range(min(sinks, N)))
+    if not causal:
+        sink |= set(range(max(N - sinks, 0), N))
     if causal:
-        exact = list(range(w * window, n + 1))
+        local = list(range(w * window, n + 1))
+        exact = local + sorted(s for s in sink if s < w * window)
         chunks = [list(range(c * chunk, (c + 1) * chunk)) for c in range(n // chunk) if (c + 1) * chunk <= w * window]
-        return exact, [(tokens, tokens) for tokens in chunks]
-    exact = list(range(w * window, min(N, (w + 1) * window)))
+        kept = [[m for m in tokens if m not in sink] for tokens in chunks]
+        return exact, [(tokens, tokens) for tokens in kept]
+    local = list(range(w * window, min(N, (w + 1) * window)))
+    exact = local + sorted(s for s in sink if s not in local)
     length = window * math.ceil(N / (num_chunks * window))
     chunks = [list(range(start, min(N, start + length))) for start in range(0, N, length)]
-    # every token is either exact or in exactly one summary, sampled with its whole chunk's proposal
-    return exact, [([m for m in tokens if m not in exact], tokens) for tokens in chunks]
+    # every token is either exact or in exactly one summary, sampled with its whole chunk's proposal (sinks aside)
+    return exact, [([m for m in tokens if m not in exact], [m for m in tokens if m not in sink]) for tokens in chunks]
 
 
 def naive_eva_attention(
@@ -210,10 +220,12 @@ def naive_eva_attention(
     chunk_size: int = 1,
     key_proj: torch.nn.Linear | None = None,
     proposal_proj: torch.nn.Linear | None = None,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """Eval-mode EVA, one query at a time: softmax over [exact logits ; q~.kappa_T + log |T|] with values [v ; beta_T].
 
     `q` `(B, H, Nq, D)` are the last `Nq` of the `N` positions of `k`, `v` `(B, H, N, D)`; returns `(B, H, Nq, D)`.
+    `sinks=G`: the first `G` keys (bidirectional: and the last `G`) are exact too (`eva_visible_sets`).
     """
     B, H, Nq, D = q.shape
     N = k.shape[2]
@@ -226,7 +238,7 @@ def naive_eva_attention(
     rows = []
     for i in range(Nq):
         n = N - Nq + i
-        exact, summaries = eva_visible_sets(n, N, causal, window_size, num_chunks, chunk_size)
+        exact, summaries = eva_visible_sets(n, N, causal, window_size, num_chunks, chunk_size, sinks)
         logits = [(qt[:, :, i] * kt[:, :, m]).sum(-1) for m in exact]
         values = [v[:, :, m] for m in exact]
         for tokens, sampled_from in summaries:

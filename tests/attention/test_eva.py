@@ -44,6 +44,7 @@ def _reference(attn: EVAAttention, q, k, v, causal: bool) -> torch.Tensor:
         chunk_size=attn.chunk_size,
         key_proj=attn.chunk_key_proj,
         proposal_proj=attn.proposal_proj,
+        sinks=attn.sink_tokens,
     )
 
 
@@ -353,4 +354,195 @@ def test_fast_path_overflow_falls_back_to_exact_shifts():
         shifted = eva_module._causal_fast(q.float(), k.float(), v.float(), keys, betas, geo, None)
     assert not torch.isfinite(shifted).all() and torch.isfinite(out).all()
     # fp32 logits of size ~200 carry absolute rounding ~1e-5, hence the weights a relative error ~1e-5
+    assert_close("overflow fallback", _reference(attn.double(), q, k, v, True), out.double(), 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. Attention sinks (`sink_tokens=G`): the first G tokens (bidirectional: and the last G) are exact for every query.
+# ---------------------------------------------------------------------------------------------------------------
+
+# (B, N, H, D, window_size, num_chunks, G): sinks spanning several windows and chunks, chunks left empty by the
+# sinks, first and last sinks overlapping (N < 2G), every token a sink (N <= G), uneven chunks and windows.
+BIDIRECTIONAL_SINKS = [
+    pytest.param(2, 29, 2, 8, 4, 3, 2, id="B2-T29-E4-C3-G2"),
+    pytest.param(1, 23, 3, 6, 5, 2, 6, id="B1-T23-E5-C2-G6"),
+    pytest.param(2, 30, 2, 8, 4, 64, 1, id="B2-T30-E4-C64-G1"),
+    pytest.param(1, 9, 2, 4, 2, 3, 5, id="B1-T9-E2-C3-G5"),
+    pytest.param(2, 4, 1, 4, 2, 2, 4, id="B2-T4-E2-C2-G4"),
+    pytest.param(2, 37, 1, 4, 7, 2, 9, id="B2-T37-E7-C2-G9"),
+]
+
+
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor], weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Unused inputs (maps when every token is a sink) get zero gradients."""
+    return torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True, materialize_grads=True)
+
+
+@pytest.mark.parametrize("B,N,H,D,E,C,G", BIDIRECTIONAL_SINKS)
+def test_bidirectional_sinks_match_naive_with_gradients(B, N, H, D, E, C, G, monkeypatch):
+    """Autograd path: outputs and gradients (q, k, v, both maps) equal the per-query reference; the inference path
+    (all heads at once and one head at a time) gives the same outputs."""
+    attn = _eva(D, H, E, num_chunks=C, sink_tokens=G)
+    _perturb(attn)
+    q, k, v = (t.requires_grad_() for t in qkv(B, H, N, D))
+    inputs = [q, k, v, *attn.parameters()]
+    weight = torch.randn(B, H, N, D, dtype=torch.float64)
+    fast, slow = attn(q, k, v), _reference(attn, q, k, v, False)
+    assert_close("sinks autograd", slow, fast, 1e-10)
+    for ref, out in zip(_grads(slow, inputs, weight), _grads(fast, inputs, weight), strict=True):
+        assert_close("sinks gradient", ref, out, 1e-10)
+    for elements in (1 << 21, 50):
+        monkeypatch.setattr(eva_module, "INFERENCE_ELEMENTS", elements)
+        with torch.no_grad():
+            assert_close(f"sinks inference ({elements})", fast, attn(q, k, v), 1e-12)
+
+
+def _per_row(mask: torch.Tensor, reference, q, k, v) -> torch.Tensor:
+    """`reference` on each row's real tokens alone, zero at padded positions."""
+    out = torch.zeros_like(q)
+    for b in range(q.shape[0]):
+        real = mask[b].nonzero().flatten()
+        out[b, :, real] = reference(q[b : b + 1, :, real], k[b : b + 1, :, real], v[b : b + 1, :, real])[0]
+    return out
+
+
+def _left_and_right_padding(B: int, N: int) -> torch.Tensor:
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[1, :5] = False
+    mask[2, N - 7 :] = False
+    return mask
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("G", [1, 3])
+def test_sinks_with_left_and_right_padding(causal, G):
+    """Sinks are each row's first (bidirectional: and last) real tokens: padded rows equal their real tokens run
+    alone, in the inference path and the autograd path (outputs and gradients)."""
+    B, N, H, D = 3, 26, 2, 6
+    attn = _eva(D, H, 4, num_chunks=3, chunk=2, sink_tokens=G)
+    _perturb(attn)
+    q, k, v = (t.requires_grad_() for t in qkv(B, H, N, D))
+    mask = _left_and_right_padding(B, N)
+    weight = torch.randn(B, H, N, D, dtype=torch.float64)
+    slow = _per_row(mask, lambda *x: _reference(attn, *x, causal), q, k, v)
+    fast = attn(q, k, v, padding_mask=mask, causal=causal)
+    assert_close("padded", slow, fast, 1e-10)
+    for ref, out in zip(_grads(slow, [q, k, v], weight), _grads(fast, [q, k, v], weight), strict=True):
+        assert_close("padded gradient", ref, out, 1e-10)
+    with torch.no_grad():
+        assert_close("padded inference", slow, attn(q, k, v, padding_mask=mask, causal=causal), 1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("G", [1, 4, 40])
+def test_sinks_with_window_covering_sequence_are_softmax(causal, G):
+    """Sinks inside the window are counted once: with the window covering the sequence EVA stays exact."""
+    attn = _eva(8, 2, 32, num_chunks=3, chunk=1, sink_tokens=G).train()
+    _perturb(attn)
+    q, k, v = qkv(2, 2, 29, 8)
+    expected = naive_softmax_attention(q, k, v, causal=causal)
+    assert_close("autograd", expected, attn(q, k, v, causal=causal), 1e-12)
+    with torch.no_grad():
+        assert_close("inference", expected, attn(q, k, v, causal=causal), 1e-12)
+
+
+def test_sinks_hyper_parameter():
+    attn = build_attention("eva", num_heads=2, head_dim=8, sink_tokens=3)
+    assert attn.sink_tokens == 3 and "sink_tokens=3" in repr(attn)
+    assert build_attention("eva", num_heads=2, head_dim=8, sink_tokens=None).sink_tokens == 0
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="sink_tokens"):
+            build_attention("eva", num_heads=2, head_dim=8, sink_tokens=bad)
+
+
+# (B, N, H, D, window_size, chunk_size, G): sinks inside the first window, spanning windows and chunks (partial and
+# sink-only chunks, whose summaries get no weight), more sinks than tokens.
+CAUSAL_SINKS = [
+    pytest.param(2, 29, 2, 8, 8, 4, 2, id="B2-T29-E8-P4-G2"),
+    pytest.param(1, 23, 3, 6, 6, 2, 7, id="B1-T23-E6-P2-G7"),
+    pytest.param(2, 37, 2, 8, 4, 4, 5, id="B2-T37-E4-P4-G5"),
+    pytest.param(1, 19, 1, 4, 3, 1, 11, id="B1-T19-E3-P1-G11"),
+    pytest.param(1, 6, 1, 4, 2, 2, 9, id="B1-T6-E2-P2-G9"),
+]
+
+
+@pytest.mark.parametrize("B,N,H,D,E,P,G", CAUSAL_SINKS)
+def test_causal_sinks_match_naive_with_gradients(B, N, H, D, E, P, G):
+    """Autograd path (outputs and gradients of q, k, v and both maps), the no-grad fast path and decoding over a
+    cache (`Nq < N`, the direct path) equal the per-query reference."""
+    attn = _eva(D, H, E, chunk=P, sink_tokens=G)
+    _perturb(attn)
+    q, k, v = (t.requires_grad_() for t in qkv(B, H, N, D))
+    inputs = [q, k, v, *attn.parameters()]
+    weight = torch.randn(B, H, N, D, dtype=torch.float64)
+    fast, slow = attn(q, k, v, causal=True), _reference(attn, q, k, v, True)
+    assert_close("causal sinks autograd", slow, fast, 1e-10)
+    for ref, out in zip(_grads(slow, inputs, weight), _grads(fast, inputs, weight), strict=True):
+        assert_close("causal sinks gradient", ref, out, 1e-10)
+    with torch.no_grad():
+        assert_close("causal sinks fast path", slow, attn(q, k, v, causal=True), 1e-10)
+        for nq in (1, 3, E + 1, N - 1):
+            part = attn(q[:, :, -nq:], k, v, causal=True)
+            assert_close(f"causal sinks Nq={nq}", slow[:, :, -nq:], part, 1e-10)
+
+
+@pytest.mark.parametrize("block_size", [1, 9, 24], ids=["one-window", "two-windows", "three-windows"])
+@pytest.mark.parametrize("grad", [True, False], ids=["blocked", "fast"])
+def test_causal_sinks_any_block_size(block_size, grad):
+    """Sinks across several query blocks (windows of 4, chunks of 2, G = 6): both block loops equal the reference."""
+    attn = _eva(6, 2, 4, chunk=2, sink_tokens=6)
+    _perturb(attn)
+    q, k, v = qkv(2, 2, 31, 6)
+    maps = attn._map(attn.chunk_key_proj), attn._map(attn.proposal_proj), False
+    with torch.set_grad_enabled(grad):
+        q.requires_grad_(grad)
+        out = causal_eva(q, k, v, 4, 2, *maps, scale=6**-0.5, block_size=block_size, sinks=6)
+    assert_close("blocks", _reference(attn, q, k, v, True), out, 1e-10)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("G", [3, 13])
+def test_decoding_with_sinks_equals_full_forward(padded, G):
+    """Prefill, then steps of 1 to 9 tokens crossing windows (and, for G = 13, the sinks' end): the rows of the full
+    causal forward; the state keeps the first G keys and values only (constant memory)."""
+    torch.manual_seed(0)
+    attn = _eva(6, 2, 8, chunk=4, sink_tokens=G)
+    _perturb(attn)
+    q, k, v = qkv(2, 2, 45, 6)
+    mask = torch.ones(2, 45, dtype=torch.bool)
+    mask[0, :5] = not padded
+    with torch.no_grad():
+        full = attn(q, k, v, padding_mask=mask, causal=True)
+        assert_close("full vs naive (row 1)", _reference(attn, q[1:], k[1:], v[1:], True), full[1:], 1e-10)
+        out, state = attn.prefill(q[:, :, :6], k[:, :, :6], v[:, :, :6], padding_mask=mask[:, :6])
+        outs, start = [out], 6
+        for n in (1, 1, 5, 9, 1, 1, 1, 8, 3, 1, 1, 7):
+            part = slice(start, start + n)
+            before = state.sink_keys.clone()
+            out, new = attn.step(q[:, :, part], k[:, :, part], v[:, :, part], state, padding_mask=mask[:, part])
+            assert torch.equal(state.sink_keys, before)  # the input state is left alone
+            assert new.sink_keys.shape == (2, 2, G, 6)
+            outs.append(out)
+            state, start = new, start + n
+    assert_close("decode vs full", full, torch.cat(outs, dim=2), 1e-12)
+    first = mask[0].nonzero().flatten()[:G]
+    assert torch.equal(state.sink_keys[0], k[0, :, first].to(state.sink_keys.dtype))
+    with pytest.raises(ValueError, match="sink_tokens"):
+        _eva(6, 2, 8, chunk=4).step(q[:, :, :1], k[:, :, :1], v[:, :, :1], state)
+
+
+def test_causal_sinks_overflow_falls_back_to_exact_shifts():
+    """A low sink and summaries far above every exact logit: the shifted fp32 pass overflows, the fallback (with
+    the sinks) equals the fp64 reference."""
+    attn = _eva(4, 1, 4, chunk=2, sink_tokens=1).float()
+    q, k, v = qkv(1, 1, 12, 4)
+    q[..., 0], k[..., 1:4, 0], k[..., 0, 0], k[..., 4:, 0] = 20.0, 20.0, -20.0, -20.0
+    with torch.no_grad():
+        out = attn(q.float(), k.float(), v.float(), causal=True)
+        maps = (lambda x: x, lambda x: x, False)
+        keys, betas = causal_summaries(k.float(), v.float(), 2, *maps, 0.5**0.5, 1)
+        geo = eva_module._Causal(4, 2, 2, 0, 0.5, 1)
+        sinks = (k[:, :, :1].float(), v[:, :, :1].float())
+        shifted = eva_module._causal_fast(q.float(), k.float(), v.float(), keys, betas, geo, None, sinks)
+    assert not torch.isfinite(shifted).all() and torch.isfinite(out).all()
     assert_close("overflow fallback", _reference(attn.double(), q, k, v, True), out.double(), 1e-4)

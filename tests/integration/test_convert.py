@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -10,7 +12,7 @@ import hf_lara
 from hf_lara.integration import ESTIMATOR_ATTR
 from hf_lara.integration import FAMILIES as REGISTRY
 
-from .utils import FAMILIES, SETUPS, assert_close, hparams, load_base, make_inputs, run
+from .utils import FAMILIES, SEQ_LEN, SETUPS, assert_close, hparams, load_base, make_inputs, run
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -137,3 +139,32 @@ def test_converted_in_place_model_still_returns_hidden_states(family, base_check
     assert hidden is not None and len(hidden) == len(expected)
     for h, e in zip(hidden, expected):
         assert_close(h, e)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_eva_with_sink_tokens_converts_and_is_padding_invariant(family, base_checkpoints, tmp_path):
+    """`convert(model, "eva", sink_tokens=G)`: a window covering the input keeps the model exact; a short window
+    with sinks differs from no sinks, survives a save/load round trip and gives a padded row its unpadded output."""
+    setup = SETUPS[family]
+    model = load_base(setup, base_checkpoints[family]).double()
+    inputs = make_inputs(setup)
+    expected = run(model, inputs)
+    exact = hf_lara.convert(copy.deepcopy(model), "eva", window_size=SEQ_LEN, chunk_size=1, sink_tokens=2)
+    assert_close(run(exact, inputs), expected, atol=1e-10, rtol=1e-10)
+
+    plain = run(hf_lara.convert(copy.deepcopy(model), "eva", **hparams("eva")), inputs)
+    hf_lara.convert(model, "eva", **hparams("eva", sink_tokens=2))
+    assert model.config.lara_hparams["sink_tokens"] == 2
+    assert all(e.sink_tokens == 2 for e in model.lara_estimators().values())
+    out = run(model, inputs)
+    assert (out - plain).abs().max() > 1e-6  # the sinks changed the output
+    model.save_pretrained(tmp_path)
+    reloaded = setup.auto_class.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert all(e.sink_tokens == 2 for e in reloaded.lara_estimators().values())
+    assert_close(run(reloaded, inputs), out, atol=1e-12, rtol=1e-12)
+
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].clone()
+    mask[1, SEQ_LEN - 3 :] = 0  # right padding: the last real tokens (bidirectional sinks) move
+    padded = run(model, {"input_ids": ids, "attention_mask": mask})
+    alone = run(model, {"input_ids": ids[1:, : SEQ_LEN - 3], "attention_mask": mask[1:, : SEQ_LEN - 3]})
+    assert_close(padded[1:, : SEQ_LEN - 3], alone, atol=1e-10, rtol=1e-10)

@@ -223,11 +223,14 @@ def test_window_hybrid_generates_with_its_state_as_with_the_kv_path(family, meth
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_eva_generates_from_its_summaries_as_with_the_kv_path(family, base_checkpoints):
-    """Causal EVA (windows of 4, chunks of 2, so prompts and new tokens close windows) decodes with an `EVAState`:
-    `generate()` agrees with the KV path (the full estimator over every cached key) and with each prompt alone, and
-    prefill + one token at a time equals one left-padded full forward."""
-    model = load_converted(SETUPS[family], base_checkpoints[family], "eva", window_size=4, chunk_size=2)
+@pytest.mark.parametrize("sinks", [0, 3], ids=["no-sinks", "3-sinks"])
+def test_eva_generates_from_its_summaries_as_with_the_kv_path(family, sinks, base_checkpoints):
+    """Causal EVA (windows of 4, chunks of 2, so prompts and new tokens close windows; optionally 3 sink tokens)
+    decodes with an `EVAState`: `generate()` agrees with the KV path (the full estimator over every cached key) and
+    with each prompt alone, and prefill + one token at a time equals one left-padded full forward."""
+    model = load_converted(
+        SETUPS[family], base_checkpoints[family], "eva", window_size=4, chunk_size=2, sink_tokens=sinks
+    )
     batch = prompts(family)
     ids, mask = left_padded(batch, pad=0)
     tokens, logits, cache = greedy(model, ids, mask)
@@ -236,6 +239,7 @@ def test_eva_generates_from_its_summaries_as_with_the_kv_path(family, base_check
     # summaries of each row's closed windows (anchored at its first real token), 2 chunks per window
     real = torch.tensor([len(p) for p in batch]) + NEW_TOKENS - 1
     assert cache.layers[0].state.count.tolist() == (real // 4 * 2).tolist()
+    assert cache.layers[0].state.sink_keys.shape[2] == sinks
     kv_tokens, kv_logits, _ = greedy(model, ids, mask, cache_implementation="dynamic")
     assert torch.equal(tokens, kv_tokens)
     assert_close(logits, kv_logits, msg="EVA state vs KV logits")
