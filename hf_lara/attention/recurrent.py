@@ -122,7 +122,7 @@ class RecurrentStateMixin:
             return q * 0, state if state is not None else self._empty_state(q.shape[0], v.to(dtype))
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if self.window_size:
-            state = None if state is None else state.to(dtype)
+            state = state if state is None or state.dtype == dtype else state.to(dtype)
             maps = self.window_maps(scale, dtype)
             out, state = window_step(q, k, v, padding_mask, state, scale, self.window_size, maps, self.sink_tokens)
             return out.to(input_dtype), state
