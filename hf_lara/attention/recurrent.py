@@ -6,7 +6,8 @@ chunkwise path over a prompt and returns that state; `step` continues from it wi
 give the rows of the full causal forward (`module(q, k, v, causal=True)`) over prompt + new tokens, up to rounding.
 
 With `window_size > 0` (the window hybrid of `window.py`) the state is a `WindowState`: the last `W - 1` tokens
-exactly plus the `LinearState` of the tokens that left the window, still constant in size.
+exactly plus the `LinearState` of the tokens that left the window, still constant in size (successive states share
+one buffer of window tokens that steps append to without touching the rows an earlier state sees).
 
 Feature maps are the stored ones (`projection`, `proposal_noise`): `redraw` never applies here, since a redraw
 between prefill and decoding would silently corrupt the state.

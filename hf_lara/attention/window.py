@@ -676,7 +676,9 @@ def _absorb_one(state: LinearState, lk: torch.Tensor, v1: torch.Tensor) -> Linea
     """A new `LinearState` with one more token `lk` `(B, H, 1, S)` (`-inf` = not absorbed), `v1` `(B, H, 1, D + 1)`
     (value with a one): the single-token case of `LinearState.absorb` (the running max rises to the token's
     features)."""
-    shift = torch.maximum(state.shift, lk[:, :, 0].detach().clamp_min(_LOG_FLOOR))
+    new = lk[:, :, 0]
+    # the shift never goes below `_LOG_FLOOR`, so neither does their maximum
+    shift = torch.maximum(state.shift, new.detach() if new.requires_grad else new)
     part = torch.exp(lk - shift[:, :, None]).transpose(-1, -2) * v1  # (B, H, S, D + 1)
     return LinearState(torch.addcmul(part, state.kvz, torch.exp(state.shift - shift)[..., None]), shift)
 
@@ -756,12 +758,16 @@ def window_step(
     elif tail.hidden > start:
         key_mask = tail.mask[:, start:end]
     qs, lq = q * scale, maps.query(q)
+    leaving = max(end - start - (window - 1), 0)
     if n == 1:
-        out = _decode_output(qs, lq, tail.keys(start, end), tail.values(start, end), key_mask, state)
+        rows, D = tail.tokens[:, :, start:end], tail.D
+        out = _decode_output(qs, lq, rows[..., :D], rows[..., D + tail.S :], key_mask, state)
+        gone = rows[:, :, :leaving]
+        linear = _absorbed(state.linear, gone[..., D : D + tail.S], gone[..., D + tail.S :])
     else:
         out = _step_output(qs, lq, tail.rows(start, end)[:3], key_mask, state, window)
-    leaving = max(end - start - (window - 1), 0)
-    linear = _absorbed(state.linear, tail.log_features(start, start + leaving), tail.values(start, start + leaving))
+        gone = [tail.log_features(start, start + leaving), tail.values(start, start + leaving)]
+        linear = _absorbed(state.linear, *gone)
     return out, WindowState(linear, tail, start + leaving, end, sink_keys, sink_values, sink_count, full)
 
 
@@ -803,12 +809,18 @@ def _decode_output(
     if state.sink_keys.shape[2]:
         parts.append(_sink_logits(qs, state))
     logits = torch.cat(parts, dim=-1)  # (B, H, 1, m + S + G)
-    top = logits.detach().amax(dim=-1, keepdim=True).clamp_min_(_LOG_FLOOR)
-    weights = logits.sub_(top).exp_() if not records_grad(logits) else torch.exp(logits - top)
+    grad = records_grad(logits)
+    top = (logits.detach() if grad else logits).amax(dim=-1, keepdim=True)
+    if key_mask is not None:  # else the query's own key bounds `top` from below
+        top = top.clamp_min_(_LOG_FLOOR)
+    weights = torch.exp(logits - top) if grad else logits.sub_(top).exp_()
     out = weights[..., :m] @ values1 + weights[..., m : m + S] @ state.linear.kvz
     if state.sink_keys.shape[2]:
         out = out + weights[..., m + S :] @ state.sink_values
-    return _normalise(out)
+    if key_mask is not None:
+        return _normalise(out)
+    # a real query sees its own key: the largest term has weight 1 and count 1, so the denominator is >= 1
+    return out[..., :-1] / out[..., -1:]
 
 
 def _step_output(
