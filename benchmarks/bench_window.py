@@ -123,6 +123,8 @@ def main() -> None:
     for name, _, _ in SETTINGS[1:]:
         names += [name, f"{name} (baseline)"] if args.baseline else [name]
     ratio = [f"{name} / no window" for name, _, _ in SETTINGS[1:]]
+    if args.baseline:
+        ratio += [f"{name} / no window (baseline)" for name, _, _ in SETTINGS[1:]]
     print(f"threads {args.threads}, load average at start {load()} (1/5/15 min)\n")
     print("| method | pass | N | " + " | ".join(names + ratio) + " |")
     print("|---|---|---|" + "---|" * (len(names) + len(ratio)))
@@ -138,6 +140,7 @@ def main() -> None:
                         row = forward_row(method, n, label == "causal forward", args.reps, builders)
                     cells = [ms for setting in row for ms in setting]
                     ratios = [setting[0] / row[0][0] for setting in row[1:]]
+                    ratios += [setting[1] / row[0][0] for setting in row[1:] if len(setting) > 1]
                     text = " | ".join(f"{ms:{fmt}} ms" for ms in cells) + " | "
                     text += " | ".join(f"{r:.2f}x" for r in ratios)
                     print(f"| {method} | {label} | {n} | {text} |", flush=True)
