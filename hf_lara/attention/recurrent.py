@@ -6,7 +6,8 @@ chunkwise path over a prompt and returns that state; `step` continues from it wi
 give the rows of the full causal forward (`module(q, k, v, causal=True)`) over prompt + new tokens, up to rounding.
 
 With `window_size > 0` (the window hybrid of `window.py`) the state is a `WindowState`: the last `W - 1` tokens
-exactly plus the `LinearState` of the tokens that left the window, still constant in size.
+exactly plus the `LinearState` of the tokens that left the window, still constant in size (successive states share
+one buffer of window tokens that steps append to without touching the rows an earlier state sees).
 
 Feature maps are the stored ones (`projection`, `proposal_noise`): `redraw` never applies here, since a redraw
 between prefill and decoding would silently corrupt the state.
@@ -122,7 +123,7 @@ class RecurrentStateMixin:
             return q * 0, state if state is not None else self._empty_state(q.shape[0], v.to(dtype))
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if self.window_size:
-            state = None if state is None else state.to(dtype)
+            state = state if state is None or state.dtype == dtype else state.to(dtype)
             maps = self.window_maps(scale, dtype)
             out, state = window_step(q, k, v, padding_mask, state, scale, self.window_size, maps, self.sink_tokens)
             return out.to(input_dtype), state

@@ -33,14 +33,17 @@ weights (`_groups`), so that a group's buffers stay in cache; near keys are `unf
 full-length copy per span). Cost `O(N (M D + Mk S + M D + S D))` per head, memory `O(N (S + D) + (N / T) S D)`
 plus one group: no `N x N` tensor.
 
-**Decoding** (`WindowState`): the last `W - 1` keys, values and key log-features in a buffer plus the `LinearState`
-of the keys that left the window; a step costs `O(W D + S D)` and memory stays constant. A single new token skips
-the window-pattern tensors, and the token leaving the window is absorbed directly (`_absorb_one`).
+**Decoding** (`WindowState`): the last `W - 1` keys, key log-features and values (with their column of ones) plus
+the `LinearState` of the keys that left the window and the sinks; a step costs `O(W D + S D)` and memory stays
+constant. The window rows live in a `_Tail` of `2 W` rows that successive states share: a step appends its token
+in place (one `cat` into the buffer) when its input state owns the buffer's end, and copies the `W - 1` live rows
+into a new buffer otherwise (every `W + 1` steps, or when two steps branch from one state), so no step writes a
+row an earlier state sees. A single new token goes through one logit row `[window, kernel, sinks]` (one max, one
+`exp`), and the token leaving the window is absorbed directly (`_absorb_one`).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -444,67 +447,176 @@ def windowed_attention(
     return out[:, :, front : front + Nq]
 
 
-@dataclass
+class _Tail:
+    """Buffer of window tokens shared by successive `WindowState`s, appended to in place.
+
+    A state sees rows `[start, end)` of a tail and `length` rows are written. A step appends in place only when
+    `length == end` (no other step has written past its input state) and the rows fit; otherwise it first copies
+    its rows into a new tail. So a row a state sees is never written again: a step leaves its input state intact,
+    and two steps from one state (branching) do not see each other's tokens. Memory: `C` rows, `C = 2 W` in steady
+    decoding (a copy of the `W - 1` live rows every `W + 1` steps).
+
+    Attributes:
+        tokens (`torch.Tensor` of shape `(B, H, C, D + S + D + 1)`): per row `[key, log-features, value, 1]`, one
+            buffer so that a step writes a token with one op; log-features are `-inf` where `mask` is False.
+        mask (`torch.Tensor` of shape `(B, C)`, bool): True = real token that is not a sink (True on unwritten rows).
+        length (`int`): rows written.
+        hidden (`int`): every row at or past `hidden` is True in `mask` (a state starting there needs no mask).
+    """
+
+    def __init__(self, tokens: torch.Tensor, mask: torch.Tensor, features: int, length: int, hidden: int) -> None:
+        self.tokens, self.mask, self.length, self.hidden = tokens, mask, length, hidden
+        self.D = (tokens.shape[-1] - features - 1) // 2
+        self.S = features
+
+    @property
+    def capacity(self) -> int:
+        return self.tokens.shape[2]
+
+    @classmethod
+    def of(cls, rows: list[torch.Tensor], capacity: int, hidden: bool) -> _Tail:
+        """A new tail of `capacity >= w` rows holding `rows` = `[keys, log-features, values with ones]` `(B, H, w,
+        .)` and their `mask` `(B, w)` first."""
+        *parts, mask = rows
+        (B, H, w, D), S = parts[0].shape, parts[1].shape[-1]
+        tokens = parts[0].new_empty(B, H, capacity, 2 * D + S + 1)
+        tokens[:, :, w:, -1] = 1.0
+        if records_grad(*parts):  # autograd: no `out=`
+            tokens[:, :, :w] = torch.cat(parts, dim=-1)
+        elif w:
+            torch.cat(parts, dim=-1, out=tokens[:, :, :w])
+        full = torch.ones(B, capacity, dtype=torch.bool, device=mask.device)
+        full[:, :w] = mask
+        return cls(tokens, full, S, w, w if hidden else 0)
+
+    def keys(self, start: int, end: int) -> torch.Tensor:
+        return self.tokens[:, :, start:end, : self.D]
+
+    def log_features(self, start: int, end: int) -> torch.Tensor:
+        return self.tokens[:, :, start:end, self.D : self.D + self.S]
+
+    def values(self, start: int, end: int) -> torch.Tensor:
+        """Values with a column of ones `(B, H, end - start, D + 1)`."""
+        return self.tokens[:, :, start:end, self.D + self.S :]
+
+    def rows(self, start: int, end: int) -> list[torch.Tensor]:
+        """Views of rows `[start, end)`: keys `(B, H, w, D)`, log-features, values with ones and the mask `(B, w)`."""
+        return [self.keys(start, end), self.log_features(start, end), self.values(start, end), self.mask[:, start:end]]
+
+    def write(self, end: int, k: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Write `n` new tokens `(B, H, n, D)`, their log-features and mask `(B, n)` (None = all True) at `end`
+        (no autograd: `cat` into the buffer)."""
+        n = k.shape[2]
+        torch.cat([k, lk, v], dim=-1, out=self.tokens[:, :, end : end + n, :-1])
+        if mask is not None:
+            self.mask[:, end : end + n] = mask
+            self.hidden = end + n
+        self.length = end + n
+
+
 class WindowState:
     """Decoding state of a window hybrid: the last `W - 1` tokens and the sinks exactly, plus the kernel state of
     the others.
 
-    Constant size: `(W - 1) (2 D + S) + 2 G D + S (D + 2)` numbers per (batch, head) plus a `(B, W - 1)` mask and a
-    `(B,)` count.
+    Constant size: at most `2 W (2 D + S + 1) + G (2 D + 1) + S (D + 2)` numbers per (batch, head) plus a
+    `(B, 2 W)` mask and a `(B,)` count (the window rows live in a `_Tail` of `2 W` rows, appended to in place).
 
     Attributes:
         linear (`LinearState`): kernel statistics of the tokens that left the window (sinks excluded).
-        keys, values (`torch.Tensor` of shape `(B, H, w, D)`): the last `w <= W - 1` tokens (raw keys).
-        log_features (`torch.Tensor` of shape `(B, H, w, S)`): their key log-features.
-        mask (`torch.Tensor` of shape `(B, w)`, bool): True = real token that is not a sink.
-        sink_keys, sink_values (`torch.Tensor` of shape `(B, H, G, D)`): the first `G` real tokens of each row.
+        tail (`_Tail`), start, end (`int`): the state's window tokens are rows `[start, end)` of `tail`.
+        sink_keys (`torch.Tensor` of shape `(B, H, G, D)`): the first `G` real tokens of each row.
+        sink_values (`torch.Tensor` of shape `(B, H, G, D + 1)`): their values with a column of ones.
         sink_count (`torch.Tensor` of shape `(B,)`, long): how many of the `G` slots are filled.
+        sinks_full (`bool`): every slot of every row is filled (no new sink can come).
     """
 
-    linear: LinearState
-    keys: torch.Tensor
-    values: torch.Tensor
-    log_features: torch.Tensor
-    mask: torch.Tensor
-    sink_keys: torch.Tensor
-    sink_values: torch.Tensor
-    sink_count: torch.Tensor
+    def __init__(
+        self,
+        linear: LinearState,
+        tail: _Tail,
+        start: int,
+        end: int,
+        sink_keys: torch.Tensor,
+        sink_values: torch.Tensor,
+        sink_count: torch.Tensor,
+        sinks_full: bool | None = None,
+    ) -> None:
+        self.linear, self.tail, self.start, self.end = linear, tail, start, end
+        self.sink_keys, self.sink_values, self.sink_count = sink_keys, sink_values, sink_count
+        if sinks_full is None:
+            sinks_full = bool((sink_count >= sink_keys.shape[2]).all())
+        self.sinks_full = sinks_full
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """Raw keys of the window tokens `(B, H, w, D)`, `w <= W - 1`, oldest first (a view)."""
+        return self.tail.keys(self.start, self.end)
+
+    @property
+    def values(self) -> torch.Tensor:
+        """Their values `(B, H, w, D)` (a view)."""
+        return self.tail.values(self.start, self.end)[..., :-1]
+
+    @property
+    def log_features(self) -> torch.Tensor:
+        """Their key log-features `(B, H, w, S)`, `-inf` for padding and sinks (a view)."""
+        return self.tail.log_features(self.start, self.end)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """`(B, w)` bool: True = real token that is not a sink (a view)."""
+        return self.tail.mask[:, self.start : self.end]
+
+    @property
+    def masked(self) -> bool:
+        """Whether `mask` may hold a False (if not, the window needs no mask)."""
+        return self.tail.hidden > self.start
 
     def _tensors(self) -> list[torch.Tensor]:
-        return [
-            self.linear.kvz, self.linear.shift, self.keys, self.values, self.log_features, self.mask,
-            self.sink_keys, self.sink_values, self.sink_count,
-        ]  # fmt: skip
+        return [self.linear.kvz, self.linear.shift, *self.tail.rows(self.start, self.end), self.sink_keys,
+                self.sink_values, self.sink_count]  # fmt: skip
 
-    @classmethod
-    def _from(cls, tensors: list[torch.Tensor]) -> WindowState:
-        return cls(LinearState(*tensors[:2]), *tensors[2:])
+    def _with(self, tensors: list[torch.Tensor], sinks_full: bool | None = None) -> WindowState:
+        """A state with new tensors (as `_tensors`) in a new tail of the same capacity."""
+        rows = tensors[2:6]  # keys, log-features, values with ones, mask
+        tail = _Tail.of(rows, max(self.tail.capacity, rows[0].shape[2]), self.masked)
+        return WindowState(LinearState(*tensors[:2]), tail, 0, rows[0].shape[2], *tensors[6:], sinks_full)
 
     @property
     def device(self) -> torch.device:
-        return self.keys.device
+        return self.tail.tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tail.tokens.dtype
 
     @property
     def batch_size(self) -> int:
-        return self.keys.shape[0]
+        return self.tail.tokens.shape[0]
 
     def nbytes(self) -> int:
-        """Bytes held by the state."""
-        return sum(t.numel() * t.element_size() for t in self._tensors())
+        """Bytes held by the state (the whole tail, which later states may share)."""
+        tensors = [self.linear.kvz, self.linear.shift, self.tail.tokens, self.tail.mask, self.sink_keys, self.sink_values,
+                   self.sink_count]  # fmt: skip
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def index_select(self, index: torch.Tensor) -> WindowState:
         """The state of batch rows `index` (beam-search reordering, dropping finished rows)."""
-        return self._from([t.index_select(0, index) for t in self._tensors()])
+        return self._with([t.index_select(0, index) for t in self._tensors()])
 
     def to(self, *args, **kwargs) -> WindowState:
-        """A copy on another device (`state.to("cpu")`), as `torch.Tensor.to`; the mask and count keep their dtype."""
-        return self._from([
-            t.to(*args, **kwargs) if t.is_floating_point() else t.to(device=_device(args, kwargs, t))
-            for t in self._tensors()
-        ])  # fmt: skip
+        """As `torch.Tensor.to` (`state.to("cpu")`, `state.to(dtype)`): the mask and count keep their dtype; the
+        state itself when nothing changes."""
+        tensors = self._tensors()
+        moved = [
+            t.to(*args, **kwargs) if t.is_floating_point() else t.to(device=_device(args, kwargs, t)) for t in tensors
+        ]
+        if all(a is b for a, b in zip(moved, tensors)):
+            return self
+        return self._with(moved, self.sinks_full)
 
     def clone(self) -> WindowState:
-        return self._from([t.clone() for t in self._tensors()])
+        return self._with([t.clone() for t in self._tensors()], self.sinks_full)
 
 
 def _device(args: tuple, kwargs: dict, t: torch.Tensor) -> torch.device:
@@ -523,79 +635,80 @@ def empty_window_state(
     """A state holding no token, for inputs like `like` `(..., D)` (dtype, device and `D`) and `G = sinks`."""
     D = like.shape[-1]
     tokens = like.new_zeros(batch_size, num_heads, 0, D)
+    rows = [tokens, like.new_zeros(batch_size, num_heads, 0, num_features), _with_ones(tokens),
+            torch.zeros(batch_size, 0, dtype=torch.bool, device=like.device)]  # fmt: skip
     return WindowState(
         LinearState.empty(batch_size, num_heads, num_features, like),
-        tokens,
-        tokens.clone(),
-        like.new_zeros(batch_size, num_heads, 0, num_features),
-        torch.zeros(batch_size, 0, dtype=torch.bool, device=like.device),
+        _Tail.of(rows, 0, False),
+        0,
+        0,
         like.new_zeros(batch_size, num_heads, sinks, D),
-        like.new_zeros(batch_size, num_heads, sinks, D),
+        _with_ones(like.new_zeros(batch_size, num_heads, sinks, D)),
         torch.zeros(batch_size, dtype=torch.long, device=like.device),
+        sinks == 0,
     )
 
 
 def _capture_sinks(
-    state: WindowState, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sink slots, counts and the buffer mask after new tokens: real tokens ranked `<= G` among a row's real
-    tokens become sinks and leave the window/kernel parts (their mask turns False)."""
+    state: WindowState, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, torch.Tensor | None]:
+    """Sink slots (keys, values with ones), counts, whether all are full and the window mask `(B, n)` of new
+    tokens `k`, `v` `(B, H, n, D)` with padding mask `mask` (None = all real): real tokens ranked `<= G` among a
+    row's real tokens become sinks and leave the window/kernel parts (their mask turns False)."""
     sinks = state.sink_keys.shape[2]
-    if not sinks or bool((state.sink_count >= sinks).all()):  # every slot filled: nothing changes (decoding)
-        return state.sink_keys, state.sink_values, state.sink_count, mask
-    rank = state.sink_count[:, None] + mask.long().cumsum(dim=1)  # 1-based rank of each new real token
-    new = mask & (rank <= sinks)
+    if state.sinks_full:  # every slot filled: nothing changes (decoding)
+        return state.sink_keys, state.sink_values, state.sink_count, True, mask
+    real = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device) if mask is None else mask
+    rank = state.sink_count[:, None] + real.long().cumsum(dim=1)  # 1-based rank of each new real token
+    new = real & (rank <= sinks)
     sink_keys, sink_values = state.sink_keys, state.sink_values
     if bool(new.any()):
         rows, cols = new.nonzero(as_tuple=True)
         slots = rank[rows, cols] - 1
         sink_keys, sink_values = sink_keys.clone(), sink_values.clone()
         sink_keys[rows, :, slots] = k[rows, :, cols]
-        sink_values[rows, :, slots] = v[rows, :, cols]
-    return sink_keys, sink_values, state.sink_count + new.sum(dim=1), mask & ~new
+        sink_values[rows, :, slots, :-1] = v[rows, :, cols]
+    count = state.sink_count + new.sum(dim=1)
+    return sink_keys, sink_values, count, bool((count >= sinks).all()), real & ~new
 
 
-def advance(
-    state: WindowState, k: torch.Tensor, v: torch.Tensor, lk: torch.Tensor, mask: torch.Tensor, window: int
-) -> WindowState:
-    """The state after tokens `k`, `v` `(B, H, n, D)` with log-features `lk` and mask `(B, n)`: sinks go to their
-    slots, the last `W - 1` tokens stay in the buffer, the older ones are absorbed into the kernel statistics."""
-    keys, values = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)
-    lks, masks = torch.cat([state.log_features, lk], dim=2), torch.cat([state.mask, mask], dim=1)
-    return _advance(state, k, v, mask, (keys, values, lks, masks), window)
-
-
-def _advance(
-    state: WindowState,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor,
-    joined: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    window: int,
-) -> WindowState:
-    """`advance` given the buffer joined with the new tokens (`keys`, `values`, `log_features`, `mask`)."""
-    keys, values, lks, masks = joined
-    sink_keys, sink_values, sink_count, kept_mask = _capture_sinks(state, k, v, mask)
-    if kept_mask is not mask:
-        masks = torch.cat([state.mask, kept_mask], dim=1)
-    leaving = max(keys.shape[2] - (window - 1), 0)
-    # `LinearState.absorb` rebinds its tensors (never writes them in place): a shallow copy leaves `state` intact
-    linear = LinearState(state.linear.kvz, state.linear.shift)
-    if leaving == 1:  # decoding: one token leaves the window per step
-        linear = _absorb_one(linear, lks[:, :, :1], values[:, :, :1], masks[:, :1])
-    elif leaving:
-        linear.absorb(lks[:, :, :leaving], values[:, :, :leaving], masks[:, :leaving])
-    kept = keys[:, :, leaving:], values[:, :, leaving:], lks[:, :, leaving:], masks[:, leaving:]
-    return WindowState(linear, *kept, sink_keys, sink_values, sink_count)
-
-
-def _absorb_one(state: LinearState, lk: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> LinearState:
-    """A new `LinearState` with one more token `lk` `(B, H, 1, S)`, `v` `(B, H, 1, D)`, mask `(B, 1)`: the
-    single-token case of `LinearState.absorb` in a handful of ops (the running max rises to the token's features)."""
-    lk = lk.masked_fill(~mask[:, None, :, None], -torch.inf)
-    shift = torch.maximum(state.shift, lk[:, :, 0].detach().clamp_min(_LOG_FLOOR))
-    part = torch.exp(lk - shift[:, :, None]).transpose(-1, -2) * _with_ones(v)  # (B, H, S, D + 1)
+def _absorb_one(state: LinearState, lk: torch.Tensor, v1: torch.Tensor) -> LinearState:
+    """A new `LinearState` with one more token `lk` `(B, H, 1, S)` (`-inf` = not absorbed), `v1` `(B, H, 1, D + 1)`
+    (value with a one): the single-token case of `LinearState.absorb` (the running max rises to the token's
+    features)."""
+    new = lk[:, :, 0]
+    # the shift never goes below `_LOG_FLOOR`, so neither does their maximum
+    shift = torch.maximum(state.shift, new.detach() if new.requires_grad else new)
+    part = torch.exp(lk - shift[:, :, None]).transpose(-1, -2) * v1  # (B, H, S, D + 1)
     return LinearState(torch.addcmul(part, state.kvz, torch.exp(state.shift - shift)[..., None]), shift)
+
+
+def _absorbed(state: LinearState, lks: torch.Tensor, values1: torch.Tensor) -> LinearState:
+    """`state` with the tokens `lks` `(B, H, n, S)` (`-inf` = not absorbed) and values with ones added."""
+    if lks.shape[2] == 1:  # decoding: one token leaves the window per step
+        return _absorb_one(state, lks, values1)
+    # `LinearState.absorb` rebinds its tensors (never writes them in place): a shallow copy leaves `state` intact
+    linear = LinearState(state.kvz, state.shift)
+    if lks.shape[2]:
+        linear.absorb(lks, values1[..., :-1])
+    return linear
+
+
+def _appended(state: WindowState, rows: list[torch.Tensor | None], window: int) -> tuple[_Tail, int, int]:
+    """The tail holding the state's rows then new rows `[k, lk, v, mask]` (`(B, H, n, .)`, mask `(B, n)` or None =
+    all True) and the span `(start, end)` of them all: in place when the state owns the tail's end (`_Tail`)."""
+    k, lk, v, mask = rows
+    tail, start, end, n = state.tail, state.start, state.end, k.shape[2]
+    if records_grad(k, lk, v, tail.tokens):  # a new tail, so that no tensor a graph saved is written
+        joined = [torch.cat([a, b], dim=2) for a, b in zip(tail.rows(start, end)[:3], (k, lk, _with_ones(v)))]
+        new_mask = torch.ones(k.shape[0], n, dtype=torch.bool, device=k.device) if mask is None else mask
+        joined.append(torch.cat([tail.mask[:, start:end], new_mask], dim=1))
+        return _Tail.of(joined, max(2 * window, end - start + n), True), 0, end - start + n
+    if tail.length != end or end + n > tail.capacity:
+        tail = _Tail.of(tail.rows(start, end), max(2 * window, end - start + n), state.masked)
+        start, end = 0, end - start
+    tail.write(end, k, lk, v, mask)
+    return tail, start, end + n
 
 
 def window_step(
@@ -613,75 +726,145 @@ def window_step(
 
     `n <= W` runs directly on the buffer and the sinks (`O(n (W + G + n) D + n S D)`); a longer input takes the
     blocked path (a prompt, or any input without sinks: the buffer in front, the kernel state as prefix) or, with
-    sinks and an earlier state, chunks of `W` tokens. Returns the output and the new state.
+    sinks and an earlier state, chunks of `W` tokens. Returns the output and the new state; `state` is left intact.
     """
     B, H, n, _ = q.shape
     fresh = state is None
     state = state or empty_window_state(B, H, maps.num_features, v, sinks)
-    mask = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask
     if n > window and sinks and not fresh:
         outs = []
         for start in range(0, n, window):
             part = slice(start, start + window)
-            out, state = window_step(q[:, :, part], k[:, :, part], v[:, :, part], mask[:, part], state, scale,
-                                     window, maps, sinks)  # fmt: skip
+            out, state = window_step(q[:, :, part], k[:, :, part], v[:, :, part], None if mask is None else
+                                     mask[:, part], state, scale, window, maps, sinks)  # fmt: skip
             outs.append(out)
         return torch.cat(outs, dim=2), state
-    keys, values = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)
-    key_mask = torch.cat([state.mask, mask], dim=1)
-    lk = maps.key(k)
+    sink_keys, sink_values, sink_count, full, kept = _capture_sinks(state, k, v, mask)
+    lk = _mask_keys(maps.key(k), kept)  # padding and new sinks never enter the kernel statistics
     if n > window:
-        prefix = None if fresh else state.linear
-        out = windowed_attention(q, keys, values, key_mask, True, scale, window, maps, prefix, sinks=sinks)
-        return out, advance(state, k, v, lk, mask, window)
-    lks = torch.cat([state.log_features, lk], dim=2)
-    out = _step_output(q * scale, maps.query(q), (keys, values, lks, key_mask), state, window)
-    return out, _advance(state, k, v, mask, (keys, values, lks, key_mask), window)
+        out = _long_output(q, k, v, mask, state, scale, window, maps, None if fresh else state.linear, sinks)
+        tail, start, end = _appended(state, [k, lk, v, kept], window)
+        leaving = end - start - (window - 1)
+        linear = _absorbed(
+            state.linear, tail.log_features(start, start + leaving), tail.values(start, start + leaving)
+        )
+        rows = tail.rows(start + leaving, end)
+        tail = _Tail.of(rows, 2 * window, not bool(rows[-1].all()))
+        return out, WindowState(linear, tail, 0, window - 1, sink_keys, sink_values, sink_count, full)
+    tail, start, end = _appended(state, [k, lk, v, kept], window)
+    key_mask = None
+    if kept is not mask:  # new sinks: in this step they are window keys of the later new queries
+        key_mask = torch.cat([tail.mask[:, start : end - n], torch.ones_like(kept) if mask is None else mask], 1)
+    elif tail.hidden > start:
+        key_mask = tail.mask[:, start:end]
+    qs, lq = q * scale, maps.query(q)
+    leaving = max(end - start - (window - 1), 0)
+    if n == 1:
+        rows, D = tail.tokens[:, :, start:end], tail.D
+        out = _decode_output(qs, lq, rows[..., :D], rows[..., D + tail.S :], key_mask, state)
+        gone = rows[:, :, :leaving]
+        linear = _absorbed(state.linear, gone[..., D : D + tail.S], gone[..., D + tail.S :])
+    else:
+        out = _step_output(qs, lq, tail.rows(start, end)[:3], key_mask, state, window)
+        gone = [tail.log_features(start, start + leaving), tail.values(start, start + leaving)]
+        linear = _absorbed(state.linear, *gone)
+    return out, WindowState(linear, tail, start + leaving, end, sink_keys, sink_values, sink_count, full)
+
+
+def _long_output(q, k, v, mask, state: WindowState, scale, window, maps, prefix, sinks) -> torch.Tensor:
+    """Output of `n > W` new tokens: the blocked path over the buffered tokens then the new ones."""
+    keys, values = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)
+    key_mask = None
+    if mask is not None or state.masked:
+        new = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device) if mask is None else mask
+        key_mask = torch.cat([state.mask, new], dim=1)
+    return windowed_attention(q, keys, values, key_mask, True, scale, window, maps, prefix, sinks=sinks)
+
+
+def _sink_logits(qs: torch.Tensor, state: WindowState) -> torch.Tensor:
+    """Logits `(B, H, n, G)` of queries `qs` (scaled) on the sinks captured before this step (`-inf` on empty slots)."""
+    logits = qs @ state.sink_keys.transpose(-1, -2)
+    if state.sinks_full:
+        return logits
+    filled = torch.arange(state.sink_keys.shape[2], device=qs.device) < state.sink_count[:, None]  # (B, G)
+    return logits.masked_fill(~filled[:, None, None], -torch.inf)
+
+
+def _decode_output(
+    qs: torch.Tensor,
+    lq: torch.Tensor,
+    keys: torch.Tensor,
+    values1: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    state: WindowState,
+) -> torch.Tensor:
+    """Output `(B, H, 1, D)` of one new query (`qs` scaled, `lq` log-features `(B, H, 1, S)`) whose window holds
+    every key `(B, H, m, D)` (`m <= W`; values with ones, `key_mask` `(B, m)`, None = all real), plus the sinks
+    and the kernel state. The window, kernel and sink logits go through one row: one max, one `exp`."""
+    m, S = keys.shape[2], lq.shape[-1]
+    exact = qs @ keys.transpose(-1, -2)
+    if key_mask is not None:
+        exact = exact.masked_fill(~key_mask[:, None, None, :], -torch.inf)
+    parts = [exact, lq + state.linear.shift[:, :, None, :]]
+    if state.sink_keys.shape[2]:
+        parts.append(_sink_logits(qs, state))
+    logits = torch.cat(parts, dim=-1)  # (B, H, 1, m + S + G)
+    grad = records_grad(logits)
+    top = (logits.detach() if grad else logits).amax(dim=-1, keepdim=True)
+    if key_mask is not None:  # else the query's own key bounds `top` from below
+        top = top.clamp_min_(_LOG_FLOOR)
+    weights = torch.exp(logits - top) if grad else logits.sub_(top).exp_()
+    out = weights[..., :m] @ values1 + weights[..., m : m + S] @ state.linear.kvz
+    if state.sink_keys.shape[2]:
+        out = out + weights[..., m + S :] @ state.sink_values
+    if key_mask is not None:
+        return _normalise(out)
+    # a real query sees its own key: the largest term has weight 1 and count 1, so the denominator is >= 1
+    return out[..., :-1] / out[..., -1:]
 
 
 def _step_output(
     qs: torch.Tensor,
     lq: torch.Tensor,
-    joined: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    joined: list[torch.Tensor],
+    key_mask: torch.Tensor | None,
     state: WindowState,
     window: int,
 ) -> torch.Tensor:
-    """Output `(B, H, n, D)` of `n <= W` new queries (`qs` scaled, `lq` log-features) over the buffer joined with
-    the new tokens (`w + n` keys), the sinks captured before this step and the kernel state, as in `_group`.
+    """Output `(B, H, n, D)` of `1 < n <= W` new queries (`qs` scaled, `lq` log-features) over the buffer joined
+    with the new tokens (`m = w + n` keys, log-features, values with ones; `key_mask` `(B, m)`, None = all real),
+    the sinks captured before this step and the kernel state, as in `_group`.
 
-    (New sinks are inside every later new query's window, as `n <= W`.)"""
-    keys, values, lks, key_mask = joined
+    (New sinks are inside every later new query's window, as `n <= W`; log-features of keys left of a window are
+    `-inf` for padding and sinks.)"""
+    keys, lks, values1 = joined
     n, m = qs.shape[2], keys.shape[2]
-    inplace = not records_grad(qs, lq, keys, values, lks)
+    inplace = not records_grad(qs, lq, keys, values1, lks)
     exact = qs @ keys.transpose(-1, -2)
-    if n == 1 and m <= window:  # decoding: every buffered key is in the window
-        hidden = ~key_mask[:, None, None, :]
-    else:
-        query_pos = torch.arange(m - n, m, device=qs.device)[:, None]
-        key_pos = torch.arange(m, device=qs.device)
-        in_window = (key_pos <= query_pos) & (key_pos > query_pos - window)  # (n, m)
-        hidden = ~(in_window & key_mask[:, None, None, :])  # (B, 1, n, m)
+    query_pos = torch.arange(m - n, m, device=qs.device)[:, None]
+    key_pos = torch.arange(m, device=qs.device)
+    hidden = ~((key_pos <= query_pos) & (key_pos > query_pos - window))  # (n, m)
+    if key_mask is not None:
+        hidden = hidden | ~key_mask[:, None, None, :]
     exact = exact.masked_fill_(hidden, -torch.inf) if inplace else exact.masked_fill(hidden, -torch.inf)
     far = lq + state.linear.shift[:, :, None, :]
-    tops = [exact.detach().amax(dim=-1), far.detach().amax(dim=-1)]
+    top = torch.maximum(exact.detach().amax(dim=-1), far.detach().amax(dim=-1))
     Mk = max(m - window, 0)  # keys that may be left of a new query's window
     if Mk:
-        lkn = lks[:, :, :Mk].masked_fill(~key_mask[:, None, :Mk, None], -torch.inf)
+        lkn = lks[:, :, :Mk]
         c = lkn.detach().amax(dim=2).clamp_min(_LOG_FLOOR)  # (B, H, S)
         near = lq + c[:, :, None, :]
-        tops.append(near.detach().amax(dim=-1))
-    sinks = state.sink_keys.shape[2]
-    if sinks:
-        filled = torch.arange(sinks, device=qs.device) < state.sink_count[:, None]  # (B, G)
-        sink_logits = (qs @ state.sink_keys.transpose(-1, -2)).masked_fill(~filled[:, None, None], -torch.inf)
-        tops.append(sink_logits.detach().amax(dim=-1))
-    top = functools.reduce(torch.maximum, tops).clamp_min(_LOG_FLOOR)[..., None]  # (B, H, n, 1)
+        top = torch.maximum(top, near.detach().amax(dim=-1))
+    if state.sink_keys.shape[2]:
+        sink_logits = _sink_logits(qs, state)
+        top = torch.maximum(top, sink_logits.detach().amax(dim=-1))
+    top = top.clamp_min(_LOG_FLOOR)[..., None]  # (B, H, n, 1)
     weights = exact.sub_(top).exp_() if inplace else torch.exp(exact - top)
     if Mk:
         kernel = torch.exp(near - top) @ torch.exp(lkn - c[:, :, None, :]).transpose(-1, -2)
-        left = (key_pos[:Mk] <= query_pos - window).to(qs.dtype)  # (n, Mk); here n > 1 or m > W
+        left = (key_pos[:Mk] <= query_pos - window).to(qs.dtype)  # (n, Mk)
         weights = torch.cat([weights[..., :Mk] + kernel * left, weights[..., Mk:]], dim=-1)
-    out = weights @ _with_ones(values) + torch.exp(far - top) @ state.linear.kvz
-    if sinks:
-        out = out + torch.exp(sink_logits - top) @ _with_ones(state.sink_values)
+    out = weights @ values1 + torch.exp(far - top) @ state.linear.kvz
+    if state.sink_keys.shape[2]:
+        out = out + torch.exp(sink_logits - top) @ state.sink_values
     return _normalise(out)

@@ -35,6 +35,10 @@ Memory per recurrent layer: `B * H * S * (D + 2)` numbers in fp32 (fp64 for fp64
 (grouped KV heads are expanded), `S` the features (`num_features`, `num_landmarks`), whatever the number of tokens;
 e.g. GPT-2 small with 64 features: `12 * 64 * 66 * 4` bytes = 203 KB per layer and sequence, where its KV cache
 grows by 6 KB per layer and token (the state is smaller past 34 tokens). KV layers grow by `2 * B * H_kv * D` numbers per token as usual.
+With a window (`window_size = W`, `sink_tokens = G`) the state is a `WindowState`: the `LinearState` plus a buffer of
+`2 W` tokens (`2 D + S + 1` numbers each) and the `G` sinks per (batch, head), still constant; a step appends its
+token to that buffer in place and never writes a row that an earlier state sees (`window._Tail`), so a state kept
+by the caller (`copy.deepcopy`, a branch) stays valid.
 
 `generate()` creates a `LaraCache` on its own for converted decoders with at least one recurrent layer
 (`LaraModelMixin.generate` passes one where Transformers would build its default `DynamicCache`: `wants_state_cache`);

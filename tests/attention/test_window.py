@@ -214,6 +214,104 @@ def test_decoding_equals_the_full_causal_forward(method, sinks, prompt):
     assert_close("decode", full[:, :, :t], torch.cat(outs, dim=2), 1e-12)
 
 
+def _naive_causal(attn, q, k, v, mask, window, sinks):
+    """The quadratic twin of the causal window hybrid on a left-padded batch, `(B, H, N, D)`, padded queries 0."""
+    out = torch.zeros_like(q)
+    for row in range(q.shape[0]):
+        real = mask[row]
+        qr, kr, vr = (t[row : row + 1, :, real] for t in (q, k, v))
+        lq, lk = _complete_features(attn, qr, kr, D**-0.5, True)
+        out[row][:, real] = naive_windowed_feature_attention(qr, kr, vr, lq, lk, window, causal=True, sinks=sinks)[0]
+    return out
+
+
+def _decode(attn, q, k, v, mask, state, t, sizes):
+    """Steps of `sizes` tokens from position `t`; the outputs, the final state and the states along the way."""
+    outs, states = [], [state]
+    for n in sizes:
+        before = state.clone()
+        out, state = attn.step(
+            q[:, :, t : t + n], k[:, :, t : t + n], v[:, :, t : t + n], state, padding_mask=mask[:, t : t + n]
+        )
+        assert all(torch.equal(a, b) for a, b in zip(before._tensors(), states[-1]._tensors())), "input modified"
+        outs.append(out)
+        states.append(state)
+        t += n
+    return outs, state, states
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_inference_decoding_appends_in_place_and_matches_the_naive_twin(method, sinks):
+    """No autograd (as in `generate`): successive one-token steps append to one shared buffer in place, its rows
+    wrap around (copied into a new buffer) several times, and prompt + steps equal the quadratic twin on a
+    left-padded batch (padding still in the window after the prompt); size constant, no input state modified."""
+    window = 5
+    attn = _perturb(build_small(method, H, D, window_size=window, sink_tokens=sinks).double().eval())
+    q, k, v = qkv(2, H, 60, D)
+    mask = torch.ones(2, 60, dtype=torch.bool)
+    mask[0, :9] = False
+    with torch.no_grad():
+        out, state = attn.prefill(q[:, :, :8], k[:, :, :8], v[:, :, :8], padding_mask=mask[:, :8])
+        sizes = [1] * 12 + [3, 2] + [1] * 20 + [7] + [1] * 8
+        outs, state, states = _decode(attn, q, k, v, mask, state, 8, sizes)
+        ref = _naive_causal(attn, q, k, v, mask, window, sinks)
+    assert_close("decode", ref[:, :, : 8 + sum(sizes)], torch.cat([out, *outs], dim=2), 1e-12)
+    shared = sum(a.tail is b.tail for a, b in zip(states[1:], states[2:]))
+    assert shared >= len(sizes) - 2 * 6, shared  # in place but for one copy per W + 1 steps and the longer steps
+    full = [s.nbytes() for s in states[1:] if s.keys.shape[2] == window - 1]
+    assert len(set(full)) == 1 and full[0] == states[-1].nbytes()
+    assert state.tail.capacity == 2 * window and state.sink_count.tolist() == [sinks, sinks]
+
+
+@pytest.mark.parametrize("method", ["rfa", "lara"])
+def test_two_steps_from_one_state_do_not_see_each_other(method):
+    """Branching (beam candidates, speculative tries): two different next tokens from one state, each then
+    decoded further, equal their own quadratic twins; the first branch's buffer is not overwritten by the second."""
+    window, sinks = 4, 1
+    attn = _perturb(build_small(method, H, D, window_size=window, sink_tokens=sinks).double().eval())
+    q, k, v = qkv(1, H, 30, D)
+    mask = torch.ones(1, 30, dtype=torch.bool)
+    other = tuple(t.clone() for t in (q, k, v))
+    for t in other:
+        t[:, :, 20:] = torch.randn_like(t[:, :, 20:])
+    with torch.no_grad():
+        _, state = attn.prefill(q[:, :, :20], k[:, :, :20], v[:, :, :20])
+        outs_a, state_a, _ = _decode(attn, q, k, v, mask, state, 20, [1])
+        outs_b, state_b, _ = _decode(attn, *other, mask, state, 20, [1] * 10)
+        more_a, _, _ = _decode(attn, q, k, v, mask, state_a, 21, [1] * 9)
+        for (qq, kk, vv), outs in (((q, k, v), outs_a + more_a), (other, outs_b)):
+            ref = _naive_causal(attn, qq, kk, vv, mask, window, sinks)
+            assert_close("branch", ref[:, :, 20:], torch.cat(outs, dim=2), 1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_reordered_and_moved_states_keep_decoding(method):
+    """Mid-decoding (the window at an offset inside its buffer): `index_select` for beams (rows swapped and one
+    repeated) and `to(dtype)` give states that decode on as the quadratic twin of the reordered batch; `to` with
+    nothing to change returns the state itself, so decoding keeps appending in place."""
+    window, sinks = 5, 2
+    attn = _perturb(build_small(method, H, D, window_size=window, sink_tokens=sinks).double().eval())
+    q, k, v = qkv(2, H, 40, D)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, :3] = False
+    with torch.no_grad():
+        _, state = attn.prefill(q[:, :, :12], k[:, :, :12], v[:, :, :12], padding_mask=mask[:, :12])
+        _, state, _ = _decode(attn, q, k, v, mask, state, 12, [1] * 7)
+        assert state.start > 0 and state.to(torch.float64) is state and state.to("cpu") is state
+        index = torch.tensor([1, 0, 1])
+        picked = state.index_select(index)
+        assert picked.batch_size == 3 and picked.start == 0 and torch.equal(picked.keys[0], state.keys[1])
+        qr, kr, vr, mr = (t[index] for t in (q, k, v, mask))
+        outs, _, _ = _decode(attn, qr, kr, vr, mr, picked, 19, [1] * 8 + [3])
+        ref = _naive_causal(attn, qr, kr, vr, mr, window, sinks)
+        assert_close("reordered", ref[:, :, 19:30], torch.cat(outs, dim=2), 1e-12)
+        single = state.to(torch.float32)
+        assert single.keys.dtype == torch.float32 and single.mask.dtype == torch.bool and single.sinks_full
+        out32, _ = attn.float().step(q[:, :, 19:20].float(), k[:, :, 19:20].float(), v[:, :, 19:20].float(), single)
+        assert_close("fp32", ref[[1, 0], :, 19:20].float(), out32, 1e-5)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_state_interface_for_the_cache(method):
     """index_select (beams), to(device/dtype) and the type check on a state from another estimator."""

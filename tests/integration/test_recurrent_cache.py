@@ -133,6 +133,41 @@ def test_beam_search_matches_the_kv_path(family, models):
     assert torch.equal(tokens, kv_tokens)
 
 
+def _feed(model, cache, new: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed tokens `new` `(B, n)` one by one after `mask` `(B, seen)`: last-position logits `(B, n, V)`, new mask."""
+    logits = []
+    for i in range(new.shape[1]):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=new[:, i : i + 1], attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, dim=1), mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_window_hybrid_beam_search_and_kept_states(family, base_checkpoints):
+    """Window hybrid: beam search reorders `WindowState`s whose buffers are in mid-use as the KV path reorders
+    keys; states kept from mid-decoding and put back after another continuation ran on them continue exactly as
+    a run that never branched (a step never writes the buffer rows an earlier state sees)."""
+    model = load_converted(SETUPS[family], base_checkpoints[family], "rfa", window_size=3, sink_tokens=1)
+    ids, mask = left_padded(prompts(family)[:2], pad=0)
+    tokens, _, cache = greedy(model, ids, mask, num_beams=2)
+    kv_tokens, _, _ = greedy(model, ids, mask, num_beams=2, cache_implementation="dynamic")
+    assert isinstance(cache, hf_lara.LaraCache) and torch.equal(tokens, kv_tokens)
+    with torch.no_grad():
+        reference = hf_lara.LaraCache(model)
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **{CACHE_KWARG: reference})
+        want, _ = _feed(model, reference, tokens, mask)
+        cache = hf_lara.LaraCache(model)
+        model(input_ids=ids, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
+        first, after = _feed(model, cache, tokens[:, :2], mask)
+        kept = [(layer.state, layer.seen) for layer in cache.layers]
+        _feed(model, cache, tokens[:, [4, 3, 2]], after)  # another continuation from the same states
+        for layer, (state, seen) in zip(cache.layers, kept, strict=True):
+            layer.state, layer.seen = state, seen
+        rest, _ = _feed(model, cache, tokens[:, 2:], after)
+    assert_close(torch.cat([first, rest], dim=1), want, msg="kept states vs an unbranched run")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hybrid_model_keeps_kv_for_the_softmax_layer(family, models):
     model = models(family, "kernel", layers=[0])
