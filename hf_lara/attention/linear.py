@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import is_tracing
+from .base import LOG2E, is_tracing
 
 #: `(B, H, n, D)` inputs -> `(B, H, n, S)` log-features; applied block by block.
 LogFeatureMap = Callable[[torch.Tensor], torch.Tensor]
@@ -119,7 +119,7 @@ def bidirectional_linear_attention(
     """`phi(Q) (phi(K)^T V) / phi(Q) phi(K)^T 1` from log-features, blocked over tokens.
 
     Keys go through `absorb_keys`; each query block is then one GEMM against the `S x (D + 1)` key statistics.
-    Without autograd the query weights are `exp(lq + M - rowmax)` computed in place (their per-row normaliser
+    Without autograd the query weights are `exp(lq + M - rowmax)` computed in place (as `exp2`) (their per-row normaliser
     cancels) and each block is divided straight into the output: no `(B, H, N, S)` temporary beyond one block.
 
     Args:
@@ -153,7 +153,7 @@ def bidirectional_linear_attention(
     for start, lq_b in zip(range(0, Nq, block), lq.split(block, dim=2)):
         w = q_map(lq_b)
         w = w.add_(shift) if w._base is None else w + shift  # in place only on a fresh map output
-        num = w.sub_(w.amax(dim=-1, keepdim=True)).exp_() @ kvz  # (B, H, n, D + 1)
+        num = _exp_in_place(w.sub_(w.amax(dim=-1, keepdim=True))) @ kvz  # (B, H, n, D + 1)
         den = num[..., -1:]
         if key_mask is not None:  # a row without any real key gives 0, as `_normalise`
             den = den.masked_fill(den == 0, 1.0)
@@ -161,11 +161,16 @@ def bidirectional_linear_attention(
     return out
 
 
+def _exp_in_place(x: torch.Tensor) -> torch.Tensor:
+    """`exp(x)` in place, as `2 ** (x log2 e)`: on CPU `exp2_` runs several times faster than `exp_`."""
+    return x.mul_(LOG2E).exp2_()
+
+
 def _exp_shifted(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """`exp(x - shift)`; in place on `x` when it is a fresh temporary (not a view) and no gradient is recorded."""
     if x._base is not None or (torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad)):
         return torch.exp(x - shift)
-    return x.sub_(shift).exp_()
+    return _exp_in_place(x.sub_(shift))
 
 
 def absorb_keys(
