@@ -59,12 +59,12 @@ from torch import nn
 
 from .base import LOG2E, AttentionEstimator, check_choice, check_float, check_int, records_grad, register_estimator
 from .linear import (
-    BIDIRECTIONAL_BLOCK_ELEMENTS,
     DEFAULT_CHUNK_SIZE,
     FeatureMaps,
     LinearState,
     _normalise,
     absorb_keys,
+    bidirectional_block_elements,
     block_length,
     kernel_attention,
 )
@@ -247,8 +247,8 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
 
         Args:
             noise (`torch.Tensor` of shape `(b, H, C_eff, D)`, *optional*): as in `mixture`.
-            block_size (`int`, *optional*): tokens per block (default: about `2^22 / (b H 2C)`, i.e.
-                `BIDIRECTIONAL_BLOCK_ELEMENTS`).
+            block_size (`int`, *optional*): tokens per block (default: about `bidirectional_block_elements() /
+                (b H 2C)`).
         """
         b, H, N, D = q.shape
         q_bar, mu, omega = self.proposals(q, k, scale, noise)
@@ -258,7 +258,7 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         if block_size is None and N * 2 * C <= INFERENCE_ELEMENTS and not records_grad(*tracked):
             return self._bidirectional_inference(q, k, v, q_bar, mu, omega, scale)
         if block_size is None:
-            block_size = max(BIDIRECTIONAL_BLOCK_ELEMENTS // (b * H * max(2 * C, D + 1)), 1)
+            block_size = max(bidirectional_block_elements() // (b * H * max(2 * C, D + 1)), 1)
         block = block_length(b * H, max(2 * C, D + 1), block_size=block_size)
         w_omega = (omega * root).transpose(-1, -2)  # (b, H, D, C)
 

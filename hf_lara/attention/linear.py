@@ -48,10 +48,22 @@ LogFeatureMap = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_CHUNK_SIZE = 64
 #: target number of elements of a `(B, H, block, S)` temporary on the blocked paths (4 MB in fp32)
 BLOCK_ELEMENTS = 1 << 20
-#: the same for the bidirectional paths (16 MB in fp32): few large products (on shared CPUs every op waits for its
-#: slowest thread), and temporaries below glibc's largest mmap threshold (32 MB), so a warmed allocator hands the same
-#: pages back every block and every call instead of faulting in fresh ones
+#: the same for the bidirectional paths, per intra-op thread (4 MB in fp32), at most `BIDIRECTIONAL_BLOCK_ELEMENTS`
+#: (16 MB): one thread works fastest on small blocks (its temporaries stay in cache and the allocator hands the same
+#: pages back, instead of faulting in fresh ones; 1 thread at N = 16384: rfa -20%, kernel -20% vs 16 MB blocks),
+#: several threads on larger ones (on shared CPUs every op waits for its slowest thread); the cap keeps temporaries
+#: below glibc's largest mmap threshold (32 MB)
+THREAD_BLOCK_ELEMENTS = 1 << 20
 BIDIRECTIONAL_BLOCK_ELEMENTS = 1 << 22
+
+
+def bidirectional_block_elements() -> int:
+    """Elements of one `(B, H, block, S)` temporary on the bidirectional paths for the current thread count."""
+    if is_tracing():  # the thread count cannot be read inside a traced graph
+        return BIDIRECTIONAL_BLOCK_ELEMENTS
+    return min(THREAD_BLOCK_ELEMENTS * max(torch.get_num_threads(), 1), BIDIRECTIONAL_BLOCK_ELEMENTS)
+
+
 # A finite "minus infinity" for running maxima: exp(a - b) stays well defined when both are at the floor.
 _LOG_FLOOR = -1e30
 # Largest growth (nats) of the running key max inside one block for the rescaled cumulative sum: exp(-60) keeps
@@ -138,7 +150,7 @@ def bidirectional_linear_attention(
         v (`torch.Tensor` of shape `(B, H, Nk, D)`): values.
         key_mask (`torch.Tensor` of shape `(B, Nk)`, *optional*): True = real key.
         block_size (`int`, *optional*): tokens per block (default: `block_length` with
-            `BIDIRECTIONAL_BLOCK_ELEMENTS`).
+            `bidirectional_block_elements()`).
         q_map, k_map (`LogFeatureMap`, *optional*): applied to each block of `lq` / `lk` (default: identity), so
             that no `(B, H, N, S)` feature tensor is ever built whole.
         feature_dim (`int`, *optional*): `S` when maps are given (sizes the blocks).
@@ -150,7 +162,7 @@ def bidirectional_linear_attention(
     B, H, Nq = lq.shape[:3]
     S, D = feature_dim or lk.shape[-1], v.shape[-1]
     if block_size is None:
-        block_size = max(BIDIRECTIONAL_BLOCK_ELEMENTS // max(B * H * max(S, D + 1), 1), 1)
+        block_size = max(bidirectional_block_elements() // max(B * H * max(S, D + 1), 1), 1)
     block = block_length(B * H, max(S, D + 1), block_size=block_size)
     empty = LinearState.empty(B, H, S, v)
     kvz, shift = absorb_keys(empty.kvz, empty.shift, lk, v, key_mask, k_map, block)
