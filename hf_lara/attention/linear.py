@@ -506,10 +506,12 @@ def _rescaled_prefix(
     limit = _SCAN_RANGE.get(delta.dtype, 60.0)
     if bool(((top - shifts) * seen).amax() > limit):
         return None
-    terms = torch.cat([state.kvz[:, :, None], delta], dim=2) * torch.exp(shifts - top)[..., None]
-    sums = _cumsum_chunks(terms)  # (B, H, n + 1, S, D + 1), relative to `top`
+    grad = records_grad(delta, state.kvz)  # without autograd the fresh temporaries are rescaled in place
+    terms, factor = torch.cat([state.kvz[:, :, None], delta], dim=2), torch.exp(shifts - top)[..., None]
+    sums = _cumsum_chunks(terms * factor if grad else terms.mul_(factor))  # (B, H, n + 1, S, D + 1), relative to `top`
     # before any real key `running` is at the floor and the sums are exactly 0: clamp the factor, not the sums
-    prior = sums[:, :, :-1] * torch.exp((top - running).clamp_max(limit))[..., None]
+    factor = torch.exp((top - running).clamp_max(limit))[..., None]
+    prior = sums[:, :, :-1] * factor if grad else sums[:, :, :-1].mul_(factor)
     return prior, sums[:, :, -1]
 
 
