@@ -109,6 +109,15 @@ def log_alpha(log_density: torch.Tensor, t: torch.Tensor, alpha_coeff: float) ->
     return torch.log(alpha.clamp_min(_ALPHA_FLOOR))
 
 
+def _log_alpha_in_place(log_density: torch.Tensor, logits: torch.Tensor, alpha_coeff: float) -> torch.Tensor:
+    """`log_alpha` with `t = softmax(logits, -1)`, without autograd, in place on the fresh `logits` `(..., N, C)`."""
+    own = torch.diagonal(log_density, dim1=-2, dim2=-1)
+    balance = torch.exp(own - torch.logsumexp(log_density, dim=-1))[..., None, :]  # (..., 1, C)
+    t = logits.sub_(logits.amax(dim=-1, keepdim=True)).mul_(LOG2E).exp2_()
+    t = t.div_(t.sum(dim=-1, keepdim=True))
+    return t.sub_(t.mean(dim=-1, keepdim=True)).mul_(alpha_coeff).add_(balance).clamp_min_(_ALPHA_FLOOR).log_()
+
+
 def log_inverse_proposal(log_density: torch.Tensor, mis: str) -> torch.Tensor:
     """`-log q_c(w_c)` relative to `N(0, I)`: own proposal ("opt") or the equal-weight mixture ("bh"), `(..., C)`."""
     if mis == "opt":
@@ -427,8 +436,10 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         def query_map(x: torch.Tensor) -> torch.Tensor:
             lq = torch.matmul(x, weight).add_(query_bias)
             if self.mis == "opt":
-                t = torch.softmax(x @ mu_t, dim=-1)  # normalised over proposals: stays causal
-                lq = lq + log_alpha(log_density, t, self.alpha_coeff)
+                logits = x @ mu_t  # t = softmax over proposals: stays causal
+                if records_grad(lq, logits):
+                    return lq + log_alpha(log_density, torch.softmax(logits, dim=-1), self.alpha_coeff)
+                lq.add_(_log_alpha_in_place(log_density, logits, self.alpha_coeff))
             return lq
 
         def key_map(x: torch.Tensor) -> torch.Tensor:
