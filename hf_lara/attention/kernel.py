@@ -227,13 +227,13 @@ class HedgehogFeatureMap(FeatureMap):
         return torch.cat([z - half_norm, -z - half_norm], dim=-1)
 
     def raw_log_features(self, x: torch.Tensor, scale: float, query: bool) -> torch.Tensor:
-        """One GEMM with the stacked weight `[W; -W] sqrt(scale)` `(H, 2F, D)` plus the bias `[b; -b]`.
+        """One GEMM for `z = sqrt(scale) W x + b` `(B, H, n, F)`, then `[z, -z]` (half the FLOPs of `[W; -W]`).
 
         Queries leave out `-|q~|^2 / 2`, a per-query constant that cancels in the normalised output.
         """
-        weight = (torch.cat([self.weight, -self.weight], dim=1).to(x.dtype) * scale**0.5).transpose(-1, -2)
-        bias = torch.cat([self.bias, -self.bias], dim=-1).to(x.dtype)[:, None, :]  # (H, 1, 2F)
-        out = torch.matmul(x, weight).add_(bias)
+        weight = (self.weight.to(x.dtype) * scale**0.5).transpose(-1, -2)  # (H, D, F)
+        z = torch.matmul(x, weight).add_(self.bias.to(x.dtype)[:, None, :])
+        out = torch.cat([z, -z], dim=-1)
         return out if query else out.sub_(0.5 * scale * x.square().sum(dim=-1, keepdim=True))
 
 

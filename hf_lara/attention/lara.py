@@ -59,12 +59,12 @@ from torch import nn
 
 from .base import LOG2E, AttentionEstimator, check_choice, check_float, check_int, records_grad, register_estimator
 from .linear import (
-    BIDIRECTIONAL_BLOCK_ELEMENTS,
     DEFAULT_CHUNK_SIZE,
     FeatureMaps,
     LinearState,
     _normalise,
     absorb_keys,
+    bidirectional_block_elements,
     block_length,
     kernel_attention,
 )
@@ -107,6 +107,15 @@ def log_alpha(log_density: torch.Tensor, t: torch.Tensor, alpha_coeff: float) ->
     balance = torch.exp(own - torch.logsumexp(log_density, dim=-1))[..., None, :]  # (..., 1, C)
     alpha = balance + alpha_coeff * (t - t.mean(dim=-1, keepdim=True))
     return torch.log(alpha.clamp_min(_ALPHA_FLOOR))
+
+
+def _log_alpha_in_place(log_density: torch.Tensor, logits: torch.Tensor, alpha_coeff: float) -> torch.Tensor:
+    """`log_alpha` with `t = softmax(logits, -1)`, without autograd, in place on the fresh `logits` `(..., N, C)`."""
+    own = torch.diagonal(log_density, dim1=-2, dim2=-1)
+    balance = torch.exp(own - torch.logsumexp(log_density, dim=-1))[..., None, :]  # (..., 1, C)
+    t = logits.sub_(logits.amax(dim=-1, keepdim=True)).mul_(LOG2E).exp2_()
+    t = t.div_(t.sum(dim=-1, keepdim=True))
+    return t.sub_(t.mean(dim=-1, keepdim=True)).mul_(alpha_coeff).add_(balance).clamp_min_(_ALPHA_FLOOR).log_()
 
 
 def log_inverse_proposal(log_density: torch.Tensor, mis: str) -> torch.Tensor:
@@ -247,8 +256,8 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
 
         Args:
             noise (`torch.Tensor` of shape `(b, H, C_eff, D)`, *optional*): as in `mixture`.
-            block_size (`int`, *optional*): tokens per block (default: about `2^22 / (b H 2C)`, i.e.
-                `BIDIRECTIONAL_BLOCK_ELEMENTS`).
+            block_size (`int`, *optional*): tokens per block (default: about `bidirectional_block_elements() /
+                (b H 2C)`).
         """
         b, H, N, D = q.shape
         q_bar, mu, omega = self.proposals(q, k, scale, noise)
@@ -258,7 +267,7 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         if block_size is None and N * 2 * C <= INFERENCE_ELEMENTS and not records_grad(*tracked):
             return self._bidirectional_inference(q, k, v, q_bar, mu, omega, scale)
         if block_size is None:
-            block_size = max(BIDIRECTIONAL_BLOCK_ELEMENTS // (b * H * max(2 * C, D + 1)), 1)
+            block_size = max(bidirectional_block_elements() // (b * H * max(2 * C, D + 1)), 1)
         block = block_length(b * H, max(2 * C, D + 1), block_size=block_size)
         w_omega = (omega * root).transpose(-1, -2)  # (b, H, D, C)
 
@@ -427,8 +436,10 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         def query_map(x: torch.Tensor) -> torch.Tensor:
             lq = torch.matmul(x, weight).add_(query_bias)
             if self.mis == "opt":
-                t = torch.softmax(x @ mu_t, dim=-1)  # normalised over proposals: stays causal
-                lq = lq + log_alpha(log_density, t, self.alpha_coeff)
+                logits = x @ mu_t  # t = softmax over proposals: stays causal
+                if records_grad(lq, logits):
+                    return lq + log_alpha(log_density, torch.softmax(logits, dim=-1), self.alpha_coeff)
+                lq.add_(_log_alpha_in_place(log_density, logits, self.alpha_coeff))
             return lq
 
         def key_map(x: torch.Tensor) -> torch.Tensor:

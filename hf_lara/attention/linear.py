@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import is_tracing
+from .base import LOG2E, is_tracing, records_grad
 
 #: `(B, H, n, D)` inputs -> `(B, H, n, S)` log-features; applied block by block.
 LogFeatureMap = Callable[[torch.Tensor], torch.Tensor]
@@ -48,10 +48,22 @@ LogFeatureMap = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_CHUNK_SIZE = 64
 #: target number of elements of a `(B, H, block, S)` temporary on the blocked paths (4 MB in fp32)
 BLOCK_ELEMENTS = 1 << 20
-#: the same for the bidirectional paths (16 MB in fp32): few large products (on shared CPUs every op waits for its
-#: slowest thread), and temporaries below glibc's largest mmap threshold (32 MB), so a warmed allocator hands the same
-#: pages back every block and every call instead of faulting in fresh ones
+#: the same for the bidirectional paths, per intra-op thread (4 MB in fp32), at most `BIDIRECTIONAL_BLOCK_ELEMENTS`
+#: (16 MB): one thread works fastest on small blocks (its temporaries stay in cache and the allocator hands the same
+#: pages back, instead of faulting in fresh ones; 1 thread at N = 16384: rfa -20%, kernel -20% vs 16 MB blocks),
+#: several threads on larger ones (on shared CPUs every op waits for its slowest thread); the cap keeps temporaries
+#: below glibc's largest mmap threshold (32 MB)
+THREAD_BLOCK_ELEMENTS = 1 << 20
 BIDIRECTIONAL_BLOCK_ELEMENTS = 1 << 22
+
+
+def bidirectional_block_elements() -> int:
+    """Elements of one `(B, H, block, S)` temporary on the bidirectional paths for the current thread count."""
+    if is_tracing():  # the thread count cannot be read inside a traced graph
+        return BIDIRECTIONAL_BLOCK_ELEMENTS
+    return min(THREAD_BLOCK_ELEMENTS * max(torch.get_num_threads(), 1), BIDIRECTIONAL_BLOCK_ELEMENTS)
+
+
 # A finite "minus infinity" for running maxima: exp(a - b) stays well defined when both are at the floor.
 _LOG_FLOOR = -1e30
 # Largest growth (nats) of the running key max inside one block for the rescaled cumulative sum: exp(-60) keeps
@@ -102,6 +114,15 @@ def _query_weights(lq: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.softmax(lq + shift, dim=-1)
 
 
+def _query_weights_in_place(lq: torch.Tensor, shift: torch.Tensor, own: bool) -> torch.Tensor:
+    """`exp(lq + shift - rowmax)` without autograd, in place on `lq` when `own` (a fresh map output).
+
+    Each row is scaled so that its largest weight is 1 instead of normalised: the factor cancels in the output.
+    """
+    w = lq.add_(shift) if own else lq + shift
+    return _exp_in_place(w.sub_(w.amax(dim=-1, keepdim=True)))
+
+
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
@@ -119,7 +140,7 @@ def bidirectional_linear_attention(
     """`phi(Q) (phi(K)^T V) / phi(Q) phi(K)^T 1` from log-features, blocked over tokens.
 
     Keys go through `absorb_keys`; each query block is then one GEMM against the `S x (D + 1)` key statistics.
-    Without autograd the query weights are `exp(lq + M - rowmax)` computed in place (their per-row normaliser
+    Without autograd the query weights are `exp(lq + M - rowmax)` computed in place (as `exp2`) (their per-row normaliser
     cancels) and each block is divided straight into the output: no `(B, H, N, S)` temporary beyond one block.
 
     Args:
@@ -129,7 +150,7 @@ def bidirectional_linear_attention(
         v (`torch.Tensor` of shape `(B, H, Nk, D)`): values.
         key_mask (`torch.Tensor` of shape `(B, Nk)`, *optional*): True = real key.
         block_size (`int`, *optional*): tokens per block (default: `block_length` with
-            `BIDIRECTIONAL_BLOCK_ELEMENTS`).
+            `bidirectional_block_elements()`).
         q_map, k_map (`LogFeatureMap`, *optional*): applied to each block of `lq` / `lk` (default: identity), so
             that no `(B, H, N, S)` feature tensor is ever built whole.
         feature_dim (`int`, *optional*): `S` when maps are given (sizes the blocks).
@@ -141,7 +162,7 @@ def bidirectional_linear_attention(
     B, H, Nq = lq.shape[:3]
     S, D = feature_dim or lk.shape[-1], v.shape[-1]
     if block_size is None:
-        block_size = max(BIDIRECTIONAL_BLOCK_ELEMENTS // max(B * H * max(S, D + 1), 1), 1)
+        block_size = max(bidirectional_block_elements() // max(B * H * max(S, D + 1), 1), 1)
     block = block_length(B * H, max(S, D + 1), block_size=block_size)
     empty = LinearState.empty(B, H, S, v)
     kvz, shift = absorb_keys(empty.kvz, empty.shift, lk, v, key_mask, k_map, block)
@@ -152,8 +173,7 @@ def bidirectional_linear_attention(
     out = v.new_empty(B, H, Nq, D)
     for start, lq_b in zip(range(0, Nq, block), lq.split(block, dim=2)):
         w = q_map(lq_b)
-        w = w.add_(shift) if w._base is None else w + shift  # in place only on a fresh map output
-        num = w.sub_(w.amax(dim=-1, keepdim=True)).exp_() @ kvz  # (B, H, n, D + 1)
+        num = _query_weights_in_place(w, shift, w._base is None) @ kvz  # (B, H, n, D + 1)
         den = num[..., -1:]
         if key_mask is not None:  # a row without any real key gives 0, as `_normalise`
             den = den.masked_fill(den == 0, 1.0)
@@ -161,11 +181,16 @@ def bidirectional_linear_attention(
     return out
 
 
+def _exp_in_place(x: torch.Tensor) -> torch.Tensor:
+    """`exp(x)` in place, as `2 ** (x log2 e)`: on CPU `exp2_` runs several times faster than `exp_`."""
+    return x.mul_(LOG2E).exp2_()
+
+
 def _exp_shifted(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """`exp(x - shift)`; in place on `x` when it is a fresh temporary (not a view) and no gradient is recorded."""
     if x._base is not None or (torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad)):
         return torch.exp(x - shift)
-    return x.sub_(shift).exp_()
+    return _exp_in_place(x.sub_(shift))
 
 
 def absorb_keys(
@@ -447,6 +472,16 @@ def _exact_block(
     return _normalise(out.reshape(B, H, -1, v1.shape[-1])[:, :, :L])
 
 
+def _cumsum_chunks(terms: torch.Tensor) -> torch.Tensor:
+    """`terms.cumsum(dim=2)` for `(B, H, n, S, E)`; without autograd an in-place loop over `n` (eager only: it
+    runs several times faster than `cumsum` over a non-last dimension on CPU)."""
+    if records_grad(terms):
+        return terms.cumsum(dim=2)
+    for c in range(1, terms.shape[2]):
+        terms[:, :, c] += terms[:, :, c - 1]
+    return terms
+
+
 def _rescaled_prefix(
     delta: torch.Tensor, running: torch.Tensor, state: LinearState
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -471,10 +506,12 @@ def _rescaled_prefix(
     limit = _SCAN_RANGE.get(delta.dtype, 60.0)
     if bool(((top - shifts) * seen).amax() > limit):
         return None
-    terms = torch.cat([state.kvz[:, :, None], delta], dim=2) * torch.exp(shifts - top)[..., None]
-    sums = terms.cumsum(dim=2)  # (B, H, n + 1, S, D + 1), relative to `top`
+    grad = records_grad(delta, state.kvz)  # without autograd the fresh temporaries are rescaled in place
+    terms, factor = torch.cat([state.kvz[:, :, None], delta], dim=2), torch.exp(shifts - top)[..., None]
+    sums = _cumsum_chunks(terms * factor if grad else terms.mul_(factor))  # (B, H, n + 1, S, D + 1), relative to `top`
     # before any real key `running` is at the floor and the sums are exactly 0: clamp the factor, not the sums
-    prior = sums[:, :, :-1] * torch.exp((top - running).clamp_max(limit))[..., None]
+    factor = torch.exp((top - running).clamp_max(limit))[..., None]
+    prior = sums[:, :, :-1] * factor if grad else sums[:, :, :-1].mul_(factor)
     return prior, sums[:, :, -1]
 
 
@@ -495,8 +532,13 @@ def _fast_block(
     visible: torch.Tensor | None,
     chunk_size: int,
     state: LinearState,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LinearState] | None:
     """Causal attention over one block, all chunks batched; None when a row underflows (use `_exact_block`).
+
+    With `out` (no autograd) the exponentials run in place on fresh map outputs (`lq`, `lk` that are not views),
+    query weights are scaled to a row max of 1 rather than normalised (the underflow test then only sees larger
+    denominators, by at most a factor `S`) and the result is divided straight into `out`.
 
     Args:
         lq, lk (`torch.Tensor` of shape `(B, H, L, S)`): log-features of the block (padded keys at `-inf`).
@@ -505,26 +547,44 @@ def _fast_block(
             (None: all of them).
         chunk_size (`int`): `C`.
         state (`LinearState`): statistics before the block (not modified).
+        out (`torch.Tensor` of shape `(B, H, L, D)`, *optional*): where to write the output, without autograd.
 
     Returns:
         The output `(B, H, L, D)` and the state after the block.
     """
     B, H, L, _ = lk.shape
+    inference = out is not None
+    own_q, own_k = inference and lq._base is None, inference and lk._base is None
     lq, lk, v1 = _chunks(lq, lk, v, chunk_size)
     running = _running_max(lk, state)  # (B, H, n, S)
-    phi_k, delta = _chunk_sums(lk, v1, running)  # (B, H, n, C, S), (B, H, n, S, D + 1)
+    if own_k:
+        phi_k = _exp_in_place(lk.sub_(running[:, :, :, None]))  # (B, H, n, C, S)
+        delta = phi_k.transpose(-1, -2) @ v1  # (B, H, n, S, D + 1)
+    else:
+        phi_k, delta = _chunk_sums(lk, v1, running)
     prefix = _rescaled_prefix(delta, running, state)
     prior, final = prefix if prefix is not None else _scanned_prefix(delta, running, state)
-    phi_q = _query_weights(lq, running[:, :, :, None])  # (B, H, n, C, S)
+    if inference:
+        phi_q = _query_weights_in_place(lq, running[:, :, :, None], own_q)
+    else:
+        phi_q = _query_weights(lq, running[:, :, :, None])  # (B, H, n, C, S)
     scores = (phi_q @ phi_k.transpose(-1, -2)).tril_()  # (B, H, n, C, C)
-    out = (phi_q @ prior + scores @ v1).reshape(B, H, -1, v1.shape[-1])[:, :, :L]
-    den = out[..., -1].detach()
+    num_den = phi_q @ prior
+    num_den = (num_den.add_(scores @ v1) if inference else num_den + scores @ v1).reshape(B, H, -1, v1.shape[-1])
+    num_den = num_den[:, :, :L]
+    den = num_den[..., -1].detach()
     weak = den < _tiny(den.dtype) ** 0.5
     if visible is not None:
         weak &= visible
     if bool(weak.any()):
         return None
-    return _normalise(out), LinearState(final, running[:, :, -1])
+    after = LinearState(final, running[:, :, -1])
+    if not inference:
+        return _normalise(num_den), after
+    den = num_den[..., -1:]
+    if visible is not None:  # a row without any real key gives 0, as `_normalise`
+        den = den.masked_fill(den == 0, 1.0)
+    return torch.div(num_den[..., :-1], den, out=out), after
 
 
 def causal_linear_attention(
@@ -572,20 +632,27 @@ def causal_linear_attention(
     if prefix:
         state.absorb(lk_prefix, v_prefix, _block(key_mask, 0, prefix), k_map, block)
     visible = _visible_rows(key_mask, state, prefix)
+    # without autograd every block writes into one output (no list of block outputs, no concatenation)
+    out = None if torch.is_grad_enabled() or is_tracing() else v.new_empty(B, H, Nq, D)
     outputs = []
     blocks = zip(range(0, Nq, block), lq.split(block, dim=2), lk.split(block, dim=2), v.split(block, dim=2))
-    for start, lq_b, lk_b, v_b in blocks:
-        lq_b = q_map(lq_b)
-        lk_b = _mask_keys(k_map(lk_b), _block(key_mask, prefix + start, block))
+    for start, q_b, k_b, v_b in blocks:
+        mask_b = _block(key_mask, prefix + start, block)
+        lq_b, lk_b = q_map(q_b), _mask_keys(k_map(k_b), mask_b)
         seen = None if visible is None else visible[:, :, start : start + block]
+        out_b = None if out is None else out[:, :, start : start + q_b.shape[2]]
         # a traced graph (torch.compile / export) cannot branch on the data: it takes the exact loop, valid for any range
-        result = None if is_tracing() else _fast_block(lq_b, lk_b, v_b, seen, chunk_size, state)
+        result = None if is_tracing() else _fast_block(lq_b, lk_b, v_b, seen, chunk_size, state, out_b)
         if result is None:
-            outputs.append(_exact_block(lq_b, lk_b, v_b, chunk_size, state))
+            if out_b is not None:  # the fast block may have overwritten fresh features in place
+                lq_b, lk_b = q_map(q_b), _mask_keys(k_map(k_b), mask_b)
+            exact = _exact_block(lq_b, lk_b, v_b, chunk_size, state)
+            outputs.append(exact if out_b is None else out_b.copy_(exact))
         else:
-            out, after = result
-            outputs.append(out)
-            state.kvz, state.shift = after.kvz, after.shift
+            outputs.append(result[0])
+            state.kvz, state.shift = result[1].kvz, result[1].shift
+    if out is not None:
+        return out, state
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)), state
 
 

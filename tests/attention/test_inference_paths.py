@@ -12,9 +12,11 @@ import torch
 
 import hf_lara.attention.eva as eva_module
 import hf_lara.attention.lara as lara_module
+import hf_lara.attention.linear as linear_module
+from hf_lara.attention import build_attention
 from hf_lara.attention.eva import EVAAttention
 from hf_lara.attention.lara import LinearRandomizedAttention
-from hf_lara.attention.linear import bidirectional_linear_attention
+from hf_lara.attention.linear import bidirectional_linear_attention, causal_linear_attention
 from hf_lara.attention.naive import naive_bidirectional_lara, naive_eva_attention, naive_feature_attention
 from hf_lara.attention.rfa import RandomFeatureAttention
 
@@ -195,3 +197,91 @@ def test_eva_inference_path_on_strided_inputs_and_autograd_path(monkeypatch):
     assert len(calls) == 1
     assert_close("autograd", expected, attn(q, k, v), 1e-10)
     assert len(calls) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The no-grad causal path of `linear.py` (`_fast_block` with an output buffer): in-place exponentials on fresh map
+# outputs, max-scaled query weights, the prefix cumulative sum by a loop, blocks divided straight into one output.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fresh(x: torch.Tensor) -> torch.Tensor:
+    """A map that hands out a fresh copy (not a view), so the no-grad path works on it in place."""
+    return x.clone()
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad"])
+@pytest.mark.parametrize("maps", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("T,C,block", [(37, 8, 16), (29, 4, 1000), (64, 16, 32)])
+def test_causal_linear_attention_without_autograd(mode, maps, masked, T, C, block, monkeypatch):
+    """Fresh map outputs (worked on in place) or given log-features (never modified), against the naive twin."""
+    calls = _spy(monkeypatch, linear_module, "_fast_block")
+    g = torch.Generator().manual_seed(3)
+    lq, lk = (torch.randn(2, 2, T, 6, dtype=torch.float64, generator=g) * 3.0 for _ in range(2))
+    v = torch.randn(2, 2, T, 5, dtype=torch.float64, generator=g)
+    mask = None
+    if masked:
+        mask = torch.rand(2, T, generator=g) > 0.3
+        mask[1, : T // 2] = False  # leading rows with no real key give 0
+    expected = naive_feature_attention(lq, lk, v, mask, causal=True)
+    lq_before, lk_before = lq.clone(), lk.clone()
+    kwargs = {"q_map": _fresh, "k_map": _fresh, "feature_dim": 6} if maps else {}
+    with torch.inference_mode() if mode == "inference" else torch.no_grad():
+        out, state = causal_linear_attention(lq, lk, v, mask, chunk_size=C, block_size=block, **kwargs)
+    assert_close("out", expected, out, 1e-10)
+    assert torch.equal(lq, lq_before) and torch.equal(lk, lk_before)
+    assert len(calls) == -(-T // block)
+    # the final state continues the sequence as the autograd path's does
+    _, reference_state = causal_linear_attention(lq, lk, v, mask, chunk_size=C, block_size=block)
+    assert_close(
+        "state",
+        reference_state.kvz * reference_state.shift.exp()[..., None],
+        state.kvz * state.shift.exp()[..., None],
+        1e-10,
+    )
+
+
+@pytest.mark.parametrize("maps", [True, False])
+def test_causal_without_autograd_falls_back_on_original_features(maps, monkeypatch):
+    """A key 800 nats above all others, late in a chunk: the fast block fails after working in place on its
+    features, and the exact block reruns on fresh ones (or on the untouched given log-features)."""
+    calls = _spy(monkeypatch, linear_module, "_exact_block")
+    g = torch.Generator().manual_seed(4)
+    lq, lk = (torch.randn(1, 1, 40, 4, dtype=torch.float64, generator=g) for _ in range(2))
+    v = torch.randn(1, 1, 40, 5, dtype=torch.float64, generator=g)
+    lk[0, 0, 13] += 800.0
+    kwargs = {"q_map": _fresh, "k_map": _fresh, "feature_dim": 4} if maps else {}
+    with torch.no_grad():
+        out, _ = causal_linear_attention(lq, lk, v, chunk_size=8, block_size=16, **kwargs)
+    assert_close("out", naive_feature_attention(lq, lk, v, causal=True), out, 1e-10)
+    assert len(calls) == 1
+
+
+def test_causal_without_autograd_scanned_prefix(monkeypatch):
+    """No range allowed for the rescaled cumulative sum: the prefix states come from `_prefix_sums`."""
+    calls = _spy(monkeypatch, linear_module, "_scanned_prefix")
+    monkeypatch.setattr(linear_module, "_SCAN_RANGE", {torch.float64: -1.0})
+    g = torch.Generator().manual_seed(5)
+    lq, lk = (torch.randn(1, 2, 50, 6, dtype=torch.float64, generator=g) * 3.0 for _ in range(2))
+    v = torch.randn(1, 2, 50, 5, dtype=torch.float64, generator=g)
+    with torch.inference_mode():
+        out, _ = causal_linear_attention(lq, lk, v, chunk_size=6, block_size=12, q_map=_fresh, k_map=_fresh)
+    assert_close("out", naive_feature_attention(lq, lk, v, causal=True), out, 1e-10)
+    assert len(calls) >= 1
+
+
+@pytest.mark.parametrize("method", ["rfa", "kernel", "lara"])
+def test_causal_estimators_without_autograd_equal_naive_twin(method):
+    """The estimators' own feature maps under `torch.inference_mode` against the naive twin on their log-features."""
+    B, H, N, D = 2, 2, 45, 8
+    q, k, v = qkv(B, H, N, D, generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[1, :7] = False
+    attn = build_attention(method, num_heads=H, head_dim=D, chunk_size=8).double().eval()
+    fm = attn.feature_maps(D**-0.5, torch.float64)
+    expected = naive_feature_attention(fm.query(q), fm.key(k), v, mask, causal=True)
+    with torch.inference_mode():
+        out = attn(q, k, v, padding_mask=mask, causal=True)
+    assert_close(method, expected[0], out[0], 1e-10)
+    assert_close(method, expected[1, :, 7:], out[1, :, 7:], 1e-10)

@@ -224,7 +224,9 @@ def test_low_precision_large_inputs(feature_map, dtype, causal):
     with torch.no_grad():
         out = attn(q, k, v, causal=causal)
     assert out.dtype == dtype and torch.isfinite(out).all()
-    assert len(captured) == 2
+    # once for queries and once for keys; causal blocks that fall back to the exact form (underflowing rows) map
+    # their tokens again, since the no-grad fast path works on the first features in place
+    assert len(captured) == 2 or (causal and len(captured) == 4)
     for log_phi in captured:
         # finite log-features = strictly positive, finite features
         assert log_phi.dtype == torch.float32 and torch.isfinite(log_phi).all()

@@ -113,6 +113,22 @@ def test_compiled_causal_equals_eager_and_naive(method):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["rfa", "kernel"])
+def test_compiled_bidirectional_without_autograd_equals_naive(method):
+    """`torch.compile(fullgraph=True)` of the no-grad bidirectional path (its block size reads no thread count
+    when traced) equals quadratic attention on the same features."""
+    torch.manual_seed(0)
+    attn = build_small(method, num_heads=2, head_dim=8).double().eval()
+    q, k, v = qkv(5, 2, 75, 8)
+    mask = padding_mask(5, 75)
+    maps = attn.feature_maps(8**-0.5, torch.float64)
+    ref = naive_feature_attention(maps.query(q), maps.key(k), v, mask)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(attn, fullgraph=True, backend="eager")(q, k, v, padding_mask=mask)
+    assert_close("compiled", ref[:3], out[:3], 1e-10)
+
+
 def test_causal_graph_has_no_break_and_does_not_grow_with_chunks():
     """Dynamo's count of graph breaks is 0, and the traced graph of one block has as many ops for 40 chunks as for
     900 (the prefix is no Python loop over chunks)."""
