@@ -76,7 +76,7 @@ def teacher_settings(args) -> dict:
         "vocab_size": 2048,
         "hidden_size": 128,
         "intermediate_size": 384,
-        "num_hidden_layers": 4,
+        "num_hidden_layers": args.teacher_layers,
         "num_attention_heads": 4,
         "max_position_embeddings": 512,
         "train_chars": args.train_chars,
@@ -86,7 +86,7 @@ def teacher_settings(args) -> dict:
         "lr": 3e-3,
         "seed": 0,
         "recall_share": args.recall_share,
-        "random_span_share": 0.5,
+        "random_span_share": args.random_span_share,
         "version": 3,
     }
 
@@ -156,7 +156,8 @@ def train_teacher(settings: dict, texts: list[str], tokenizer) -> tuple[torch.nn
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.1, betas=(0.9, 0.95))
     steps, warmup = settings["steps"], max(1, settings["steps"] // 20)
     model.train()
-    start, cpu, losses, copy_losses = time.monotonic(), time.process_time(), [], [float("nan")]
+    start, cpu, losses = time.monotonic(), time.process_time(), []
+    copy_losses, rest_losses = [float("nan")], [float("nan")]
     for step in range(steps):
         for g in optimizer.param_groups:
             g["lr"] = settings["lr"] * _schedule(step, steps, warmup)
@@ -180,10 +181,11 @@ def train_teacher(settings: dict, texts: list[str], tokenizer) -> tuple[torch.nn
         losses.append(loss.item())
         if copies[:, 1:].any():
             copy_losses.append(token_loss[copies[:, 1:]].mean().item())
+            rest_losses.append(token_loss[~copies[:, 1:]].mean().item())
         if step % 25 == 0 or step == steps - 1:
             print(
                 f"  teacher step {step}/{steps} loss {loss.item():.3f} copy loss {copy_losses[-1]:.3f} "
-                f"({time.monotonic() - start:.0f} s)",
+                f"other tokens {rest_losses[-1]:.3f} ({time.monotonic() - start:.0f} s)",
                 flush=True,
             )
     model.eval()
@@ -195,6 +197,7 @@ def train_teacher(settings: dict, texts: list[str], tokenizer) -> tuple[torch.nn
         "loss_first": losses[0],
         "loss_last": sum(losses[-20:]) / len(losses[-20:]),
         "copy_loss_last": sum(copy_losses[-20:]) / len(copy_losses[-20:]),
+        "other_loss_last": sum(rest_losses[-20:]) / len(rest_losses[-20:]),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     return model, stats
@@ -268,6 +271,28 @@ def sliding_window_mask(n: int, window: int, sinks: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def score(
+    model,
+    docs: list[torch.Tensor],
+    window: int | None = None,
+    sinks: int = 0,
+    targets: list[tuple[int, int]] | None = None,
+) -> tuple[float, list[torch.Tensor]]:
+    """Perplexity (exp of the mean next-token negative log-likelihood) over the predicted tokens of `docs` (one at a
+    time): all of them, or with `targets` only the tokens `ids[lo:hi]` of each doc (`lo >= 1`); with `window`,
+    attention limited to the last `window` keys (+ `sinks` first keys). Also the model's top-1 predictions of those
+    tokens, one `(hi - lo,)` tensor per doc."""
+    nll, count, top1 = 0.0, 0, []
+    for k, ids in enumerate(docs):
+        lo, hi = (1, len(ids)) if targets is None else targets[k]
+        mask = None if window is None else sliding_window_mask(len(ids), window, sinks)
+        logits = model(input_ids=ids[None], attention_mask=mask).logits[0, lo - 1 : hi - 1].float()
+        nll += torch.nn.functional.cross_entropy(logits, ids[lo:hi], reduction="sum").item()
+        count += hi - lo
+        top1.append(logits.argmax(dim=-1))
+    return math.exp(nll / count), top1
+
+
 def perplexity(
     model,
     docs: list[torch.Tensor],
@@ -275,17 +300,14 @@ def perplexity(
     sinks: int = 0,
     targets: list[tuple[int, int]] | None = None,
 ) -> float:
-    """exp of the mean next-token negative log-likelihood over the predicted tokens of `docs` (one at a time): all of
-    them, or with `targets` only the tokens `ids[lo:hi]` of each doc (`lo >= 1`); with `window`, attention limited to
-    the last `window` keys (+ `sinks` first keys)."""
-    nll, count = 0.0, 0
-    for k, ids in enumerate(docs):
-        lo, hi = (1, len(ids)) if targets is None else targets[k]
-        mask = None if window is None else sliding_window_mask(len(ids), window, sinks)
-        logits = model(input_ids=ids[None], attention_mask=mask).logits[0, lo - 1 : hi - 1].float()
-        nll += torch.nn.functional.cross_entropy(logits, ids[lo:hi], reduction="sum").item()
-        count += hi - lo
-    return math.exp(nll / count)
+    """The perplexity of `score`."""
+    return score(model, docs, window, sinks, targets)[0]
+
+
+def top1_agreement(predictions: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """Share of positions, over all docs, where `predictions` equal `reference` (lists of equal-shape 1-D tensors)."""
+    same = sum(int((p == r).sum()) for p, r in zip(predictions, reference, strict=True))
+    return same / sum(len(r) for r in reference)
 
 
 def unigram_perplexity(tokenizer, train_texts: list[str], docs: list[torch.Tensor]) -> float:
@@ -311,6 +333,24 @@ def greedy(model, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
     return out[:, prompts.shape[1] :]
 
 
+@torch.no_grad()
+def greedy_window(model, prompts: torch.Tensor, new_tokens: int, window: int, sinks: int) -> torch.Tensor:
+    """`(P, new_tokens)` greedy continuations of `prompts` `(P, L)` with attention limited to the last `window` keys
+    (+ `sinks` first keys): one full forward per new token under `sliding_window_mask` (a baseline, not a linear
+    path)."""
+    ids = prompts
+    for _ in range(new_tokens):
+        mask = sliding_window_mask(ids.shape[1], window, sinks)
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    return ids[:, prompts.shape[1] :]
+
+
+def first_difference(student: torch.Tensor, teacher: torch.Tensor) -> list[int]:
+    """For each row of `student` `(P, T)`: the index of its first token that differs from `teacher`'s (T if none)."""
+    return (student == teacher).int().cumprod(dim=1).sum(dim=1).tolist()
+
+
 def agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict:
     """exact: share of rows of `student` `(P, T)` equal to `teacher`'s; prefix: mean share of tokens before the first
     difference."""
@@ -331,21 +371,47 @@ def copy_prompt(
     return torch.cat([ids[:t], ids[s : s + cue]]), ids[s + cue : s + cue + new]
 
 
-def measure(model, data: dict) -> dict:
-    ppl = perplexity(model, data["eval_docs"])
-    rep = perplexity(model, data["repeat_docs"], targets=data["repeat_targets"])
-    copied = greedy(model, data["copy_prompts"], data["new_tokens"])
+def summary(data: dict, text: tuple, repeat: tuple, plain: torch.Tensor, copied: torch.Tensor) -> dict:
+    """The measures of one model against the teacher's: `text` and `repeat` are `score`'s answers on the eval and
+    repeat docs, `plain` and `copied` its greedy continuations of the plain and copy prompts."""
     return {
-        "ppl": ppl,
-        "ppl_ratio": ppl / data["teacher_ppl"],
-        "repeat_ppl": rep,
-        "repeat_ratio": rep / data["teacher_repeat_ppl"],
-        **agreement(greedy(model, data["prompts"], data["new_tokens"]), data["teacher_continuations"]),
+        "ppl": text[0],
+        "ppl_ratio": text[0] / data["teacher_ppl"],
+        "repeat_ppl": repeat[0],
+        "repeat_ratio": repeat[0] / data["teacher_repeat_ppl"],
+        "top1": top1_agreement(text[1], data["teacher_top1"]),
+        "repeat_top1": top1_agreement(repeat[1], data["teacher_repeat_top1"]),
+        **agreement(plain, data["teacher_continuations"]),
+        "first_diff": first_difference(plain, data["teacher_continuations"]),
         "copy": {
             **agreement(copied, data["teacher_copies"]),
             "source_prefix": agreement(copied, data["copy_sources"])["prefix"],
+            "first_diff": first_difference(copied, data["teacher_copies"]),
         },
     }
+
+
+def measure(model, data: dict) -> dict:
+    """`summary` of `model` (full attention or converted; greedy decoding through `model.generate`)."""
+    return summary(
+        data,
+        score(model, data["eval_docs"]),
+        score(model, data["repeat_docs"], targets=data["repeat_targets"]),
+        greedy(model, data["prompts"], data["new_tokens"]),
+        greedy(model, data["copy_prompts"], data["new_tokens"]),
+    )
+
+
+def window_only_baseline(teacher, data: dict) -> dict:
+    """`summary` of the teacher restricted to its last `WINDOW` keys + `SINKS` first keys (sliding-window mask):
+    what an estimator would reach with nothing beyond its window."""
+    return summary(
+        data,
+        score(teacher, data["eval_docs"], WINDOW, SINKS),
+        score(teacher, data["repeat_docs"], WINDOW, SINKS, data["repeat_targets"]),
+        greedy_window(teacher, data["prompts"], data["new_tokens"], WINDOW, SINKS),
+        greedy_window(teacher, data["copy_prompts"], data["new_tokens"], WINDOW, SINKS),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -376,11 +442,11 @@ def run_one(teacher, tokenizer, method: str, data: dict, args) -> dict:
 
 
 def fmt(m: dict) -> str:
-    if "ppl" not in m:
-        return "—"
+    """The table cells of one `summary`."""
     c = m["copy"]
     return (
         f"{m['ppl']:.2f} ({m['ppl_ratio']:.3f}x) | {m['repeat_ppl']:.2f} ({m['repeat_ratio']:.2f}x) "
+        f"| {100 * m['top1']:.0f} % / {100 * m['repeat_top1']:.0f} % "
         f"| {100 * c['exact']:.0f} % / {100 * c['prefix']:.0f} % / {100 * c['source_prefix']:.0f} % "
         f"| {100 * m['exact']:.0f} % / {100 * m['prefix']:.0f} %"
     )
@@ -390,27 +456,29 @@ def table(rows: list[dict], data: dict) -> str:
     c = data["teacher_copy_source_prefix"]
     lines = [
         f"Teacher: text ppl {data['teacher_ppl']:.2f}, repeat ppl {data['teacher_repeat_ppl']:.2f}, copy prompts "
-        f"continued as the source for {100 * c:.0f} % of the tokens (mean prefix). Teacher with only its last "
-        f"{WINDOW} keys + {SINKS} sinks (sliding-window mask): text ppl {data['window_only_ppl']:.2f}, repeat ppl "
-        f"{data['window_only_repeat_ppl']:.2f}. Unigram text ppl {data['unigram_ppl']:.1f}.",
+        f"continued as the source for {100 * c:.0f} % of the tokens (mean prefix). Unigram text ppl "
+        f"{data['unigram_ppl']:.1f}. The row 'window only' is the teacher limited to its last {WINDOW} keys + {SINKS} "
+        "sink keys by a sliding-window mask (what an estimator gets with nothing beyond its window).",
         "",
         "text ppl: all tokens of held-out documents; repeat ppl: the second occurrence of a span repeated >= 128 tokens "
-        "later (its source is outside the window); copy: greedy continuations of prompts ending with the first "
-        f"8 tokens of such a copy, = teacher exact / prefix / = source prefix; text: greedy continuations of plain "
+        "later (its source is outside the window); top-1: share of those scored positions whose most likely next "
+        "token is the teacher's (teacher-forced); copy: greedy continuations of prompts ending with the first "
+        "8 tokens of such a copy, = teacher exact / prefix / = source prefix; text: greedy continuations of plain "
         f"prompts, = teacher exact / prefix ({data['new_tokens']} new tokens each).",
         "",
-        "| method | stage | text ppl (ratio) | repeat ppl (ratio) | copy: exact / prefix / source | "
-        "text: exact / prefix | train min (wall / CPU) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | stage | text ppl (ratio) | repeat ppl (ratio) | top-1: text / repeat | "
+        "copy: exact / prefix / source | text: exact / prefix | train min (wall / CPU) |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| teacher | window only | {fmt(data['window_only'])} | |",
     ]
     for r in rows:
         hp = ", ".join(f"{k}={v}" for k, v in r["hparams"].items())
         for stage in ("fresh", "stage1", "stage2"):
             name = r["method"] if stage == "fresh" else ""
             spent = f"{r['train_minutes']:.1f} / {r['train_cpu_minutes']:.1f}" if stage == "stage2" else ""
-            cells = fmt(r[stage]) if "ppl" in r[stage] else "— | — | — | —"
+            cells = fmt(r[stage]) if "ppl" in r[stage] else "— | — | — | — | —"
             lines.append(f"| {name} | {stage} | {cells} | {spent} |")
-        lines.append(f"| | ({hp}) | | | | | |")
+        lines.append(f"| | ({hp}) | | | | | | |")
     return "\n".join(lines)
 
 
@@ -450,16 +518,13 @@ def build_data(teacher, tokenizer, args) -> dict:
         "eval_tokens": sorted(len(d) for d in ids),
         "repeat_lengths": sorted(hi - lo for lo, hi in repeat_targets),
     }
-    data["teacher_ppl"] = perplexity(teacher, ids)
-    data["window_only_ppl"] = perplexity(teacher, ids, window=WINDOW, sinks=SINKS)
-    data["teacher_repeat_ppl"] = perplexity(teacher, repeat_docs, targets=repeat_targets)
-    data["window_only_repeat_ppl"] = perplexity(
-        teacher, repeat_docs, window=WINDOW, sinks=SINKS, targets=repeat_targets
-    )
+    data["teacher_ppl"], data["teacher_top1"] = score(teacher, ids)
+    data["teacher_repeat_ppl"], data["teacher_repeat_top1"] = score(teacher, repeat_docs, targets=repeat_targets)
     data["unigram_ppl"] = unigram_perplexity(tokenizer, train_docs, ids)
     data["teacher_continuations"] = greedy(teacher, data["prompts"], args.new_tokens)
     data["teacher_copies"] = greedy(teacher, data["copy_prompts"], args.new_tokens)
     data["teacher_copy_source_prefix"] = agreement(data["teacher_copies"], data["copy_sources"])["prefix"]
+    data["window_only"] = window_only_baseline(teacher, data)
     return data
 
 
@@ -474,6 +539,13 @@ def main(argv=None) -> None:
         type=float,
         default=0.75,
         help="share of teacher training sequences (and distillation documents) with a span repeated >= 128 tokens on",
+    )
+    parser.add_argument("--teacher_layers", type=int, default=4)
+    parser.add_argument(
+        "--random_span_share",
+        type=float,
+        default=0.5,
+        help="share of the teacher's repeated spans made of random tokens (only copying predicts them)",
     )
     parser.add_argument("--batch_tokens", type=int, default=2048)
     parser.add_argument("--num_eval", type=int, default=48)
@@ -504,9 +576,9 @@ def main(argv=None) -> None:
     n = data["eval_tokens"]
     print(
         f"{len(n)} eval docs ({n[0]}-{n[-1]} tokens, median {n[len(n) // 2]}), {len(data['train_docs'])} train docs; "
-        f"teacher ppl {data['teacher_ppl']:.2f}, window-only {data['window_only_ppl']:.2f}, "
+        f"teacher ppl {data['teacher_ppl']:.2f}, window-only {data['window_only']['ppl']:.2f}, "
         f"unigram {data['unigram_ppl']:.1f}; {len(data['repeat_docs'])} repeat docs: teacher repeat ppl "
-        f"{data['teacher_repeat_ppl']:.2f}, window-only {data['window_only_repeat_ppl']:.2f}; teacher copies the "
+        f"{data['teacher_repeat_ppl']:.2f}, window-only {data['window_only']['repeat_ppl']:.2f}; teacher copies the "
         f"source for {100 * data['teacher_copy_source_prefix']:.0f} % of copy-prompt tokens",
         flush=True,
     )
@@ -530,9 +602,8 @@ def main(argv=None) -> None:
             "total": sum(data["repeat_lengths"]),
         },
         "teacher_ppl": data["teacher_ppl"],
-        "window_only_ppl": data["window_only_ppl"],
+        "window_only": data["window_only"],
         "teacher_repeat_ppl": data["teacher_repeat_ppl"],
-        "window_only_repeat_ppl": data["window_only_repeat_ppl"],
         "teacher_copy_source_prefix": data["teacher_copy_source_prefix"],
         "load_average": {"start": load_start, "end": None},
         "unigram_ppl": data["unigram_ppl"],
