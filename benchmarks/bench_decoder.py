@@ -61,6 +61,8 @@ RESULTS = Path(__file__).parent / "results"
 EOS = "<|endoftext|>"
 WINDOW = 64
 SINKS = 4
+SHORT_LEN = 128  # teacher warm-up sequences (`--short_steps`) and their repeated spans (`repeat_layout` arguments)
+SHORT_LAYOUT = {"low": 16, "high": 48, "gap": 32, "start": 4}
 METHODS = {
     "eva": {"window_size": WINDOW, "num_chunks": 64, "chunk_size": 16},
     "kernel": {"feature_map": "hedgehog", "window_size": WINDOW, "sink_tokens": SINKS},
@@ -72,7 +74,7 @@ METHODS = {
 # ------------------------------------------------------------------------------------------------ teacher
 def teacher_settings(args) -> dict:
     """Everything the cached teacher depends on (its cache key)."""
-    return {
+    settings = {
         "vocab_size": 2048,
         "hidden_size": 128,
         "intermediate_size": 384,
@@ -89,6 +91,9 @@ def teacher_settings(args) -> dict:
         "random_span_share": args.random_span_share,
         "version": 3,
     }
+    if args.short_steps:  # only when used, so that the cache keys of earlier teachers stay valid
+        settings.update(short_steps=args.short_steps, short_len=SHORT_LEN, short_layout=SHORT_LAYOUT)
+    return settings
 
 
 def training_corpus(max_chars: int, seed: int = 0) -> list[str]:
@@ -158,19 +163,16 @@ def train_teacher(settings: dict, texts: list[str], tokenizer) -> tuple[torch.nn
     model.train()
     start, cpu, losses = time.monotonic(), time.process_time(), []
     copy_losses, rest_losses = [float("nan")], [float("nan")]
+    short = settings.get("short_steps", 0)
     for step in range(steps):
         for g in optimizer.param_groups:
             g["lr"] = settings["lr"] * _schedule(step, steps, warmup)
-        offsets = torch.randint(0, len(stream) - n - 1, (batch,), generator=gen)
-        x = torch.stack([stream[o : o + n] for o in offsets.tolist()])
-        copies = torch.zeros_like(x, dtype=torch.bool)  # predicted tokens inside a copy (for the log only)
-        for row in range(batch):
-            if rng.random() < settings["recall_share"]:
-                x[row], (s, t, length) = with_repeat(x[row], rng)
-                copies[row, t + 1 : t + length] = True
-                if rng.random() < settings["random_span_share"]:  # random tokens: only copying predicts them
-                    span = torch.randint(0, settings["vocab_size"], (length,), generator=gen)
-                    x[row, s : s + length], x[row, t : t + length] = span, span
+        # warm-up on short sequences with near repeats: at initialisation attention spreads over all keys, so the
+        # gradient towards the one key a copy needs is ~1/n; short windows let the induction circuit form sooner
+        n_step, b_step, layout = (n, batch, {}) if step >= short else (SHORT_LEN, batch * n // SHORT_LEN, SHORT_LAYOUT)
+        offsets = torch.randint(0, len(stream) - n_step - 1, (b_step,), generator=gen)
+        x = torch.stack([stream[o : o + n_step] for o in offsets.tolist()])
+        copies = add_repeats(x, settings, rng, gen, **layout)
         logits = model(input_ids=x).logits[:, :-1]
         token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
         loss = token_loss.mean()
@@ -201,6 +203,21 @@ def train_teacher(settings: dict, texts: list[str], tokenizer) -> tuple[torch.nn
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     return model, stats
+
+
+def add_repeats(x: torch.Tensor, settings: dict, rng: random.Random, gen: torch.Generator, **layout) -> torch.Tensor:
+    """Give a share `recall_share` of the rows of `x` `(B, n)` (in place) a repeated span (`with_repeat`), a share
+    `random_span_share` of those spans made of random tokens (only copying predicts them); returns the `(B, n)` mask of
+    the copied tokens after the first of each copy (those an induction head predicts)."""
+    copies = torch.zeros_like(x, dtype=torch.bool)
+    for row in range(len(x)):
+        if rng.random() < settings["recall_share"]:
+            x[row], (s, t, length) = with_repeat(x[row], rng, **layout)
+            copies[row, t + 1 : t + length] = True
+            if rng.random() < settings["random_span_share"]:
+                span = torch.randint(0, settings["vocab_size"], (length,), generator=gen)
+                x[row, s : s + length], x[row, t : t + length] = span, span
+    return copies
 
 
 def cached_teacher(args) -> tuple[torch.nn.Module, object, dict]:
@@ -541,6 +558,12 @@ def main(argv=None) -> None:
         help="share of teacher training sequences (and distillation documents) with a span repeated >= 128 tokens on",
     )
     parser.add_argument("--teacher_layers", type=int, default=4)
+    parser.add_argument(
+        "--short_steps",
+        type=int,
+        default=0,
+        help=f"first teacher steps on {SHORT_LEN}-token sequences with near repeats (as many tokens per step)",
+    )
     parser.add_argument(
         "--random_span_share",
         type=float,

@@ -139,3 +139,26 @@ def test_greedy_window_matches_generate_and_a_truncated_context(bench):
             logits = model(input_ids=ids[:, -window:]).logits[:, -1].double()
             ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
     assert torch.equal(bench.greedy_window(model, prompts, 6, window=window, sinks=0), ids[:, 20:])
+
+
+@pytest.mark.parametrize("random_share", [0.0, 1.0])
+def test_add_repeats_copies_spans_and_marks_the_predictable_tokens(bench, random_share):
+    x = torch.arange(16 * 128).view(16, 128) + 5000  # distinct tokens, outside the random-span vocabulary
+    original = x.clone()
+    settings = {"recall_share": 1.0, "random_span_share": random_share, "vocab_size": 100}
+    copies = bench.add_repeats(x, settings, random.Random(0), torch.Generator().manual_seed(0), **bench.SHORT_LAYOUT)
+    for row in range(16):
+        (changed,) = torch.nonzero(x[row] != original[row], as_tuple=True)
+        marked = torch.nonzero(copies[row]).flatten()
+        t, end = int(marked[0]) - 1, int(marked[-1]) + 1  # the copy's first token is not marked
+        length = end - t
+        assert 16 <= length <= 48 and torch.equal(marked, torch.arange(t + 1, end))
+        s = int(torch.nonzero((x[row] == x[row, t]) & (torch.arange(128) < t))[0]) if random_share else None
+        if random_share:  # the source was overwritten as well, by tokens < 100
+            assert (x[row, t:end] < 100).all() and torch.equal(x[row, s : s + length], x[row, t:end]) and t - s >= 32
+        else:  # only the copy changed, into the text of an earlier span
+            assert changed.min() >= t and changed.max() < end
+            s = int(x[row, t]) - 5000 - 128 * row
+            assert torch.equal(x[row, t:end], original[row, s : s + length]) and t - s >= 32
+    none = bench.add_repeats(original.clone(), {**settings, "recall_share": 0.0}, random.Random(0), None)
+    assert not none.any()
