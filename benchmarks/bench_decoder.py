@@ -6,8 +6,10 @@ on docstrings of numpy/torch/transformers (BSD-3, BSD-3, Apache-2.0) read from t
 (`fidelity_texts.py`). So that the teacher needs context far beyond the estimators' window, a share `--recall_share`
 of its training sequences repeat a span of 64-200 tokens >= 128 tokens after its first occurrence; in half of them
 the span is made of random tokens, which only copying predicts (induction heads; real-text repeats alone did not
-teach a 4-layer model to copy within 400 steps). The teacher is cached (safetensors + tokenizer.json) under
-`--cache_dir`, keyed by its configuration, so reruns skip training. Evaluation text is held out by source:
+teach a 4-layer model to copy within 400 steps). `--teacher_layers`, `--teacher_lr`, `--random_span_share` and
+`--short_steps` (a warm-up on 128-token sequences with near repeats) change the recipe; see results/decoder.md for
+the variants tried. The teacher is cached (safetensors + tokenizer.json) under `--cache_dir`, keyed by its
+configuration, so reruns skip training. Evaluation text is held out by source:
 docstrings of Python's standard library (PSF), documents of 384-512 tokens.
 
 For each method the teacher is converted (causal, window 64 + sink tokens, so that >= 75 % of the keys of a
@@ -25,8 +27,10 @@ with a repeated span):
   text the prompt copies;
 * text continuations: the same on plain held-out prompts.
 
-Baselines printed with the teacher: a unigram model of the training tokens and the teacher restricted to its last
-`window` keys (+ sinks) by a sliding-window mask, i.e. what an estimator would get with nothing beyond the window.
+Also: top-1 agreement, the share of scored positions (teacher-forced) whose most likely next token is the teacher's,
+and the index of each continuation's first divergence (JSON). Baselines: a unigram model of the training tokens and
+the row "window only": the teacher restricted to its last `window` keys (+ sinks) by a sliding-window mask (greedy
+continuations by a full forward per token), i.e. what an estimator would get with nothing beyond the window.
 
     python benchmarks/bench_decoder.py              # teacher: ~10-20 min once (cached), then ~3 min per method
     python benchmarks/bench_decoder.py --quick      # few-minute smoke run (its teacher learns little)
@@ -91,6 +95,7 @@ def teacher_settings(args) -> dict:
         "random_span_share": args.random_span_share,
         "version": 3,
     }
+    settings["lr"] = args.teacher_lr
     if args.short_steps:  # only when used, so that the cache keys of earlier teachers stay valid
         settings.update(short_steps=args.short_steps, short_len=SHORT_LEN, short_layout=SHORT_LAYOUT)
     return settings
@@ -558,6 +563,7 @@ def main(argv=None) -> None:
         help="share of teacher training sequences (and distillation documents) with a span repeated >= 128 tokens on",
     )
     parser.add_argument("--teacher_layers", type=int, default=4)
+    parser.add_argument("--teacher_lr", type=float, default=3e-3, help="peak learning rate of the teacher")
     parser.add_argument(
         "--short_steps",
         type=int,
