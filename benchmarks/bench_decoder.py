@@ -1,16 +1,18 @@
 """Fidelity of a converted decoder before and after `hf_lara.distill`: perplexity and greedy continuations.
 
 No small pretrained causal LM is available offline, so the benchmark first trains one: a byte-level BPE tokenizer
-and a small Llama-shaped model (`LlamaForCausalLM`, 4 layers, hidden 128, 4 heads, context 512) trained from scratch
+and a small Llama-shaped model (`LlamaForCausalLM`, 2 layers, hidden 128, 4 heads, context 512) trained from scratch
 on docstrings of numpy/torch/transformers (BSD-3, BSD-3, Apache-2.0) read from the installed sources
 (`fidelity_texts.py`). So that the teacher needs context far beyond the estimators' window, a share `--recall_share`
-of its training sequences repeat a span of 64-200 tokens >= 128 tokens after its first occurrence; in half of them
-the span is made of random tokens, which only copying predicts (induction heads; real-text repeats alone did not
-teach a 4-layer model to copy within 400 steps). `--teacher_layers`, `--teacher_lr`, `--random_span_share` and
-`--short_steps` (a warm-up on 128-token sequences with near repeats) change the recipe; see results/decoder.md for
-the variants tried. The teacher is cached (safetensors + tokenizer.json) under `--cache_dir`, keyed by its
-configuration, so reruns skip training. Evaluation text is held out by source:
-docstrings of Python's standard library (PSF), documents of 384-512 tokens.
+of its training sequences repeat a span of 64-200 tokens >= 128 tokens after its first occurrence (real text; a share
+`--random_span_share` of the spans can be random tokens instead). The first `--short_steps` steps use 128-token
+sequences with repeats 32+ tokens back (as many tokens per step), where a copying circuit gets a stronger gradient.
+Default teacher ("v4"): 1000 steps, 600 of them short, peak learning rate 1e-2 (about 10 CPU-minutes). None of the
+recipes tried (results/decoder_notes.md) made the teacher copy within ~25 CPU-minutes: it uses far context only a
+little, so the repeat columns say little about the estimators' far part. The older teacher "v3" is
+`--teacher_layers 4 --teacher_steps 400 --short_steps 0 --teacher_lr 3e-3 --random_span_share 0.5`. The teacher is
+cached (safetensors + tokenizer.json) under `--cache_dir`, keyed by its configuration, so reruns skip training.
+Evaluation text is held out by source: docstrings of Python's standard library (PSF), documents of 384-512 tokens.
 
 For each method the teacher is converted (causal, window 64 + sink tokens, so that >= 75 % of the keys of a
 512-token context are outside the window), measured fresh, after stage 1 (attention transfer) and after stage 2
@@ -32,7 +34,7 @@ and the index of each continuation's first divergence (JSON). Baselines: a unigr
 the row "window only": the teacher restricted to its last `window` keys (+ sinks) by a sliding-window mask (greedy
 continuations by a full forward per token), i.e. what an estimator would get with nothing beyond the window.
 
-    python benchmarks/bench_decoder.py              # teacher: ~10-20 min once (cached), then ~3 min per method
+    python benchmarks/bench_decoder.py              # teacher: ~10 CPU-min once (cached), then ~4 min per method
     python benchmarks/bench_decoder.py --quick      # few-minute smoke run (its teacher learns little)
 """
 
@@ -554,7 +556,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="eva,kernel,rfa,lara")
     parser.add_argument("--minutes", type=float, default=2.0, help="distillation budget per method (both stages)")
-    parser.add_argument("--teacher_steps", type=int, default=400)
+    parser.add_argument("--teacher_steps", type=int, default=1000)
     parser.add_argument("--train_chars", type=int, default=4_000_000, help="characters of teacher training text")
     parser.add_argument(
         "--recall_share",
@@ -562,18 +564,18 @@ def main(argv=None) -> None:
         default=0.75,
         help="share of teacher training sequences (and distillation documents) with a span repeated >= 128 tokens on",
     )
-    parser.add_argument("--teacher_layers", type=int, default=4)
-    parser.add_argument("--teacher_lr", type=float, default=3e-3, help="peak learning rate of the teacher")
+    parser.add_argument("--teacher_layers", type=int, default=2)
+    parser.add_argument("--teacher_lr", type=float, default=1e-2, help="peak learning rate of the teacher")
     parser.add_argument(
         "--short_steps",
         type=int,
-        default=0,
+        default=600,
         help=f"first teacher steps on {SHORT_LEN}-token sequences with near repeats (as many tokens per step)",
     )
     parser.add_argument(
         "--random_span_share",
         type=float,
-        default=0.5,
+        default=0.0,
         help="share of the teacher's repeated spans made of random tokens (only copying predicts them)",
     )
     parser.add_argument("--batch_tokens", type=int, default=2048)
@@ -589,6 +591,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.teacher_steps, args.train_chars, args.minutes = 30, 1_000_000, 0.2
+        args.short_steps = min(args.short_steps, 18)
         args.num_eval, args.num_train, args.num_prompts, args.new_tokens = 8, 32, 8, 8
         args.methods = "kernel,eva"
         if args.output == str(RESULTS / "decoder"):

@@ -162,3 +162,15 @@ def test_add_repeats_copies_spans_and_marks_the_predictable_tokens(bench, random
             assert torch.equal(x[row, t:end], original[row, s : s + length]) and t - s >= 32
     none = bench.add_repeats(original.clone(), {**settings, "recall_share": 0.0}, random.Random(0), None)
     assert not none.any()
+
+
+def test_teacher_cache_key_of_the_v3_teacher_is_unchanged(bench):
+    import argparse
+    import hashlib
+    import json
+
+    v3 = argparse.Namespace(train_chars=4_000_000, teacher_steps=400, recall_share=0.75, teacher_layers=4,
+                            random_span_share=0.5, short_steps=0, teacher_lr=3e-3)  # fmt: skip
+    settings = bench.teacher_settings(v3)
+    assert "short_steps" not in settings  # new options enter the key only when used
+    assert hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16] == "f99013bd203bd7d5"
