@@ -1,14 +1,18 @@
 """Fidelity of a converted decoder before and after `hf_lara.distill`: perplexity and greedy continuations.
 
 No small pretrained causal LM is available offline, so the benchmark first trains one: a byte-level BPE tokenizer
-and a small Llama-shaped model (`LlamaForCausalLM`, 4 layers, hidden 128, 4 heads, context 512) trained from scratch
+and a small Llama-shaped model (`LlamaForCausalLM`, 2 layers, hidden 128, 4 heads, context 512) trained from scratch
 on docstrings of numpy/torch/transformers (BSD-3, BSD-3, Apache-2.0) read from the installed sources
 (`fidelity_texts.py`). So that the teacher needs context far beyond the estimators' window, a share `--recall_share`
-of its training sequences repeat a span of 64-200 tokens >= 128 tokens after its first occurrence; in half of them
-the span is made of random tokens, which only copying predicts (induction heads; real-text repeats alone did not
-teach a 4-layer model to copy within 400 steps). The teacher is cached (safetensors + tokenizer.json) under
-`--cache_dir`, keyed by its configuration, so reruns skip training. Evaluation text is held out by source:
-docstrings of Python's standard library (PSF), documents of 384-512 tokens.
+of its training sequences repeat a span of 64-200 tokens >= 128 tokens after its first occurrence (real text; a share
+`--random_span_share` of the spans can be random tokens instead). The first `--short_steps` steps use 128-token
+sequences with repeats 32+ tokens back (as many tokens per step), where a copying circuit gets a stronger gradient.
+Default teacher ("v4"): 1000 steps, 600 of them short, peak learning rate 1e-2 (about 10 CPU-minutes). None of the
+recipes tried (results/decoder_notes.md) made the teacher copy within ~25 CPU-minutes: it uses far context only a
+little, so the repeat columns say little about the estimators' far part. The older teacher "v3" is
+`--teacher_layers 4 --teacher_steps 400 --short_steps 0 --teacher_lr 3e-3 --random_span_share 0.5`. The teacher is
+cached (safetensors + tokenizer.json) under `--cache_dir`, keyed by its configuration, so reruns skip training.
+Evaluation text is held out by source: docstrings of Python's standard library (PSF), documents of 384-512 tokens.
 
 For each method the teacher is converted (causal, window 64 + sink tokens, so that >= 75 % of the keys of a
 512-token context are outside the window), measured fresh, after stage 1 (attention transfer) and after stage 2
@@ -25,10 +29,12 @@ with a repeated span):
   text the prompt copies;
 * text continuations: the same on plain held-out prompts.
 
-Baselines printed with the teacher: a unigram model of the training tokens and the teacher restricted to its last
-`window` keys (+ sinks) by a sliding-window mask, i.e. what an estimator would get with nothing beyond the window.
+Also: top-1 agreement, the share of scored positions (teacher-forced) whose most likely next token is the teacher's,
+and the index of each continuation's first divergence (JSON). Baselines: a unigram model of the training tokens and
+the row "window only": the teacher restricted to its last `window` keys (+ sinks) by a sliding-window mask (greedy
+continuations by a full forward per token), i.e. what an estimator would get with nothing beyond the window.
 
-    python benchmarks/bench_decoder.py              # teacher: ~10-20 min once (cached), then ~3 min per method
+    python benchmarks/bench_decoder.py              # teacher: ~10 CPU-min once (cached), then ~4 min per method
     python benchmarks/bench_decoder.py --quick      # few-minute smoke run (its teacher learns little)
 """
 
@@ -61,6 +67,8 @@ RESULTS = Path(__file__).parent / "results"
 EOS = "<|endoftext|>"
 WINDOW = 64
 SINKS = 4
+SHORT_LEN = 128  # teacher warm-up sequences (`--short_steps`) and their repeated spans (`repeat_layout` arguments)
+SHORT_LAYOUT = {"low": 16, "high": 48, "gap": 32, "start": 4}
 METHODS = {
     "eva": {"window_size": WINDOW, "num_chunks": 64, "chunk_size": 16},
     "kernel": {"feature_map": "hedgehog", "window_size": WINDOW, "sink_tokens": SINKS},
@@ -72,11 +80,11 @@ METHODS = {
 # ------------------------------------------------------------------------------------------------ teacher
 def teacher_settings(args) -> dict:
     """Everything the cached teacher depends on (its cache key)."""
-    return {
+    settings = {
         "vocab_size": 2048,
         "hidden_size": 128,
         "intermediate_size": 384,
-        "num_hidden_layers": 4,
+        "num_hidden_layers": args.teacher_layers,
         "num_attention_heads": 4,
         "max_position_embeddings": 512,
         "train_chars": args.train_chars,
@@ -86,9 +94,13 @@ def teacher_settings(args) -> dict:
         "lr": 3e-3,
         "seed": 0,
         "recall_share": args.recall_share,
-        "random_span_share": 0.5,
+        "random_span_share": args.random_span_share,
         "version": 3,
     }
+    settings["lr"] = args.teacher_lr
+    if args.short_steps:  # only when used, so that the cache keys of earlier teachers stay valid
+        settings.update(short_steps=args.short_steps, short_len=SHORT_LEN, short_layout=SHORT_LAYOUT)
+    return settings
 
 
 def training_corpus(max_chars: int, seed: int = 0) -> list[str]:
@@ -156,20 +168,18 @@ def train_teacher(settings: dict, texts: list[str], tokenizer) -> tuple[torch.nn
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.1, betas=(0.9, 0.95))
     steps, warmup = settings["steps"], max(1, settings["steps"] // 20)
     model.train()
-    start, cpu, losses, copy_losses = time.monotonic(), time.process_time(), [], [float("nan")]
+    start, cpu, losses = time.monotonic(), time.process_time(), []
+    copy_losses, rest_losses = [float("nan")], [float("nan")]
+    short = settings.get("short_steps", 0)
     for step in range(steps):
         for g in optimizer.param_groups:
             g["lr"] = settings["lr"] * _schedule(step, steps, warmup)
-        offsets = torch.randint(0, len(stream) - n - 1, (batch,), generator=gen)
-        x = torch.stack([stream[o : o + n] for o in offsets.tolist()])
-        copies = torch.zeros_like(x, dtype=torch.bool)  # predicted tokens inside a copy (for the log only)
-        for row in range(batch):
-            if rng.random() < settings["recall_share"]:
-                x[row], (s, t, length) = with_repeat(x[row], rng)
-                copies[row, t + 1 : t + length] = True
-                if rng.random() < settings["random_span_share"]:  # random tokens: only copying predicts them
-                    span = torch.randint(0, settings["vocab_size"], (length,), generator=gen)
-                    x[row, s : s + length], x[row, t : t + length] = span, span
+        # warm-up on short sequences with near repeats: at initialisation attention spreads over all keys, so the
+        # gradient towards the one key a copy needs is ~1/n; short windows let the induction circuit form sooner
+        n_step, b_step, layout = (n, batch, {}) if step >= short else (SHORT_LEN, batch * n // SHORT_LEN, SHORT_LAYOUT)
+        offsets = torch.randint(0, len(stream) - n_step - 1, (b_step,), generator=gen)
+        x = torch.stack([stream[o : o + n_step] for o in offsets.tolist()])
+        copies = add_repeats(x, settings, rng, gen, **layout)
         logits = model(input_ids=x).logits[:, :-1]
         token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
         loss = token_loss.mean()
@@ -180,10 +190,11 @@ def train_teacher(settings: dict, texts: list[str], tokenizer) -> tuple[torch.nn
         losses.append(loss.item())
         if copies[:, 1:].any():
             copy_losses.append(token_loss[copies[:, 1:]].mean().item())
+            rest_losses.append(token_loss[~copies[:, 1:]].mean().item())
         if step % 25 == 0 or step == steps - 1:
             print(
                 f"  teacher step {step}/{steps} loss {loss.item():.3f} copy loss {copy_losses[-1]:.3f} "
-                f"({time.monotonic() - start:.0f} s)",
+                f"other tokens {rest_losses[-1]:.3f} ({time.monotonic() - start:.0f} s)",
                 flush=True,
             )
     model.eval()
@@ -195,9 +206,25 @@ def train_teacher(settings: dict, texts: list[str], tokenizer) -> tuple[torch.nn
         "loss_first": losses[0],
         "loss_last": sum(losses[-20:]) / len(losses[-20:]),
         "copy_loss_last": sum(copy_losses[-20:]) / len(copy_losses[-20:]),
+        "other_loss_last": sum(rest_losses[-20:]) / len(rest_losses[-20:]),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     return model, stats
+
+
+def add_repeats(x: torch.Tensor, settings: dict, rng: random.Random, gen: torch.Generator, **layout) -> torch.Tensor:
+    """Give a share `recall_share` of the rows of `x` `(B, n)` (in place) a repeated span (`with_repeat`), a share
+    `random_span_share` of those spans made of random tokens (only copying predicts them); returns the `(B, n)` mask of
+    the copied tokens after the first of each copy (those an induction head predicts)."""
+    copies = torch.zeros_like(x, dtype=torch.bool)
+    for row in range(len(x)):
+        if rng.random() < settings["recall_share"]:
+            x[row], (s, t, length) = with_repeat(x[row], rng, **layout)
+            copies[row, t + 1 : t + length] = True
+            if rng.random() < settings["random_span_share"]:
+                span = torch.randint(0, settings["vocab_size"], (length,), generator=gen)
+                x[row, s : s + length], x[row, t : t + length] = span, span
+    return copies
 
 
 def cached_teacher(args) -> tuple[torch.nn.Module, object, dict]:
@@ -268,6 +295,28 @@ def sliding_window_mask(n: int, window: int, sinks: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def score(
+    model,
+    docs: list[torch.Tensor],
+    window: int | None = None,
+    sinks: int = 0,
+    targets: list[tuple[int, int]] | None = None,
+) -> tuple[float, list[torch.Tensor]]:
+    """Perplexity (exp of the mean next-token negative log-likelihood) over the predicted tokens of `docs` (one at a
+    time): all of them, or with `targets` only the tokens `ids[lo:hi]` of each doc (`lo >= 1`); with `window`,
+    attention limited to the last `window` keys (+ `sinks` first keys). Also the model's top-1 predictions of those
+    tokens, one `(hi - lo,)` tensor per doc."""
+    nll, count, top1 = 0.0, 0, []
+    for k, ids in enumerate(docs):
+        lo, hi = (1, len(ids)) if targets is None else targets[k]
+        mask = None if window is None else sliding_window_mask(len(ids), window, sinks)
+        logits = model(input_ids=ids[None], attention_mask=mask).logits[0, lo - 1 : hi - 1].float()
+        nll += torch.nn.functional.cross_entropy(logits, ids[lo:hi], reduction="sum").item()
+        count += hi - lo
+        top1.append(logits.argmax(dim=-1))
+    return math.exp(nll / count), top1
+
+
 def perplexity(
     model,
     docs: list[torch.Tensor],
@@ -275,17 +324,14 @@ def perplexity(
     sinks: int = 0,
     targets: list[tuple[int, int]] | None = None,
 ) -> float:
-    """exp of the mean next-token negative log-likelihood over the predicted tokens of `docs` (one at a time): all of
-    them, or with `targets` only the tokens `ids[lo:hi]` of each doc (`lo >= 1`); with `window`, attention limited to
-    the last `window` keys (+ `sinks` first keys)."""
-    nll, count = 0.0, 0
-    for k, ids in enumerate(docs):
-        lo, hi = (1, len(ids)) if targets is None else targets[k]
-        mask = None if window is None else sliding_window_mask(len(ids), window, sinks)
-        logits = model(input_ids=ids[None], attention_mask=mask).logits[0, lo - 1 : hi - 1].float()
-        nll += torch.nn.functional.cross_entropy(logits, ids[lo:hi], reduction="sum").item()
-        count += hi - lo
-    return math.exp(nll / count)
+    """The perplexity of `score`."""
+    return score(model, docs, window, sinks, targets)[0]
+
+
+def top1_agreement(predictions: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """Share of positions, over all docs, where `predictions` equal `reference` (lists of equal-shape 1-D tensors)."""
+    same = sum(int((p == r).sum()) for p, r in zip(predictions, reference, strict=True))
+    return same / sum(len(r) for r in reference)
 
 
 def unigram_perplexity(tokenizer, train_texts: list[str], docs: list[torch.Tensor]) -> float:
@@ -311,6 +357,24 @@ def greedy(model, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
     return out[:, prompts.shape[1] :]
 
 
+@torch.no_grad()
+def greedy_window(model, prompts: torch.Tensor, new_tokens: int, window: int, sinks: int) -> torch.Tensor:
+    """`(P, new_tokens)` greedy continuations of `prompts` `(P, L)` with attention limited to the last `window` keys
+    (+ `sinks` first keys): one full forward per new token under `sliding_window_mask` (a baseline, not a linear
+    path)."""
+    ids = prompts
+    for _ in range(new_tokens):
+        mask = sliding_window_mask(ids.shape[1], window, sinks)
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    return ids[:, prompts.shape[1] :]
+
+
+def first_difference(student: torch.Tensor, teacher: torch.Tensor) -> list[int]:
+    """For each row of `student` `(P, T)`: the index of its first token that differs from `teacher`'s (T if none)."""
+    return (student == teacher).int().cumprod(dim=1).sum(dim=1).tolist()
+
+
 def agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict:
     """exact: share of rows of `student` `(P, T)` equal to `teacher`'s; prefix: mean share of tokens before the first
     difference."""
@@ -331,21 +395,47 @@ def copy_prompt(
     return torch.cat([ids[:t], ids[s : s + cue]]), ids[s + cue : s + cue + new]
 
 
-def measure(model, data: dict) -> dict:
-    ppl = perplexity(model, data["eval_docs"])
-    rep = perplexity(model, data["repeat_docs"], targets=data["repeat_targets"])
-    copied = greedy(model, data["copy_prompts"], data["new_tokens"])
+def summary(data: dict, text: tuple, repeat: tuple, plain: torch.Tensor, copied: torch.Tensor) -> dict:
+    """The measures of one model against the teacher's: `text` and `repeat` are `score`'s answers on the eval and
+    repeat docs, `plain` and `copied` its greedy continuations of the plain and copy prompts."""
     return {
-        "ppl": ppl,
-        "ppl_ratio": ppl / data["teacher_ppl"],
-        "repeat_ppl": rep,
-        "repeat_ratio": rep / data["teacher_repeat_ppl"],
-        **agreement(greedy(model, data["prompts"], data["new_tokens"]), data["teacher_continuations"]),
+        "ppl": text[0],
+        "ppl_ratio": text[0] / data["teacher_ppl"],
+        "repeat_ppl": repeat[0],
+        "repeat_ratio": repeat[0] / data["teacher_repeat_ppl"],
+        "top1": top1_agreement(text[1], data["teacher_top1"]),
+        "repeat_top1": top1_agreement(repeat[1], data["teacher_repeat_top1"]),
+        **agreement(plain, data["teacher_continuations"]),
+        "first_diff": first_difference(plain, data["teacher_continuations"]),
         "copy": {
             **agreement(copied, data["teacher_copies"]),
             "source_prefix": agreement(copied, data["copy_sources"])["prefix"],
+            "first_diff": first_difference(copied, data["teacher_copies"]),
         },
     }
+
+
+def measure(model, data: dict) -> dict:
+    """`summary` of `model` (full attention or converted; greedy decoding through `model.generate`)."""
+    return summary(
+        data,
+        score(model, data["eval_docs"]),
+        score(model, data["repeat_docs"], targets=data["repeat_targets"]),
+        greedy(model, data["prompts"], data["new_tokens"]),
+        greedy(model, data["copy_prompts"], data["new_tokens"]),
+    )
+
+
+def window_only_baseline(teacher, data: dict) -> dict:
+    """`summary` of the teacher restricted to its last `WINDOW` keys + `SINKS` first keys (sliding-window mask):
+    what an estimator would reach with nothing beyond its window."""
+    return summary(
+        data,
+        score(teacher, data["eval_docs"], WINDOW, SINKS),
+        score(teacher, data["repeat_docs"], WINDOW, SINKS, data["repeat_targets"]),
+        greedy_window(teacher, data["prompts"], data["new_tokens"], WINDOW, SINKS),
+        greedy_window(teacher, data["copy_prompts"], data["new_tokens"], WINDOW, SINKS),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -376,11 +466,11 @@ def run_one(teacher, tokenizer, method: str, data: dict, args) -> dict:
 
 
 def fmt(m: dict) -> str:
-    if "ppl" not in m:
-        return "—"
+    """The table cells of one `summary`."""
     c = m["copy"]
     return (
         f"{m['ppl']:.2f} ({m['ppl_ratio']:.3f}x) | {m['repeat_ppl']:.2f} ({m['repeat_ratio']:.2f}x) "
+        f"| {100 * m['top1']:.0f} % / {100 * m['repeat_top1']:.0f} % "
         f"| {100 * c['exact']:.0f} % / {100 * c['prefix']:.0f} % / {100 * c['source_prefix']:.0f} % "
         f"| {100 * m['exact']:.0f} % / {100 * m['prefix']:.0f} %"
     )
@@ -390,27 +480,29 @@ def table(rows: list[dict], data: dict) -> str:
     c = data["teacher_copy_source_prefix"]
     lines = [
         f"Teacher: text ppl {data['teacher_ppl']:.2f}, repeat ppl {data['teacher_repeat_ppl']:.2f}, copy prompts "
-        f"continued as the source for {100 * c:.0f} % of the tokens (mean prefix). Teacher with only its last "
-        f"{WINDOW} keys + {SINKS} sinks (sliding-window mask): text ppl {data['window_only_ppl']:.2f}, repeat ppl "
-        f"{data['window_only_repeat_ppl']:.2f}. Unigram text ppl {data['unigram_ppl']:.1f}.",
+        f"continued as the source for {100 * c:.0f} % of the tokens (mean prefix). Unigram text ppl "
+        f"{data['unigram_ppl']:.1f}. The row 'window only' is the teacher limited to its last {WINDOW} keys + {SINKS} "
+        "sink keys by a sliding-window mask (what an estimator gets with nothing beyond its window).",
         "",
         "text ppl: all tokens of held-out documents; repeat ppl: the second occurrence of a span repeated >= 128 tokens "
-        "later (its source is outside the window); copy: greedy continuations of prompts ending with the first "
-        f"8 tokens of such a copy, = teacher exact / prefix / = source prefix; text: greedy continuations of plain "
+        "later (its source is outside the window); top-1: share of those scored positions whose most likely next "
+        "token is the teacher's (teacher-forced); copy: greedy continuations of prompts ending with the first "
+        "8 tokens of such a copy, = teacher exact / prefix / = source prefix; text: greedy continuations of plain "
         f"prompts, = teacher exact / prefix ({data['new_tokens']} new tokens each).",
         "",
-        "| method | stage | text ppl (ratio) | repeat ppl (ratio) | copy: exact / prefix / source | "
-        "text: exact / prefix | train min (wall / CPU) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | stage | text ppl (ratio) | repeat ppl (ratio) | top-1: text / repeat | "
+        "copy: exact / prefix / source | text: exact / prefix | train min (wall / CPU) |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| teacher | window only | {fmt(data['window_only'])} | |",
     ]
     for r in rows:
         hp = ", ".join(f"{k}={v}" for k, v in r["hparams"].items())
         for stage in ("fresh", "stage1", "stage2"):
             name = r["method"] if stage == "fresh" else ""
             spent = f"{r['train_minutes']:.1f} / {r['train_cpu_minutes']:.1f}" if stage == "stage2" else ""
-            cells = fmt(r[stage]) if "ppl" in r[stage] else "— | — | — | —"
+            cells = fmt(r[stage]) if "ppl" in r[stage] else "— | — | — | — | —"
             lines.append(f"| {name} | {stage} | {cells} | {spent} |")
-        lines.append(f"| | ({hp}) | | | | | |")
+        lines.append(f"| | ({hp}) | | | | | | |")
     return "\n".join(lines)
 
 
@@ -450,16 +542,13 @@ def build_data(teacher, tokenizer, args) -> dict:
         "eval_tokens": sorted(len(d) for d in ids),
         "repeat_lengths": sorted(hi - lo for lo, hi in repeat_targets),
     }
-    data["teacher_ppl"] = perplexity(teacher, ids)
-    data["window_only_ppl"] = perplexity(teacher, ids, window=WINDOW, sinks=SINKS)
-    data["teacher_repeat_ppl"] = perplexity(teacher, repeat_docs, targets=repeat_targets)
-    data["window_only_repeat_ppl"] = perplexity(
-        teacher, repeat_docs, window=WINDOW, sinks=SINKS, targets=repeat_targets
-    )
+    data["teacher_ppl"], data["teacher_top1"] = score(teacher, ids)
+    data["teacher_repeat_ppl"], data["teacher_repeat_top1"] = score(teacher, repeat_docs, targets=repeat_targets)
     data["unigram_ppl"] = unigram_perplexity(tokenizer, train_docs, ids)
     data["teacher_continuations"] = greedy(teacher, data["prompts"], args.new_tokens)
     data["teacher_copies"] = greedy(teacher, data["copy_prompts"], args.new_tokens)
     data["teacher_copy_source_prefix"] = agreement(data["teacher_copies"], data["copy_sources"])["prefix"]
+    data["window_only"] = window_only_baseline(teacher, data)
     return data
 
 
@@ -467,13 +556,27 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="eva,kernel,rfa,lara")
     parser.add_argument("--minutes", type=float, default=2.0, help="distillation budget per method (both stages)")
-    parser.add_argument("--teacher_steps", type=int, default=400)
+    parser.add_argument("--teacher_steps", type=int, default=1000)
     parser.add_argument("--train_chars", type=int, default=4_000_000, help="characters of teacher training text")
     parser.add_argument(
         "--recall_share",
         type=float,
         default=0.75,
         help="share of teacher training sequences (and distillation documents) with a span repeated >= 128 tokens on",
+    )
+    parser.add_argument("--teacher_layers", type=int, default=2)
+    parser.add_argument("--teacher_lr", type=float, default=1e-2, help="peak learning rate of the teacher")
+    parser.add_argument(
+        "--short_steps",
+        type=int,
+        default=600,
+        help=f"first teacher steps on {SHORT_LEN}-token sequences with near repeats (as many tokens per step)",
+    )
+    parser.add_argument(
+        "--random_span_share",
+        type=float,
+        default=0.0,
+        help="share of the teacher's repeated spans made of random tokens (only copying predicts them)",
     )
     parser.add_argument("--batch_tokens", type=int, default=2048)
     parser.add_argument("--num_eval", type=int, default=48)
@@ -488,6 +591,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.teacher_steps, args.train_chars, args.minutes = 30, 1_000_000, 0.2
+        args.short_steps = min(args.short_steps, 18)
         args.num_eval, args.num_train, args.num_prompts, args.new_tokens = 8, 32, 8, 8
         args.methods = "kernel,eva"
         if args.output == str(RESULTS / "decoder"):
@@ -504,9 +608,9 @@ def main(argv=None) -> None:
     n = data["eval_tokens"]
     print(
         f"{len(n)} eval docs ({n[0]}-{n[-1]} tokens, median {n[len(n) // 2]}), {len(data['train_docs'])} train docs; "
-        f"teacher ppl {data['teacher_ppl']:.2f}, window-only {data['window_only_ppl']:.2f}, "
+        f"teacher ppl {data['teacher_ppl']:.2f}, window-only {data['window_only']['ppl']:.2f}, "
         f"unigram {data['unigram_ppl']:.1f}; {len(data['repeat_docs'])} repeat docs: teacher repeat ppl "
-        f"{data['teacher_repeat_ppl']:.2f}, window-only {data['window_only_repeat_ppl']:.2f}; teacher copies the "
+        f"{data['teacher_repeat_ppl']:.2f}, window-only {data['window_only']['repeat_ppl']:.2f}; teacher copies the "
         f"source for {100 * data['teacher_copy_source_prefix']:.0f} % of copy-prompt tokens",
         flush=True,
     )
@@ -530,9 +634,8 @@ def main(argv=None) -> None:
             "total": sum(data["repeat_lengths"]),
         },
         "teacher_ppl": data["teacher_ppl"],
-        "window_only_ppl": data["window_only_ppl"],
+        "window_only": data["window_only"],
         "teacher_repeat_ppl": data["teacher_repeat_ppl"],
-        "window_only_repeat_ppl": data["window_only_repeat_ppl"],
         "teacher_copy_source_prefix": data["teacher_copy_source_prefix"],
         "load_average": {"start": load_start, "end": None},
         "unigram_ppl": data["unigram_ppl"],

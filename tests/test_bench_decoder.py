@@ -92,3 +92,85 @@ def test_perplexity_scores_the_chosen_targets(bench):
     full = bench.perplexity(model, docs)
     assert bench.perplexity(model, docs, window=64, sinks=0) == pytest.approx(full, rel=1e-5)
     assert bench.perplexity(model, docs, window=2, sinks=1) != pytest.approx(full, rel=1e-3)
+
+
+def _tiny_llama(vocab: int = 50, layers: int = 1):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=None, eos_token_id=0, pad_token_id=0)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_score_top1_is_the_argmax_of_the_scored_positions(bench):
+    model = _tiny_llama()
+    docs = [torch.randint(0, 50, (30,)), torch.randint(0, 50, (20,))]
+    targets = [(5, 12), (1, 20)]
+    _, top1 = bench.score(model, docs, targets=targets)
+    with torch.no_grad():
+        for ids, (lo, hi), pred in zip(docs, targets, top1):
+            logits = model(input_ids=ids[None]).logits[0].double()
+            assert pred.tolist() == [int(logits[k - 1].argmax()) for k in range(lo, hi)]
+
+
+def test_top1_agreement_counts_positions_over_all_docs(bench):
+    predictions = [torch.tensor([1, 2, 3]), torch.tensor([4, 5])]
+    reference = [torch.tensor([1, 0, 3]), torch.tensor([0, 0])]
+    assert bench.top1_agreement(predictions, reference) == pytest.approx(2 / 5)
+
+
+def test_first_difference(bench):
+    teacher = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]])
+    student = torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4], [0, 2, 3, 4]])
+    assert bench.first_difference(student, teacher) == [4, 1, 0]
+
+
+def test_greedy_window_matches_generate_and_a_truncated_context(bench):
+    prompts = torch.randint(1, 50, (3, 20))
+    deep = _tiny_llama(layers=2)  # a window wider than the sequence: plain greedy decoding
+    assert torch.equal(bench.greedy_window(deep, prompts, 6, window=64, sinks=0), bench.greedy(deep, prompts, 6))
+    # one layer, window w, no sinks: RoPE scores depend on relative positions only, so each next token is the one
+    # predicted from the last w tokens alone (with more layers the receptive field grows beyond w)
+    model, window, ids = _tiny_llama(layers=1), 5, prompts.clone()
+    with torch.no_grad():
+        for _ in range(6):
+            logits = model(input_ids=ids[:, -window:]).logits[:, -1].double()
+            ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    assert torch.equal(bench.greedy_window(model, prompts, 6, window=window, sinks=0), ids[:, 20:])
+
+
+@pytest.mark.parametrize("random_share", [0.0, 1.0])
+def test_add_repeats_copies_spans_and_marks_the_predictable_tokens(bench, random_share):
+    x = torch.arange(16 * 128).view(16, 128) + 5000  # distinct tokens, outside the random-span vocabulary
+    original = x.clone()
+    settings = {"recall_share": 1.0, "random_span_share": random_share, "vocab_size": 100}
+    copies = bench.add_repeats(x, settings, random.Random(0), torch.Generator().manual_seed(0), **bench.SHORT_LAYOUT)
+    for row in range(16):
+        (changed,) = torch.nonzero(x[row] != original[row], as_tuple=True)
+        marked = torch.nonzero(copies[row]).flatten()
+        t, end = int(marked[0]) - 1, int(marked[-1]) + 1  # the copy's first token is not marked
+        length = end - t
+        assert 16 <= length <= 48 and torch.equal(marked, torch.arange(t + 1, end))
+        s = int(torch.nonzero((x[row] == x[row, t]) & (torch.arange(128) < t))[0]) if random_share else None
+        if random_share:  # the source was overwritten as well, by tokens < 100
+            assert (x[row, t:end] < 100).all() and torch.equal(x[row, s : s + length], x[row, t:end]) and t - s >= 32
+        else:  # only the copy changed, into the text of an earlier span
+            assert changed.min() >= t and changed.max() < end
+            s = int(x[row, t]) - 5000 - 128 * row
+            assert torch.equal(x[row, t:end], original[row, s : s + length]) and t - s >= 32
+    none = bench.add_repeats(original.clone(), {**settings, "recall_share": 0.0}, random.Random(0), None)
+    assert not none.any()
+
+
+def test_teacher_cache_key_of_the_v3_teacher_is_unchanged(bench):
+    import argparse
+    import hashlib
+    import json
+
+    v3 = argparse.Namespace(train_chars=4_000_000, teacher_steps=400, recall_share=0.75, teacher_layers=4,
+                            random_span_share=0.5, short_steps=0, teacher_lr=3e-3)  # fmt: skip
+    settings = bench.teacher_settings(v3)
+    assert "short_steps" not in settings  # new options enter the key only when used
+    assert hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16] == "f99013bd203bd7d5"
