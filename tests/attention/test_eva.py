@@ -298,11 +298,13 @@ def test_accuracy_beats_uniform_and_improves_with_window(causal):
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
-def test_decoding_state_equals_full_forward(padded):
-    """Prefill, then steps of 1 to 9 tokens crossing windows: the rows of the full causal forward (fp64), also with
-    left padding, where windows and chunks start at each row's first real token in both passes."""
+@pytest.mark.parametrize("G", [0, 3, 13])
+def test_decoding_state_equals_full_forward(padded, G):
+    """Prefill, then steps of 1 to 9 tokens crossing windows (and, for G = 13, the sinks' end): the rows of the full
+    causal forward (fp64), also with left padding, where windows and chunks start at each row's first real token in
+    both passes; with sinks the state keeps the first G keys and values only (constant memory)."""
     torch.manual_seed(0)
-    attn = _eva(6, 2, 8, chunk=4)
+    attn = _eva(6, 2, 8, chunk=4, sink_tokens=G)
     _perturb(attn)
     q, k, v = qkv(2, 2, 45, 6)
     mask = torch.ones(2, 45, dtype=torch.bool)
@@ -310,18 +312,25 @@ def test_decoding_state_equals_full_forward(padded):
     with torch.no_grad():
         full = attn(q, k, v, padding_mask=mask, causal=True)
         assert_close("full vs naive (row 1)", _reference(attn, q[1:], k[1:], v[1:], True), full[1:], 1e-10)
-        out, state = attn.prefill(q[:, :, :13], k[:, :, :13], v[:, :, :13], padding_mask=mask[:, :13])
-        outs, start = [out], 13
-        for n in (1, 1, 5, 9, 1, 1, 1, 8, 3, 1, 1):
+        out, state = attn.prefill(q[:, :, :6], k[:, :, :6], v[:, :, :6], padding_mask=mask[:, :6])
+        outs, start = [out], 6
+        for n in (1, 1, 5, 9, 1, 1, 1, 8, 3, 1, 1, 7):
             part = slice(start, start + n)
-            before = state.chunk_keys.clone()
+            before = [state.chunk_keys.clone(), state.sink_keys.clone()]
             out, new = attn.step(q[:, :, part], k[:, :, part], v[:, :, part], state, padding_mask=mask[:, part])
-            assert torch.equal(state.chunk_keys, before)  # the input state is left alone
+            assert all(torch.equal(a, b) for a, b in zip(before, [state.chunk_keys, state.sink_keys], strict=True))
+            assert new.sink_keys.shape == (2, 2, G, 6)
             outs.append(out)
             state, start = new, start + n
     assert_close("decode vs full", full, torch.cat(outs, dim=2), 1e-12)
     real = mask.sum(-1)
-    assert state.count.tolist() == (real // 8 * 2).tolist() and state.fill.tolist() == (real % 8).tolist()
+    if G == 0:
+        assert state.count.tolist() == (real // 8 * 2).tolist() and state.fill.tolist() == (real % 8).tolist()
+    else:
+        first = mask[0].nonzero().flatten()[:G]
+        assert torch.equal(state.sink_keys[0], k[0, :, first].to(state.sink_keys.dtype))
+        with pytest.raises(ValueError, match="sink_tokens"):
+            _eva(6, 2, 8, chunk=4).step(q[:, :, :1], k[:, :, :1], v[:, :, :1], state)
 
 
 def test_decoding_summarises_each_chunk_once(monkeypatch):
@@ -498,37 +507,6 @@ def test_causal_sinks_any_block_size(block_size, grad):
         q.requires_grad_(grad)
         out = causal_eva(q, k, v, 4, 2, *maps, scale=6**-0.5, block_size=block_size, sinks=6)
     assert_close("blocks", _reference(attn, q, k, v, True), out, 1e-10)
-
-
-@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
-@pytest.mark.parametrize("G", [3, 13])
-def test_decoding_with_sinks_equals_full_forward(padded, G):
-    """Prefill, then steps of 1 to 9 tokens crossing windows (and, for G = 13, the sinks' end): the rows of the full
-    causal forward; the state keeps the first G keys and values only (constant memory)."""
-    torch.manual_seed(0)
-    attn = _eva(6, 2, 8, chunk=4, sink_tokens=G)
-    _perturb(attn)
-    q, k, v = qkv(2, 2, 45, 6)
-    mask = torch.ones(2, 45, dtype=torch.bool)
-    mask[0, :5] = not padded
-    with torch.no_grad():
-        full = attn(q, k, v, padding_mask=mask, causal=True)
-        assert_close("full vs naive (row 1)", _reference(attn, q[1:], k[1:], v[1:], True), full[1:], 1e-10)
-        out, state = attn.prefill(q[:, :, :6], k[:, :, :6], v[:, :, :6], padding_mask=mask[:, :6])
-        outs, start = [out], 6
-        for n in (1, 1, 5, 9, 1, 1, 1, 8, 3, 1, 1, 7):
-            part = slice(start, start + n)
-            before = state.sink_keys.clone()
-            out, new = attn.step(q[:, :, part], k[:, :, part], v[:, :, part], state, padding_mask=mask[:, part])
-            assert torch.equal(state.sink_keys, before)  # the input state is left alone
-            assert new.sink_keys.shape == (2, 2, G, 6)
-            outs.append(out)
-            state, start = new, start + n
-    assert_close("decode vs full", full, torch.cat(outs, dim=2), 1e-12)
-    first = mask[0].nonzero().flatten()[:G]
-    assert torch.equal(state.sink_keys[0], k[0, :, first].to(state.sink_keys.dtype))
-    with pytest.raises(ValueError, match="sink_tokens"):
-        _eva(6, 2, 8, chunk=4).step(q[:, :, :1], k[:, :, :1], v[:, :, :1], state)
 
 
 def test_causal_sinks_overflow_falls_back_to_exact_shifts():
