@@ -626,6 +626,21 @@ def build_data(teacher, tokenizer, args) -> dict:
     return data
 
 
+def conditions_note(conditions: dict) -> str:
+    """The run's command and conditions, one paragraph for the report."""
+    start, end = conditions["load_average"]["start"], conditions["load_average"]["end"] or [float("nan")] * 3
+    n = conditions["eval_tokens"]
+    return (
+        f"Command: `{conditions['command']}`. Torch threads {conditions['torch_threads']} "
+        f"({conditions['cpu_count']} cores, shared), 1-min load average {start[0]:.1f} at the start, "
+        f"{end[0]:.1f} at the end; wall {conditions['wall_minutes']:.1f} min, CPU {conditions['cpu_minutes']:.1f} min. "
+        f"{conditions['eval_docs']} eval documents of {n['min']}-{n['max']} tokens (median {n['median']}; "
+        f"{100 * conditions['keys_outside_window_at_last_position']['min']:.0f} %+ of the keys of the last position "
+        f"outside the window), {conditions['repeat_docs']} repeat documents "
+        f"({conditions['repeat_scored_tokens']['total']} scored tokens)."
+    )
+
+
 def doc_range(text: str) -> tuple[int, int]:
     """`"LOW,HIGH"` -> `(LOW, HIGH)`, `0 < LOW <= HIGH` (an argparse type)."""
     try:
@@ -760,7 +775,7 @@ def main(argv=None) -> None:
             methods_done=[r["method"] for r in rows],
         )
         conditions["load_average"]["end"] = os.getloadavg()
-        write_report(args.output, conditions, rows, text)
+        write_report(args.output, conditions, rows, text + "\n\n" + conditions_note(conditions))
     print(text)
 
 

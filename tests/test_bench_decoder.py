@@ -217,3 +217,22 @@ def test_doc_range_parses_and_rejects(bench):
     for bad in ("640,512", "0,5", "512", "a,b"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench.doc_range(bad)
+
+
+def test_conditions_note_names_the_command_and_load(bench):
+    conditions = {
+        "command": "python benchmarks/bench_decoder.py --teacher smollm2",
+        "torch_threads": 1,
+        "cpu_count": 2,
+        "load_average": {"start": [2.4, 3.0, 4.0], "end": None},
+        "wall_minutes": 10.9,
+        "cpu_minutes": 9.0,
+        "eval_docs": 12,
+        "eval_tokens": {"min": 526, "median": 608, "max": 625},
+        "keys_outside_window_at_last_position": {"min": 1 - 64 / 526, "median": 1 - 64 / 608},
+        "repeat_docs": 12,
+        "repeat_scored_tokens": {"min": 72, "max": 182, "total": 1600},
+    }
+    note = bench.conditions_note(conditions)
+    assert "`python benchmarks/bench_decoder.py --teacher smollm2`" in note
+    assert "load average 2.4 at the start, nan at the end" in note and "88 %+" in note and "1600 scored" in note
