@@ -70,6 +70,7 @@ from report import write_report  # noqa: E402
 
 import hf_lara  # noqa: E402
 from hf_lara.distill import DistillConfig, attention_transfer, end_to_end, length_batches  # noqa: E402
+from hf_lara.integration.compat import CACHE_KWARG, output_cache  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 EOS = "<|endoftext|>"
@@ -425,13 +426,14 @@ def greedy_window_cached(model, prompts: torch.Tensor, new_tokens: int, window: 
     is `greedy_window` exactly, at one forward instead of `new_tokens`)."""
     n = prompts.shape[1]
     out = model(input_ids=prompts, attention_mask=sliding_window_mask(n, window, sinks), use_cache=True)
-    cache, tokens = out.cache, [out.logits[:, -1].argmax(dim=-1, keepdim=True)]
+    cache, tokens = output_cache(out), [out.logits[:, -1].argmax(dim=-1, keepdim=True)]
     for step in range(1, new_tokens):
         t = n + step - 1  # position of the token fed now
         mask = sliding_window_mask(t + 1, window, sinks)[:, :, -1:]
         position = torch.full_like(tokens[-1], t)
-        out = model(input_ids=tokens[-1], attention_mask=mask, cache=cache, position_ids=position, use_cache=True)
-        cache = out.cache
+        kwargs = {CACHE_KWARG: cache}
+        out = model(input_ids=tokens[-1], attention_mask=mask, position_ids=position, use_cache=True, **kwargs)
+        cache = output_cache(out)
         tokens.append(out.logits[:, -1].argmax(dim=-1, keepdim=True))
     return torch.cat(tokens, dim=1)
 
