@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import os
 import platform
@@ -230,6 +231,47 @@ def accuracy_se(accuracy: float, n: int) -> float:
     return 100 * math.sqrt(accuracy * (1 - accuracy) / n)
 
 
+#: Settings that decide the task's passages (with the test labels, compared when `--original` is read).
+SAME_TASK = ("low", "high", "per_file", "train_per_class", "test_per_class")
+#: Fine-tuning settings both models must share.
+SAME_FINETUNE = ("steps", "batch_size", "lr", "seed")
+
+
+def expected_task(args, task: dict, train: list) -> dict:
+    """What a report's `conditions` must hold for its original to be paired with this run's converted models."""
+    return {
+        "train": len(train),
+        "test_labels": "".join(str(y) for _, y in task["test"]),
+        "data": {k: getattr(args, k) for k in SAME_TASK},
+        "hparams": {k: getattr(args, k) for k in SAME_FINETUNE},
+    }
+
+
+def original_row(path: str | Path, expected: dict, wait_minutes: float, poll_seconds: float = 30.0) -> dict:
+    """The original's row of the report `path` (its `.json`), once that file exists and holds it (polled every
+    `poll_seconds` for up to `wait_minutes`), checked to come from the same task and fine-tuning settings."""
+    path = Path(path).with_suffix(".json")
+    deadline = time.monotonic() + wait_minutes * 60
+    while True:
+        if path.exists():
+            report = json.loads(path.read_text())
+            rows = [r for r in report["rows"] if r["model"] == "original (softmax)"]
+            if rows:
+                break
+        if time.monotonic() >= deadline:
+            raise SystemExit(f"--original: {path} holds no original row after {wait_minutes} minutes of waiting.")
+        print(f"waiting for the original's row in {path}", flush=True)
+        time.sleep(poll_seconds)
+    conditions = report["conditions"]
+    for key, want in expected.items():
+        got = conditions.get(key)
+        if key == "hparams":
+            got = {k: (got or {}).get(k) for k in want}
+        if got != want:
+            raise SystemExit(f"--original: {path} is from another task or setting: {key} is {got!r}, here {want!r}.")
+    return {**rows[0], "from": str(path)}
+
+
 def method_hparams(methods: list[str], sink_tokens: int | None, overrides: dict[str, dict]) -> dict[str, dict]:
     """The hyper-parameters of each method: the `METHODS` table, `sink_tokens` for all if given, then `overrides`
     (`parse_method_hparams` of `--hparam METHOD.KEY=VALUE`), which must name methods being run."""
@@ -301,6 +343,14 @@ def main(argv=None) -> None:
     parser.add_argument("--train_per_class", type=int, default=150)
     parser.add_argument("--test_per_class", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--original",
+        default=None,
+        metavar="JSON",
+        help="take the original's row from this report of a run on the same task (e.g. one with --methods '' "
+        "running at the same time: waited for when needed) instead of fine-tuning it here",
+    )
+    parser.add_argument("--original_wait", type=float, default=120.0, help="minutes to wait for --original")
     parser.add_argument("--output", default=str(RESULTS / "finetune"))
     parser.add_argument("--quick", action="store_true", help="smoke run: few steps and examples")
     args = parser.parse_args(argv)
@@ -313,6 +363,8 @@ def main(argv=None) -> None:
         hparams = method_hparams(methods, args.sink_tokens, parse_method_hparams(args.hparam))
     except ValueError as err:
         parser.error(str(err))
+    if args.original is not None and not methods:
+        parser.error("`--original` takes the original from another run, so `--methods` must name at least one method.")
     torch.set_num_threads(args.threads)
     wall, cpu, load_start = time.monotonic(), time.process_time(), os.getloadavg()
     from transformers import AutoTokenizer
@@ -333,6 +385,7 @@ def main(argv=None) -> None:
             "test_labels": "".join(str(y) for _, y in task["test"]),  # label index per test passage, in order
             "tokens": lengths,
             "hparams": {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "distill_minutes")},
+            "data": {k: getattr(args, k) for k in SAME_TASK},
             "sink_tokens": args.sink_tokens,
             "hparam_overrides": args.hparam,
             "torch_threads": args.threads,
@@ -347,15 +400,16 @@ def main(argv=None) -> None:
         }
         write_report(args.output, conditions, rows, table(rows, lengths, args))
 
-    rows = []
-    original = classifier(args.seed)
-    stats = finetune(original, train, pad_id, args)
-    reference = correct(original, test, pad_id)
-    accuracy = sum(reference) / len(test)
-    rows.append({"model": "original (softmax)", "accuracy": accuracy, "correct": bits(reference), "finetune": stats})
-    print(f"original: accuracy {accuracy:.4f} ({stats['minutes']:.1f} min)", flush=True)
-    report(rows)  # every finished row is on disk, in case a later one does not finish
-    del original
+    rows: list[dict] = []
+    if args.original is None:
+        original = classifier(args.seed)
+        stats = finetune(original, train, pad_id, args)
+        right = correct(original, test, pad_id)
+        rows.append({"model": "original (softmax)", "accuracy": sum(right) / len(test), "correct": bits(right)})
+        rows[0]["finetune"] = stats
+        print(f"original: accuracy {rows[0]['accuracy']:.4f} ({stats['minutes']:.1f} min)", flush=True)
+        report(rows)  # every finished row is on disk, in case a later one does not finish
+        del original
     for method in methods:
         model = hf_lara.convert(classifier(args.seed), method, **hparams[method])
         row = {"model": method, "hparams": hparams[method], "distilled": not args.no_distill}
@@ -367,6 +421,9 @@ def main(argv=None) -> None:
             }
         stats = finetune(model, train, pad_id, args)
         right = correct(model, test, pad_id)
+        if not rows:  # the original from a run in parallel, read once its row is needed
+            rows.append(original_row(args.original, expected_task(args, task, train), args.original_wait))
+        reference = [c == "1" for c in rows[0]["correct"]]
         row.update(
             accuracy=sum(right) / len(test), correct=bits(right), finetune=stats, paired=paired(reference, right)
         )
