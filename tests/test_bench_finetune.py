@@ -4,6 +4,7 @@ correctness in test order, the hyper-parameters of each method and the refusals 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import statistics
 from pathlib import Path
@@ -124,3 +125,17 @@ def test_table_shows_the_paired_difference(bench):
     assert f"| -16.7 +- {se:.1f} | 2 / 1 | 1.00 |" in lines[-1]
     assert "| yes (3.0 / 2.0) |" in lines[-1]
     assert f"| 66.7 % +- {100 * math.sqrt(4 / 6 * 2 / 6 / 6):.1f} |" in lines[-2]
+
+
+def test_original_row_is_read_only_from_the_same_task(bench, tmp_path):
+    expected = {"train": 8, "test_labels": "0123", "data": {"low": 256}, "hparams": {"steps": 30, "lr": 1e-4}}
+    row = {"model": "original (softmax)", "accuracy": 0.5, "correct": "1010"}
+    conditions = {**expected, "hparams": {"steps": 30, "lr": 1e-4, "distill_minutes": 3.0}}
+    (tmp_path / "a.json").write_text(json.dumps({"conditions": conditions, "rows": [row]}))
+    assert bench.original_row(tmp_path / "a", expected, wait_minutes=0) == {**row, "from": str(tmp_path / "a.json")}
+    other = {**conditions, "test_labels": "0122"}
+    (tmp_path / "b.json").write_text(json.dumps({"conditions": other, "rows": [row]}))
+    with pytest.raises(SystemExit, match="another task or setting: test_labels is '0122', here '0123'"):
+        bench.original_row(tmp_path / "b.json", expected, wait_minutes=0)
+    with pytest.raises(SystemExit, match="holds no original row after 0 minutes"):
+        bench.original_row(tmp_path / "missing.json", expected, wait_minutes=0, poll_seconds=0)
