@@ -99,6 +99,7 @@ def test_method_hparams_sinks_for_all_then_overrides(bench):
         (["--hparam", "eva.colour=red"], "Unknown hyper-parameter 'colour' for method `eva`"),
         (["--hparam", "window_size=32"], "`--hparam` takes METHOD.KEY=VALUE"),
         (["--sink_tokens", "-1"], "`--sink_tokens` must be >= 0, got -1"),
+        (["--methods", "", "--original", "a.json"], "`--methods` must name at least one method"),
     ],
 )
 def test_bad_flags_are_one_clear_error(bench, capsys, argv, message):
