@@ -433,7 +433,7 @@ def main(argv=None) -> None:
         print(
             f"{method}: accuracy {row['accuracy']:.4f} ({p['difference_points']:+.1f} +- {p['paired_se_points']:.1f}"
             f" points, only original right {p['only_reference_right']}, only {method} right {p['only_other_right']},"
-            f" McNemar p {p['mcnemar_p']:.3f})",
+            f" McNemar p {p['mcnemar_p']:.2g})",
             flush=True,
         )
         report(rows)
@@ -470,7 +470,7 @@ def table(rows: list[dict], lengths: dict, args) -> str:
             q = r["paired"]
             diff = f"{q['difference_points']:+.1f} +- {q['paired_se_points']:.1f}"
             discordant = f"{q['only_reference_right']} / {q['only_other_right']}"
-            p = f"{q['mcnemar_p']:.2f}"
+            p = f"{q['mcnemar_p']:.2g}"
         se = accuracy_se(r["accuracy"], len(r["correct"]))
         f = r["finetune"]
         lines.append(

@@ -123,7 +123,7 @@ def test_table_shows_the_paired_difference(bench):
     lines = bench.table(rows, lengths, args).splitlines()
     assert lines[0].startswith("Test passages: 6, 300-400 tokens")
     se = 100 * math.sqrt(17 / 180)
-    assert f"| -16.7 +- {se:.1f} | 2 / 1 | 1.00 |" in lines[-1]
+    assert f"| -16.7 +- {se:.1f} | 2 / 1 | 1 |" in lines[-1]
     assert "| yes (3.0 / 2.0) |" in lines[-1]
     assert f"| 66.7 % +- {100 * math.sqrt(4 / 6 * 2 / 6 / 6):.1f} |" in lines[-2]
 
