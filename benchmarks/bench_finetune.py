@@ -18,8 +18,13 @@ the passages where exactly one model is right carry) and an exact McNemar test o
 This is the noise of the test sample for these two trained models; the noise of training itself (head
 initialisation, dropout, data order: `--seed`) is not in it.
 
-    python benchmarks/bench_finetune.py --methods eva,kernel --sink_tokens 4 --threads 1   # ~30-40 min, loaded CPU
+    python benchmarks/bench_finetune.py --methods eva,kernel --sink_tokens 4 --threads 1
     python benchmarks/bench_finetune.py --hparam eva.num_chunks=32                           # override one method
+
+On a shared CPU the original and each converted model can run as separate processes at the same time: one with
+`--methods ''` (the original only), the others with `--original REPORT` naming its output (read, and waited for,
+once the converted model is scored; refused unless the task and fine-tuning settings are the same).
+`results/finetune_round2.md` was made that way (~30 wall-minutes at a load of 5-8 on 2 cores).
     python benchmarks/bench_finetune.py --quick       # 1-2 minute smoke run
 """
 
