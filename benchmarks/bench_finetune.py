@@ -12,7 +12,19 @@ weights). The converted model is first distilled with `hf_lara.distill` (both st
 stage-2 target, which is what sentence-transformers' Pooling computes for this model) on the *unlabelled* training
 passages; `--no_distill` fine-tunes the fresh conversion instead.
 
-    python benchmarks/bench_finetune.py               # ~20-30 min on a loaded 2-core CPU; fewer --steps is faster
+Both models are scored on the same test passages, so the comparison is paired: each converted row reports its
+difference to the original with the paired standard error (the spread of the per-passage differences, which only
+the passages where exactly one model is right carry) and an exact McNemar test on those discordant passages.
+This is the noise of the test sample for these two trained models; the noise of training itself (head
+initialisation, dropout, data order: `--seed`) is not in it.
+
+    python benchmarks/bench_finetune.py --methods eva,kernel --sink_tokens 4 --threads 1
+    python benchmarks/bench_finetune.py --hparam eva.num_chunks=32                           # override one method
+
+On a shared CPU the original and each converted model can run as separate processes at the same time: one with
+`--methods ''` (the original only), the others with `--original REPORT` naming its output (read, and waited for,
+once the converted model is scored; refused unless the task and fine-tuning settings are the same).
+`results/finetune_round2.md` was made that way (~30 wall-minutes at a load of 5-8 on 2 cores).
     python benchmarks/bench_finetune.py --quick       # 1-2 minute smoke run
 """
 
@@ -20,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import math
 import os
 import platform
 import random
@@ -37,6 +51,7 @@ from fidelity_texts import _docstrings, _files, stdlib_files  # noqa: E402
 from report import write_report  # noqa: E402
 
 import hf_lara  # noqa: E402
+from hf_lara.arguments import parse_method_hparams  # noqa: E402
 from hf_lara.demo import minilm_path  # noqa: E402
 from hf_lara.distill import DistillConfig, distill  # noqa: E402
 
@@ -154,19 +169,135 @@ def finetune(model, train: list[dict], pad_id: int, args) -> dict:
         "cpu_minutes": (time.process_time() - cpu) / 60,
         "loss_first": losses[0],
         "loss_last": sum(losses[-10:]) / len(losses[-10:]),
+        "losses": [round(x, 4) for x in losses],
     }
 
 
 @torch.no_grad()
-def accuracy(model, test: list[dict], pad_id: int, batch_size: int = 16) -> float:
+def correct(model, test: list[dict], pad_id: int, batch_size: int = 16) -> list[bool]:
+    """Whether the model's prediction is right, per passage, in the order of `test` (evaluated in length order)."""
     model.eval()
-    items = sorted(test, key=lambda x: len(x["input_ids"]))
-    correct = 0
-    for s in range(0, len(items), batch_size):
-        batch = collate(items[s : s + batch_size], pad_id)
+    order = sorted(range(len(test)), key=lambda i: len(test[i]["input_ids"]))
+    out = [False] * len(test)
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        batch = collate([test[i] for i in chunk], pad_id)
         labels = batch.pop("labels")
-        correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
-    return correct / len(items)
+        for i, right in zip(chunk, (model(**batch).logits.argmax(-1) == labels).tolist(), strict=True):
+            out[i] = bool(right)
+    return out
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: under "both models are equally good", each of the `n = only_a + only_b`
+    discordant passages is won by either model with probability 1/2, so `min(only_a, only_b) ~ Binomial(n, 1/2)`;
+    p = 2 P(X <= min), capped at 1 (1 when there is no discordant passage)."""
+    if only_a < 0 or only_b < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {only_a} and {only_b}.")
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired(reference: list[bool], other: list[bool]) -> dict:
+    """Paired comparison of two models on the same passages: `other` minus `reference`.
+
+    With `d_i = other_i - reference_i` in {-1, 0, 1}, the difference of accuracies is the mean of `d` and its paired
+    standard error is `sd(d) / sqrt(n)` (sample standard deviation, `n - 1`); only the discordant passages (one model
+    right, the other wrong) make `d` non-zero. Also the two discordant counts and their exact McNemar p-value.
+    """
+    n = len(reference)
+    if n < 2 or len(other) != n:
+        raise ValueError(f"need two lists of the same length >= 2, got {len(reference)} and {len(other)}.")
+    only_reference = sum(1 for a, b in zip(reference, other, strict=True) if a and not b)
+    only_other = sum(1 for a, b in zip(reference, other, strict=True) if b and not a)
+    mean = (only_other - only_reference) / n
+    variance = (only_other + only_reference - n * mean**2) / (n - 1)  # sum of d_i^2 is the discordant count
+    return {
+        "n": n,
+        "difference_points": 100 * mean,
+        "paired_se_points": 100 * math.sqrt(variance / n),
+        "only_reference_right": only_reference,
+        "only_other_right": only_other,
+        "both_right": sum(1 for a, b in zip(reference, other, strict=True) if a and b),
+        "mcnemar_p": mcnemar_exact(only_reference, only_other),
+    }
+
+
+def bits(flags: list[bool]) -> str:
+    """`[True, False, True]` -> `"101"`: per-passage correctness as stored in the JSON (one character a passage)."""
+    return "".join("1" if x else "0" for x in flags)
+
+
+def accuracy_se(accuracy: float, n: int) -> float:
+    """Binomial standard error of one accuracy measured on `n` passages, in points."""
+    return 100 * math.sqrt(accuracy * (1 - accuracy) / n)
+
+
+#: Settings that decide the task's passages (with the test labels, compared when `--original` is read).
+SAME_TASK = ("low", "high", "per_file", "train_per_class", "test_per_class")
+#: Fine-tuning settings both models must share.
+SAME_FINETUNE = ("steps", "batch_size", "lr", "seed")
+
+
+def expected_task(args, task: dict, train: list) -> dict:
+    """What a report's `conditions` must hold for its original to be paired with this run's converted models."""
+    return {
+        "train": len(train),
+        "test_labels": "".join(str(y) for _, y in task["test"]),
+        "data": {k: getattr(args, k) for k in SAME_TASK},
+        "hparams": {k: getattr(args, k) for k in SAME_FINETUNE},
+    }
+
+
+def original_row(path: str | Path, expected: dict, wait_minutes: float, poll_seconds: float = 30.0) -> dict:
+    """The original's row of the report `path` (its `.json`), once that file exists and holds it (polled every
+    `poll_seconds` for up to `wait_minutes`), checked to come from the same task and fine-tuning settings."""
+    path = Path(path).with_suffix(".json")
+    deadline = time.monotonic() + wait_minutes * 60
+    while True:
+        if path.exists():
+            report = json.loads(path.read_text())
+            rows = [r for r in report["rows"] if r["model"] == "original (softmax)"]
+            if rows:
+                break
+        if time.monotonic() >= deadline:
+            raise SystemExit(f"--original: {path} holds no original row after {wait_minutes} minutes of waiting.")
+        print(f"waiting for the original's row in {path}", flush=True)
+        time.sleep(poll_seconds)
+    conditions = report["conditions"]
+    for key, want in expected.items():
+        got = conditions.get(key)
+        if key == "hparams":
+            got = {k: (got or {}).get(k) for k in want}
+        if got != want:
+            raise SystemExit(f"--original: {path} is from another task or setting: {key} is {got!r}, here {want!r}.")
+    return {**rows[0], "from": str(path)}
+
+
+def method_hparams(methods: list[str], sink_tokens: int | None, overrides: dict[str, dict]) -> dict[str, dict]:
+    """The hyper-parameters of each method: the `METHODS` table, `sink_tokens` for all if given, then `overrides`
+    (`parse_method_hparams` of `--hparam METHOD.KEY=VALUE`), which must name methods being run."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}.")
+    extra = [m for m in overrides if m not in methods]
+    if extra:
+        raise ValueError(
+            f"`--hparam` names method {extra[0]!r}, which is not run; `--methods` is {','.join(methods)}."
+        )
+    if sink_tokens is not None and sink_tokens < 0:
+        raise ValueError(f"`--sink_tokens` must be >= 0, got {sink_tokens}.")
+    out = {}
+    for m in methods:
+        hp = dict(METHODS[m])
+        if sink_tokens is not None:
+            hp["sink_tokens"] = sink_tokens
+        hp.update(overrides.get(m, {}))
+        out[m] = hp
+    return out
 
 
 def classifier(seed: int):
@@ -195,8 +326,18 @@ def length_stats(encoded: list[dict]) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="eva", help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument(
+        "--sink_tokens", type=int, default=None, help="sink tokens of every method (default: the METHODS table)"
+    )
+    parser.add_argument(
+        "--hparam",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="override one method's hyper-parameter, e.g. --hparam eva.num_chunks=32 (repeatable)",
+    )
     parser.add_argument("--no_distill", action="store_true", help="fine-tune the fresh conversion")
-    parser.add_argument("--distill_minutes", type=float, default=3.0)
+    parser.add_argument("--distill_minutes", type=float, default=3.0, help="wall-clock budget of hf_lara.distill")
     parser.add_argument("--steps", type=int, default=75)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -207,6 +348,14 @@ def main(argv=None) -> None:
     parser.add_argument("--train_per_class", type=int, default=150)
     parser.add_argument("--test_per_class", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--original",
+        default=None,
+        metavar="JSON",
+        help="take the original's row from this report of a run on the same task (e.g. one with --methods '' "
+        "running at the same time: waited for when needed) instead of fine-tuning it here",
+    )
+    parser.add_argument("--original_wait", type=float, default=120.0, help="minutes to wait for --original")
     parser.add_argument("--output", default=str(RESULTS / "finetune"))
     parser.add_argument("--quick", action="store_true", help="smoke run: few steps and examples")
     args = parser.parse_args(argv)
@@ -214,12 +363,15 @@ def main(argv=None) -> None:
         args.steps, args.distill_minutes, args.train_per_class, args.test_per_class = 6, 0.2, 12, 8
         if args.output == str(RESULTS / "finetune"):
             args.output = os.path.join(tempfile.gettempdir(), "hf_lara_bench_finetune_quick")
-    methods = args.methods.split(",")
-    for m in methods:
-        if m not in METHODS:
-            parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    methods = [m for m in args.methods.split(",") if m]
+    try:
+        hparams = method_hparams(methods, args.sink_tokens, parse_method_hparams(args.hparam))
+    except ValueError as err:
+        parser.error(str(err))
+    if args.original is not None and not methods:
+        parser.error("`--original` takes the original from another run, so `--methods` must name at least one method.")
     torch.set_num_threads(args.threads)
-    wall, cpu = time.monotonic(), time.process_time()
+    wall, cpu, load_start = time.monotonic(), time.process_time(), os.getloadavg()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
@@ -230,15 +382,42 @@ def main(argv=None) -> None:
     print(f"{len(train)} train / {len(test)} test passages; tokens {lengths}", flush=True)
     pad_id = tokenizer.pad_token_id
 
-    rows = []
-    original = classifier(args.seed)
-    stats = finetune(original, train, pad_id, args)
-    rows.append({"model": "original (softmax)", "accuracy": accuracy(original, test, pad_id), "finetune": stats})
-    print(f"original: accuracy {rows[-1]['accuracy']:.4f} ({stats['minutes']:.1f} min)", flush=True)
-    del original
+    def report(rows: list[dict]) -> None:
+        conditions = {
+            "task": "source library of a docstring passage: " + ", ".join(LABELS),
+            "train": len(train),
+            "test": len(test),
+            "test_labels": "".join(str(y) for _, y in task["test"]),  # label index per test passage, in order
+            "tokens": lengths,
+            "hparams": {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "distill_minutes")},
+            "data": {k: getattr(args, k) for k in SAME_TASK},
+            "sink_tokens": args.sink_tokens,
+            "hparam_overrides": args.hparam,
+            "torch_threads": args.threads,
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_average_start": load_start,
+            "load_average_now": os.getloadavg(),
+            "wall_minutes": (time.monotonic() - wall) / 60,
+            "cpu_minutes": (time.process_time() - cpu) / 60,
+            "quick": args.quick,
+            "finished": len(rows) == 1 + len(methods),
+        }
+        write_report(args.output, conditions, rows, table(rows, lengths, args))
+
+    rows: list[dict] = []
+    if args.original is None:
+        original = classifier(args.seed)
+        stats = finetune(original, train, pad_id, args)
+        right = correct(original, test, pad_id)
+        rows.append({"model": "original (softmax)", "accuracy": sum(right) / len(test), "correct": bits(right)})
+        rows[0]["finetune"] = stats
+        print(f"original: accuracy {rows[0]['accuracy']:.4f} ({stats['minutes']:.1f} min)", flush=True)
+        report(rows)  # every finished row is on disk, in case a later one does not finish
+        del original
     for method in methods:
-        model = hf_lara.convert(classifier(args.seed), method, **METHODS[method])
-        row = {"model": method, "hparams": METHODS[method], "distilled": not args.no_distill}
+        model = hf_lara.convert(classifier(args.seed), method, **hparams[method])
+        row = {"model": method, "hparams": hparams[method], "distilled": not args.no_distill}
         if not args.no_distill:
             config = DistillConfig(max_minutes=args.distill_minutes, max_length=args.high, progress=False)
             result = distill(model, tokenizer, [t for t, _ in task["train"]], config)
@@ -246,49 +425,62 @@ def main(argv=None) -> None:
                 k: {x: v[x] for x in ("steps", "minutes", "cpu_minutes")} for k, v in result.stages.items()
             }
         stats = finetune(model, train, pad_id, args)
-        row.update(accuracy=accuracy(model, test, pad_id), finetune=stats)
-        row["difference_points"] = 100 * (row["accuracy"] - rows[0]["accuracy"])
+        right = correct(model, test, pad_id)
+        if not rows:  # the original from a run in parallel, read once its row is needed
+            rows.append(original_row(args.original, expected_task(args, task, train), args.original_wait))
+        reference = [c == "1" for c in rows[0]["correct"]]
+        row.update(
+            accuracy=sum(right) / len(test), correct=bits(right), finetune=stats, paired=paired(reference, right)
+        )
+        row["difference_points"] = row["paired"]["difference_points"]
         rows.append(row)
-        print(f"{method}: accuracy {row['accuracy']:.4f} ({row['difference_points']:+.1f} points)", flush=True)
+        p = row["paired"]
+        print(
+            f"{method}: accuracy {row['accuracy']:.4f} ({p['difference_points']:+.1f} +- {p['paired_se_points']:.1f}"
+            f" points, only original right {p['only_reference_right']}, only {method} right {p['only_other_right']},"
+            f" McNemar p {p['mcnemar_p']:.2g})",
+            flush=True,
+        )
+        report(rows)
         del model
-    text = table(rows, lengths, args)
-    print(text)
-    conditions = {
-        "task": "source library of a docstring passage: " + ", ".join(LABELS),
-        "train": len(train),
-        "test": len(test),
-        "tokens": lengths,
-        "hparams": {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "distill_minutes")},
-        "torch_threads": args.threads,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "wall_minutes": (time.monotonic() - wall) / 60,
-        "cpu_minutes": (time.process_time() - cpu) / 60,
-        "quick": args.quick,
-    }
-    write_report(args.output, conditions, rows, text)
+    print(table(rows, lengths, args))
 
 
 def table(rows: list[dict], lengths: dict, args) -> str:
     t = lengths["test"]
+    n = len(rows[0]["correct"]) if rows else 0
     lines = [
-        f"Test passages: {t['min']}-{t['max']} tokens (median {t['median']:.0f}); window {WINDOW} leaves "
+        f"Test passages: {n}, {t['min']}-{t['max']} tokens (median {t['median']:.0f}); window {WINDOW} leaves "
         f">= {100 * t['min_share_keys_outside_window']:.0f} % of the keys outside. Fine-tuning: {args.steps} steps x "
-        f"{args.batch_size}, lr {args.lr}, seed {args.seed}, all weights.",
+        f"{args.batch_size}, lr {args.lr}, seed {args.seed}, all weights. Difference: converted minus original on the "
+        "same passages, +- its paired standard error; discordant: passages only the original / only the converted "
+        "model gets right; p: exact McNemar test on them.",
         "",
-        "| model | hparams | distilled (min) | test accuracy | difference (points) | fine-tune min |",
-        "|---|---|---|---|---|---|",
+        "| model | hparams | distilled (wall / CPU min) | test accuracy +- SE | difference (points) +- paired SE "
+        "| discordant (only original / only converted) | McNemar p | fine-tune loss first -> last 10 "
+        "| fine-tune min (wall / CPU) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         hp = ", ".join(f"{k}={v}" for k, v in r.get("hparams", {}).items()) or "—"
         dist = "—"
         if r.get("distill"):
-            dist = f"yes ({sum(s['minutes'] for s in r['distill'].values()):.1f})"
+            wall = sum(s["minutes"] for s in r["distill"].values())
+            cpu = sum(s["cpu_minutes"] for s in r["distill"].values())
+            dist = f"yes ({wall:.1f} / {cpu:.1f})"
         elif "distilled" in r:
             dist = "no (fresh)"
-        diff = f"{r['difference_points']:+.1f}" if "difference_points" in r else "—"
+        diff = discordant = p = "—"
+        if "paired" in r:
+            q = r["paired"]
+            diff = f"{q['difference_points']:+.1f} +- {q['paired_se_points']:.1f}"
+            discordant = f"{q['only_reference_right']} / {q['only_other_right']}"
+            p = f"{q['mcnemar_p']:.2g}"
+        se = accuracy_se(r["accuracy"], len(r["correct"]))
+        f = r["finetune"]
         lines.append(
-            f"| {r['model']} | {hp} | {dist} | {100 * r['accuracy']:.1f} % | {diff} | {r['finetune']['minutes']:.1f} |"
+            f"| {r['model']} | {hp} | {dist} | {100 * r['accuracy']:.1f} % +- {se:.1f} | {diff} | {discordant} | {p} "
+            f"| {f['loss_first']:.2f} -> {f['loss_last']:.2f} | {f['minutes']:.1f} / {f['cpu_minutes']:.1f} |"
         )
     return "\n".join(lines)
 
