@@ -634,13 +634,23 @@ def _unseen_in_span(first: int, num_windows: int, E: int, local: int, device: to
     return after | (start + key < 0)
 
 
-def _causal_rows(q: torch.Tensor, N: int, E: int) -> tuple[torch.Tensor, int]:
-    """Queries (positions `N - Nq .. N - 1`) padded to whole windows `(B H, L, D)`, and `front`, the padded rows
-    before the first query."""
+def _causal_rows(q: torch.Tensor, N: int, E: int, first: int | None = None) -> tuple[torch.Tensor, int]:
+    """Queries (positions `N - Nq .. N - 1`) padded with zero rows to windows `first .. (N - 1) // E` (default: the
+    first window holding a query), `(B H, L, D)`, and `front`, the padded rows before the first query."""
     B, H, Nq, D = q.shape
-    first, last = (N - Nq) // E, (N - 1) // E  # window blocks holding the queries
-    L, front = (last - first + 1) * E, N - Nq - first * E
+    first = (N - Nq) // E if first is None else first
+    L, front = ((N - 1) // E - first + 1) * E, N - Nq - first * E
     return (F.pad(q, (0, 0, front, L - front - Nq)) if L != Nq else q).reshape(B * H, L, D), front
+
+
+def _windows(x: torch.Tensor, first: int, num: int, window: int) -> torch.Tensor:
+    """`(B, H, N, F)` -> `(B H num, window, F)`: windows `first .. first + num - 1` of `x`, zero-padded past `N` (a
+    view when `first = 0` and the windows tile `x`)."""
+    B, H, _, F_ = x.shape
+    part = x[:, :, first * window :].reshape(B * H, -1, F_)
+    if part.shape[1] < num * window:
+        part = F.pad(part, (0, 0, 0, num * window - part.shape[1]))
+    return part.view(B * H * num, window, F_)
 
 
 def _spans(x: torch.Tensor, first: int, num: int, window: int, local: int) -> torch.Tensor:
@@ -660,41 +670,58 @@ def _spans(x: torch.Tensor, first: int, num: int, window: int, local: int) -> to
 
 def _causal_fast(q, k, v, keys, betas, geo: _Causal, block_size: int | None, sinks=None) -> torch.Tensor:
     """`_causal_blocked` without autograd, with few large in-place ops (on shared CPUs every op waits for its slowest
-    thread). The exact part runs over all windows at once; each block of queries then adds its summaries with one
-    product `[q s, log P - top] @ [kappa~ / root, 1]^T` (logits already shifted by the exact part's row max
-    `top`), one `exp_` and one `baddbmm_` into the accumulator. Sinks join the exact part (one `(L, G)` block in the
-    row max)."""
+    thread). The exact part runs over all windows at once, one product per window of the span: window `m` of the
+    flattened `(B H nW)` windows against key window `m - s`, contiguous slices of the same windows, so no span is
+    copied; pairs whose key window lies before position 0 (or in another head) are masked. Queries are padded to
+    start at the first span's window, so those pairs are exactly the first `s` windows of each head. Each block of
+    queries then adds its summaries with one product `[q s, log P - top] @ [kappa~ / root, 1]^T` (logits already
+    shifted by the exact part's row max `top`), one `exp_` and one `baddbmm_` into the accumulator. Sinks join the
+    exact part (one `(L, G)` block in the row max)."""
     B, H, Nq, D = q.shape
-    N, BH, E = k.shape[2], B * H, geo.window
-    first, last = (N - Nq) // E, (N - 1) // E
+    N, BH, E, K = k.shape[2], B * H, geo.window, geo.local
+    # from the first window any query sees (rows before the queries are padding, their outputs dropped)
+    first, last = max((N - Nq) // E - K + 1, 0), (N - 1) // E
     num_windows = last - first + 1
-    q_rows, front = _causal_rows(q, N, E)
-    L = num_windows * E
+    q_rows, front = _causal_rows(q, N, E, first)
+    L, M = num_windows * E, BH * num_windows
     q_aug = q.new_empty(BH, L, D + 1)
-    qs = torch.mul(q_rows, geo.scale, out=q_aug[..., :D]).unflatten(1, (num_windows, E))
-    # spans of keys, then of values, each gathered just before its one product (a copy when K > 1)
-    local = qs @ _spans(k, first, num_windows, E, geo.local).transpose(-1, -2)  # (BH, nW, E, K E)
-    unseen = _unseen_in_span(first, num_windows, E, geo.local, q.device)
-    top = local.masked_fill_(unseen, float("-inf")).amax(dim=-1, keepdim=True)  # finite: a query sees itself
+    qs = torch.mul(q_rows, geo.scale, out=q_aug[..., :D]).view(M, E, D)
+    kw, vw = _windows(k, first, num_windows, E), _windows(v, first, num_windows, E)
+    local = torch.bmm(qs, kw.transpose(1, 2))  # (M, E, E): own window
+    causal = torch.ones(E, E, dtype=torch.bool, device=q.device).triu(1)
+    top = local.masked_fill_(causal, float("-inf")).amax(dim=-1, keepdim=True)  # finite: a query sees itself
+    earlier = []  # window s back, s = 1 .. K - 1: (M - s, E, E), row m for query window m + s
+    for s in range(1, min(K, num_windows)):
+        logits = torch.bmm(qs[s:], kw[:-s].transpose(1, 2))
+        logits.masked_fill_((torch.arange(s, M, device=q.device) % num_windows < s)[:, None, None], float("-inf"))
+        top[s:] = torch.maximum(top[s:], logits.amax(dim=-1, keepdim=True))
+        earlier.append(logits)
+    top = top.view(BH, L, 1)
     if sinks is not None:
         sink_keys, sink_values = (t.reshape(BH, -1, D) for t in sinks)
-        far_sinks = torch.bmm(qs.flatten(1, 2), sink_keys.transpose(1, 2)).view(BH, num_windows, E, -1)
+        far_sinks = torch.bmm(qs.view(BH, L, D), sink_keys.transpose(1, 2)).view(BH, num_windows, E, -1)
         far_sinks.masked_fill_(
             _hidden_sinks(first + torch.arange(num_windows, device=q.device)[:, None, None], geo, sink_keys.shape[1]),
             -math.inf,
         )  # (BH, nW, E, G)
-        top = torch.maximum(top, far_sinks.amax(dim=-1, keepdim=True))
+        top = torch.maximum(top, far_sinks.flatten(1, 2).amax(dim=-1, keepdim=True))
     # numerator and normaliser apart: `[v, 1]` would copy the values
-    den = local.sub_(top).exp_().sum(dim=-1).flatten(1, 2)  # (BH, L)
-    acc = (local @ _spans(v, first, num_windows, E, geo.local)).flatten(1, 2)  # (BH, L, D)
+    shift = top.view(M, E, 1)
+    den = local.sub_(shift).exp_().sum(dim=-1)  # (M, E)
+    acc = torch.bmm(local, vw)  # (M, E, D)
     del local
+    for s, logits in enumerate(earlier, start=1):
+        den[s:].add_(logits.sub_(shift[s:]).exp_().sum(dim=-1))
+        acc[s:].baddbmm_(logits, vw[:-s])
+    del earlier
+    den, acc = den.view(BH, L), acc.view(BH, L, D)
     if sinks is not None:
-        far_sinks = far_sinks.sub_(top).exp_().flatten(1, 2)
+        far_sinks = far_sinks.flatten(1, 2).sub_(top).exp_()
         den.add_(far_sinks.sum(dim=-1))
         acc.baddbmm_(far_sinks, sink_values)
     C = min(keys.shape[2], geo.seen(last))
     if C:
-        torch.sub(math.log(geo.chunk_size), top.flatten(1, 2), out=q_aug[..., D:])
+        torch.sub(math.log(geo.chunk_size), top, out=q_aug[..., D:])
         keys_t = _with_ones(keys[:, :, :C].reshape(BH, C, D) / geo.scale**0.5).transpose(1, 2)  # (BH, D + 1, C)
         betas1 = _with_ones(betas[:, :, :C].reshape(BH, C, D))
         step = max(1, min(num_windows, (block_size or CAUSAL_BLOCK_ROWS) // E))  # windows per block
