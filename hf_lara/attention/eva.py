@@ -650,7 +650,7 @@ def _windows(x: torch.Tensor, first: int, num: int, window: int) -> torch.Tensor
     part = x[:, :, first * window :].reshape(B * H, -1, F_)
     if part.shape[1] < num * window:
         part = F.pad(part, (0, 0, 0, num * window - part.shape[1]))
-    return part.view(B * H * num, window, F_)
+    return part.reshape(B * H * num, window, F_)  # a copy when the rows of `x` are strided
 
 
 def _spans(x: torch.Tensor, first: int, num: int, window: int, local: int) -> torch.Tensor:

@@ -155,7 +155,7 @@ def test_causal_matches_naive(B, N, H, D, E, P, adaptive, K):
             step = attn(q[:, :, -nq:], k, v, causal=True)
             assert_close(f"decode Nq={nq}", _reference(attn, q[:, :, -nq:], k, v, True), step, 1e-10)
             assert_close(f"decode Nq={nq} vs full", full[:, :, -nq:], step, 1e-12)
-        for M in (1, E - 1, E, E + 1, 2 * E + 1, N - 2):
+        for M in (1, E - 1, E, E + 1, 2 * E, 2 * E + 1, N - 2):  # strided slices; 2 E: windows tile the prefix
             prefix = attn(q[:, :, :M], k[:, :, :M], v[:, :, :M], causal=True)
             assert_close(f"prefix M={M}", full[:, :, :M], prefix, 1e-12)
 
