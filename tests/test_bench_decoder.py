@@ -210,6 +210,15 @@ def test_method_hparams_gives_eva_sinks_for_smollm2_only(bench):
     assert "sink_tokens" not in bench.METHODS["eva"]  # the table is not mutated
 
 
+def test_method_hparams_takes_typed_overrides(bench):
+    """`METHOD:KEY=VALUE` overrides the table (typed as the estimator declares), e.g. block-aligned causal EVA."""
+    hparams = bench.method_hparams("eva:local_windows=1:chunk_size=8", "smollm2")
+    assert hparams == {**bench.METHODS["eva"], "sink_tokens": bench.SINKS, "local_windows": 1, "chunk_size": 8}
+    assert bench.method_hparams("eva", "smollm2")["local_windows"] == 2
+    with pytest.raises(ValueError, match="Unknown hyper-parameter 'local_window'"):
+        bench.method_hparams("eva:local_window=1", "smollm2")
+
+
 def test_doc_range_parses_and_rejects(bench):
     import argparse
 

@@ -37,28 +37,33 @@ run on reused buffers: one GEMM for the window logits, one against every whole c
 diagonal view) is replaced by the "own chunk minus own window" logit, `exp2_` in place and products into one output
 buffer laid out `(B, N, H, D)`.
 
-**Causal** (`window_size` E, `chunk_size` P, `E % P == 0`). Windows are causal blocks of E positions (a query
-sees the keys of its block at or before it); chunks are fixed blocks of P tokens. A query in block w sees exactly
-the chunks that end at or before the block starts (`c < w E / P`), so nothing is counted twice and the output at
-position t only depends on tokens `<= t` (prefix consistent; decoding over a KV cache equals the full pass).
-Summaries are computed from keys and values only. The number of chunks grows as N / P, so the cost is
-`O(N (E + N / P) D)`: quadratic with constant 1/P, like the paper's causal EVA (official code: LM runs use P = 8).
-Queries run in blocks of whole windows against their windows and the summaries finished before the block's last
-window (`causal_eva`), so memory stays `O(N (E + D) + block N / P)`: no `(N, N / P)` tensor. Without autograd the
-exact part runs over all windows at once and each block adds its summaries with one product whose logits are already
-shifted by the exact part's row max, one `exp_` and one product with the values (`_causal_fast`).
+**Causal** (`window_size` E, `chunk_size` P, `E % P == 0`, `local_windows` K). Windows are blocks of E positions
+from position 0; chunks are fixed blocks of P tokens. A query in window w sees exactly its *exact span*: the keys of
+window w at or before it and every key of windows `w - K + 1 .. w - 1` (windows before 0 are empty), so between
+`(K - 1) E + 1` and `K E` keys once the row is that long; and one summary per chunk that ends at or before the span
+starts (`c < (w - K + 1) E / P`). With the default K = 2 every query past the first window sees at least its E
+previous keys exactly, like a sliding window of E (a block-aligned window, K = 1, gives the first query of each window
+a single exact key). Nothing is counted twice and the output at position t only depends on tokens `<= t` (prefix
+consistent; decoding over a KV cache equals the full pass). Summaries are computed from keys and values only. The
+number of chunks grows as N / P, so the cost is `O(N (K E + N / P) D)`: quadratic with constant 1/P, like the paper's
+causal EVA (official code: LM runs use P = 8). Queries run in blocks of whole windows against their spans (`K E` keys
+each, gathered once) and the summaries finished before the block's last span (`causal_eva`), so memory stays
+`O(N (K E + D) + block N / P)`: no `(N, N / P)` tensor. Without autograd the exact part runs over all windows at once
+and each block adds its summaries with one product whose logits are already shifted by the exact part's row max, one
+`exp_` and one product with the values (`_causal_fast`).
 
 **Sinks** (`sink_tokens` G; attention sinks, StreamingLLM, arXiv 2309.17453). The first G tokens (bidirectional:
 and the last G, e.g. `[CLS]` and `[SEP]`; `window.sink_positions`) join the exact set of every query that may see
 them: one `(N, G2)` logit block in the same softmax, with the sinks of a query's own window masked there (the window
 already holds them). They are left out of every summary (counts, means, proposals and `beta`), so each key still
 counts once and a window covering the sequence stays exact. Causal: a query sees sink `s` through the block when `s`
-lies in an earlier window; a chunk holding sinks counts only its other tokens (a chunk of sinks gets no weight).
+lies before its exact span; a chunk holding sinks counts only its other tokens (a chunk of sinks gets no weight).
 Decoding keeps the G sink keys and values in the state.
 
-**Causal decoding** (`EVAAttention.prefill` / `step`, `EVAState`): the tokens of the open window plus every
-finished chunk summary. A summary is computed once, when its window closes, so a step costs `O((E + N / P) D)` and
-the state grows by `2 D` numbers per `P` tokens. With padding, windows and chunks start at each row's first real
+**Causal decoding** (`EVAAttention.prefill` / `step`, `EVAState`): the tokens of the exact span (the open window and
+the `K - 1` complete windows before it, fewer than `K E` tokens) plus every finished chunk summary. A summary is
+computed once, when its window leaves the span, so a step costs `O((K E + N / P) D)` and the state grows by `2 D`
+numbers per `P` tokens. With padding, windows and chunks start at each row's first real
 token, in the full forward (which cuts padding away, `packs_padding`) and in the state alike, so decoding a
 left-padded batch equals its full forward row by row.
 """
@@ -437,8 +442,10 @@ def causal_summaries(
 class _Causal:
     """Geometry of one causal call: queries are positions `N - Nq .. N - 1` of keys starting at a window boundary.
 
-    Summary `j` of `keys` is seen by every query when `j < prior`, else it is chunk `j - prior` of `k` and is seen by
-    the queries of windows `w` with `j - prior < w P_w` (`P_w = E / P` chunks per window).
+    Windows are counted from position 0 of `k`; a query of window `w` sees exactly the keys of windows
+    `w - K + 1 .. w` at or before it (`K = local`; windows before position 0 hold no key). Summary `j` of `keys` is
+    seen by every query when `j < prior`, else it is chunk `j - prior` of `k` and is seen by the queries of windows
+    `w` with `j - prior < (w - K + 1) P_w` (`P_w = E / P` chunks per window).
     """
 
     window: int  # E (shrunk to N when the window holds every key)
@@ -447,6 +454,11 @@ class _Causal:
     prior: int  # summaries of chunks before position 0 (decoding state)
     scale: float
     sinks: int = 0  # G: global positions 0 .. G - 1 are exact for the later windows and in no summary
+    local: int = 1  # K: windows seen exactly, the query's own and the K - 1 before it
+
+    def seen(self, window: int) -> int:
+        """Summaries seen by the queries of `window` (0 for windows whose exact span starts before position 0)."""
+        return max(self.prior + (window - self.local + 1) * self.per_window, 0)
 
 
 def _log_counts(geo: _Causal, num: int, like: torch.Tensor) -> torch.Tensor | float:
@@ -461,11 +473,11 @@ def _log_counts(geo: _Causal, num: int, like: torch.Tensor) -> torch.Tensor | fl
 
 def _hidden_sinks(windows: torch.Tensor, geo: _Causal, num: int) -> torch.Tensor:
     """`(..., num)` bool: which of the sinks `0 .. num - 1` queries of windows `windows` `(..., 1)` (indices past
-    position 0 of `k`) do not attend through the sink block: those in their own or a later window (the window holds
+    position 0 of `k`) do not attend through the sink block: those in their exact span or later (the span holds
     what they see)."""
     full_window = geo.per_window * geo.chunk_size
     sink_window = torch.arange(num, device=windows.device) // full_window
-    return sink_window >= geo.prior // geo.per_window + windows
+    return sink_window > geo.prior // geo.per_window + windows - geo.local
 
 
 def causal_eva(
@@ -480,6 +492,7 @@ def causal_eva(
     scale: float,
     block_size: int | None = None,
     sinks: int = 0,
+    local_windows: int = 1,
 ) -> torch.Tensor:
     """Causal EVA; queries are positions `N - Nq .. N - 1` (`Nq < N` decodes over a cache), all tokens real.
 
@@ -491,8 +504,10 @@ def causal_eva(
         key_map, mu_map, sample: as in `bidirectional_eva`.
         scale (`float`): logit scale (`x~ = x * scale**0.5`).
         block_size (`int`, *optional*): queries per block, rounded to whole windows (default `CAUSAL_BLOCK_ROWS`).
-        sinks (`int`, *optional*, defaults to 0): `G`; keys `0 .. G - 1` are exact for the queries of later windows
-            (one `(Nq, G)` logit block) and left out of the summaries.
+        sinks (`int`, *optional*, defaults to 0): `G`; keys `0 .. G - 1` are exact for the queries whose exact span
+            starts after them (one `(Nq, G)` logit block) and left out of the summaries.
+        local_windows (`int`, *optional*, defaults to 1): `K`; a query sees the keys of its own window and of the
+            `K - 1` windows before it exactly, and the summaries of the chunks before them.
 
     Returns:
         `torch.Tensor` of shape `(B, H, Nq, D)`.
@@ -500,11 +515,11 @@ def causal_eva(
     N = k.shape[2]
     E = min(window_size, N)
     per_window = window_size // chunk_size
-    # chunks entirely before the last window: the only ones any query sees
-    end = (N - 1) // E * per_window * chunk_size
+    # chunks entirely before the last window's exact span: the only ones any query sees
+    end = max((N - 1) // E - local_windows + 1, 0) * per_window * chunk_size
     root = scale**0.5
     keys, betas = causal_summaries(k[:, :, :end], v[:, :, :end], chunk_size, key_map, mu_map, sample, root, sinks)
-    geo = _Causal(E, per_window, chunk_size, 0, scale, sinks)
+    geo = _Causal(E, per_window, chunk_size, 0, scale, sinks, local_windows)
     sink_kv = (k[:, :, :sinks], v[:, :, :sinks]) if sinks else None
     return attend_causal(q, k, v, keys, betas, geo, block_size, sink_kv)
 
@@ -540,20 +555,20 @@ def attend_causal(
 
 def _visible_chunks(windows: torch.Tensor, num: int, geo: _Causal) -> torch.Tensor:
     """`(..., num)` bool: which of the first `num` summaries the queries of `windows` `(..., 1)` see."""
-    return torch.arange(num, device=windows.device) < geo.prior + windows * geo.per_window
+    return torch.arange(num, device=windows.device) < geo.prior + (windows - geo.local + 1) * geo.per_window
 
 
 def _causal_direct(q, k, v, keys, betas, geo: _Causal, sinks=None) -> torch.Tensor:
-    """Every query against its window's keys, its summaries and the sinks at once: `O(Nq (2E + C + G) D)`."""
+    """Every query against its exact span, its summaries and the sinks at once: `O(Nq ((K + 1) E + C + G) D)`."""
     Nq, N, E = q.shape[2], k.shape[2], geo.window
-    start = (N - Nq) // E * E
+    start = max((N - Nq) // E - geo.local + 1, 0) * E
     query_pos = torch.arange(N - Nq, N, device=q.device)[:, None]
     key_pos = torch.arange(start, N, device=q.device)
-    local_ok = (key_pos // E == query_pos // E) & (key_pos <= query_pos)  # (Nq, N - start)
+    local_ok = (key_pos // E > query_pos // E - geo.local) & (key_pos <= query_pos)  # (Nq, N - start)
     qs = q * geo.scale
     logits = (qs @ k[:, :, start:].transpose(-1, -2)).masked_fill(~local_ok, float("-inf"))
     values = v[:, :, start:]
-    num = min(keys.shape[2], geo.prior + (N - 1) // E * geo.per_window)
+    num = min(keys.shape[2], geo.seen((N - 1) // E))
     if num:
         far = qs @ keys[:, :, :num].transpose(-1, -2) / geo.scale**0.5 + _log_counts(geo, num, q)
         far = far.masked_fill(~_visible_chunks(query_pos // E, num, geo), float("-inf"))
@@ -567,26 +582,28 @@ def _causal_direct(q, k, v, keys, betas, geo: _Causal, sinks=None) -> torch.Tens
 
 
 def _causal_blocked(q, k, v, keys, betas, geo: _Causal, block_size: int | None, sinks=None) -> torch.Tensor:
-    """Queries in blocks of whole windows against their windows, the summaries finished before the block's last
-    window (the few after the block's first window get a mask) and the sinks, under one softmax. Nothing of size
-    `(N, C)` is built: memory `O(N (E + D + G) + block C)`."""
+    """Queries in blocks of whole windows against their exact spans (`K E` keys), the summaries finished before the
+    block's last span (the few after the block's first span get a mask) and the sinks, under one softmax. Nothing of
+    size `(N, C)` is built: memory `O(N (K E + D + G) + block C)`."""
     B, H, Nq, D = q.shape
-    N, BH, E, pw = k.shape[2], B * H, geo.window, geo.per_window
+    N, BH, E = k.shape[2], B * H, geo.window
     first, last = (N - Nq) // E, (N - 1) // E
     num_windows = last - first + 1
-    q_rows, k_rows, v_rows, front = _causal_rows(q, k, v, E)
-    C = min(keys.shape[2], geo.prior + last * pw)
+    q_rows, front = _causal_rows(q, N, E)
+    k_rows, v_rows = (_spans(x, first, num_windows, E, geo.local) for x in (k, v))
+    span = k_rows.shape[2]  # K E
+    unseen = _unseen_in_span(first, num_windows, E, geo.local, q.device)
+    C = min(keys.shape[2], geo.seen(last))
     keys, betas = keys[:, :, :C].reshape(BH, C, D) / geo.scale**0.5, betas[:, :, :C].reshape(BH, C, D)
     if sinks is not None:
         sink_keys, sink_values = (t.reshape(BH, -1, D) for t in sinks)
-    causal = torch.ones(E, E, dtype=torch.bool, device=q.device).triu(1)
     step = max(1, min(num_windows, (block_size or CAUSAL_BLOCK_ROWS) // E))  # windows per block
     outs = []
     for a in range(0, num_windows, step):
         b = min(num_windows, a + step)
-        seen = min(C, geo.prior + (first + b - 1) * pw)
+        seen = min(C, geo.seen(first + b - 1))
         qs = q_rows[:, a * E : b * E] * geo.scale
-        logits = (qs.unflatten(1, (b - a, E)) @ k_rows[:, a:b].transpose(-1, -2)).masked_fill(causal, -math.inf)
+        logits = (qs.unflatten(1, (b - a, E)) @ k_rows[:, a:b].transpose(-1, -2)).masked_fill(unseen[a:b], -math.inf)
         windows = (first + torch.arange(a, b, device=q.device))[:, None, None]  # (nb, 1, 1)
         if seen:
             far = (qs @ keys[:, :seen].transpose(1, 2) + _log_counts(geo, seen, q)).unflatten(1, (b - a, E))
@@ -597,76 +614,122 @@ def _causal_blocked(q, k, v, keys, betas, geo: _Causal, block_size: int | None, 
             logits = torch.cat(
                 [logits, far_sinks.masked_fill(_hidden_sinks(windows, geo, sink_keys.shape[1]), -math.inf)], dim=-1
             )
-        probs = torch.softmax(logits, dim=-1)  # (BH, nb, E, E + seen + G)
-        part = probs[..., :E] @ v_rows[:, a:b]
+        probs = torch.softmax(logits, dim=-1)  # (BH, nb, E, K E + seen + G)
+        part = probs[..., :span] @ v_rows[:, a:b]
         if seen:
-            part = part + probs[..., E : E + seen] @ betas[:, None, :seen]
+            part = part + probs[..., span : span + seen] @ betas[:, None, :seen]
         if sinks is not None:
-            part = part + probs[..., E + seen :] @ sink_values[:, None]
+            part = part + probs[..., span + seen :] @ sink_values[:, None]
         outs.append(part.flatten(1, 2))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return out.reshape(B, H, num_windows * E, D)[:, :, front : front + Nq]
 
 
-def _causal_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, E: int):
-    """Queries padded to whole windows `(B H, L, D)` and the keys and values of those windows `(B H, L / E, E, D)`,
-    plus `front`, the padded rows before the first query."""
+def _unseen_in_span(first: int, num_windows: int, E: int, local: int, device: torch.device) -> torch.Tensor:
+    """`(num_windows, E, K E)` bool: the keys of each query's exact span (windows `w - K + 1 .. w` of window
+    `w = first + index`) that it does not see: those after it and those before position 0."""
+    key = torch.arange(local * E, device=device)
+    after = key > torch.arange((local - 1) * E, local * E, device=device)[:, None]  # (E, K E)
+    start = (torch.arange(first - local + 1, first - local + 1 + num_windows, device=device) * E)[:, None, None]
+    return after | (start + key < 0)
+
+
+def _causal_rows(q: torch.Tensor, N: int, E: int, first: int | None = None) -> tuple[torch.Tensor, int]:
+    """Queries (positions `N - Nq .. N - 1`) padded with zero rows to windows `first .. (N - 1) // E` (default: the
+    first window holding a query), `(B H, L, D)`, and `front`, the padded rows before the first query."""
     B, H, Nq, D = q.shape
-    N = k.shape[2]
-    first, last = (N - Nq) // E, (N - 1) // E  # window blocks holding the queries
-    L, front = (last - first + 1) * E, N - Nq - first * E
-    q_rows = (F.pad(q, (0, 0, front, L - front - Nq)) if L != Nq else q).reshape(B * H, L, D)
-    k_rows = _padded_window(k[:, :, first * E :].reshape(B * H, -1, D), L // E, E)
-    v_rows = _padded_window(v[:, :, first * E :].reshape(B * H, -1, D), L // E, E)
-    return q_rows, k_rows, v_rows, front
+    first = (N - Nq) // E if first is None else first
+    L, front = ((N - 1) // E - first + 1) * E, N - Nq - first * E
+    return (F.pad(q, (0, 0, front, L - front - Nq)) if L != Nq else q).reshape(B * H, L, D), front
+
+
+def _windows(x: torch.Tensor, first: int, num: int, window: int) -> torch.Tensor:
+    """`(B, H, N, F)` -> `(B H num, window, F)`: windows `first .. first + num - 1` of `x`, zero-padded past `N` (a
+    view when `first = 0` and the windows tile `x`)."""
+    B, H, _, F_ = x.shape
+    part = x[:, :, first * window :].reshape(B * H, -1, F_)
+    if part.shape[1] < num * window:
+        part = F.pad(part, (0, 0, 0, num * window - part.shape[1]))
+    return part.reshape(B * H * num, window, F_)  # a copy when the rows of `x` are strided
+
+
+def _spans(x: torch.Tensor, first: int, num: int, window: int, local: int) -> torch.Tensor:
+    """`(B, H, N, F)` -> `(B H, num, local window, F)`: the exact span of window `first + i` (windows
+    `first + i - local + 1 .. first + i` of `x`), zeros outside `0 .. N - 1`."""
+    B, H, _, F_ = x.shape
+    lo = first - local + 1  # the first span's first window (negative: before position 0)
+    part = x[:, :, max(lo, 0) * window :].reshape(B * H, -1, F_)
+    before, length = max(-lo, 0) * window, (num + local - 1) * window
+    if before or part.shape[1] < length - before:
+        part = F.pad(part, (0, 0, before, length - before - part.shape[1]))
+    windows = part.unflatten(1, (num + local - 1, window))
+    if local == 1:
+        return windows
+    return torch.cat([windows[:, i : i + num] for i in range(local)], dim=2)
 
 
 def _causal_fast(q, k, v, keys, betas, geo: _Causal, block_size: int | None, sinks=None) -> torch.Tensor:
     """`_causal_blocked` without autograd, with few large in-place ops (on shared CPUs every op waits for its slowest
-    thread). The exact part runs over all windows at once; each block of queries then adds its summaries with one
-    product `[q s, log P - top] @ [kappa~ / root, 1]^T` (logits already shifted by the exact part's row max
-    `top`), one `exp_` and one `baddbmm_` into the accumulator. Sinks join the exact part (one `(L, G)` block in the
-    row max)."""
+    thread). The exact part runs over all windows at once, one product per window of the span: window `m` of the
+    flattened `(B H nW)` windows against key window `m - s`, contiguous slices of the same windows, so no span is
+    copied; pairs whose key window lies before position 0 (or in another head) are masked. Queries are padded to
+    start at the first span's window, so those pairs are exactly the first `s` windows of each head. Each block of
+    queries then adds its summaries with one product `[q s, log P - top] @ [kappa~ / root, 1]^T` (logits already
+    shifted by the exact part's row max `top`), one `exp_` and one `baddbmm_` into the accumulator. Sinks join the
+    exact part (one `(L, G)` block in the row max)."""
     B, H, Nq, D = q.shape
-    N, BH, E, pw = k.shape[2], B * H, geo.window, geo.per_window
-    first, last = (N - Nq) // E, (N - 1) // E
+    N, BH, E, K = k.shape[2], B * H, geo.window, geo.local
+    # from the first window any query sees (rows before the queries are padding, their outputs dropped)
+    first, last = max((N - Nq) // E - K + 1, 0), (N - 1) // E
     num_windows = last - first + 1
-    q_rows, k_rows, v_rows, front = _causal_rows(q, k, v, E)
-    L = num_windows * E
+    q_rows, front = _causal_rows(q, N, E, first)
+    L, M = num_windows * E, BH * num_windows
     q_aug = q.new_empty(BH, L, D + 1)
-    qs = torch.mul(q_rows, geo.scale, out=q_aug[..., :D]).unflatten(1, (num_windows, E))
-    local = qs @ k_rows.transpose(-1, -2)  # (BH, nW, E, E)
+    qs = torch.mul(q_rows, geo.scale, out=q_aug[..., :D]).view(M, E, D)
+    kw, vw = _windows(k, first, num_windows, E), _windows(v, first, num_windows, E)
+    local = torch.bmm(qs, kw.transpose(1, 2))  # (M, E, E): own window
     causal = torch.ones(E, E, dtype=torch.bool, device=q.device).triu(1)
     top = local.masked_fill_(causal, float("-inf")).amax(dim=-1, keepdim=True)  # finite: a query sees itself
+    earlier = []  # window s back, s = 1 .. K - 1: (M - s, E, E), row m for query window m + s
+    for s in range(1, min(K, num_windows)):
+        logits = torch.bmm(qs[s:], kw[:-s].transpose(1, 2))
+        logits.masked_fill_((torch.arange(s, M, device=q.device) % num_windows < s)[:, None, None], float("-inf"))
+        top[s:] = torch.maximum(top[s:], logits.amax(dim=-1, keepdim=True))
+        earlier.append(logits)
+    top = top.view(BH, L, 1)
     if sinks is not None:
         sink_keys, sink_values = (t.reshape(BH, -1, D) for t in sinks)
-        far_sinks = torch.bmm(qs.flatten(1, 2), sink_keys.transpose(1, 2)).view(BH, num_windows, E, -1)
+        far_sinks = torch.bmm(qs.view(BH, L, D), sink_keys.transpose(1, 2)).view(BH, num_windows, E, -1)
         far_sinks.masked_fill_(
             _hidden_sinks(first + torch.arange(num_windows, device=q.device)[:, None, None], geo, sink_keys.shape[1]),
             -math.inf,
         )  # (BH, nW, E, G)
-        top = torch.maximum(top, far_sinks.amax(dim=-1, keepdim=True))
+        top = torch.maximum(top, far_sinks.flatten(1, 2).amax(dim=-1, keepdim=True))
     # numerator and normaliser apart: `[v, 1]` would copy the values
-    den = local.sub_(top).exp_().sum(dim=-1).flatten(1, 2)  # (BH, L)
-    acc = (local @ v_rows).flatten(1, 2)  # (BH, L, D)
+    shift = top.view(M, E, 1)
+    den = local.sub_(shift).exp_().sum(dim=-1)  # (M, E)
+    acc = torch.bmm(local, vw)  # (M, E, D)
     del local
+    for s, logits in enumerate(earlier, start=1):
+        den[s:].add_(logits.sub_(shift[s:]).exp_().sum(dim=-1))
+        acc[s:].baddbmm_(logits, vw[:-s])
+    del earlier
+    den, acc = den.view(BH, L), acc.view(BH, L, D)
     if sinks is not None:
-        far_sinks = far_sinks.sub_(top).exp_().flatten(1, 2)
+        far_sinks = far_sinks.flatten(1, 2).sub_(top).exp_()
         den.add_(far_sinks.sum(dim=-1))
         acc.baddbmm_(far_sinks, sink_values)
-    C = min(keys.shape[2], geo.prior + last * pw)
+    C = min(keys.shape[2], geo.seen(last))
     if C:
-        torch.sub(math.log(geo.chunk_size), top.flatten(1, 2), out=q_aug[..., D:])
+        torch.sub(math.log(geo.chunk_size), top, out=q_aug[..., D:])
         keys_t = _with_ones(keys[:, :, :C].reshape(BH, C, D) / geo.scale**0.5).transpose(1, 2)  # (BH, D + 1, C)
         betas1 = _with_ones(betas[:, :, :C].reshape(BH, C, D))
         step = max(1, min(num_windows, (block_size or CAUSAL_BLOCK_ROWS) // E))  # windows per block
         far_buf, part_buf = q.new_empty(BH * step * E * C), q.new_empty(BH * step * E * (D + 1))
-        # window r of a block sees its j-th summary past the block's first window iff j < r P_w
-        hidden = torch.arange(step * pw, device=q.device) >= torch.arange(step, device=q.device)[:, None, None] * pw
         for a in range(0, num_windows, step):
             b = min(num_windows, a + step)
             rows, n = slice(a * E, b * E), (b - a) * E
-            seen, common = min(C, geo.prior + (first + b - 1) * pw), geo.prior + (first + a) * pw
+            seen, common = min(C, geo.seen(first + b - 1)), geo.seen(first + a)
             if not seen:
                 continue
             far = torch.bmm(q_aug[:, rows], keys_t[..., :seen], out=far_buf[: BH * n * seen].view(BH, n, seen))
@@ -674,7 +737,10 @@ def _causal_fast(q, k, v, keys, betas, geo: _Causal, block_size: int | None, sin
                 few = min(seen, -(-geo.sinks // geo.chunk_size))  # chunks holding sinks count fewer tokens
                 far[..., :few].add_(_log_counts(geo, few, q) - math.log(geo.chunk_size))
             if seen > common:
-                far.view(BH, b - a, E, seen)[..., common:].masked_fill_(hidden[: b - a, :, : seen - common], -math.inf)
+                # window `first + r` of the block sees summary `common + j` iff `common + j < geo.seen(first + r)`
+                bounds = torch.tensor([geo.seen(first + r) - common for r in range(a, b)], device=q.device)
+                hidden = torch.arange(seen - common, device=q.device) >= bounds[:, None, None]  # (nb, 1, .)
+                far.view(BH, b - a, E, seen)[..., common:].masked_fill_(hidden, -math.inf)
             # a strided `out=` makes BLAS go matrix by matrix: product into a contiguous buffer, then one add
             part = torch.bmm(far.exp_(), betas1[:, :seen], out=part_buf[: BH * n * (D + 1)].view(BH, n, D + 1))
             acc[:, rows].add_(part[..., :D])
@@ -683,25 +749,19 @@ def _causal_fast(q, k, v, keys, betas, geo: _Causal, block_size: int | None, sin
     return acc.reshape(B, H, L, D)[:, :, front : front + Nq]
 
 
-def _padded_window(part: torch.Tensor, num: int, window: int) -> torch.Tensor:
-    """`(B H, n, F)` rows (`n <= num window`, the last block may be short) -> `(B H, num, window, F)`, zero-padded."""
-    if part.shape[1] < num * window:
-        part = F.pad(part, (0, 0, 0, num * window - part.shape[1]))
-    return part.unflatten(1, (num, window))
-
-
 @dataclass
 class EVAState:
-    """Causal EVA decoding state: the open window's tokens and every finished chunk summary, per row.
+    """Causal EVA decoding state: the tokens of the exact span (the open window and the `K - 1` before it) and every
+    finished chunk summary, per row.
 
     Chunks and windows are anchored at each row's first real token (as in the packed full forward), so rows of a
-    left-padded batch may be at different offsets. A summary is computed once, when its window completes; the state
-    grows by `2 D` numbers per `P` tokens and a step costs `O((E + N / P) D)`.
+    left-padded batch may be at different offsets. A summary is computed once, when its window leaves the exact span;
+    the state grows by `2 D` numbers per `P` tokens and a step costs `O((K E + N / P) D)`.
 
     Attributes:
-        keys, values (`torch.Tensor` of shape `(B, H, E, D)`): raw keys and values of the open window; slots
-            `< fill[b]` hold row `b`'s tokens.
-        fill (`torch.Tensor` of shape `(B,)`, long): tokens in the open window, `0 <= fill < E`.
+        keys, values (`torch.Tensor` of shape `(B, H, K E, D)`): raw keys and values of the exact span, from the
+            start of window `max(w - K + 1, 0)` (`w` the open window); slots `< fill[b]` hold row `b`'s tokens.
+        fill (`torch.Tensor` of shape `(B,)`, long): tokens in the exact span, `0 <= fill < K E`.
         chunk_keys, chunk_values (`torch.Tensor` of shape `(B, H, C, D)`): `kappa~_c` and `beta_c` of the finished
             chunks; slots `< count[b]` are row `b`'s.
         count (`torch.Tensor` of shape `(B,)`, long): finished chunks of each row.
@@ -719,9 +779,10 @@ class EVAState:
     sink_values: torch.Tensor
 
     @classmethod
-    def empty(cls, batch_size: int, num_heads: int, window: int, like: torch.Tensor, sinks: int = 0) -> EVAState:
-        """A state holding no token, for values like `like` `(..., D)` (dtype, device and `D`), `G = sinks`."""
-        buffer = like.new_zeros(batch_size, num_heads, window, like.shape[-1])
+    def empty(cls, batch_size: int, num_heads: int, span: int, like: torch.Tensor, sinks: int = 0) -> EVAState:
+        """A state holding no token, for values like `like` `(..., D)` (dtype, device and `D`), an exact span of
+        `span = K E` tokens and `G = sinks`."""
+        buffer = like.new_zeros(batch_size, num_heads, span, like.shape[-1])
         none = torch.zeros(batch_size, dtype=torch.long, device=like.device)
         sink = like.new_zeros(batch_size, num_heads, sinks, like.shape[-1])
         return cls(buffer, buffer.clone(), none, buffer[:, :, :0], buffer[:, :, :0], none.clone(), sink, sink.clone())
@@ -768,18 +829,20 @@ def eva_step(
     mu_map: Map,
     sample: bool,
     scale: float,
+    local_windows: int = 1,
 ) -> tuple[torch.Tensor, EVAState]:
     """Causal EVA of `n` new tokens `(B, H, n, D)` given the state of the earlier ones; padded new tokens (`mask`
-    False) are skipped and get output 0. Rows at the same offsets run together: the open window's tokens plus the
-    real new ones attend through `attend_causal`, the row's summaries in front (`prior`) and its sinks (the first
-    `G = state.sink_keys.shape[2]` tokens, kept in the state as they arrive). Returns the output and a new state (the
-    input state is not modified)."""
+    False) are skipped and get output 0. Rows at the same offsets run together: the exact span's tokens plus the real
+    new ones attend through `attend_causal`, the row's summaries in front (`prior`) and its sinks (the first
+    `G = state.sink_keys.shape[2]` tokens, kept in the state as they arrive). Windows that leave the exact span
+    (`K = local_windows` windows up to the open one) are summarised once, here. Returns the output and a new state
+    (the input state is not modified)."""
     B, H, n, D = q.shape
-    E, pw, G = window_size, window_size // chunk_size, state.sink_keys.shape[2]
+    E, pw, G, K = window_size, window_size // chunk_size, state.sink_keys.shape[2], local_windows
     mask = torch.ones(B, n, dtype=torch.bool, device=q.device) if mask is None else mask
     real = mask.sum(-1)
     order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices  # real new tokens first, in order
-    done = (state.fill + real) // E  # windows completed by this step
+    done = ((state.fill + real) // E - (K - 1)).clamp_min(0)  # windows leaving the exact span in this step
     chunk_keys, chunk_values = state.chunk_keys, state.chunk_values
     if bool((done > 0).any()):
         grow = max(int((state.count + done * pw).max()) - chunk_keys.shape[2], 0)
@@ -801,14 +864,14 @@ def eva_step(
         kg = torch.cat([state.keys[rows, :, :fill], gather_tokens(k, rows, index)], dim=2)
         vg = torch.cat([state.values[rows, :, :fill], gather_tokens(v, rows, index)], dim=2)
         total = fill + m
-        closed = total // E * E
+        closed = max(total // E - K + 1, 0) * E
         start = count * chunk_size  # position of `kg[:, :, 0]` among the row's real tokens
         new_keys, new_betas = causal_summaries(
             kg[:, :, :closed], vg[:, :, :closed], chunk_size, key_map, mu_map, sample, scale**0.5, max(G - start, 0)
         )
         prior_keys = torch.cat([state.chunk_keys[rows, :, :count], new_keys], dim=2)
         prior_betas = torch.cat([state.chunk_values[rows, :, :count], new_betas], dim=2)
-        geo = _Causal(min(E, total), pw, chunk_size, count, scale, G)
+        geo = _Causal(min(E, total), pw, chunk_size, count, scale, G, K)
         sinks = None
         if G:
             fresh = min(G, start + total) - start  # sinks among these tokens
@@ -851,6 +914,10 @@ class EVAAttention(AttentionEstimator):
             `G`, e.g. `[CLS]` and `[SEP]`) are attended exactly by every query that may see them, as attention
             sinks (StreamingLLM, Xiao et al., arXiv 2309.17453), besides the local window, and are left out of the
             chunk summaries: every key still counts once, under one normaliser.
+        local_windows (`int`, *optional*, defaults to 2): `K`, causal only: a query sees exactly the keys of its own
+            window up to itself and every key of the `K - 1` windows before it (between `(K - 1) E + 1` and `K E`
+            keys once the row is that long), plus the summaries of the chunks before them. `K = 1` is block-aligned
+            EVA, where the first query of each window sees a single exact key. Bidirectional EVA ignores it.
 
     Trained (with `adaptive=True`, the default): `chunk_key_proj` (the summaries' keys `kappa_T`, EVA's adaptive
     chunk keys) and `proposal_proj` (the proposal means `mu_T`), identity at init so that a fresh conversion uses
@@ -879,10 +946,12 @@ class EVAAttention(AttentionEstimator):
         chunk_size: int = 16,
         adaptive: bool = True,
         sink_tokens: int | None = 0,
+        local_windows: int = 2,
     ) -> None:
         super().__init__(num_heads, head_dim)
         self.window_size = check_int("window_size", window_size)
         self.sink_tokens = check_int("sink_tokens", sink_tokens or 0, minimum=0)
+        self.local_windows = check_int("local_windows", local_windows)
         self.num_chunks = check_int("num_chunks", num_chunks)
         self.chunk_size = check_int("chunk_size", chunk_size)
         if window_size % chunk_size:
@@ -906,9 +975,9 @@ class EVAAttention(AttentionEstimator):
     def attend_unpadded(self, q, k, v, causal, scale):
         root = scale**0.5
         maps = self._map(self.chunk_key_proj), self._map(self.proposal_proj), self.training
-        G = self.sink_tokens
+        G, K = self.sink_tokens, self.local_windows
         if causal:
-            return causal_eva(q, k, v, self.window_size, self.chunk_size, *maps, scale=scale, sinks=G)
+            return causal_eva(q, k, v, self.window_size, self.chunk_size, *maps, scale=scale, sinks=G, local_windows=K)
         if not records_grad(q, k, v, *self.parameters()):
             return bidirectional_eva_inference(q, k, v, self.window_size, self.num_chunks, *maps, scale=scale, sinks=G)
         return bidirectional_eva(q * root, k * root, v, self.window_size, self.num_chunks, *maps, sinks=G)
@@ -945,7 +1014,7 @@ class EVAAttention(AttentionEstimator):
 
         Returns:
             `out` `(B, H, n, D)` in `q.dtype` (rows of the full causal forward over all tokens, padding cut away as
-            there) and the new `EVAState` (fp32, fp64 for fp64 inputs). Cost `O(n (E + N / P) D)` per head.
+            there) and the new `EVAState` (fp32, fp64 for fp64 inputs). Cost `O(n (K E + N / P) D)` per head.
         """
         self._check_inputs(q, k, v, padding_mask, True)
         if q.shape[2] != k.shape[2]:
@@ -958,19 +1027,29 @@ class EVAAttention(AttentionEstimator):
                 f"`state` keeps {state.sink_keys.shape[2]} sink tokens but the estimator has "
                 f"`sink_tokens={self.sink_tokens}`; start from `prefill` with this estimator."
             )
+        span = self.local_windows * self.window_size
+        if state is not None and state.keys.shape[2] != span:
+            raise ValueError(
+                f"`state` keeps an exact span of {state.keys.shape[2]} tokens but the estimator sees {span} "
+                f"(`local_windows={self.local_windows}` x `window_size={self.window_size}`); start from `prefill` with "
+                "this estimator."
+            )
         input_dtype, dtype = q.dtype, compute_dtype(q.dtype)
         if state is None:
-            state = EVAState.empty(q.shape[0], self.num_heads, self.window_size, v.to(dtype), self.sink_tokens)
+            state = EVAState.empty(q.shape[0], self.num_heads, span, v.to(dtype), self.sink_tokens)
         if is_empty(q):
             return q * 0, state
         q, k, v, state = q.to(dtype), k.to(dtype), v.to(dtype), state.to(dtype)
         maps = self._map(self.chunk_key_proj), self._map(self.proposal_proj), self.training
         with torch.autocast(device_type=q.device.type, enabled=False):
-            out, state = eva_step(q, k, v, padding_mask, state, self.window_size, self.chunk_size, *maps, scale)
+            out, state = eva_step(
+                q, k, v, padding_mask, state, self.window_size, self.chunk_size, *maps, scale, self.local_windows
+            )
         return out.to(input_dtype), state
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, window_size={self.window_size}, num_chunks={self.num_chunks}, "
-            f"chunk_size={self.chunk_size}, adaptive={self.adaptive}, sink_tokens={self.sink_tokens}"
+            f"chunk_size={self.chunk_size}, adaptive={self.adaptive}, sink_tokens={self.sink_tokens}, "
+            f"local_windows={self.local_windows}"
         )

@@ -185,20 +185,31 @@ def naive_bidirectional_lara(q, k, v, scale, num_landmarks, mis, alpha_coeff, no
     return w_hat, f, w_hat @ f
 
 
-def eva_visible_sets(n: int, N: int, causal: bool, window: int, num_chunks: int, chunk: int, sinks: int = 0):
+def eva_visible_sets(
+    n: int, N: int, causal: bool, window: int, num_chunks: int, chunk: int, sinks: int = 0, local_windows: int = 2
+):
     """For the query at position `n` of `N`: its exact keys and its summaries as `(tokens, sampled_from)` pairs.
 
     `sinks=G`: the first `G` positions (bidirectional: and the last `G`) are exact for every query that may see them
-    and belong to no summary (nor to the tokens a summary's proposal is drawn from).
+    and belong to no summary (nor to the tokens a summary's proposal is drawn from). Causal, `local_windows=K`: the
+    exact keys are those of windows `w - K + 1 .. w` up to `n`, the summaries the chunks ending by their start.
+    Causal, `window=2`, `chunk=1`, `K=2`, `N=6` (`■` exact, `s` one summary each)::
+
+        ■ ⬚ ⬚ ⬚ ⬚ ⬚
+        ■ ■ ⬚ ⬚ ⬚ ⬚
+        ■ ■ ■ ⬚ ⬚ ⬚
+        ■ ■ ■ ■ ⬚ ⬚
+        s s ■ ■ ■ ⬚
+        s s ■ ■ ■ ■
     """
     w = n // window
     sink = set(range(min(sinks, N)))
     if not causal:
         sink |= set(range(max(N - sinks, 0), N))
     if causal:
-        local = list(range(w * window, n + 1))
-        exact = local + sorted(s for s in sink if s < w * window)
-        chunks = [list(range(c * chunk, (c + 1) * chunk)) for c in range(n // chunk) if (c + 1) * chunk <= w * window]
+        lo = max(w - local_windows + 1, 0) * window  # the first position of the exact span
+        exact = list(range(lo, n + 1)) + sorted(s for s in sink if s < lo)
+        chunks = [list(range(c * chunk, (c + 1) * chunk)) for c in range(n // chunk) if (c + 1) * chunk <= lo]
         kept = [[m for m in tokens if m not in sink] for tokens in chunks]
         return exact, [(tokens, tokens) for tokens in kept]
     local = list(range(w * window, min(N, (w + 1) * window)))
@@ -221,11 +232,13 @@ def naive_eva_attention(
     key_proj: torch.nn.Linear | None = None,
     proposal_proj: torch.nn.Linear | None = None,
     sinks: int = 0,
+    local_windows: int = 2,
 ) -> torch.Tensor:
     """Eval-mode EVA, one query at a time: softmax over [exact logits ; q~.kappa_T + log |T|] with values [v ; beta_T].
 
     `q` `(B, H, Nq, D)` are the last `Nq` of the `N` positions of `k`, `v` `(B, H, N, D)`; returns `(B, H, Nq, D)`.
-    `sinks=G`: the first `G` keys (bidirectional: and the last `G`) are exact too (`eva_visible_sets`).
+    `sinks=G`: the first `G` keys (bidirectional: and the last `G`) are exact too; causal queries see the windows
+    `w - local_windows + 1 .. w` exactly (`eva_visible_sets`).
     """
     B, H, Nq, D = q.shape
     N = k.shape[2]
@@ -238,7 +251,7 @@ def naive_eva_attention(
     rows = []
     for i in range(Nq):
         n = N - Nq + i
-        exact, summaries = eva_visible_sets(n, N, causal, window_size, num_chunks, chunk_size, sinks)
+        exact, summaries = eva_visible_sets(n, N, causal, window_size, num_chunks, chunk_size, sinks, local_windows)
         logits = [(qt[:, :, i] * kt[:, :, m]).sum(-1) for m in exact]
         values = [v[:, :, m] for m in exact]
         for tokens, sampled_from in summaries:

@@ -3,9 +3,9 @@
 Design
 ------
 A causal kernel estimator (`rfa`, `kernel`, causal `lara`: `supports_recurrent_state = True`) is an RNN: all a new
-query needs from the past is its `LinearState`. Causal `eva` also decodes from a state (`EVAState`: its open window
-and each finished chunk summary, computed once; it grows by `2 D` numbers per chunk of `P` tokens, so a step costs
-`O((E + N / P) D)`). `LaraCache` gives each such layer a `LaraStateLayer` and keeps an ordinary Transformers KV
+query needs from the past is its `LinearState`. Causal `eva` also decodes from a state (`EVAState`: its exact span,
+the open window and the `local_windows - 1` before it, and each finished chunk summary, computed once; it grows by
+`2 D` numbers per chunk of `P` tokens, so a step costs `O((K E + N / P) D)`). `LaraCache` gives each such layer a `LaraStateLayer` and keeps an ordinary Transformers KV
 layer (`DynamicLayer`, or the sliding one the config asks for) for every other layer: softmax layers of hybrid
 models (`layers=[...]`), `ra`, bidirectional estimators.
 

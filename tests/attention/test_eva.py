@@ -9,7 +9,7 @@ import torch
 import hf_lara.attention.eva as eva_module
 from hf_lara.attention import build_attention
 from hf_lara.attention.eva import EVAAttention, causal_eva, causal_summaries
-from hf_lara.attention.naive import naive_eva_attention, naive_softmax_attention
+from hf_lara.attention.naive import eva_visible_sets, naive_eva_attention, naive_softmax_attention
 
 from .utils import assert_close, qkv
 
@@ -45,6 +45,7 @@ def _reference(attn: EVAAttention, q, k, v, causal: bool) -> torch.Tensor:
         key_proj=attn.chunk_key_proj,
         proposal_proj=attn.proposal_proj,
         sinks=attn.sink_tokens,
+        local_windows=attn.local_windows,
     )
 
 
@@ -64,6 +65,9 @@ CAUSAL = [
     pytest.param(2, 37, 2, 8, 4, 4, id="B2-T37-H2-D8-E4-P4"),
     pytest.param(1, 19, 1, 4, 3, 1, id="B1-T19-H1-D4-E3-P1"),
 ]
+# `local_windows`: block-aligned windows (1, the old causal EVA), the default (2), and a wider span (3)
+LOCAL = pytest.mark.parametrize("K", [1, 2, 3], ids=["K1", "K2", "K3"])
+LOCAL12 = pytest.mark.parametrize("K", [1, 2], ids=["K1", "K2"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,14 +80,48 @@ CAUSAL = [
 )
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("extra", [0, 7], ids=["E=N", "E>N"])
-def test_window_covering_sequence_is_softmax(B, N, H, D, causal, extra):
+@LOCAL12
+def test_window_covering_sequence_is_softmax(B, N, H, D, causal, extra, K):
     """No summary is left (even in training mode, with perturbed maps): EVA is exact softmax."""
-    attn = _eva(D, H, N + extra, num_chunks=3, chunk=1).train()
+    attn = _eva(D, H, N + extra, num_chunks=3, chunk=1, local_windows=K).train()
     _perturb(attn)
     q, k, v = qkv(B, H, N, D)
     with torch.no_grad():
         out = attn(q, k, v, causal=causal)
     assert_close("eva vs softmax", naive_softmax_attention(q, k, v, causal=causal), out, 1e-12)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fast", "autograd"])
+@pytest.mark.parametrize("K,E", [(2, 15), (2, 16), (3, 10)], ids=["K2-E15", "K2-E16", "K3-E10"])
+def test_causal_span_covering_sequence_is_softmax(K, E, grad):
+    """Causal, `N = 29 <= K E` with `E < N`: every query's exact span holds all its keys, no summary is left (also in
+    training mode, perturbed maps), so EVA is exact softmax on the fast, autograd and decoding paths."""
+    attn = _eva(8, 2, E, chunk=1, local_windows=K).train()
+    _perturb(attn)
+    q, k, v = qkv(2, 2, 29, 8)
+    expected = naive_softmax_attention(q, k, v, causal=True)
+    with torch.set_grad_enabled(grad):
+        assert_close("span vs softmax", expected, attn(q, k, v, causal=True), 1e-12)
+        out, state = attn.prefill(q[:, :, :20], k[:, :, :20], v[:, :, :20])
+        step, _ = attn.step(q[:, :, 20:], k[:, :, 20:], v[:, :, 20:], state)
+    assert_close("decoding vs softmax", expected, torch.cat([out, step], dim=2), 1e-12)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3], ids=["K1", "K2", "K3"])
+@pytest.mark.parametrize("E,P,G", [(4, 2, 0), (6, 3, 5), (5, 1, 2)], ids=["E4-P2", "E6-P3-G5", "E5-P1-G2"])
+def test_causal_visible_sets_count_each_key_once(K, E, P, G):
+    """The reference's sets: a causal query at `n` sees `0 .. n` exactly once (exact, or in exactly one summary), its
+    exact span is windows `w - K + 1 .. w` (so at least `min(n + 1, (K - 1) E + 1)` keys), the sinks before it, and
+    summaries of whole chunks ending by the span's start."""
+    N = 40
+    for n in range(N):
+        exact, summaries = eva_visible_sets(n, N, True, E, 1, P, G, K)
+        summarised = [m for tokens, _ in summaries for m in tokens]
+        assert sorted(exact + summarised) == list(range(n + 1))
+        lo = max(n // E - K + 1, 0) * E
+        assert set(range(lo, n + 1)) <= set(exact) and set(exact) - set(range(lo, n + 1)) <= set(range(G))
+        assert len(exact) >= min(n + 1, (K - 1) * E + 1)
+        assert all(m < lo and m >= G for m in summarised)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,8 +141,11 @@ def test_bidirectional_matches_naive(B, N, H, D, E, C, adaptive):
 
 @pytest.mark.parametrize("B,N,H,D,E,P", CAUSAL)
 @pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "fixed"])
-def test_causal_matches_naive(B, N, H, D, E, P, adaptive):
-    attn = _eva(D, H, E, chunk=P, adaptive=adaptive)
+@LOCAL
+def test_causal_matches_naive(B, N, H, D, E, P, adaptive, K):
+    """Fast path and decoding over a cache (`Nq < N`: direct or blocked) against the reference; the prefix property:
+    the forward over the first `M` tokens equals the first `M` rows of the full forward."""
+    attn = _eva(D, H, E, chunk=P, adaptive=adaptive, local_windows=K)
     _perturb(attn)
     q, k, v = qkv(B, H, N, D)
     with torch.no_grad():
@@ -114,23 +155,30 @@ def test_causal_matches_naive(B, N, H, D, E, P, adaptive):
             step = attn(q[:, :, -nq:], k, v, causal=True)
             assert_close(f"decode Nq={nq}", _reference(attn, q[:, :, -nq:], k, v, True), step, 1e-10)
             assert_close(f"decode Nq={nq} vs full", full[:, :, -nq:], step, 1e-12)
+        for M in (1, E - 1, E, E + 1, 2 * E, 2 * E + 1, N - 2):  # strided slices; 2 E: windows tile the prefix
+            prefix = attn(q[:, :, :M], k[:, :, :M], v[:, :, :M], causal=True)
+            assert_close(f"prefix M={M}", full[:, :, :M], prefix, 1e-12)
 
 
 @pytest.mark.parametrize("block_size", [1, 9, 24], ids=["one-window", "two-windows", "three-windows"])
-@pytest.mark.parametrize("num_queries", [37, 5], ids=["full", "decode-5"])
-def test_causal_blocks_match_naive_with_gradients(block_size, num_queries):
-    """Queries processed a few windows at a time (several blocks, a partial last one): outputs and gradients of
-    queries, keys, values and both maps equal the per-query reference in fp64."""
+@pytest.mark.parametrize("num_queries", [37, 5, 19], ids=["full", "decode-5", "decode-19"])
+@LOCAL
+def test_causal_blocks_match_naive_with_gradients(block_size, num_queries, K):
+    """Queries processed a few windows at a time (several blocks, a partial last one), with and without autograd:
+    outputs and gradients of queries, keys, values and both maps equal the per-query reference in fp64."""
     torch.manual_seed(0)
-    attn = _eva(6, 2, 8, chunk=4)
+    attn = _eva(6, 2, 8, chunk=4, local_windows=K)
     _perturb(attn)
     q, k, v = qkv(2, 2, 37, 6)
     q = q[:, :, -num_queries:].clone()
     inputs = [x.requires_grad_() for x in (q, k, v)] + list(attn.parameters())
     maps = attn._map(attn.chunk_key_proj), attn._map(attn.proposal_proj), False
-    fast = causal_eva(q, k, v, 8, 4, *maps, scale=6**-0.5, block_size=block_size)
+    fast = causal_eva(q, k, v, 8, 4, *maps, scale=6**-0.5, block_size=block_size, local_windows=K)
     slow = _reference(attn, q, k, v, True)
     assert_close("blocked causal", slow, fast, 1e-12)
+    with torch.no_grad():
+        inference = causal_eva(q, k, v, 8, 4, *maps, scale=6**-0.5, block_size=block_size, local_windows=K)
+    assert_close("fast causal", slow, inference, 1e-12)
     weight = torch.randn_like(fast)
     for f, s in zip(
         torch.autograd.grad((fast * weight).sum(), inputs), torch.autograd.grad((slow * weight).sum(), inputs)
@@ -145,9 +193,10 @@ def test_causal_blocks_match_naive_with_gradients(block_size, num_queries):
         pytest.param(True, 2, 29, 2, 6, 8, 1, 4, id="causal-B2-T29-H2-D6-E8-P4"),
     ],
 )
-def test_gradients_match_naive(causal, B, N, H, D, E, C, P):
+@LOCAL12
+def test_gradients_match_naive(causal, B, N, H, D, E, C, P, K):
     """Gradients w.r.t. q, k, v and both adaptive maps (moved off the identity) equal the reference's."""
-    attn = _eva(D, H, E, num_chunks=C, chunk=P)
+    attn = _eva(D, H, E, num_chunks=C, chunk=P, local_windows=K)
     _perturb(attn)
     q, k, v = (t.requires_grad_() for t in qkv(B, H, N, D))
     weight = torch.randn(B, H, N, D, dtype=torch.float64)
@@ -217,8 +266,19 @@ def test_training_draws_one_sample_per_batch_head_and_chunk(causal):
         ({"num_chunks": 2.0}, "num_chunks"),
         ({"chunk_size": 0}, "chunk_size"),
         ({"window_size": 10, "chunk_size": 4}, "`window_size` must be a multiple of `chunk_size`"),
+        ({"local_windows": 0}, "`local_windows` must be an integer >= 1"),
+        ({"local_windows": 1.5}, "`local_windows` must be an integer >= 1"),
     ],
-    ids=["window-0", "window-neg", "chunks-0", "chunks-float", "chunk-0", "chunk-not-dividing"],
+    ids=[
+        "window-0",
+        "window-neg",
+        "chunks-0",
+        "chunks-float",
+        "chunk-0",
+        "chunk-not-dividing",
+        "local-0",
+        "local-float",
+    ],
 )
 def test_bad_hyper_parameters_raise(hparams, match):
     with pytest.raises(ValueError, match=match):
@@ -229,6 +289,7 @@ def test_parameters_and_defaults():
     attn = build_attention("eva", num_heads=4, head_dim=8)
     assert isinstance(attn, EVAAttention) and attn.packs_padding
     assert (attn.window_size, attn.num_chunks, attn.chunk_size, attn.adaptive) == (64, 64, 16, True)
+    assert attn.local_windows == 2 and "local_windows=2" in repr(attn)
     shapes = {name: tuple(p.shape) for name, p in attn.named_parameters()}
     assert shapes == {
         "chunk_key_proj.weight": (8, 8),
@@ -299,12 +360,13 @@ def test_accuracy_beats_uniform_and_improves_with_window(causal):
 
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 @pytest.mark.parametrize("G", [0, 3, 13])
-def test_decoding_state_equals_full_forward(padded, G):
+@LOCAL
+def test_decoding_state_equals_full_forward(padded, G, K):
     """Prefill, then steps of 1 to 9 tokens crossing windows (and, for G = 13, the sinks' end): the rows of the full
     causal forward (fp64), also with left padding, where windows and chunks start at each row's first real token in
-    both passes; with sinks the state keeps the first G keys and values only (constant memory)."""
+    both passes; the state keeps the exact span (< K E tokens) and with sinks the first G keys and values only."""
     torch.manual_seed(0)
-    attn = _eva(6, 2, 8, chunk=4, sink_tokens=G)
+    attn = _eva(6, 2, 8, chunk=4, sink_tokens=G, local_windows=K)
     _perturb(attn)
     q, k, v = qkv(2, 2, 45, 6)
     mask = torch.ones(2, 45, dtype=torch.bool)
@@ -319,23 +381,52 @@ def test_decoding_state_equals_full_forward(padded, G):
             before = [state.chunk_keys.clone(), state.sink_keys.clone()]
             out, new = attn.step(q[:, :, part], k[:, :, part], v[:, :, part], state, padding_mask=mask[:, part])
             assert all(torch.equal(a, b) for a, b in zip(before, [state.chunk_keys, state.sink_keys], strict=True))
-            assert new.sink_keys.shape == (2, 2, G, 6)
+            assert new.sink_keys.shape == (2, 2, G, 6) and new.keys.shape == (2, 2, K * 8, 6)
             outs.append(out)
             state, start = new, start + n
     assert_close("decode vs full", full, torch.cat(outs, dim=2), 1e-12)
     real = mask.sum(-1)
     if G == 0:
-        assert state.count.tolist() == (real // 8 * 2).tolist() and state.fill.tolist() == (real % 8).tolist()
+        summarised = (real // 8 - K + 1).clamp_min(0) * 8  # windows that left the exact span
+        assert (
+            state.count.tolist() == (summarised // 4).tolist() and state.fill.tolist() == (real - summarised).tolist()
+        )
     else:
         first = mask[0].nonzero().flatten()[:G]
         assert torch.equal(state.sink_keys[0], k[0, :, first].to(state.sink_keys.dtype))
         with pytest.raises(ValueError, match="sink_tokens"):
-            _eva(6, 2, 8, chunk=4).step(q[:, :, :1], k[:, :, :1], v[:, :, :1], state)
+            _eva(6, 2, 8, chunk=4, local_windows=K).step(q[:, :, :1], k[:, :, :1], v[:, :, :1], state)
+    with pytest.raises(ValueError, match="local_windows"):
+        _eva(6, 2, 8, chunk=4, sink_tokens=G, local_windows=K + 1).step(q[:, :, :1], k[:, :, :1], v[:, :, :1], state)
 
 
-def test_decoding_summarises_each_chunk_once(monkeypatch):
-    """A step summarises only the window it closes: no call ever sees more than `E` tokens after the prompt."""
-    attn = _eva(6, 2, 8, chunk=4)
+@LOCAL12
+def test_decoding_state_index_select_for_beams(K):
+    """Mid-decoding, rows reordered and repeated (`index_select`, beam search) then stepped: equal to the full forward
+    of the reordered rows (fp64), left padding and sinks included."""
+    attn = _eva(6, 2, 4, chunk=2, sink_tokens=2, local_windows=K)
+    _perturb(attn)
+    q, k, v = qkv(3, 2, 30, 6)
+    mask = torch.ones(3, 30, dtype=torch.bool)
+    mask[1, :3] = False
+    index = torch.tensor([2, 0, 0, 1])
+    with torch.no_grad():
+        full = attn(q[index], k[index], v[index], padding_mask=mask[index], causal=True)
+        _, state = attn.prefill(q[:, :, :17], k[:, :, :17], v[:, :, :17], padding_mask=mask[:, :17])
+        state = state.index_select(index)
+        outs = []
+        for t in range(17, 30):
+            part = slice(t, t + 1)
+            out, state = attn.step(q[index, :, part], k[index, :, part], v[index, :, part], state)
+            outs.append(out)
+    assert_close("beams vs full", full[:, :, 17:], torch.cat(outs, dim=2), 1e-12)
+
+
+@LOCAL
+def test_decoding_summarises_each_chunk_once(monkeypatch, K):
+    """A step summarises only the window that leaves the exact span: no call ever sees more than `E` tokens after
+    the prompt."""
+    attn = _eva(6, 2, 8, chunk=4, local_windows=K)
     q, k, v = qkv(1, 2, 60, 6)
     sizes = []
     original = eva_module.causal_summaries
@@ -345,13 +436,15 @@ def test_decoding_summarises_each_chunk_once(monkeypatch):
         sizes.clear()
         for t in range(20, 60):
             _, state = attn.step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state)
-    assert max(sizes) == 8 and sizes.count(8) == 5 and state.count.item() == 60 // 8 * 2
+    closed = 60 // 8 - K + 1  # windows summarised after 60 tokens, 20 // 8 - K + 1 of them during the prompt
+    assert max(sizes) == 8 and sizes.count(8) == closed - max(20 // 8 - K + 1, 0) and state.count.item() == closed * 2
 
 
-def test_fast_path_overflow_falls_back_to_exact_shifts():
+@LOCAL12
+def test_fast_path_overflow_falls_back_to_exact_shifts(K):
     """A summary logit far above every exact logit overflows the shifted fp32 products: the call reruns with max
     shifts and still equals the fp64 reference."""
-    attn = _eva(4, 1, 4, chunk=2).float()
+    attn = _eva(4, 1, 4, chunk=2, local_windows=K).float()
     q, k, v = qkv(1, 1, 12, 4)
     q[..., 0], k[..., :4, 0] = 20.0, 20.0  # the first chunks: logits ~ 200 above the later exact ones
     k[..., 4:, 0] = -20.0
@@ -359,7 +452,7 @@ def test_fast_path_overflow_falls_back_to_exact_shifts():
         out = attn(q.float(), k.float(), v.float(), causal=True)
         root = 0.5**0.5
         keys, betas = causal_summaries(k.float(), v.float(), 2, lambda x: x, lambda x: x, False, root)
-        geo = eva_module._Causal(4, 2, 2, 0, 0.5)
+        geo = eva_module._Causal(4, 2, 2, 0, 0.5, local=K)
         shifted = eva_module._causal_fast(q.float(), k.float(), v.float(), keys, betas, geo, None)
     assert not torch.isfinite(shifted).all() and torch.isfinite(out).all()
     # fp32 logits of size ~200 carry absolute rounding ~1e-5, hence the weights a relative error ~1e-5
@@ -422,13 +515,15 @@ def _left_and_right_padding(B: int, N: int) -> torch.Tensor:
     return mask
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-@pytest.mark.parametrize("G", [1, 3])
-def test_sinks_with_left_and_right_padding(causal, G):
+@pytest.mark.parametrize(
+    "causal,K", [(False, 2), (True, 1), (True, 2)], ids=["bidirectional", "causal-K1", "causal-K2"]
+)
+@pytest.mark.parametrize("G", [0, 1, 3])
+def test_sinks_with_left_and_right_padding(causal, G, K):
     """Sinks are each row's first (bidirectional: and last) real tokens: padded rows equal their real tokens run
-    alone, in the inference path and the autograd path (outputs and gradients)."""
+    alone, in the inference path and the autograd path (outputs and gradients); G = 0 is padding invariance alone."""
     B, N, H, D = 3, 26, 2, 6
-    attn = _eva(D, H, 4, num_chunks=3, chunk=2, sink_tokens=G)
+    attn = _eva(D, H, 4, num_chunks=3, chunk=2, sink_tokens=G, local_windows=K)
     _perturb(attn)
     q, k, v = (t.requires_grad_() for t in qkv(B, H, N, D))
     mask = _left_and_right_padding(B, N)
@@ -442,11 +537,14 @@ def test_sinks_with_left_and_right_padding(causal, G):
         assert_close("padded inference", slow, attn(q, k, v, padding_mask=mask, causal=causal), 1e-10)
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize(
+    "causal,K,E", [(False, 2, 32), (True, 1, 32), (True, 2, 16)], ids=["bidirectional", "causal-K1", "causal-K2-E16"]
+)
 @pytest.mark.parametrize("G", [1, 4, 40])
-def test_sinks_with_window_covering_sequence_are_softmax(causal, G):
-    """Sinks inside the window are counted once: with the window covering the sequence EVA stays exact."""
-    attn = _eva(8, 2, 32, num_chunks=3, chunk=1, sink_tokens=G).train()
+def test_sinks_with_window_covering_sequence_are_softmax(causal, K, E, G):
+    """Sinks inside the window (causal K = 2: the exact span of two windows) are counted once: with it covering the
+    sequence EVA stays exact."""
+    attn = _eva(8, 2, E, num_chunks=3, chunk=1, sink_tokens=G, local_windows=K).train()
     _perturb(attn)
     q, k, v = qkv(2, 2, 29, 8)
     expected = naive_softmax_attention(q, k, v, causal=causal)
@@ -476,10 +574,11 @@ CAUSAL_SINKS = [
 
 
 @pytest.mark.parametrize("B,N,H,D,E,P,G", CAUSAL_SINKS)
-def test_causal_sinks_match_naive_with_gradients(B, N, H, D, E, P, G):
+@LOCAL
+def test_causal_sinks_match_naive_with_gradients(B, N, H, D, E, P, G, K):
     """Autograd path (outputs and gradients of q, k, v and both maps), the no-grad fast path and decoding over a
     cache (`Nq < N`, the direct path) equal the per-query reference."""
-    attn = _eva(D, H, E, chunk=P, sink_tokens=G)
+    attn = _eva(D, H, E, chunk=P, sink_tokens=G, local_windows=K)
     _perturb(attn)
     q, k, v = (t.requires_grad_() for t in qkv(B, H, N, D))
     inputs = [q, k, v, *attn.parameters()]
@@ -497,29 +596,31 @@ def test_causal_sinks_match_naive_with_gradients(B, N, H, D, E, P, G):
 
 @pytest.mark.parametrize("block_size", [1, 9, 24], ids=["one-window", "two-windows", "three-windows"])
 @pytest.mark.parametrize("grad", [True, False], ids=["blocked", "fast"])
-def test_causal_sinks_any_block_size(block_size, grad):
+@LOCAL12
+def test_causal_sinks_any_block_size(block_size, grad, K):
     """Sinks across several query blocks (windows of 4, chunks of 2, G = 6): both block loops equal the reference."""
-    attn = _eva(6, 2, 4, chunk=2, sink_tokens=6)
+    attn = _eva(6, 2, 4, chunk=2, sink_tokens=6, local_windows=K)
     _perturb(attn)
     q, k, v = qkv(2, 2, 31, 6)
     maps = attn._map(attn.chunk_key_proj), attn._map(attn.proposal_proj), False
     with torch.set_grad_enabled(grad):
         q.requires_grad_(grad)
-        out = causal_eva(q, k, v, 4, 2, *maps, scale=6**-0.5, block_size=block_size, sinks=6)
+        out = causal_eva(q, k, v, 4, 2, *maps, scale=6**-0.5, block_size=block_size, sinks=6, local_windows=K)
     assert_close("blocks", _reference(attn, q, k, v, True), out, 1e-10)
 
 
-def test_causal_sinks_overflow_falls_back_to_exact_shifts():
+@LOCAL12
+def test_causal_sinks_overflow_falls_back_to_exact_shifts(K):
     """A low sink and summaries far above every exact logit: the shifted fp32 pass overflows, the fallback (with
     the sinks) equals the fp64 reference."""
-    attn = _eva(4, 1, 4, chunk=2, sink_tokens=1).float()
+    attn = _eva(4, 1, 4, chunk=2, sink_tokens=1, local_windows=K).float()
     q, k, v = qkv(1, 1, 12, 4)
     q[..., 0], k[..., 1:4, 0], k[..., 0, 0], k[..., 4:, 0] = 20.0, 20.0, -20.0, -20.0
     with torch.no_grad():
         out = attn(q.float(), k.float(), v.float(), causal=True)
         maps = (lambda x: x, lambda x: x, False)
         keys, betas = causal_summaries(k.float(), v.float(), 2, *maps, 0.5**0.5, 1)
-        geo = eva_module._Causal(4, 2, 2, 0, 0.5, 1)
+        geo = eva_module._Causal(4, 2, 2, 0, 0.5, 1, K)
         sinks = (k[:, :, :1].float(), v[:, :, :1].float())
         shifted = eva_module._causal_fast(q.float(), k.float(), v.float(), keys, betas, geo, None, sinks)
     assert not torch.isfinite(shifted).all() and torch.isfinite(out).all()

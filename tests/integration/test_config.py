@@ -164,3 +164,19 @@ def test_checkpoint_from_a_newer_version_loads_with_a_warning(base_checkpoints, 
     assert torch.equal(run(reloaded, inputs), run(model, inputs))
     with pytest.raises(ValueError, match="Unknown hyper-parameter.*'future_knob'"):
         hf_lara.convert(load_base(setup, base_checkpoints["llama"]), method="rfa", future_knob=3)
+
+
+@pytest.mark.parametrize("local_windows", [None, 1], ids=["default", "block-aligned"])
+def test_eva_local_windows_round_trips(local_windows, base_checkpoints, tmp_path):
+    """Causal EVA's `local_windows` (default 2, causal only) is recorded when given and survives save / load: the
+    reloaded decoder builds the same estimators and gives the same logits as the converted one."""
+    setup = SETUPS["llama"]
+    given = {} if local_windows is None else {"local_windows": local_windows}
+    model = load_converted(setup, base_checkpoints["llama"], "eva", **given)
+    assert model.config.lara_hparams == hparams("eva", **given)
+    model.save_pretrained(tmp_path)
+    reloaded = setup.auto_class.from_pretrained(tmp_path).eval()
+    expected = 2 if local_windows is None else local_windows
+    assert {e.local_windows for e in reloaded.lara_estimators().values()} == {expected}
+    inputs = make_inputs(setup)
+    assert torch.equal(run(reloaded, inputs), run(model, inputs))

@@ -271,9 +271,10 @@ def test_eva_generates_from_its_summaries_as_with_the_kv_path(family, sinks, bas
     tokens, logits, cache = greedy(model, ids, mask)
     assert isinstance(cache, hf_lara.LaraCache)
     assert all(isinstance(layer.state, EVAState) for layer in cache.layers)
-    # summaries of each row's closed windows (anchored at its first real token), 2 chunks per window
+    # summaries of each row's windows before its exact span (the open window and the one before it, anchored at
+    # its first real token), 2 chunks per window
     real = torch.tensor([len(p) for p in batch]) + NEW_TOKENS - 1
-    assert cache.layers[0].state.count.tolist() == (real // 4 * 2).tolist()
+    assert cache.layers[0].state.count.tolist() == ((real // 4 - 1).clamp_min(0) * 2).tolist()
     assert cache.layers[0].state.sink_keys.shape[2] == sinks
     kv_tokens, kv_logits, _ = greedy(model, ids, mask, cache_implementation="dynamic")
     assert torch.equal(tokens, kv_tokens)
