@@ -163,6 +163,30 @@ def _scratch(workspace: torch.Tensor, *shape: int) -> torch.Tensor:
     return workspace[: math.prod(shape)].view(shape)
 
 
+class Workspace:
+    """One flat buffer handed out as consecutive contiguous views, taken again from the start for every block.
+
+    The no-grad blocked paths compute their block temporaries in it, so a call allocates its scratch memory once
+    instead of several fresh tensors per block (large fresh allocations are served by mmap or by a heap that glibc
+    trims, and page-fault on every use: how often depends on the process's allocation history).
+    """
+
+    def __init__(self, like: torch.Tensor, numel: int) -> None:
+        self.buffer, self.used = like.new_empty(numel), 0
+
+    def take(self, *shape: int) -> torch.Tensor:
+        """A contiguous uninitialised `shape` view (a fresh tensor if the buffer is used up)."""
+        numel = math.prod(shape)
+        if self.used + numel > self.buffer.numel():
+            return self.buffer.new_empty(shape)
+        view = self.buffer[self.used : self.used + numel].view(shape)
+        self.used += numel
+        return view
+
+    def reset(self) -> None:
+        self.used = 0
+
+
 def bidirectional_linear_attention(
     lq: torch.Tensor,
     lk: torch.Tensor,
@@ -415,16 +439,22 @@ def _intra_chunk_scores(lq: torch.Tensor, lk: torch.Tensor) -> tuple[torch.Tenso
 
 
 def _chunks(
-    lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, chunk_size: int
+    lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, chunk_size: int, workspace: Workspace | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(B, H, L, .)` -> `(B, H, n, C, .)` chunks, the last one padded (keys at `-inf`); values as `[v, 1]`."""
+    """`(B, H, L, .)` -> `(B, H, n, C, .)` chunks, the last one padded (keys at `-inf`); values as `[v, 1]` (built in
+    `workspace` when given)."""
     B, H, L, S = lk.shape
     n = -(-L // chunk_size)
     pad = n * chunk_size - L
     if pad:
         lq, lk, v = F.pad(lq, (0, 0, 0, pad)), F.pad(lk, (0, 0, 0, pad), value=float("-inf")), F.pad(v, (0, 0, 0, pad))
-    v1 = _with_ones(v).reshape(B, H, n, chunk_size, -1)
-    return lq.reshape(B, H, n, chunk_size, S), lk.reshape(B, H, n, chunk_size, S), v1
+    if workspace is None:
+        v1 = _with_ones(v)
+    else:
+        v1 = workspace.take(B, H, n * chunk_size, v.shape[-1] + 1)
+        v1[..., :-1].copy_(v)
+        v1[..., -1].fill_(1.0)
+    return lq.reshape(B, H, n, chunk_size, S), lk.reshape(B, H, n, chunk_size, S), v1.view(B, H, n, chunk_size, -1)
 
 
 def _running_max(lk: torch.Tensor, state: LinearState) -> torch.Tensor:
@@ -547,7 +577,7 @@ def _in_scan_range(running: torch.Tensor, state: LinearState) -> bool:
 
 
 def _rescaled_prefix_in_place(
-    delta_t: torch.Tensor, running: torch.Tensor, state: LinearState
+    delta_t: torch.Tensor, running: torch.Tensor, state: LinearState, workspace: Workspace | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`_rescaled_prefix` without autograd on transposed chunk sums, as one product (in range only).
 
@@ -571,7 +601,8 @@ def _rescaled_prefix_in_place(
     start = state.kvz.transpose(-1, -2) * torch.exp(state.shift - top)[:, :, None, :]  # (B, H, E, S)
     earlier = torch.ones(n, n, dtype=delta_t.dtype, device=delta_t.device).tril_(-1)
     flat = delta_t.view(B * H, n, E * S)
-    prior_t = torch.baddbmm(start.reshape(B * H, 1, E * S), earlier.expand(B * H, n, n), flat)
+    into = None if workspace is None else workspace.take(B * H, n, E * S)
+    prior_t = torch.baddbmm(start.reshape(B * H, 1, E * S), earlier.expand(B * H, n, n), flat, out=into)
     final = (prior_t[:, -1] + flat[:, -1]).view(B, H, E, S).transpose(-1, -2)
     # before any real key `running` is at the floor and the sums are exactly 0: clamp the factor, not the sums
     limit = _SCAN_RANGE.get(delta_t.dtype, 60.0)
@@ -627,12 +658,15 @@ def _fast_block(
     chunk_size: int,
     state: LinearState,
     out: torch.Tensor | None = None,
+    own: tuple[bool, bool] | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, LinearState] | None:
     """Causal attention over one block, all chunks batched; None when a row underflows (use `_exact_block`).
 
-    With `out` (no autograd) the exponentials run in place on fresh map outputs (`lq`, `lk` that are not views),
-    query weights are scaled to a row max of 1 rather than normalised (the underflow test then only sees larger
-    denominators, by at most a factor `S`) and the result is divided straight into `out`.
+    With `out` (no autograd) the exponentials run in place on our own features (`own`; by default fresh map outputs,
+    i.e. not views), query weights are scaled to a row max of 1 rather than normalised (the underflow test then only
+    sees larger denominators, by at most a factor `S`), the block temporaries are taken from `workspace` (if given)
+    and the result is divided straight into `out`.
 
     Args:
         lq, lk (`torch.Tensor` of shape `(B, H, L, S)`): log-features of the block (padded keys at `-inf`).
@@ -642,30 +676,37 @@ def _fast_block(
         chunk_size (`int`): `C`.
         state (`LinearState`): statistics before the block (not modified).
         out (`torch.Tensor` of shape `(B, H, L, D)`, *optional*): where to write the output, without autograd.
+        own (`tuple[bool, bool]`, *optional*): whether `lq`, `lk` may be overwritten (with `out` only).
+        workspace (`Workspace`, *optional*): scratch memory for the block (with `out` only).
 
     Returns:
         The output `(B, H, L, D)` and the state after the block.
     """
     B, H, L, _ = lk.shape
     inference = out is not None
-    own_q, own_k = inference and lq._base is None, inference and lk._base is None
-    lq, lk, v1 = _chunks(lq, lk, v, chunk_size)
+    own_q, own_k = (lq._base is None, lk._base is None) if own is None else own
+    workspace = workspace if inference else None
+    lq, lk, v1 = _chunks(lq, lk, v, chunk_size, workspace)
     running = _running_max(lk, state)  # (B, H, n, S)
     if inference:
+        n, C, E, S = *lk.shape[2:4], v1.shape[-1], lk.shape[-1]
+
+        def take(*shape: int) -> torch.Tensor | None:
+            return None if workspace is None else workspace.take(*shape)
+
         phi_k = _exp_in_place(lk.sub_(running[:, :, :, None])) if own_k else torch.exp(lk - running[:, :, :, None])
         # transposed chunk sums `[V_c, 1]^T phi(K_c)` `(B, H, n, D + 1, S)`: the product `phi(K_c)^T [V_c, 1]` with
         # its odd width D + 1 on the right runs about 1.7x slower on CPU
-        delta_t = v1.transpose(-1, -2) @ phi_k
+        delta_t = torch.matmul(v1.transpose(-1, -2), phi_k, out=take(B, H, n, E, S))
         if _in_scan_range(running, state):
-            prior_t, final = _rescaled_prefix_in_place(delta_t, running, state)
+            prior_t, final = _rescaled_prefix_in_place(delta_t, running, state, workspace)
         else:
             prior, final = _scanned_prefix(delta_t.transpose(-1, -2), running, state)
             prior_t = prior.transpose(-1, -2)
         phi_q = _query_weights_in_place(lq, running[:, :, :, None], own_q)
-        scores = (phi_q @ phi_k.transpose(-1, -2)).tril_()  # (B, H, n, C, C)
-        num_den = phi_q @ prior_t.transpose(-1, -2)  # (B, H, n, C, D + 1)
-        E = v1.shape[-1]
-        num_den.view(-1, chunk_size, E).baddbmm_(scores.view(-1, chunk_size, chunk_size), v1.view(-1, chunk_size, E))
+        scores = torch.matmul(phi_q, phi_k.transpose(-1, -2), out=take(B, H, n, C, C)).tril_()
+        num_den = torch.matmul(phi_q, prior_t.transpose(-1, -2), out=take(B, H, n, C, E))  # (B, H, n, C, D + 1)
+        num_den.view(-1, C, E).baddbmm_(scores.view(-1, C, C), v1.view(-1, C, E))
     else:
         phi_k, delta = _chunk_sums(lk, v1, running)
         prefix = _rescaled_prefix(delta, running, state)
@@ -736,15 +777,30 @@ def causal_linear_attention(
     visible = _visible_rows(key_mask, state, prefix)
     # without autograd every block writes into one output (no list of block outputs, no concatenation)
     out = None if torch.is_grad_enabled() or is_tracing() else v.new_empty(B, H, Nq, D)
+    workspace = None
+    if out is not None:  # features, [v, 1], chunk sums, prefixes, scores and products of one block
+        rows = -(-min(block, Nq) // chunk_size) * chunk_size
+        E = D + 1
+        workspace = Workspace(v, B * H * (rows * (2 * S + 2 * E + chunk_size) + 2 * (rows // chunk_size) * E * S))
     outputs = []
     blocks = zip(range(0, Nq, block), lq.split(block, dim=2), lk.split(block, dim=2), v.split(block, dim=2))
     for start, q_b, k_b, v_b in blocks:
         mask_b = _block(key_mask, prefix + start, block)
-        lq_b, lk_b = q_map(q_b), _mask_keys(k_map(k_b), mask_b)
+        own = None
+        if workspace is None:
+            lq_b, lk_b = q_map(q_b), _mask_keys(k_map(k_b), mask_b)
+        else:
+            workspace.reset()
+            n_b = q_b.shape[2]
+            lq_b, own_q = map_into(q_map, q_b, workspace.take(B, H, n_b, S))
+            lk_b, own_k = map_into(k_map, k_b, workspace.take(B, H, n_b, S))
+            if mask_b is not None:  # in place on our own features, else a fresh copy (ours from then on)
+                lk_b, own_k = _mask_keys(lk_b, mask_b, own_k), True
+            own = (own_q, own_k)
         seen = None if visible is None else visible[:, :, start : start + block]
         out_b = None if out is None else out[:, :, start : start + q_b.shape[2]]
         # a traced graph (torch.compile / export) cannot branch on the data: it takes the exact loop, valid for any range
-        result = None if is_tracing() else _fast_block(lq_b, lk_b, v_b, seen, chunk_size, state, out_b)
+        result = None if is_tracing() else _fast_block(lq_b, lk_b, v_b, seen, chunk_size, state, out_b, own, workspace)
         if result is None:
             if out_b is not None:  # the fast block may have overwritten fresh features in place
                 lq_b, lk_b = q_map(q_b), _mask_keys(k_map(k_b), mask_b)
