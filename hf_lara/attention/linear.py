@@ -163,6 +163,9 @@ def _scratch(workspace: torch.Tensor, *shape: int) -> torch.Tensor:
     return workspace[: math.prod(shape)].view(shape)
 
 
+_ALIGN = 16
+
+
 class Workspace:
     """One flat buffer handed out as consecutive contiguous views, taken again from the start for every block.
 
@@ -180,7 +183,7 @@ class Workspace:
         if self.used + numel > self.buffer.numel():
             return self.buffer.new_empty(shape)
         view = self.buffer[self.used : self.used + numel].view(shape)
-        self.used += numel
+        self.used += -(-numel // _ALIGN) * _ALIGN  # every view starts on a 64-byte line (fp32)
         return view
 
     def reset(self) -> None:
@@ -581,9 +584,9 @@ def _rescaled_prefix_in_place(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`_rescaled_prefix` without autograd on transposed chunk sums, as one product (in range only).
 
-    The chunk sums are moved to the block's last running max in place, summed over earlier chunks by one product
-    with the strictly lower-triangular `n x n` matrix of ones (the state added as its bias), and each prefix is moved
-    to its own running max: no loop over chunks and no concatenated copy.
+    The chunk sums are moved to the block's last running max in place, summed over earlier chunks (starting from
+    the state) straight into the prefix buffer, and each prefix is moved to its own running max: no concatenated
+    copy. (A product with the triangular matrix of ones, or `baddbmm` with a broadcast bias, ran slower on CPU.)
 
     Args:
         delta_t (`torch.Tensor` of shape `(B, H, n, D + 1, S)`): chunk sums `dS_c^T`, chunk `c` relative to
@@ -599,15 +602,15 @@ def _rescaled_prefix_in_place(
     top = running[:, :, -1]  # (B, H, S)
     delta_t.mul_(torch.exp(running - top[:, :, None])[:, :, :, None, :])  # relative to `top`
     start = state.kvz.transpose(-1, -2) * torch.exp(state.shift - top)[:, :, None, :]  # (B, H, E, S)
-    earlier = torch.ones(n, n, dtype=delta_t.dtype, device=delta_t.device).tril_(-1)
-    flat = delta_t.view(B * H, n, E * S)
-    into = None if workspace is None else workspace.take(B * H, n, E * S)
-    prior_t = torch.baddbmm(start.reshape(B * H, 1, E * S), earlier.expand(B * H, n, n), flat, out=into)
-    final = (prior_t[:, -1] + flat[:, -1]).view(B, H, E, S).transpose(-1, -2)
+    prior_t = delta_t.new_empty(delta_t.shape) if workspace is None else workspace.take(*delta_t.shape)
+    prior_t[:, :, 0] = start
+    for c in range(1, n):  # `out=`: no copy of the chunk onto itself, as `+=` on an item would make
+        torch.add(prior_t[:, :, c - 1], delta_t[:, :, c - 1], out=prior_t[:, :, c])
+    final = (prior_t[:, :, -1] + delta_t[:, :, -1]).transpose(-1, -2)
     # before any real key `running` is at the floor and the sums are exactly 0: clamp the factor, not the sums
     limit = _SCAN_RANGE.get(delta_t.dtype, 60.0)
     factor = torch.exp((top[:, :, None] - running).clamp_max(limit))[:, :, :, None, :]
-    return prior_t.view(B, H, n, E, S).mul_(factor), final
+    return prior_t.mul_(factor), final
 
 
 def _rescaled_prefix(
@@ -706,7 +709,8 @@ def _fast_block(
         phi_q = _query_weights_in_place(lq, running[:, :, :, None], own_q)
         scores = torch.matmul(phi_q, phi_k.transpose(-1, -2), out=take(B, H, n, C, C)).tril_()
         num_den = torch.matmul(phi_q, prior_t.transpose(-1, -2), out=take(B, H, n, C, E))  # (B, H, n, C, D + 1)
-        num_den.view(-1, C, E).baddbmm_(scores.view(-1, C, C), v1.view(-1, C, E))
+        # a separate product and add: an in-place `baddbmm_` ran about twice as slow on CPU
+        num_den.add_(torch.matmul(scores, v1, out=take(B, H, n, C, E)))
     else:
         phi_k, delta = _chunk_sums(lk, v1, running)
         prefix = _rescaled_prefix(delta, running, state)
@@ -781,7 +785,8 @@ def causal_linear_attention(
     if out is not None:  # features, [v, 1], chunk sums, prefixes, scores and products of one block
         rows = -(-min(block, Nq) // chunk_size) * chunk_size
         E = D + 1
-        workspace = Workspace(v, B * H * (rows * (2 * S + 2 * E + chunk_size) + 2 * (rows // chunk_size) * E * S))
+        numel = B * H * (rows * (2 * S + 3 * E + chunk_size) + 2 * (rows // chunk_size) * E * S) + 8 * _ALIGN
+        workspace = Workspace(v, numel)
     outputs = []
     blocks = zip(range(0, Nq, block), lq.split(block, dim=2), lk.split(block, dim=2), v.split(block, dim=2))
     for start, q_b, k_b, v_b in blocks:
