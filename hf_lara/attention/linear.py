@@ -148,14 +148,15 @@ def writes_into(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
 def map_into(fn: LogFeatureMap, x: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
     """`fn(x)`, written into the buffer `out` when given and `fn` is marked by `writes_into`.
 
-    Returns the log-features and whether they may be modified in place: written into `out`, or a fresh tensor (not
-    a view, so not the caller's input).
+    Returns the log-features and whether they may be modified in place: written into `out`, or new memory (not the
+    caller's input; compared by storage, since views made under `torch.inference_mode` have no `_base`).
     """
     if out is not None and getattr(fn, "writes_into", False):
         result = fn(x, out=out)
     else:
         result = fn(x)
-    return result, result is out or result._base is None
+    shares_input = result.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    return result, result is out or (result._base is None and not shares_input)
 
 
 def _scratch(workspace: torch.Tensor, *shape: int) -> torch.Tensor:
