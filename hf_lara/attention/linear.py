@@ -155,8 +155,10 @@ def map_into(fn: LogFeatureMap, x: torch.Tensor, out: torch.Tensor | None) -> tu
         result = fn(x, out=out)
     else:
         result = fn(x)
-    shares_input = result.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
-    return result, result is out or (result._base is None and not shares_input)
+    if result is out or result._base is not None:
+        return result, result is out
+    # a traced graph cannot read storage pointers (and its views keep their `_base`)
+    return result, is_tracing() or result.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
 
 
 def _scratch(workspace: torch.Tensor, *shape: int) -> torch.Tensor:
