@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AttentionEstimator, check_choice, check_float, check_int, register_estimator
-from .linear import DEFAULT_CHUNK_SIZE, FeatureMaps, kernel_attention
+from .linear import DEFAULT_CHUNK_SIZE, FeatureMaps, half_squared_norm, kernel_attention, writes_into
 from .random_features import orthogonal_gaussian
 from .recurrent import RecurrentStateMixin
 from .window import WindowMaps
@@ -108,16 +108,21 @@ class FeatureMap(nn.Module):
         shape = (self.num_heads, num_rows or self.num_features, self.head_dim)
         return nn.Parameter(identity_init(*shape) if self.feature_init == "identity" else orthogonal_init(*shape))
 
-    def forward(self, x: torch.Tensor, scale: float | None = None, query: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, scale: float | None = None, query: bool = False, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`log phi(x~)` `(B, H, N, S)`: of tilde inputs `x` if `scale` is None, else of `x~ = x * scale**0.5`.
 
-        With `query=True` a map may leave out any per-row additive constant (it cancels for queries).
+        With `query=True` a map may leave out any per-row additive constant (it cancels for queries). `out` (a
+        `(B, H, N, S)` buffer, without autograd) may receive the result; maps that cannot use it return a new tensor.
         """
         if scale is None:
             return self.log_features(x)
-        return self.raw_log_features(x, scale, query)
+        return self.raw_log_features(x, scale, query, out)
 
-    def raw_log_features(self, x: torch.Tensor, scale: float, query: bool) -> torch.Tensor:
+    def raw_log_features(
+        self, x: torch.Tensor, scale: float, query: bool, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Log-features of raw inputs `x` `(B, H, N, D)` (the scale folded in where the map allows it)."""
         return self.log_features(x * scale**0.5)
 
@@ -131,11 +136,13 @@ class FeatureMap(nn.Module):
     def block_maps(self, scale: float) -> FeatureMaps:
         """Maps of raw (not tilde) blocks `(B, H, n, D) -> (B, H, n, S)` for queries and keys (module calls)."""
 
-        def query_map(x: torch.Tensor) -> torch.Tensor:
-            return self(x, scale, True)
+        @writes_into
+        def query_map(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            return self(x, scale, True, out)
 
-        def key_map(x: torch.Tensor) -> torch.Tensor:
-            return self(x, scale, False)
+        @writes_into
+        def key_map(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            return self(x, scale, False, out)
 
         return FeatureMaps(query_map, key_map, self.output_features)
 
@@ -226,15 +233,21 @@ class HedgehogFeatureMap(FeatureMap):
         half_norm = 0.5 * x_tilde.pow(2).sum(dim=-1, keepdim=True)
         return torch.cat([z - half_norm, -z - half_norm], dim=-1)
 
-    def raw_log_features(self, x: torch.Tensor, scale: float, query: bool) -> torch.Tensor:
-        """One GEMM for `z = sqrt(scale) W x + b` `(B, H, n, F)`, then `[z, -z]` (half the FLOPs of `[W; -W]`).
+    def raw_log_features(
+        self, x: torch.Tensor, scale: float, query: bool, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One GEMM for `z = sqrt(scale) W x + b` `(B, H, n, F)`, then `[z, -z]` (half the FLOPs of `[W; -W]`),
+        written into `out` when given.
 
         Queries leave out `-|q~|^2 / 2`, a per-query constant that cancels in the normalised output.
         """
         weight = (self.weight.to(x.dtype) * scale**0.5).transpose(-1, -2)  # (H, D, F)
         z = torch.matmul(x, weight).add_(self.bias.to(x.dtype)[:, None, :])
-        out = torch.cat([z, -z], dim=-1)
-        return out if query else out.sub_(0.5 * scale * x.square().sum(dim=-1, keepdim=True))
+        if out is None:
+            out = torch.cat([z, -z], dim=-1)
+        else:
+            torch.cat([z, z], dim=-1, out=out)[..., z.shape[-1] :].neg_()
+        return out if query else out.sub_(half_squared_norm(x, scale))
 
 
 class T2RFeatureMap(FFNFeatureMap):

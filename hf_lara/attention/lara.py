@@ -66,7 +66,9 @@ from .linear import (
     absorb_keys,
     bidirectional_block_elements,
     block_length,
+    half_squared_norm,
     kernel_attention,
+    writes_into,
 )
 from .random_features import orthogonal_gaussian, positive_random_log_features
 from .recurrent import RecurrentStateMixin
@@ -109,13 +111,19 @@ def log_alpha(log_density: torch.Tensor, t: torch.Tensor, alpha_coeff: float) ->
     return torch.log(alpha.clamp_min(_ALPHA_FLOOR))
 
 
-def _log_alpha_in_place(log_density: torch.Tensor, logits: torch.Tensor, alpha_coeff: float) -> torch.Tensor:
-    """`log_alpha` with `t = softmax(logits, -1)`, without autograd, in place on the fresh `logits` `(..., N, C)`."""
+def _log_alpha_in_place(log_density: torch.Tensor, logits2: torch.Tensor, alpha_coeff: float) -> torch.Tensor:
+    """`log_alpha` with `t = softmax(logits, -1)`, without autograd, in place on the fresh base-2 logits
+    `logits2 = logits log2 e` `(..., N, C)`.
+
+    `t` sums to 1 over the `C` proposals, so its mean is `1 / C`: `alpha = lambda t + (BH - lambda / C)`, with the
+    softmax normaliser and `lambda` applied as one factor.
+    """
     own = torch.diagonal(log_density, dim1=-2, dim2=-1)
     balance = torch.exp(own - torch.logsumexp(log_density, dim=-1))[..., None, :]  # (..., 1, C)
-    t = logits.sub_(logits.amax(dim=-1, keepdim=True)).mul_(LOG2E).exp2_()
-    t = t.div_(t.sum(dim=-1, keepdim=True))
-    return t.sub_(t.mean(dim=-1, keepdim=True)).mul_(alpha_coeff).add_(balance).clamp_min_(_ALPHA_FLOOR).log_()
+    num_proposals = logits2.shape[-1]
+    e = logits2.sub_(logits2.amax(dim=-1, keepdim=True)).exp2_()
+    e = e.mul_(alpha_coeff / e.sum(dim=-1, keepdim=True))
+    return e.add_(balance - alpha_coeff / num_proposals).clamp_min_(_ALPHA_FLOOR).log_()
 
 
 def log_inverse_proposal(log_density: torch.Tensor, mis: str) -> torch.Tensor:
@@ -432,18 +440,20 @@ class LinearRandomizedAttention(RecurrentStateMixin, AttentionEstimator):
         query_bias = log_inverse_proposal(log_density, self.mis)[:, None, :]  # (H, 1, C)
         if self.mis == "opt":
             mu_t = (mu * root).transpose(-1, -2)
+            mu_t2 = mu_t * LOG2E  # base-2 logits for the no-grad path
 
-        def query_map(x: torch.Tensor) -> torch.Tensor:
-            lq = torch.matmul(x, weight).add_(query_bias)
+        @writes_into
+        def query_map(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            lq = torch.matmul(x, weight, out=out).add_(query_bias)
             if self.mis == "opt":
-                logits = x @ mu_t  # t = softmax over proposals: stays causal
-                if records_grad(lq, logits):
-                    return lq + log_alpha(log_density, torch.softmax(logits, dim=-1), self.alpha_coeff)
-                lq.add_(_log_alpha_in_place(log_density, logits, self.alpha_coeff))
+                if records_grad(lq, x, mu_t):  # t = softmax over proposals: stays causal
+                    return lq + log_alpha(log_density, torch.softmax(x @ mu_t, dim=-1), self.alpha_coeff)
+                lq.add_(_log_alpha_in_place(log_density, x @ mu_t2, self.alpha_coeff))
             return lq
 
-        def key_map(x: torch.Tensor) -> torch.Tensor:
-            return torch.matmul(x, weight).sub_(0.5 * scale * x.square().sum(dim=-1, keepdim=True))
+        @writes_into
+        def key_map(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            return torch.matmul(x, weight, out=out).sub_(half_squared_norm(x, scale))
 
         return FeatureMaps(query_map, key_map, self.num_landmarks)
 

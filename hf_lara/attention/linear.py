@@ -34,6 +34,7 @@ form since it cannot branch on the data) grows with the number of blocks only. N
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -98,10 +99,11 @@ def block_length(batch_heads: int, width: int, multiple: int = 1, block_size: in
     return max(tokens // multiple, 1) * multiple
 
 
-def _mask_keys(lk: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+def _mask_keys(lk: torch.Tensor, key_mask: torch.Tensor | None, in_place: bool = False) -> torch.Tensor:
     if key_mask is None:
         return lk
-    return lk.masked_fill(~key_mask[:, None, :, None], float("-inf"))
+    hidden = ~key_mask[:, None, :, None]
+    return lk.masked_fill_(hidden, float("-inf")) if in_place else lk.masked_fill(hidden, float("-inf"))
 
 
 def _key_shift(lk: torch.Tensor, dim: int = 2) -> torch.Tensor:
@@ -114,17 +116,81 @@ def _query_weights(lq: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.softmax(lq + shift, dim=-1)
 
 
-def _query_weights_in_place(lq: torch.Tensor, shift: torch.Tensor, own: bool) -> torch.Tensor:
-    """`exp(lq + shift - rowmax)` without autograd, in place on `lq` when `own` (a fresh map output).
+def _query_weights_in_place(
+    lq: torch.Tensor, shift: torch.Tensor, own: bool, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`exp(lq + shift - rowmax)` without autograd, in place on `lq` when `own` (a fresh map output or a scratch
+    buffer), else written into `scratch` (a buffer of the shape of `lq`) or a new tensor.
 
     Each row is scaled so that its largest weight is 1 instead of normalised: the factor cancels in the output.
     """
-    w = lq.add_(shift) if own else lq + shift
+    w = lq.add_(shift) if own else torch.add(lq, shift, out=scratch) if scratch is not None else lq + shift
     return _exp_in_place(w.sub_(w.amax(dim=-1, keepdim=True)))
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def half_squared_norm(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """`scale |x|^2 / 2` over the last dimension, `(..., 1)`; without autograd one reduction (no `x^2` copy)."""
+    if records_grad(x):
+        return 0.5 * scale * x.square().sum(dim=-1, keepdim=True)
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().mul_(0.5 * scale)
+
+
+def writes_into(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Mark a log-feature map `fn(x, out=None)` that can write its result into a given buffer (see `map_into`)."""
+    fn.writes_into = True
+    return fn
+
+
+def map_into(fn: LogFeatureMap, x: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """`fn(x)`, written into the buffer `out` when given and `fn` is marked by `writes_into`.
+
+    Returns the log-features and whether they may be modified in place: written into `out`, or new memory (not the
+    caller's input; compared by storage, since views made under `torch.inference_mode` have no `_base`).
+    """
+    if out is not None and getattr(fn, "writes_into", False):
+        result = fn(x, out=out)
+    else:
+        result = fn(x)
+    if result is out or result._base is not None:
+        return result, result is out
+    # a traced graph cannot read storage pointers (and its views keep their `_base`)
+    return result, is_tracing() or result.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+
+def _scratch(workspace: torch.Tensor, *shape: int) -> torch.Tensor:
+    """A contiguous `shape` view of the first elements of the flat buffer `workspace`."""
+    return workspace[: math.prod(shape)].view(shape)
+
+
+_ALIGN = 16
+
+
+class Workspace:
+    """One flat buffer handed out as consecutive contiguous views, taken again from the start for every block.
+
+    The no-grad blocked paths compute their block temporaries in it, so a call allocates its scratch memory once
+    instead of several fresh tensors per block (large fresh allocations are served by mmap or by a heap that glibc
+    trims, and page-fault on every use: how often depends on the process's allocation history).
+    """
+
+    def __init__(self, like: torch.Tensor, numel: int) -> None:
+        self.buffer, self.used = like.new_empty(numel), 0
+
+    def take(self, *shape: int) -> torch.Tensor:
+        """A contiguous uninitialised `shape` view (a fresh tensor if the buffer is used up)."""
+        numel = math.prod(shape)
+        if self.used + numel > self.buffer.numel():
+            return self.buffer.new_empty(shape)
+        view = self.buffer[self.used : self.used + numel].view(shape)
+        self.used += -(-numel // _ALIGN) * _ALIGN  # every view starts on a 64-byte line (fp32)
+        return view
+
+    def reset(self) -> None:
+        self.used = 0
 
 
 def bidirectional_linear_attention(
@@ -165,15 +231,24 @@ def bidirectional_linear_attention(
         block_size = max(bidirectional_block_elements() // max(B * H * max(S, D + 1), 1), 1)
     block = block_length(B * H, max(S, D + 1), block_size=block_size)
     empty = LinearState.empty(B, H, S, v)
-    kvz, shift = absorb_keys(empty.kvz, empty.shift, lk, v, key_mask, k_map, block)
+    grad = torch.is_grad_enabled()
+    # without autograd every block of keys and queries works in one buffer: one allocation per call, not several
+    # per block (large fresh temporaries are served by mmap or a trimmed heap, and page-fault on every use)
+    rows = min(block, max(Nq, lk.shape[2], 1))
+    workspace = None if grad else v.new_empty(B * H * rows * (S + D + 1))
+    kvz, shift = absorb_keys(empty.kvz, empty.shift, lk, v, key_mask, k_map, block, workspace)
     shift = shift[:, :, None, :]
-    if torch.is_grad_enabled():
+    if grad:
         outs = [_normalise(_query_weights(q_map(lq_b), shift) @ kvz) for lq_b in lq.split(block, dim=2)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     out = v.new_empty(B, H, Nq, D)
+    weights_part, num_part = workspace.split([B * H * rows * S, B * H * rows * (D + 1)])
     for start, lq_b in zip(range(0, Nq, block), lq.split(block, dim=2)):
-        w = q_map(lq_b)
-        num = _query_weights_in_place(w, shift, w._base is None) @ kvz  # (B, H, n, D + 1)
+        n = lq_b.shape[2]
+        scratch = _scratch(weights_part, B, H, n, S)
+        w, own = map_into(q_map, lq_b, scratch)
+        w = _query_weights_in_place(w, shift, own, scratch)
+        num = torch.matmul(w, kvz, out=_scratch(num_part, B, H, n, D + 1))  # (B, H, n, D + 1)
         den = num[..., -1:]
         if key_mask is not None:  # a row without any real key gives 0, as `_normalise`
             den = den.masked_fill(den == 0, 1.0)
@@ -186,9 +261,10 @@ def _exp_in_place(x: torch.Tensor) -> torch.Tensor:
     return x.mul_(LOG2E).exp2_()
 
 
-def _exp_shifted(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """`exp(x - shift)`; in place on `x` when it is a fresh temporary (not a view) and no gradient is recorded."""
-    if x._base is not None or (torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad)):
+def _exp_shifted(x: torch.Tensor, shift: torch.Tensor, own: bool) -> torch.Tensor:
+    """`exp(x - shift)`; in place on `x` when `own` (a fresh temporary or a scratch buffer) and no gradient is
+    recorded."""
+    if not own or records_grad(x, shift):
         return torch.exp(x - shift)
     return _exp_in_place(x.sub_(shift))
 
@@ -201,6 +277,7 @@ def absorb_keys(
     key_mask: torch.Tensor | None = None,
     k_map: LogFeatureMap | None = None,
     block: int | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Key statistics with a running per-feature max, block by block: the one key-absorption loop of hf_lara.
 
@@ -219,20 +296,26 @@ def absorb_keys(
         key_mask (`torch.Tensor` of shape `(B, n)`, *optional*): True = real key.
         k_map (`LogFeatureMap`, *optional*): applied to each block of `lk`.
         block (`int`, *optional*): tokens per block (default: all at once).
+        workspace (`torch.Tensor`, *optional*): a flat buffer of at least `B H block S` elements; without autograd
+            each block's log-features are computed in it (`map_into`) instead of in fresh memory.
 
     Returns:
         `(kvz', shift')` of the same shapes.
     """
     kv, z = kvz[..., :-1], kvz[..., -1]
-    n = lk.shape[2]
+    (B, H, S), n = shift.shape, lk.shape[2]
     block = block or max(n, 1)
     values = v.split(block, dim=2) if v is not None else [None] * len(range(0, n, block))
     # `split`, not slicing: a slice's backward writes its gradient into a zero tensor of the whole input, so
     # slicing block by block costs O(N^2 / block) in backward; one split node concatenates the block gradients
     for start, lk_b, v_b in zip(range(0, n, block), lk.split(block, dim=2), values):
-        lk_b = _mask_keys((k_map or _identity)(lk_b), _block(key_mask, start, block))
+        scratch = None if workspace is None else _scratch(workspace, B, H, lk_b.shape[2], S)
+        lk_b, own = map_into(k_map or _identity, lk_b, scratch)
+        mask_b = _block(key_mask, start, block)
+        if mask_b is not None:  # in place on our own features, else a fresh copy (ours from then on)
+            lk_b, own = _mask_keys(lk_b, mask_b, own and not records_grad(lk_b)), True
         new_shift = torch.maximum(shift, _key_shift(lk_b))
-        phi = _exp_shifted(lk_b, new_shift[:, :, None, :])
+        phi = _exp_shifted(lk_b, new_shift[:, :, None, :], own)
         decay = torch.exp(shift - new_shift)
         if v_b is not None:
             kv = torch.addcmul(phi.transpose(-1, -2) @ v_b, kv, decay[..., None])
@@ -362,16 +445,22 @@ def _intra_chunk_scores(lq: torch.Tensor, lk: torch.Tensor) -> tuple[torch.Tenso
 
 
 def _chunks(
-    lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, chunk_size: int
+    lq: torch.Tensor, lk: torch.Tensor, v: torch.Tensor, chunk_size: int, workspace: Workspace | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(B, H, L, .)` -> `(B, H, n, C, .)` chunks, the last one padded (keys at `-inf`); values as `[v, 1]`."""
+    """`(B, H, L, .)` -> `(B, H, n, C, .)` chunks, the last one padded (keys at `-inf`); values as `[v, 1]` (built in
+    `workspace` when given)."""
     B, H, L, S = lk.shape
     n = -(-L // chunk_size)
     pad = n * chunk_size - L
     if pad:
         lq, lk, v = F.pad(lq, (0, 0, 0, pad)), F.pad(lk, (0, 0, 0, pad), value=float("-inf")), F.pad(v, (0, 0, 0, pad))
-    v1 = _with_ones(v).reshape(B, H, n, chunk_size, -1)
-    return lq.reshape(B, H, n, chunk_size, S), lk.reshape(B, H, n, chunk_size, S), v1
+    if workspace is None:
+        v1 = _with_ones(v)
+    else:
+        v1 = workspace.take(B, H, n * chunk_size, v.shape[-1] + 1)
+        v1[..., :-1].copy_(v)
+        v1[..., -1].fill_(1.0)
+    return lq.reshape(B, H, n, chunk_size, S), lk.reshape(B, H, n, chunk_size, S), v1.view(B, H, n, chunk_size, -1)
 
 
 def _running_max(lk: torch.Tensor, state: LinearState) -> torch.Tensor:
@@ -478,8 +567,53 @@ def _cumsum_chunks(terms: torch.Tensor) -> torch.Tensor:
     if records_grad(terms):
         return terms.cumsum(dim=2)
     for c in range(1, terms.shape[2]):
-        terms[:, :, c] += terms[:, :, c - 1]
+        terms[:, :, c].add_(terms[:, :, c - 1])  # not `+=`, whose item assignment copies the chunk onto itself
     return terms
+
+
+def _in_scan_range(running: torch.Tensor, state: LinearState) -> bool:
+    """Whether the running max `(B, H, n, S)` of a block grows by at most `_SCAN_RANGE` nats over the state's shift
+    (where it has one): the condition of the rescaled cumulative sums. Always False when traced (it reads the data)."""
+    if is_tracing():
+        return False
+    shifts = torch.cat([state.shift[:, :, None], running], dim=2)  # (B, H, n + 1, S)
+    seen = shifts > _LOG_FLOOR / 2
+    limit = _SCAN_RANGE.get(running.dtype, 60.0)
+    return not bool(((running[:, :, -1:] - shifts) * seen).amax() > limit)
+
+
+def _rescaled_prefix_in_place(
+    delta_t: torch.Tensor, running: torch.Tensor, state: LinearState, workspace: Workspace | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_rescaled_prefix` without autograd on transposed chunk sums, as one product (in range only).
+
+    The chunk sums are moved to the block's last running max in place, summed over earlier chunks (starting from
+    the state) straight into the prefix buffer, and each prefix is moved to its own running max: no concatenated
+    copy. (A product with the triangular matrix of ones, or `baddbmm` with a broadcast bias, ran slower on CPU.)
+
+    Args:
+        delta_t (`torch.Tensor` of shape `(B, H, n, D + 1, S)`): chunk sums `dS_c^T`, chunk `c` relative to
+            `running[c]`; overwritten.
+        running (`torch.Tensor` of shape `(B, H, n, S)`): running max after each chunk (the state's included).
+        state (`LinearState`): statistics before the first chunk.
+
+    Returns:
+        `prior^T` `(B, H, n, D + 1, S)` relative to `running[c]` and the final statistics `(B, H, S, D + 1)` relative
+        to `running[-1]`.
+    """
+    B, H, n, E, S = delta_t.shape
+    top = running[:, :, -1]  # (B, H, S)
+    delta_t.mul_(torch.exp(running - top[:, :, None])[:, :, :, None, :])  # relative to `top`
+    start = state.kvz.transpose(-1, -2) * torch.exp(state.shift - top)[:, :, None, :]  # (B, H, E, S)
+    prior_t = delta_t.new_empty(delta_t.shape) if workspace is None else workspace.take(*delta_t.shape)
+    prior_t[:, :, 0] = start
+    for c in range(1, n):  # `out=`: no copy of the chunk onto itself, as `+=` on an item would make
+        torch.add(prior_t[:, :, c - 1], delta_t[:, :, c - 1], out=prior_t[:, :, c])
+    final = (prior_t[:, :, -1] + delta_t[:, :, -1]).transpose(-1, -2)
+    # before any real key `running` is at the floor and the sums are exactly 0: clamp the factor, not the sums
+    limit = _SCAN_RANGE.get(delta_t.dtype, 60.0)
+    factor = torch.exp((top[:, :, None] - running).clamp_max(limit))[:, :, :, None, :]
+    return prior_t.mul_(factor), final
 
 
 def _rescaled_prefix(
@@ -498,14 +632,11 @@ def _rescaled_prefix(
         `prior` `(B, H, n, S, D + 1)`, the statistics before chunk `c` relative to `running[c]`, and the final
         statistics `(B, H, S, D + 1)` relative to `running[-1]`.
     """
-    if is_tracing():
+    if not _in_scan_range(running, state):
         return None
     shifts = torch.cat([state.shift[:, :, None], running], dim=2)  # (B, H, n + 1, S)
     top = running[:, :, -1:]
-    seen = shifts > _LOG_FLOOR / 2
     limit = _SCAN_RANGE.get(delta.dtype, 60.0)
-    if bool(((top - shifts) * seen).amax() > limit):
-        return None
     grad = records_grad(delta, state.kvz)  # without autograd the fresh temporaries are rescaled in place
     terms, factor = torch.cat([state.kvz[:, :, None], delta], dim=2), torch.exp(shifts - top)[..., None]
     sums = _cumsum_chunks(terms * factor if grad else terms.mul_(factor))  # (B, H, n + 1, S, D + 1), relative to `top`
@@ -533,12 +664,15 @@ def _fast_block(
     chunk_size: int,
     state: LinearState,
     out: torch.Tensor | None = None,
+    own: tuple[bool, bool] | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, LinearState] | None:
     """Causal attention over one block, all chunks batched; None when a row underflows (use `_exact_block`).
 
-    With `out` (no autograd) the exponentials run in place on fresh map outputs (`lq`, `lk` that are not views),
-    query weights are scaled to a row max of 1 rather than normalised (the underflow test then only sees larger
-    denominators, by at most a factor `S`) and the result is divided straight into `out`.
+    With `out` (no autograd) the exponentials run in place on our own features (`own`; by default fresh map outputs,
+    i.e. not views), query weights are scaled to a row max of 1 rather than normalised (the underflow test then only
+    sees larger denominators, by at most a factor `S`), the block temporaries are taken from `workspace` (if given)
+    and the result is divided straight into `out`.
 
     Args:
         lq, lk (`torch.Tensor` of shape `(B, H, L, S)`): log-features of the block (padded keys at `-inf`).
@@ -548,30 +682,46 @@ def _fast_block(
         chunk_size (`int`): `C`.
         state (`LinearState`): statistics before the block (not modified).
         out (`torch.Tensor` of shape `(B, H, L, D)`, *optional*): where to write the output, without autograd.
+        own (`tuple[bool, bool]`, *optional*): whether `lq`, `lk` may be overwritten (with `out` only).
+        workspace (`Workspace`, *optional*): scratch memory for the block (with `out` only).
 
     Returns:
         The output `(B, H, L, D)` and the state after the block.
     """
     B, H, L, _ = lk.shape
     inference = out is not None
-    own_q, own_k = inference and lq._base is None, inference and lk._base is None
-    lq, lk, v1 = _chunks(lq, lk, v, chunk_size)
+    own_q, own_k = (lq._base is None, lk._base is None) if own is None else own
+    workspace = workspace if inference else None
+    lq, lk, v1 = _chunks(lq, lk, v, chunk_size, workspace)
     running = _running_max(lk, state)  # (B, H, n, S)
-    if own_k:
-        phi_k = _exp_in_place(lk.sub_(running[:, :, :, None]))  # (B, H, n, C, S)
-        delta = phi_k.transpose(-1, -2) @ v1  # (B, H, n, S, D + 1)
+    if inference:
+        n, C, E, S = *lk.shape[2:4], v1.shape[-1], lk.shape[-1]
+
+        def take(*shape: int) -> torch.Tensor | None:
+            return None if workspace is None else workspace.take(*shape)
+
+        phi_k = _exp_in_place(lk.sub_(running[:, :, :, None])) if own_k else torch.exp(lk - running[:, :, :, None])
+        # transposed chunk sums `[V_c, 1]^T phi(K_c)` `(B, H, n, D + 1, S)`: the product `phi(K_c)^T [V_c, 1]` with
+        # its odd width D + 1 on the right runs about 1.7x slower on CPU
+        delta_t = torch.matmul(v1.transpose(-1, -2), phi_k, out=take(B, H, n, E, S))
+        if _in_scan_range(running, state):
+            prior_t, final = _rescaled_prefix_in_place(delta_t, running, state, workspace)
+        else:
+            prior, final = _scanned_prefix(delta_t.transpose(-1, -2), running, state)
+            prior_t = prior.transpose(-1, -2)
+        phi_q = _query_weights_in_place(lq, running[:, :, :, None], own_q)
+        scores = torch.matmul(phi_q, phi_k.transpose(-1, -2), out=take(B, H, n, C, C)).tril_()
+        num_den = torch.matmul(phi_q, prior_t.transpose(-1, -2), out=take(B, H, n, C, E))  # (B, H, n, C, D + 1)
+        # a separate product and add: an in-place `baddbmm_` ran about twice as slow on CPU
+        num_den.add_(torch.matmul(scores, v1, out=take(B, H, n, C, E)))
     else:
         phi_k, delta = _chunk_sums(lk, v1, running)
-    prefix = _rescaled_prefix(delta, running, state)
-    prior, final = prefix if prefix is not None else _scanned_prefix(delta, running, state)
-    if inference:
-        phi_q = _query_weights_in_place(lq, running[:, :, :, None], own_q)
-    else:
+        prefix = _rescaled_prefix(delta, running, state)
+        prior, final = prefix if prefix is not None else _scanned_prefix(delta, running, state)
         phi_q = _query_weights(lq, running[:, :, :, None])  # (B, H, n, C, S)
-    scores = (phi_q @ phi_k.transpose(-1, -2)).tril_()  # (B, H, n, C, C)
-    num_den = phi_q @ prior
-    num_den = (num_den.add_(scores @ v1) if inference else num_den + scores @ v1).reshape(B, H, -1, v1.shape[-1])
-    num_den = num_den[:, :, :L]
+        scores = (phi_q @ phi_k.transpose(-1, -2)).tril_()  # (B, H, n, C, C)
+        num_den = phi_q @ prior + scores @ v1
+    num_den = num_den.reshape(B, H, -1, v1.shape[-1])[:, :, :L]
     den = num_den[..., -1].detach()
     weak = den < _tiny(den.dtype) ** 0.5
     if visible is not None:
@@ -634,15 +784,31 @@ def causal_linear_attention(
     visible = _visible_rows(key_mask, state, prefix)
     # without autograd every block writes into one output (no list of block outputs, no concatenation)
     out = None if torch.is_grad_enabled() or is_tracing() else v.new_empty(B, H, Nq, D)
+    workspace = None
+    if out is not None:  # features, [v, 1], chunk sums, prefixes, scores and products of one block
+        rows = -(-min(block, Nq) // chunk_size) * chunk_size
+        E = D + 1
+        numel = B * H * (rows * (2 * S + 3 * E + chunk_size) + 2 * (rows // chunk_size) * E * S) + 8 * _ALIGN
+        workspace = Workspace(v, numel)
     outputs = []
     blocks = zip(range(0, Nq, block), lq.split(block, dim=2), lk.split(block, dim=2), v.split(block, dim=2))
     for start, q_b, k_b, v_b in blocks:
         mask_b = _block(key_mask, prefix + start, block)
-        lq_b, lk_b = q_map(q_b), _mask_keys(k_map(k_b), mask_b)
+        own = None
+        if workspace is None:
+            lq_b, lk_b = q_map(q_b), _mask_keys(k_map(k_b), mask_b)
+        else:
+            workspace.reset()
+            n_b = q_b.shape[2]
+            lq_b, own_q = map_into(q_map, q_b, workspace.take(B, H, n_b, S))
+            lk_b, own_k = map_into(k_map, k_b, workspace.take(B, H, n_b, S))
+            if mask_b is not None:  # in place on our own features, else a fresh copy (ours from then on)
+                lk_b, own_k = _mask_keys(lk_b, mask_b, own_k), True
+            own = (own_q, own_k)
         seen = None if visible is None else visible[:, :, start : start + block]
         out_b = None if out is None else out[:, :, start : start + q_b.shape[2]]
         # a traced graph (torch.compile / export) cannot branch on the data: it takes the exact loop, valid for any range
-        result = None if is_tracing() else _fast_block(lq_b, lk_b, v_b, seen, chunk_size, state, out_b)
+        result = None if is_tracing() else _fast_block(lq_b, lk_b, v_b, seen, chunk_size, state, out_b, own, workspace)
         if result is None:
             if out_b is not None:  # the fast block may have overwritten fresh features in place
                 lq_b, lk_b = q_map(q_b), _mask_keys(k_map(k_b), mask_b)

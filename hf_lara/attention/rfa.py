@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .base import AttentionEstimator, check_int, register_estimator
-from .linear import DEFAULT_CHUNK_SIZE, FeatureMaps, kernel_attention
+from .linear import DEFAULT_CHUNK_SIZE, FeatureMaps, half_squared_norm, kernel_attention, writes_into
 from .random_features import gaussian, orthogonal_gaussian, positive_random_log_features
 from .recurrent import RecurrentStateMixin
 from .window import WindowMaps
@@ -104,11 +104,13 @@ class RandomFeatureAttention(RecurrentStateMixin, AttentionEstimator):
         omega = self.projection if omega is None else omega
         weight = (omega.to(dtype) * scale**0.5).transpose(-1, -2)  # (H, D, S)
 
-        def query_map(x: torch.Tensor) -> torch.Tensor:
-            return x @ weight
+        @writes_into
+        def query_map(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            return torch.matmul(x, weight, out=out)
 
-        def key_map(x: torch.Tensor) -> torch.Tensor:
-            return (x @ weight).sub_(0.5 * scale * x.square().sum(dim=-1, keepdim=True))
+        @writes_into
+        def key_map(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            return torch.matmul(x, weight, out=out).sub_(half_squared_norm(x, scale))
 
         return FeatureMaps(query_map, key_map, self.num_features)
 

@@ -285,3 +285,69 @@ def test_causal_estimators_without_autograd_equal_naive_twin(method):
         out = attn(q, k, v, padding_mask=mask, causal=True)
     assert_close(method, expected[0], out[0], 1e-10)
     assert_close(method, expected[1, :, 7:], out[1, :, 7:], 1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-call scratch memory of the no-grad paths (`Workspace`, maps writing into a buffer via `map_into`).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["rfa", "kernel", "lara"])
+@pytest.mark.parametrize("query", [True, False])
+def test_maps_written_into_a_buffer_equal_fresh_maps(method, query):
+    """`map_into` with a buffer gives the map's own numbers, in the buffer when the map can write into it."""
+    B, H, N, D = 2, 3, 17, 8
+    q = qkv(B, H, N, D, generator=torch.Generator().manual_seed(8))[0]
+    attn = build_attention(method, num_heads=H, head_dim=D).double().eval()
+    fm = attn.feature_maps(D**-0.5, torch.float64)
+    fn = fm.query if query else fm.key
+    buffer = torch.full((B, H, N, fm.num_features), float("nan"), dtype=torch.float64)
+    with torch.no_grad():
+        result, own = linear_module.map_into(fn, q, buffer)
+    assert result is buffer and own
+    assert_close(method, fn(q), result, 1e-12)
+
+
+def test_workspace_views_are_aligned_and_fall_back_to_fresh_memory():
+    ws = linear_module.Workspace(torch.empty(0), 100)
+    a, b = ws.take(3, 5), ws.take(2, 2)
+    assert a.data_ptr() == ws.buffer.data_ptr()
+    assert b.data_ptr() - a.data_ptr() == 16 * a.element_size()  # 15 elements rounded up to 16
+    c = ws.take(10, 10)  # more than is left: a fresh tensor
+    assert c.untyped_storage().data_ptr() != ws.buffer.untyped_storage().data_ptr() and c.shape == (10, 10)
+    ws.reset()
+    assert ws.take(4).data_ptr() == a.data_ptr()
+
+
+@pytest.mark.parametrize("method", ["rfa", "kernel", "lara"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_causal_no_grad_blocks_stay_inside_their_workspace(method, masked, monkeypatch):
+    """Every block temporary of the no-grad causal path is a view of the one per-call buffer (the sizing covers the
+    maps, `[v, 1]`, chunk sums, prefixes, scores and products, also for a short last block with a partial chunk), and
+    the result equals the naive twin."""
+    B, H, N, D, C = 2, 2, 45, 8, 6
+    monkeypatch.setattr(linear_module, "BLOCK_ELEMENTS", B * H * 24 * 12)  # 24-token blocks: a short last block
+    fresh = []
+    original = linear_module.Workspace.take
+
+    def take(self, *shape):
+        view = original(self, *shape)
+        if view.untyped_storage().data_ptr() != self.buffer.untyped_storage().data_ptr():
+            fresh.append(shape)
+        return view
+
+    monkeypatch.setattr(linear_module.Workspace, "take", take)
+    q, k, v = qkv(B, H, N, D, generator=torch.Generator().manual_seed(9))
+    mask = None
+    if masked:
+        mask = torch.ones(B, N, dtype=torch.bool)
+        mask[1, :7] = False
+    attn = build_attention(method, num_heads=H, head_dim=D, chunk_size=C).double().eval()
+    fm = attn.feature_maps(D**-0.5, torch.float64)
+    expected = naive_feature_attention(fm.query(q), fm.key(k), v, mask, causal=True)
+    with torch.inference_mode():
+        out = attn(q, k, v, padding_mask=mask, causal=True)
+    assert fresh == []
+    rows = slice(7, None) if masked else slice(None)
+    assert_close(method, expected[1, :, rows], out[1, :, rows], 1e-10)
+    assert_close(method, expected[0], out[0], 1e-10)
