@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import mmap
-from pathlib import Path
 
 import torch
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_official.py"
+from .benchmark_scripts import load_benchmark
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_official", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_official")
 
 
 def test_skips_in_one_line_without_the_official_code(tmp_path, monkeypatch, capsys):
