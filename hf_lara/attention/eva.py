@@ -559,26 +559,28 @@ def _visible_chunks(windows: torch.Tensor, num: int, geo: _Causal) -> torch.Tens
 
 
 def _causal_direct(q, k, v, keys, betas, geo: _Causal, sinks=None) -> torch.Tensor:
-    """Every query against its exact span, its summaries and the sinks at once: `O(Nq ((K + 1) E + C + G) D)`."""
+    """Every query against its exact span, its summaries and the sinks at once: `O(Nq ((K + 1) E + C + G) D)`.
+
+    The three logit blocks share one softmax without being concatenated (no copy of the summaries per step)."""
     Nq, N, E = q.shape[2], k.shape[2], geo.window
     start = max((N - Nq) // E - geo.local + 1, 0) * E
     query_pos = torch.arange(N - Nq, N, device=q.device)[:, None]
     key_pos = torch.arange(start, N, device=q.device)
     local_ok = (key_pos // E > query_pos // E - geo.local) & (key_pos <= query_pos)  # (Nq, N - start)
     qs = q * geo.scale
-    logits = (qs @ k[:, :, start:].transpose(-1, -2)).masked_fill(~local_ok, float("-inf"))
-    values = v[:, :, start:]
+    blocks = [((qs @ k[:, :, start:].transpose(-1, -2)).masked_fill(~local_ok, float("-inf")), v[:, :, start:])]
     num = min(keys.shape[2], geo.seen((N - 1) // E))
     if num:
         far = qs @ keys[:, :, :num].transpose(-1, -2) / geo.scale**0.5 + _log_counts(geo, num, q)
-        far = far.masked_fill(~_visible_chunks(query_pos // E, num, geo), float("-inf"))
-        logits, values = torch.cat([logits, far], dim=-1), torch.cat([values, betas[:, :, :num]], dim=2)
+        blocks.append((far.masked_fill(~_visible_chunks(query_pos // E, num, geo), float("-inf")), betas[:, :, :num]))
     if sinks is not None:
-        far_sinks = (qs @ sinks[0].transpose(-1, -2)).masked_fill(
-            _hidden_sinks(query_pos // E, geo, sinks[0].shape[2]), float("-inf")
-        )
-        logits, values = torch.cat([logits, far_sinks], dim=-1), torch.cat([values, sinks[1]], dim=2)
-    return torch.softmax(logits, dim=-1) @ values
+        hidden = _hidden_sinks(query_pos // E, geo, sinks[0].shape[2])
+        blocks.append(((qs @ sinks[0].transpose(-1, -2)).masked_fill(hidden, float("-inf")), sinks[1]))
+    # every query sees at least itself, so the shared max is finite
+    shift = torch.stack([logits.amax(dim=-1) for logits, _ in blocks]).amax(dim=0, keepdim=True)[0, ..., None]
+    weights = [(logits - shift).exp() for logits, _ in blocks]
+    total = sum(w.sum(dim=-1, keepdim=True) for w in weights)
+    return sum(w @ values for w, (_, values) in zip(weights, blocks, strict=True)) / total
 
 
 def _causal_blocked(q, k, v, keys, betas, geo: _Causal, block_size: int | None, sinks=None) -> torch.Tensor:
@@ -843,6 +845,7 @@ def eva_step(
     real = mask.sum(-1)
     order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices  # real new tokens first, in order
     done = ((state.fill + real) // E - (K - 1)).clamp_min(0)  # windows leaving the exact span in this step
+    maps = key_map, mu_map, sample
     chunk_keys, chunk_values = state.chunk_keys, state.chunk_values
     if bool((done > 0).any()):
         grow = max(int((state.count + done * pw).max()) - chunk_keys.shape[2], 0)
@@ -860,32 +863,34 @@ def eva_step(
             continue
         rows = torch.nonzero((offsets == offsets.new_tensor([fill, count, m])).all(-1)).flatten()
         index = order[rows, :m]
+        # a group of every row (the usual case) takes views: no copy of the summaries at each step
+        sel = slice(None) if rows.numel() == B else rows
         qg = gather_tokens(q, rows, index)
-        kg = torch.cat([state.keys[rows, :, :fill], gather_tokens(k, rows, index)], dim=2)
-        vg = torch.cat([state.values[rows, :, :fill], gather_tokens(v, rows, index)], dim=2)
+        kg = torch.cat([state.keys[sel, :, :fill], gather_tokens(k, rows, index)], dim=2)
+        vg = torch.cat([state.values[sel, :, :fill], gather_tokens(v, rows, index)], dim=2)
         total = fill + m
         closed = max(total // E - K + 1, 0) * E
         start = count * chunk_size  # position of `kg[:, :, 0]` among the row's real tokens
-        new_keys, new_betas = causal_summaries(
-            kg[:, :, :closed], vg[:, :, :closed], chunk_size, key_map, mu_map, sample, scale**0.5, max(G - start, 0)
-        )
-        prior_keys = torch.cat([state.chunk_keys[rows, :, :count], new_keys], dim=2)
-        prior_betas = torch.cat([state.chunk_values[rows, :, :count], new_betas], dim=2)
+        if closed:
+            skip = max(G - start, 0)
+            summaries = causal_summaries(kg[:, :, :closed], vg[:, :, :closed], chunk_size, *maps, scale**0.5, skip)
+            new_keys, new_betas = summaries
+            slots = slice(count, count + new_keys.shape[2])
+            chunk_keys[sel, :, slots], chunk_values[sel, :, slots] = new_keys, new_betas
+        seen = count + closed // chunk_size
+        prior_keys, prior_betas = chunk_keys[sel, :, :seen], chunk_values[sel, :, :seen]
         geo = _Causal(min(E, total), pw, chunk_size, count, scale, G, K)
         sinks = None
         if G:
             fresh = min(G, start + total) - start  # sinks among these tokens
             if fresh > 0:
-                sink_keys[rows, :, start : start + fresh] = kg[:, :, :fresh]
-                sink_values[rows, :, start : start + fresh] = vg[:, :, :fresh]
-            sinks = sink_keys[rows], sink_values[rows]
+                sink_keys[sel, :, start : start + fresh] = kg[:, :, :fresh]
+                sink_values[sel, :, start : start + fresh] = vg[:, :, :fresh]
+            sinks = sink_keys[sel], sink_values[sel]
         out[rows[:, None, None, None], heads, index[:, None, :, None], dims] = attend_causal(
             qg, kg, vg, prior_keys, prior_betas, geo, sinks=sinks
         )
-        if closed:
-            slots = slice(count, count + new_keys.shape[2])
-            chunk_keys[rows, :, slots], chunk_values[rows, :, slots] = new_keys, new_betas
-        keys[rows, :, : total - closed], values[rows, :, : total - closed] = kg[:, :, closed:], vg[:, :, closed:]
+        keys[sel, :, : total - closed], values[sel, :, : total - closed] = kg[:, :, closed:], vg[:, :, closed:]
     fill, count = state.fill + real - done * E, state.count + done * pw
     return out, EVAState(keys, values, fill, chunk_keys, chunk_values, count, sink_keys, sink_values)
 
