@@ -49,12 +49,11 @@ LogFeatureMap = Callable[[torch.Tensor], torch.Tensor]
 DEFAULT_CHUNK_SIZE = 64
 #: target number of elements of a `(B, H, block, S)` temporary on the blocked paths (4 MB in fp32)
 BLOCK_ELEMENTS = 1 << 20
-#: the same for the bidirectional paths, per intra-op thread (4 MB in fp32), at most `BIDIRECTIONAL_BLOCK_ELEMENTS`
-#: (16 MB): one thread works fastest on small blocks (its temporaries stay in cache and the allocator hands the same
-#: pages back, instead of faulting in fresh ones; 1 thread at N = 16384: rfa -20%, kernel -20% vs 16 MB blocks),
-#: several threads on larger ones (on shared CPUs every op waits for its slowest thread); the cap keeps temporaries
-#: below glibc's largest mmap threshold (32 MB)
-THREAD_BLOCK_ELEMENTS = 1 << 20
+#: the same for the bidirectional paths, per intra-op thread (2 MB in fp32), at most `BIDIRECTIONAL_BLOCK_ELEMENTS`
+#: (16 MB): small blocks keep each thread's temporaries in cache (`benchmarks/results/attention_blocks.md`: 2^19
+#: against 2^20 per thread, 1 thread at N=16384: rfa, kernel, lara 5-9 % faster; 2 threads: kernel at N=4096 10-20 %
+#: faster, the rest within noise); the cap keeps temporaries below glibc's largest mmap threshold (32 MB)
+THREAD_BLOCK_ELEMENTS = 1 << 19
 BIDIRECTIONAL_BLOCK_ELEMENTS = 1 << 22
 
 
