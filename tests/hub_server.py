@@ -10,7 +10,7 @@ It speaks the part of the Hub HTTP API that `huggingface_hub` uses to create rep
 `fail` makes a stage (`"commit"`, `"lfs"`, `"preupload"`) answer 507, which the client does not retry, to test
 failed pushes; `"truncate"` and `"corrupt"` make a commit succeed but store the files it adds damaged (cut to half
 their length, or with their first byte flipped), to test that a push verifies what the Hub holds;
-`"truncate:user/repo"` limits that to one repository.
+`"<stage>:user/repo"` (e.g. `"lfs:user/repo"`, `"truncate:user/repo"`) limits any of them to one repository.
 """
 
 from __future__ import annotations
@@ -138,6 +138,10 @@ class Handler(BaseHTTPRequestHandler):
     def do_PUT(self):
         self.route("PUT")
 
+    def failing(self, stage: str, repo_id: str) -> bool:
+        """Whether `stage` is set to fail (or damage) for every repository or for `repo_id`."""
+        return bool({stage, f"{stage}:{repo_id}"} & self.state.fail)
+
     def repo(self, repo_id: str, write: bool = False) -> Repo | None:
         repo = self.state.repos.get(repo_id)
         needs_auth = write or (repo is not None and repo.private)
@@ -198,7 +202,7 @@ class Handler(BaseHTTPRequestHandler):
         repo = self.repo(repo_id, write=True)
         if repo is None:
             return
-        if "preupload" in self.state.fail:
+        if self.failing("preupload", repo_id):
             return self.error(507, "Storage", "preupload failed (injected)")
         files = json.loads(self.body())["files"]
         modes = [
@@ -217,17 +221,19 @@ class Handler(BaseHTTPRequestHandler):
         if repo is None:
             return
         payload = json.loads(self.body())
+        fail = self.failing("lfs", repo_id)
         objects = []
         for obj in payload["objects"]:
             entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
-            if obj["oid"] not in self.state.lfs or "lfs" in self.state.fail:
-                entry["actions"] = {"upload": {"href": f"{self.base()}/lfs-upload/{obj['oid']}"}}
+            if obj["oid"] not in self.state.lfs or fail:
+                href = f"{self.base()}/lfs-upload/{obj['oid']}" + ("?fail=1" if fail else "")
+                entry["actions"] = {"upload": {"href": href}}
             objects.append(entry)
         self.send(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
 
     def put_lfs_upload(self, oid):
         data = self.body()
-        if "lfs" in self.state.fail:
+        if "lfs" in self.state.fail or self.query.get("fail"):
             return self.error(507, "Storage", "LFS storage failed (injected)")
         if hashlib.sha256(data).hexdigest() != oid:
             return self.error(400, "BadOid", "content does not match its sha256")
@@ -239,7 +245,7 @@ class Handler(BaseHTTPRequestHandler):
         if repo is None:
             return
         lines = [json.loads(line) for line in self.body().splitlines() if line.strip()]
-        if "commit" in self.state.fail:
+        if self.failing("commit", repo_id):
             return self.error(507, "Storage", "commit failed (injected)")
         parent = self.state.resolve(repo, revision)
         if parent is None:
@@ -261,7 +267,7 @@ class Handler(BaseHTTPRequestHandler):
                     p: c for p, c in files.items() if p != value["path"] and not p.startswith(value["path"] + "/")
                 }
         added = [line["value"]["path"] for line in lines if line["key"] in ("file", "lfsFile")]
-        damage = {d for d in ("truncate", "corrupt") if {d, f"{d}:{repo_id}"} & self.state.fail}
+        damage = {d for d in ("truncate", "corrupt") if self.failing(d, repo_id)}
         for path in added:
             if "truncate" in damage:
                 files[path] = files[path][: len(files[path]) // 2]
@@ -408,3 +414,11 @@ class LocalHub:
             "NO_PROXY": "127.0.0.1,localhost",
             **extra,
         }
+
+
+def closed_endpoint() -> str:
+    """A loopback URL nobody listens on: a server's, closed right away."""
+    server = LocalHub()
+    url = server.url
+    server.close()
+    return url

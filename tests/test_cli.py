@@ -18,7 +18,7 @@ import hf_lara
 from hf_lara.cli import build_parser, main
 
 from . import tiny
-from .hub_server import LocalHub
+from .hub_server import LocalHub, closed_endpoint
 
 COMMANDS = ["convert", "distill", "fidelity", "bench", "push", "demo"]
 
@@ -67,7 +67,8 @@ def test_chain_convert_fidelity_push_load(src, tmp_path):
     card = (out / "README.md").read_text()
     assert "| attention rel. MSE |" in card and "base_model: org/tiny-bert" in card
 
-    with LocalHub() as hub:
+    unreachable = closed_endpoint()
+    with LocalHub(lifetime=900) as hub:  # fresh interpreters: on a loaded machine well past the 300 s default
         env = hub.env(HF_HOME=str(tmp_path / "hf_home"))
         proc = hf_lara_cli("push", str(out), "tester/tiny-rfa", "--private", env=env)
         assert proc.returncode == 0, proc.stderr
@@ -75,27 +76,33 @@ def test_chain_convert_fidelity_push_load(src, tmp_path):
         readme = hub.files("tester/tiny-rfa")["README.md"].decode()
         assert "| attention rel. MSE |" in readme and 'from_pretrained("tester/tiny-rfa")' in readme
 
-        load = textwrap.dedent(f"""
-            import torch, transformers, hf_lara
-            tok = transformers.AutoTokenizer.from_pretrained("tester/tiny-rfa")
-            batch = tok({tiny.TEXTS!r}, padding=True, return_tensors="pt")
-            remote = transformers.AutoModelForMaskedLM.from_pretrained("tester/tiny-rfa").eval()
-            local = transformers.AutoModelForMaskedLM.from_pretrained({str(out)!r}).eval()
-            with torch.no_grad():
-                print("SAME", torch.equal(remote(**batch).logits, local(**batch).logits), type(remote).__name__)
-        """)
-        proc = tiny.run_python(load, env)
+        # one more fresh interpreter (each costs an import of torch and transformers): load the pushed model back,
+        # then push through `main` twice, to a Hub refusing the commit and to an endpoint nobody listens on
+        hub.fail.add("commit:tester/refused")
+        proc = tiny.run_python(LOAD_THEN_FAIL.format(texts=tiny.TEXTS, out=str(out), unreachable=unreachable), env)
         assert "SAME True LaraBertForMaskedLM" in proc.stdout, proc.stderr[-2000:]
+        assert set(hub.files("tester/refused")) == {".gitattributes"}  # nothing on the Hub
+    refused, unreached = (block.strip().splitlines()[-1] for block in proc.stderr.split("END")[:2])
+    # exit code 1, one line, no success reported
+    assert "EXIT refused 1" in proc.stdout and "EXIT unreachable 1" in proc.stdout and "Pushed" not in proc.stdout
+    assert refused.startswith("hf-lara push: error: The Hub at "), proc.stderr[-2000:]
+    assert unreached.startswith("hf-lara push: error: Could not reach the Hub"), proc.stderr[-2000:]
 
-        # the Hub refusing the commit: exit code 1, one line, no success reported, nothing on the Hub
-        hub.fail.add("commit")
-        proc = hf_lara_cli("push", str(out), "tester/refused", env=env)
-        assert proc.returncode == 1 and "Pushed" not in proc.stdout
-        assert proc.stderr.strip().splitlines()[-1].startswith("hf-lara push: error: The Hub at ")
-        assert set(hub.files("tester/refused")) == {".gitattributes"}
-        unreachable = hub.url
-    proc = hf_lara_cli("push", str(out), "tester/x", env={**env, "HF_ENDPOINT": unreachable})
-    assert proc.returncode == 1 and "Could not reach the Hub" in proc.stderr and "Pushed" not in proc.stdout
+
+# in the Hub's environment: the pushed model equals the local one; a refused and an unreachable push exit with 1
+LOAD_THEN_FAIL = textwrap.dedent("""
+    import sys, torch, transformers, hf_lara
+    from hf_lara.cli import main
+    tok = transformers.AutoTokenizer.from_pretrained("tester/tiny-rfa")
+    batch = tok({texts!r}, padding=True, return_tensors="pt")
+    remote = transformers.AutoModelForMaskedLM.from_pretrained("tester/tiny-rfa").eval()
+    local = transformers.AutoModelForMaskedLM.from_pretrained({out!r}).eval()
+    with torch.no_grad():
+        print("SAME", torch.equal(remote(**batch).logits, local(**batch).logits), type(remote).__name__)
+    for name, extra in (("refused", []), ("unreachable", ["--endpoint", {unreachable!r}])):
+        print("EXIT", name, main(["push", {out!r}, "tester/" + name, *extra]), flush=True)
+        print("END", file=sys.stderr, flush=True)
+""")
 
 
 def test_converted_output_matches_the_library(src, tmp_path, capsys):

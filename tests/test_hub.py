@@ -7,7 +7,6 @@ everything that talks to the server runs in a fresh interpreter whose environmen
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from hf_lara.cards import build_card, validate_card
 from hf_lara.hub import HubError, check_repo_id, push_to_hub
 
 from . import tiny
-from .hub_server import LocalHub
+from .hub_server import LocalHub, closed_endpoint
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +70,32 @@ def push_many(hub, folder, pushes: list[tuple[str, dict]]) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def push(hub, folder, repo_id, **options):
-    return push_many(hub, folder, [(repo_id, options)])[0]
+@pytest.fixture(scope="module")
+def pushed(hub, folder) -> dict[str, dict]:
+    """Every push the tests below check, in one fresh interpreter (each costs an import of torch and transformers
+    otherwise), in this order: a first push, a pull request, a branch, failures injected for one repository each
+    (`lfs:`, `commit:`), a wrong token, a foreign namespace, an endpoint nobody listens on."""
+    closed = closed_endpoint()
+    pushes = {
+        "first": ("tester/tiny-rfa", {"commit_message": "first push"}),
+        "pr": ("tiny-pr", {"create_pr": True, "private": True}),
+        "branch": ("tester/tiny-branch", {"revision": "dev"}),
+        "broken-lfs": ("tester/broken-lfs", {}),
+        "broken-commit": ("tester/broken-commit", {}),
+        "wrong-token": ("tester/x", {"token": "hf_wrong"}),
+        "foreign": ("someone-else/x", {}),
+        "unreachable": ("tester/unreachable", {"endpoint": closed}),
+    }
+    hub.fail.update({"lfs:tester/broken-lfs", "commit:tester/broken-commit"})
+    try:
+        outputs = push_many(hub, folder, list(pushes.values()))
+    finally:
+        hub.fail.clear()
+    return {"closed": closed, **dict(zip(pushes, outputs))}
 
 
-def test_push_then_load_back_identical(hub, folder):
-    out = push(hub, folder, "tester/tiny-rfa", commit_message="first push")
+def test_push_then_load_back_identical(hub, folder, pushed):
+    out = pushed["first"]
     assert out["same"] and out["class"] == "LaraBertForMaskedLM"
     result = out["result"]
     assert result["repo_id"] == "tester/tiny-rfa" and result["pr_url"] is None
@@ -93,10 +112,8 @@ def test_push_then_load_back_identical(hub, folder):
     assert len(hub.state.repos["tester/tiny-rfa"].commits) == 2
 
 
-def test_pull_request_and_branch(hub, folder):
-    out, branch = push_many(
-        hub, folder, [("tiny-pr", {"create_pr": True, "private": True}), ("tester/tiny-branch", {"revision": "dev"})]
-    )
+def test_pull_request_and_branch(hub, pushed):
+    out, branch = pushed["pr"], pushed["branch"]
     assert out["same"] and out["result"]["repo_id"] == "tester/tiny-pr"
     assert out["result"]["pr_url"].endswith("/tester/tiny-pr/discussions/1")
     assert set(hub.files("tester/tiny-pr")) == {".gitattributes"}  # main untouched
@@ -111,37 +128,22 @@ def test_pull_request_and_branch(hub, folder):
 
 
 @pytest.mark.parametrize("stage", ["lfs", "commit"])
-def test_failed_push_leaves_nothing_and_is_not_success(hub, folder, stage):
-    hub.fail.add(stage)
-    try:
-        out = push(hub, folder, f"tester/broken-{stage}")
-    finally:
-        hub.fail.discard(stage)
+def test_failed_push_leaves_nothing_and_is_not_success(hub, pushed, stage):
+    # the first push stored these weights: a server failing LFS for the repository asks for them again and fails
+    out = pushed[f"broken-{stage}"]
     assert "result" not in out and "507" in out["error"]
     assert set(hub.files(f"tester/broken-{stage}")) == {".gitattributes"}
 
 
-def test_wrong_token_and_foreign_namespace(hub, folder):
-    wrong, foreign = push_many(hub, folder, [("tester/x", {"token": "hf_wrong"}), ("someone-else/x", {})])
+def test_wrong_token_and_foreign_namespace(hub, pushed):
+    wrong, foreign = pushed["wrong-token"], pushed["foreign"]
     assert "401" in wrong["error"] and "token was refused" in wrong["error"]
     assert "403" in foreign["error"]
     assert "tester/x" not in hub.state.repos
 
 
-def test_unreachable_endpoint(folder):
-    # a loopback port nobody listens on (the server is closed right away)
-    server = LocalHub()
-    closed = server.url
-    server.close()
-    code = textwrap.dedent(f"""
-        from hf_lara.hub import HubError, push_to_hub
-        try:
-            push_to_hub({str(folder)!r}, "tester/x", endpoint={closed!r})
-        except HubError as error:
-            print("ERROR", error)
-    """)
-    proc = tiny.run_python(code, {"HF_HUB_OFFLINE": "0", "HF_TOKEN": "t", "HF_HUB_DISABLE_XET": "1"})
-    assert "ERROR Could not reach the Hub at " + closed in proc.stdout, proc.stderr[-2000:]
+def test_unreachable_endpoint(pushed):
+    assert pushed["unreachable"]["error"].startswith("Could not reach the Hub at " + pushed["closed"])
 
 
 @pytest.mark.parametrize("repo_id", ["a/b/c", "bad id", "-leading/dash", "x" * 100, "ok/--double"])

@@ -147,74 +147,86 @@ def test_push_refuses_links_outside_the_folder(src, tmp_path, capsys):
         assert hub.files("tester/linked")["config-link.json"] == (out / "config.json").read_bytes()
 
 
+# both pushes in one fresh interpreter (each costs an import of torch and transformers): the folder of "checked" is
+# swapped right after it was checked, the folder of "opened" once its checked files are open, just before the commit
 SWAP_DURING_PUSH = """
-import os, sys
+import json, sys
 from pathlib import Path
 import hf_lara.hub as hub
 
-folder, secret, when = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+folders, secret = {when: Path(path) for when, path in json.loads(sys.argv[1]).items()}, Path(sys.argv[2])
 
 
-def swap():
+def swap(folder):
     for name in ("notes.txt", "README.md"):
         (folder / name).unlink()
         (folder / name).symlink_to(secret)
 
 
-def after(name):
-    real = getattr(hub, name)
-
-    def patched(*args, **kwargs):
-        result = real(*args, **kwargs)
-        swap()
-        return result
-
-    setattr(hub, name, patched)
+check_folder, commit = hub._check_folder, hub._commit
 
 
-def before(name):
-    real = getattr(hub, name)
-
-    def patched(*args, **kwargs):
-        swap()
-        return real(*args, **kwargs)
-
-    setattr(hub, name, patched)
+def check_then_swap(folder):
+    files = check_folder(folder)
+    if Path(folder) == folders["checked"]:
+        swap(folder)
+    return files
 
 
-# right after the folder was checked, or once the checked files are open, just before the commit is sent
-after("_check_folder") if when == "checked" else before("_commit")
-try:
-    print("PUSHED", hub.push_to_hub(folder, "tester/swap-" + when).files)
-except ValueError as error:
-    print("REFUSED", error)
+def swap_then_commit(endpoint, token, repo_id, *args, **kwargs):
+    if repo_id == "tester/swap-opened":
+        swap(folders["opened"])
+    return commit(endpoint, token, repo_id, *args, **kwargs)
+
+
+hub._check_folder, hub._commit = check_then_swap, swap_then_commit
+for when, folder in folders.items():
+    try:
+        print(when, "PUSHED", hub.push_to_hub(folder, "tester/swap-" + when).files, flush=True)
+    except ValueError as error:
+        print(when, "REFUSED", error, flush=True)
 """
 
 
+@pytest.fixture(scope="module")
+def swapped(src, tmp_path_factory) -> dict:
+    """Two converted folders with notes, each pushed while a file is swapped for a link to a secret."""
+    from hf_lara.cli import main
+
+    root = tmp_path_factory.mktemp("swap")
+    secret = root / "secret.txt"
+    secret.write_text("token=hf_secret_value")
+    folders = {when: root / when for when in ("checked", "opened")}
+    for folder in folders.values():
+        assert main(["convert", str(src), str(folder), "--method", "rfa"]) == 0
+        (folder / "notes.txt").write_text("harmless notes")
+    with LocalHub() as hub:
+        argv = [json.dumps({when: str(folder) for when, folder in folders.items()}), str(secret)]
+        proc = tiny.run_python(
+            f"import sys; sys.argv = ['x', *{argv!r}]\n" + SWAP_DURING_PUSH, hub.env(HF_HOME=str(root / "hf"))
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        uploaded = {when: hub.files(f"tester/swap-{when}") for when in folders}
+        requests = b"".join(r.encode() for r in hub.state.requests)
+    stdout = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in proc.stdout.splitlines() if " " in line}
+    return {"folders": folders, "stdout": stdout, "uploaded": uploaded, "requests": requests}
+
+
 @pytest.mark.parametrize("when", ["checked", "opened"])
-def test_push_uploads_what_was_checked(when, src, tmp_path, capsys):
+def test_push_uploads_what_was_checked(when, swapped):
     """A file swapped for a link to a secret between the check and the upload: the secret never reaches the Hub.
 
     Swapped right after the check, the push is refused (the file now resolves outside the folder); swapped once the
     checked files are open, the checked content is uploaded.
     """
-    secret = tmp_path / "secret.txt"
-    secret.write_text("token=hf_secret_value")
-    out = tmp_path / "out"
-    assert run_main(["convert", str(src), str(out), "--method", "rfa"], capsys)[0] == 0
-    (out / "notes.txt").write_text("harmless notes")
-    with LocalHub() as hub:
-        code = f"import sys; sys.argv = ['x', {str(out)!r}, {str(secret)!r}, {when!r}]\n" + SWAP_DURING_PUSH
-        proc = tiny.run_python(code, hub.env(HF_HOME=str(tmp_path / "hf")))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        uploaded = hub.files(f"tester/swap-{when}")
-        assert (out / "notes.txt").is_symlink()  # the swap did happen
-        assert not any(b"hf_secret_value" in content for content in uploaded.values())
-        assert b"hf_secret_value" not in b"".join(r.encode() for r in hub.state.requests)
+    out, stdout, uploaded = swapped["folders"][when], swapped["stdout"][when], swapped["uploaded"][when]
+    assert (out / "notes.txt").is_symlink()  # the swap did happen
+    assert not any(b"hf_secret_value" in content for content in uploaded.values())
+    assert b"hf_secret_value" not in swapped["requests"]
     if when == "checked":
-        assert proc.stdout.startswith("REFUSED") and "notes.txt" in proc.stdout and uploaded == {}
+        assert stdout.startswith("REFUSED") and "notes.txt" in stdout and uploaded == {}
     else:
-        assert proc.stdout.startswith("PUSHED")
+        assert stdout.startswith("PUSHED")
         assert uploaded["notes.txt"] == b"harmless notes" and b"hf-lara" in uploaded["README.md"]
 
 
