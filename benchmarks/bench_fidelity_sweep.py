@@ -46,6 +46,7 @@ class Sizes:
     num_eval = 64
     num_train = {"long": 300, "short": 10}
     num_unseen = 64
+    train_source = "default"
 
 
 def light(st, reference: torch.Tensor, texts: list[str]) -> dict:

@@ -4,7 +4,8 @@
 * **Training** (`TRAIN_SOURCES`): "default", docstrings of numpy (BSD-3-Clause), torch (BSD-3-Clause) and
   transformers (Apache-2.0); "broad", docstrings of every installed distribution under a permissive licence (MIT,
   BSD, Apache, ISC, PSF; at most `BROAD_FILES_PER_DISTRIBUTION` files each) plus prose of their package
-  descriptions (`importlib.metadata` long descriptions, markup and code removed), read from the installed files.
+  descriptions (`importlib.metadata` long descriptions, markup and code removed), read from the installed files;
+  "broad_docstrings", the same without the prose.
   Nothing of it is shipped; it is rebuilt on the machine that runs the benchmark.
 
 The sources are disjoint from the evaluation text: different packages, distributions that copy standard-library
@@ -16,6 +17,7 @@ target; short texts are single sentences of those docstrings.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import random
 import re
@@ -213,11 +215,13 @@ def prose_documents(tokenizer, low: int, high: int, count: int, seed: int) -> li
     return docs[:count]
 
 
-def broad_documents(tokenizer, low: int, high: int, count: int, seed: int) -> list[str]:
-    """`count` documents: `BROAD_PROSE_SHARE` of description prose, the rest docstrings of `broad_files` (docstrings
-    that also occur in the standard library dropped), shuffled together."""
+def broad_documents(
+    tokenizer, low: int, high: int, count: int, seed: int, prose_share: float = BROAD_PROSE_SHARE
+) -> list[str]:
+    """`count` documents: `prose_share` of description prose, the rest docstrings of `broad_files` (docstrings that
+    also occur in the standard library dropped), shuffled together."""
     stdlib = _stdlib_docstrings()
-    prose = prose_documents(tokenizer, low, high, int(count * BROAD_PROSE_SHARE), seed)
+    prose = prose_documents(tokenizer, low, high, int(count * prose_share), seed) if prose_share > 0 else []
     rng = random.Random(seed)
     files = broad_files(seed)
     rng.shuffle(files)
@@ -268,4 +272,8 @@ def sentences(files: list[Path], tokenizer, low: int, high: int, count: int, see
 
 
 # name -> (tokenizer, low, high, count, seed) -> long training documents
-TRAIN_SOURCES = {"default": default_documents, "broad": broad_documents}
+TRAIN_SOURCES = {
+    "default": default_documents,
+    "broad": broad_documents,
+    "broad_docstrings": functools.partial(broad_documents, prose_share=0.0),
+}

@@ -141,3 +141,8 @@ def test_unseen_documents_skip_training_documents_and_repeats(monkeypatch):
     monkeypatch.setattr(sweep.Sizes, "num_unseen", 5)
     with pytest.raises(RuntimeError, match="expected 5 unseen documents, found 4"):
         sweep.unseen_documents(Tokenizer(), train)
+
+
+def test_every_training_source_is_named_in_the_fidelity_report():
+    bench = load_benchmark("bench_fidelity")
+    assert set(bench.TRAIN_SOURCE_NAMES) == set(load_benchmark("fidelity_texts").TRAIN_SOURCES)
