@@ -126,13 +126,13 @@ def run_one(base, method: str, regime: str, data: dict, args) -> dict:
     minutes = args.minutes_short if regime == "short" and args.minutes_short else args.minutes
     config = DistillConfig(
         hidden_weight=args.hidden_weight,
-        lora_rank=args.lora_rank,
         max_minutes=minutes,
         stage1_share=args.stage1_share,
         max_length=max_length,
         batch_tokens=args.batch_tokens,
         progress=not args.no_progress,
-        **args.distill_options,
+        # --distill lora_rank=... wins over --lora_rank
+        **{"lora_rank": args.lora_rank, **args.distill_options},
     )
     batches = length_batches(
         st.tokenizer, data[regime]["train"], max_length=max_length, batch_tokens=args.batch_tokens
