@@ -11,8 +11,8 @@ the unconverted model:
   keys and values, every layer fed the teacher's hidden states (`hf_lara.integration.calibration`);
 * training minutes (wall clock of `hf_lara.distill`, which is what `hf-lara distill` runs).
 
-Training text: docstrings of numpy/torch/transformers; evaluation text: docstrings of Python's standard library
-(`fidelity_texts.py`). Writes `results/fidelity.json`, `results/fidelity.md` and `results/fidelity.png`.
+Training text (`--train_source`, default broad): long documents of many installed packages' docstrings and
+descriptions, short sentences of numpy/torch/transformers docstrings; evaluation text: docstrings of Python's standard library (`fidelity_texts.py`). Writes `results/fidelity.json`, `results/fidelity.md` and `results/fidelity.png`.
 
     python benchmarks/bench_fidelity.py --minutes 5 --methods eva,kernel
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fidelity_texts import documents, sentences, stdlib_files, training_files  # noqa: E402
+from fidelity_texts import TRAIN_SOURCES, documents, sentences, stdlib_files, training_files  # noqa: E402
 from report import write_report  # noqa: E402
 
 import hf_lara  # noqa: E402
@@ -47,6 +47,13 @@ from hf_lara.fidelity import encode_texts  # noqa: E402
 from hf_lara.integration.calibration import measure_layer_errors  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+TRAIN_SOURCE_NAMES = {
+    "default": "numpy, torch, transformers docstrings (BSD-3, BSD-3, Apache-2.0)",
+    "broad": "long: docstrings of installed permissive (MIT/BSD/Apache/ISC/PSF) distributions + their description "
+    "prose; short: numpy, torch, transformers docstrings",
+    "broad_docstrings": "long: docstrings of installed permissive (MIT/BSD/Apache/ISC/PSF) distributions; short: "
+    "numpy, torch, transformers docstrings",
+}
 # regime -> (token range of evaluation/training texts, max_length, window of windowed methods)
 REGIMES = {"short": ((24, 64), 64, 16), "long": ((256, 512), 512, 64)}
 METHODS = {
@@ -124,7 +131,8 @@ def run_one(base, method: str, regime: str, data: dict, args) -> dict:
         max_length=max_length,
         batch_tokens=args.batch_tokens,
         progress=not args.no_progress,
-        **args.distill_options,
+        # --distill lora_rank=... wins over --lora_rank
+        **{"lora_rank": args.lora_rank, **args.distill_options},
     )
     batches = length_batches(
         st.tokenizer, data[regime]["train"], max_length=max_length, batch_tokens=args.batch_tokens
@@ -186,12 +194,15 @@ def build_data(tokenizer, args) -> dict:
     tokenizer.model_max_length = 10**6
     evaluation, training = stdlib_files(), training_files()
     data = {}
+    source = TRAIN_SOURCES[getattr(args, "train_source", "default")]
     for regime, ((low, high), _, _) in REGIMES.items():
-        pick = documents if regime == "long" else sentences
-        data[regime] = {
-            "eval": pick(evaluation, tokenizer, low, high, args.num_eval, seed=0),
-            "train": pick(training, tokenizer, low, high, args.num_train[regime], seed=1),
-        }
+        if regime == "long":
+            evaluation_texts = documents(evaluation, tokenizer, low, high, args.num_eval, seed=0)
+            training_texts = source(tokenizer, low, high, args.num_train[regime], 1)
+        else:
+            evaluation_texts = sentences(evaluation, tokenizer, low, high, args.num_eval, seed=0)
+            training_texts = sentences(training, tokenizer, low, high, args.num_train[regime], seed=1)
+        data[regime] = {"eval": evaluation_texts, "train": training_texts}
     tokenizer.model_max_length = 512
     return data
 
@@ -259,10 +270,22 @@ def main(argv=None) -> None:
     parser.add_argument("--stage1_share", type=float, default=0.3)
     parser.add_argument("--batch_tokens", type=int, default=DistillConfig.batch_tokens)
     parser.add_argument("--hidden_weight", type=float, default=0.1)
+    parser.add_argument(
+        "--lora_rank",
+        type=int,
+        default=4,
+        help="stage-2 LoRA rank (4 with broad text: +0.007 held-out, see results/fidelity_domain.md)",
+    )
     parser.add_argument("--num_eval", type=int, default=64)
     parser.add_argument("--num_train_long", type=int, default=400)
     parser.add_argument("--num_train_short", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--train_source",
+        default="broad",
+        choices=sorted(TRAIN_SOURCES),
+        help="training documents of the long regime (fidelity_texts.TRAIN_SOURCES); short texts: default source",
+    )
     parser.add_argument(
         "--sink_tokens", type=int, default=0, help="sink tokens of every method (eva and windowed rfa/kernel/lara)"
     )
@@ -316,6 +339,8 @@ def main(argv=None) -> None:
         "sink_tokens": args.sink_tokens,
         "keep_softmax": args.keep_softmax,
         "distill_options": args.distill_options,
+        "lora_rank": args.lora_rank,
+        "train_source_option": args.train_source,
         "hparam_overrides": args.method_hparams,
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
@@ -324,7 +349,7 @@ def main(argv=None) -> None:
             for r in regimes
         },
         "eval_source": "Python standard library docstrings (PSF)",
-        "train_source": "numpy, torch, transformers docstrings (BSD-3, BSD-3, Apache-2.0)",
+        "train_source": TRAIN_SOURCE_NAMES[args.train_source],
     }
     text = table(rows)
     print(text)
