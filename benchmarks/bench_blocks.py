@@ -13,27 +13,21 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import time
+import sys
 from pathlib import Path
 
 import torch
 
-import hf_lara.attention.linear as linear
-from hf_lara.attention import build_attention
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_attention import best_time  # noqa: E402
+
+import hf_lara.attention.linear as linear  # noqa: E402
+from hf_lara.attention import build_attention  # noqa: E402
 
 B, H, D = 1, 12, 64
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def best_ms(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
 
 
 def sweep(method: str, N: int, exponents: list[int], rounds: int, reps: int) -> dict[int, float]:
@@ -48,7 +42,7 @@ def sweep(method: str, N: int, exponents: list[int], rounds: int, reps: int) -> 
             for _ in range(rounds):
                 for e in exponents:
                     linear.THREAD_BLOCK_ELEMENTS = 1 << e
-                    best[e] = min(best[e], best_ms(lambda: module(q, k, v), reps))
+                    best[e] = min(best[e], best_time(lambda: module(q, k, v), reps, math.inf) * 1e3)
     finally:
         linear.THREAD_BLOCK_ELEMENTS = default
     return best

@@ -12,7 +12,9 @@ the unconverted model:
 * training minutes (wall clock of `hf_lara.distill`, which is what `hf-lara distill` runs).
 
 Training text (`--train_source`, default broad): long documents of many installed packages' docstrings and
-descriptions, short sentences of numpy/torch/transformers docstrings; evaluation text: docstrings of Python's standard library (`fidelity_texts.py`). Writes `results/fidelity.json`, `results/fidelity.md` and `results/fidelity.png`.
+descriptions, short sentences of numpy/torch/transformers docstrings; evaluation text: docstrings of Python's
+standard library (`fidelity_texts.py`). Writes `results/fidelity.json`, `results/fidelity.md` and
+`results/fidelity.png`.
 
     python benchmarks/bench_fidelity.py --minutes 5 --methods eva,kernel
 """

@@ -97,7 +97,8 @@ def main(steps: int, out: Path, variants: list[dict], train_source: str = "defau
         tr_new = TRAIN_SOURCES[train_source](base.tokenizer, low, high, Sizes.num_train["long"], 1)
         base.tokenizer.model_max_length = 512
         # the broad source includes the default packages: a document that is also an unseen one is dropped
-        tr = [d for d in tr_new if d not in set(ev) | set(un)]
+        excluded = set(ev) | set(un)
+        tr = [d for d in tr_new if d not in excluded]
         print(f"{train_source}: {len(tr_new)} documents, {len(tr_new) - len(tr)} dropped (in eval/unseen)", flush=True)
     ref_ev, ref_tr, ref_un = (bf.embed(base, t, 512) for t in (ev, tr[:64], un))
     st = copy.deepcopy(base)

@@ -128,10 +128,9 @@ def documents(files: list[Path], tokenizer, low: int, high: int, count: int, see
 
 def _permissive(dist: importlib.metadata.Distribution) -> bool:
     meta = dist.metadata
-    licence = " ".join([meta.get("License-Expression") or "", *(meta.get_all("Classifier") or [])])
-    if not any(c.startswith("License") for c in meta.get_all("Classifier") or []) and not meta.get(
-        "License-Expression"
-    ):
+    expression, classifiers = meta.get("License-Expression") or "", meta.get_all("Classifier") or []
+    licence = " ".join([expression, *classifiers])
+    if not expression and not any(c.startswith("License") for c in classifiers):
         licence += " " + (meta.get("License") or "")[:200]
     return any(word in licence for word in PERMISSIVE) and "GPL" not in licence and "MPL" not in licence
 
@@ -139,15 +138,19 @@ def _permissive(dist: importlib.metadata.Distribution) -> bool:
 def _broad_distributions() -> list[importlib.metadata.Distribution]:
     """Installed distributions under a permissive licence, minus `BROAD_SKIP`, one per name, sorted by name."""
     chosen: dict[str, importlib.metadata.Distribution] = {}
+    skipped = {n.replace("_", "-") for n in BROAD_SKIP}
     for dist in importlib.metadata.distributions():
         name = (dist.metadata["Name"] or "").lower().replace("_", "-")
-        if name and name not in chosen and name not in {n.replace("_", "-") for n in BROAD_SKIP} and _permissive(dist):
+        if name and name not in chosen and name not in skipped and _permissive(dist):
             chosen[name] = dist
     return [chosen[n] for n in sorted(chosen)]
 
 
-def _stdlib_docstrings() -> set[str]:
-    return {text for path in stdlib_files() for text in _docstrings(path)}
+@functools.cache
+def _stdlib_docstrings() -> frozenset[str]:
+    """Every docstring of `stdlib_files` (parsed once per process: `broad_documents` and `prose_documents` both
+    filter by it)."""
+    return frozenset(text for path in stdlib_files() for text in _docstrings(path))
 
 
 def broad_files(seed: int = 1) -> list[Path]:

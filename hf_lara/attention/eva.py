@@ -577,7 +577,7 @@ def _causal_direct(q, k, v, keys, betas, geo: _Causal, sinks=None) -> torch.Tens
         hidden = _hidden_sinks(query_pos // E, geo, sinks[0].shape[2])
         blocks.append(((qs @ sinks[0].transpose(-1, -2)).masked_fill(hidden, float("-inf")), sinks[1]))
     # every query sees at least itself, so the shared max is finite
-    shift = torch.stack([logits.amax(dim=-1) for logits, _ in blocks]).amax(dim=0, keepdim=True)[0, ..., None]
+    shift = torch.stack([logits.amax(dim=-1) for logits, _ in blocks]).amax(dim=0)[..., None]
     weights = [(logits - shift).exp() for logits, _ in blocks]
     total = sum(w.sum(dim=-1, keepdim=True) for w in weights)
     return sum(w @ values for w, (_, values) in zip(weights, blocks, strict=True)) / total
