@@ -29,13 +29,13 @@ def test_table_and_result_files(tmp_path):
     bench = _load()
     rows = [
         {"method": "lara", "causal": False, "N": 4096, "official_ms": 30.0, "ours_ms": 12.0, "speedup": 2.5,
-         "max_abs_diff": 3e-8, "same_estimator": True, "err_official": 0.3, "err_ours": 0.3},
+         "speedup_median": 2.25, "max_abs_diff": 3e-8, "same_estimator": True, "err_official": 0.3, "err_ours": 0.3},
         {"method": "eva", "causal": True, "N": 4096, "official_ms": 40.0, "ours_ms": 20.0, "speedup": 2.0,
          "max_abs_diff": 0.4, "same_estimator": False, "err_official": 1.0, "err_ours": 0.2},
     ]  # fmt: skip
     md_path, json_path = bench.write_results(rows, tmp_path, {"threads": 2})
     md = md_path.read_text()
-    assert "| lara | 4096 | no | 30.0 | 12.0 | 2.50x | 3.00e-08 |" in md
+    assert "| lara | 4096 | no | 30.0 | 12.0 | 2.50x | 2.25x | 3.00e-08 |" in md
     assert "| eva | 4096 | yes |" in md and "(other estimator)" in md and "threads=2" in md
     assert json.loads(json_path.read_text())["rows"] == rows
     assert sorted(p.name for p in tmp_path.iterdir()) == ["official.json", "official.md"]
