@@ -338,6 +338,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--no_distill", action="store_true", help="fine-tune the fresh conversion")
     parser.add_argument("--distill_minutes", type=float, default=3.0, help="wall-clock budget of hf_lara.distill")
+    parser.add_argument("--lora_rank", type=int, default=DistillConfig.lora_rank, help="LoRA rank of stage 2")
     parser.add_argument("--steps", type=int, default=75)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -419,7 +420,11 @@ def main(argv=None) -> None:
         model = hf_lara.convert(classifier(args.seed), method, **hparams[method])
         row = {"model": method, "hparams": hparams[method], "distilled": not args.no_distill}
         if not args.no_distill:
-            config = DistillConfig(max_minutes=args.distill_minutes, max_length=args.high, progress=False)
+            row["lora_rank"] = args.lora_rank
+        if not args.no_distill:
+            config = DistillConfig(
+                max_minutes=args.distill_minutes, max_length=args.high, lora_rank=args.lora_rank, progress=False
+            )
             result = distill(model, tokenizer, [t for t, _ in task["train"]], config)
             row["distill"] = {
                 k: {x: v[x] for x in ("steps", "minutes", "cpu_minutes")} for k, v in result.stages.items()
