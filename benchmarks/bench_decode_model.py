@@ -15,7 +15,10 @@ context is built by chunked prefill (`--prefill-chunk` tokens per forward, throu
 one length to the next, so a 16k context costs one pass over 16k tokens per variant. Each step is timed
 `--steps` times after one warm-up step (the context grows by those few tokens); the median is reported. The
 variants' steps are interleaved (step `i` of every variant, then step `i + 1`), so that all see the same machine
-load; the load average is written with the table. Steps run on `--threads` threads (default 1: a one-token step is latency-bound, and on a shared 2-core machine every parallel op
+load; the load average is written with the table. Interleaving has a cost of its own: between two steps of a
+state variant the SDPA variant reads its whole KV cache (97 MiB at 4k), which evicts the other models' weights from
+the CPU caches, so every variant's step grows somewhat with the context although its state does not (a model
+stepped alone takes the same time at 512 and 4k, `results/decode_window_model_r4.md`); compare within a column. Steps run on `--threads` threads (default 1: a one-token step is latency-bound, and on a shared 2-core machine every parallel op
 of a 2-thread step waits for a descheduled worker, ~6 ms each); prefill uses all threads.
 
 Usage::
