@@ -18,8 +18,9 @@ variants' steps are interleaved (step `i` of every variant, then step `i + 1`), 
 load; the load average is written with the table. Interleaving has a cost of its own: between two steps of a
 state variant the SDPA variant reads its whole KV cache (97 MiB at 4k), which evicts the other models' weights from
 the CPU caches, so every variant's step grows somewhat with the context although its state does not (a model
-stepped alone takes the same time at 512 and 4k, `results/decode_window_model_r4.md`); compare within a column. Steps run on `--threads` threads (default 1: a one-token step is latency-bound, and on a shared 2-core machine every parallel op
-of a 2-thread step waits for a descheduled worker, ~6 ms each); prefill uses all threads.
+stepped alone takes the same time at 512 and 4k, `results/decode_window_model_r4.md`); compare within a column.
+Steps run on `--threads` threads (default 1: a one-token step is latency-bound, and on a shared 2-core machine
+every parallel op of a 2-thread step waits for a descheduled worker, ~6 ms each); prefill uses all threads.
 
 Usage::
 

@@ -421,7 +421,6 @@ def main(argv=None) -> None:
         row = {"model": method, "hparams": hparams[method], "distilled": not args.no_distill}
         if not args.no_distill:
             row["lora_rank"] = args.lora_rank
-        if not args.no_distill:
             config = DistillConfig(
                 max_minutes=args.distill_minutes, max_length=args.high, lora_rank=args.lora_rank, progress=False
             )

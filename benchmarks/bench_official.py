@@ -62,8 +62,9 @@ from hf_lara.attention import build_attention
 
 B, H, D = 1, 12, 64
 NOTES = (
-    "Timings: best of `reps` alternating calls (`median speed-up`: ratio of the medians), no autograd; on a shared machine compare the two sides of one row "
-    "only. `fresh MB`: pages first touched during one more call (minor faults x page size). EVA rows compare "
+    "Timings: best of `reps` alternating calls (`median speed-up`: ratio of the medians), no autograd; on a "
+    "shared machine compare the two sides of one row only. `fresh MB`: pages first touched during one more call "
+    "(minor faults x page size). EVA rows compare "
     "different estimators by design: the official chunks overlap the local window (tokens counted twice), ours "
     "count every token once; `err` is each side's relative error against exact softmax. Official rfa's `err` is "
     "that of the module as shipped: its `eps = 1e-4` feature offset pulls towards uniform weights, which lowers the "
@@ -358,7 +359,8 @@ def format_table(rows: Sequence[dict]) -> str:
         diff = f"{r['max_abs_diff']:.2e}" + ("" if r["same_estimator"] else " (other estimator)")
         lines.append(
             f"| {r['method']} | {r['N']} | {'yes' if r['causal'] else 'no'} | {r['official_ms']:.1f} | "
-            f"{r['ours_ms']:.1f} | {r['speedup']:.2f}x | {r.get('speedup_median', math.nan):.2f}x | {diff} | {r['err_official']:.3f} | {r['err_ours']:.3f} | "
+            f"{r['ours_ms']:.1f} | {r['speedup']:.2f}x | {r.get('speedup_median', math.nan):.2f}x | {diff} | "
+            f"{r['err_official']:.3f} | {r['err_ours']:.3f} | "
             f"{r.get('fresh_mb_official', math.nan):.1f} | {r.get('fresh_mb_ours', math.nan):.1f} |"
         )
     return "\n".join(lines)
