@@ -24,18 +24,22 @@ start at the identity (a fresh conversion uses plain means); `adaptive=False` ke
 The output is a convex combination of the values. Every token is counted exactly once (unlike the official code):
 
 **Bidirectional** (`window_size` E, `num_chunks` C). Windows are blocks of E positions anchored at 0; a query
-sees all keys of its block exactly. Chunks have length `P = E * ceil(N / (C * E))`, a multiple of E, so each window
-lies in one chunk and there are at most C chunks. A query of window w in chunk c sees the full summary of every
-chunk other than c plus one summary of `c` minus the tokens of `w` (its own count, mean and chunk key; it reuses
-`w_c`, the sample of its whole chunk, so no extra features are computed). Empty summaries get logit `-inf`; if
-`E >= N` there are none and EVA is exactly softmax. Window statistics of `beta` are kept with a per-window max
-shift and merged over the *other* windows of the chunk with a `g x g` off-diagonal matrix (`g = P / E` windows per
-chunk), never as "chunk total - window" (no cancellation). Cost `O(N (E + C) D + C g^2 D)`, memory
-`O(N (E + C) + C g^2)`; the `g^2` terms (`N^2 / (C E^2)`) only matter for very few chunks on very long inputs.
-Without autograd (`bidirectional_eva_inference`) windows and chunks are views of the inputs and a few heads at a time
-run on reused buffers: one GEMM for the window logits, one against every whole chunk key whose own-chunk column (a
-diagonal view) is replaced by the "own chunk minus own window" logit, `exp2_` in place and products into one output
-buffer laid out `(B, N, H, D)`.
+sees all keys of its block exactly. The N tokens are cut into chunks of `P >= ceil(N / C)` tokens, so at most C
+chunks hold a token, with P either a divisor of E (the smallest one `>= N / C`, when `N / C <= E`: every chunk lies
+in one window) or a multiple of E (`E * ceil(N / (C E))`: every window lies in one chunk); `chunk_length`. Short
+inputs thus get fine summaries (C = 64 on 512 tokens: 64 chunks of 8, not 8 of 64) at the same `O(N (E + C) D)`
+cost. Chunks inside a window: a query sees the summary of every chunk outside its window. Windows inside a chunk
+(`g = P / E` windows per chunk): a query of window w in chunk c sees the full summary of every chunk other than c
+plus one summary of `c` minus the tokens of `w` (its own count, mean and chunk key; it reuses `w_c`, the sample of
+its whole chunk, so no extra features are computed); window statistics of `beta` are kept with a per-window max
+shift and merged over the *other* windows of the chunk with a `g x g` off-diagonal matrix, never as "chunk total -
+window" (no cancellation). Empty summaries get logit `-inf`; if `E >= N` every token is exact and EVA is softmax.
+Cost `O(N (E + C) D + C g^2 D)`, memory `O(N (E + C) + C g^2)`; the `g^2` terms (`N^2 / (C E^2)`) only matter for
+very few chunks on very long inputs. Without autograd (`bidirectional_eva_inference`) windows and chunks are views
+of the inputs and a few heads at a time run on reused buffers: one GEMM for the window logits, one against every
+whole chunk key whose columns of the query's own window (a diagonal view) are cleared or, for `g > 1`, replaced by
+the "own chunk minus own window" logit, `exp2_` in place and products into one output buffer laid out
+`(B, N, H, D)`.
 
 **Causal** (`window_size` E, `chunk_size` P, `E % P == 0`, `local_windows` K). Windows are blocks of E positions
 from position 0; chunks are fixed blocks of P tokens. A query in window w sees exactly its *exact span*: the keys of
@@ -197,41 +201,70 @@ def _chunk_summaries(
     return key_map(means), betas, counts
 
 
+def chunk_length(N: int, window_size: int, num_chunks: int) -> int:
+    """Bidirectional chunk length `P` for `N` tokens: at least `ceil(N / C)`, and either a multiple of the window `E`
+    (`E * ceil(N / (C E))`, when `N / C > E`) or a divisor of it (the smallest one `>= ceil(N / C)`), so that every
+    window lies in one chunk or every chunk in one window."""
+    E = min(window_size, N)
+    shortest = -(-N // num_chunks)
+    if shortest > E:
+        return E * -(-N // (num_chunks * E))
+    return next(p for p in range(shortest, E + 1) if E % p == 0)
+
+
 @dataclass(frozen=True)
 class _Bidirectional:
-    """Geometry of bidirectional EVA on `N` tokens: windows of `E`, `g` windows per chunk, `C` chunks of `P = g E`."""
+    """Geometry of bidirectional EVA on `N` tokens: windows of `E`, chunks of `P` (`chunk_length`), `C` chunks over
+    `L = C P` positions (the first `N` real). A *cell* is the intersection of a window and a chunk, `U = min(E, P)`
+    positions; a chunk holds `g = P / U` cells (`g > 1` only when chunks are longer than windows)."""
 
     N: int
     E: int
-    g: int
-    C: int
+    P: int
 
     @classmethod
     def of(cls, N: int, window_size: int, num_chunks: int) -> _Bidirectional:
-        E = min(window_size, N)
-        g = -(-N // (num_chunks * E))  # windows per chunk
-        return cls(N, E, g, -(-N // (g * E)))
+        return cls(N, min(window_size, N), chunk_length(N, window_size, num_chunks))
 
     @property
-    def P(self) -> int:
-        return self.g * self.E
+    def U(self) -> int:
+        return min(self.E, self.P)
+
+    @property
+    def g(self) -> int:
+        return self.P // self.U
+
+    @property
+    def L(self) -> int:
+        block = max(self.E, self.P)
+        return block * -(-self.N // block)
+
+    @property
+    def C(self) -> int:
+        return self.L // self.P
 
     def valid(self, device: torch.device) -> torch.Tensor:
-        """`(C, g, E)` bool: positions before `N`."""
-        return (torch.arange(self.C * self.P, device=device) < self.N).reshape(self.C, self.g, self.E)
+        """`(C, g, U)` bool: positions before `N`."""
+        return (torch.arange(self.L, device=device) < self.N).reshape(self.C, self.g, self.U)
+
+    def overlaps(self, device: torch.device) -> torch.Tensor:
+        """`(L / E, C)` bool: window `w` and chunk `c` share positions (the chunk's summary is not used there)."""
+        window = torch.arange(self.L // self.E, device=device)[:, None]
+        chunk = torch.arange(self.C, device=device)
+        return (chunk * self.P < (window + 1) * self.E) & (window * self.E < (chunk + 1) * self.P)
 
     def sinks(self, sinks: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         """The `G2 <= 2G` sink positions (first and last `G` tokens, `window.sink_positions`), which of them each
-        query attends through the sink block `(C P, G2)` (not when the sink lies in the query's own window, which
-        already holds it, nor when it is a duplicate), the summarised positions `(C, g, E)` (sinks left out) and
-        the windows holding sinks."""
+        query attends through the sink block `(L, G2)` (not when the sink lies in the query's own window, which
+        already holds it, nor when it is a duplicate), the summarised positions `(C, g, U)` (sinks left out) and
+        the cells holding sinks."""
         pos, ok = sink_positions(None, 1, self.N, sinks, False, device)
         pos, ok = pos[0], ok[0]
-        rows = torch.arange(self.C * self.P, device=device)
+        rows = torch.arange(self.L, device=device)
         seen = ok & (rows[:, None] // self.E != pos // self.E)
         summarised = self.valid(device).flatten()
         summarised[pos] = False
-        return pos, seen, summarised.reshape(self.C, self.g, self.E), torch.unique(pos // self.E)
+        return pos, seen, summarised.reshape(self.C, self.g, self.U), torch.unique(pos // self.U)
 
 
 def bidirectional_eva(
@@ -261,35 +294,38 @@ def bidirectional_eva(
     """
     B, H, N, D = q.shape
     geo = _Bidirectional.of(N, window_size, num_chunks)
-    E, g, C, P = geo.E, geo.g, geo.C, geo.P
+    E, g, C, U, L = geo.E, geo.g, geo.C, geo.U, geo.L
     num_windows = -(-N // E)
     valid = geo.valid(q.device)
     summarised, holes = valid, None
     if sinks:
         sink_pos, sink_seen, summarised, holes = geo.sinks(sinks, q.device)
-    kc, vc = _blocks(k, 0, C * P, E).reshape(B, H, C, g, E, D), _blocks(v, 0, C * P, E).reshape(B, H, C, g, E, D)
+    kc, vc = _blocks(k, 0, L, U).reshape(B, H, C, g, U, D), _blocks(v, 0, L, U).reshape(B, H, C, g, U, D)
     keys, betas, counts = _chunk_summaries(kc, vc, summarised, key_map, mu_map, sample, holes=holes)
 
     qw = _blocks(q, 0, num_windows * E, E)
-    kw, vw = kc.reshape(B, H, C * g, E, D)[:, :, :num_windows], vc.reshape(B, H, C * g, E, D)[:, :, :num_windows]
-    local = (qw @ kw.transpose(-1, -2)).masked_fill(~valid.reshape(C * g, 1, E)[:num_windows], float("-inf"))
-    own_chunk = torch.arange(num_windows, device=q.device)[:, None] // g == torch.arange(C, device=q.device)
+    kw, vw = (x.reshape(B, H, L // E, E, D)[:, :, :num_windows] for x in (kc, vc))
+    local = (qw @ kw.transpose(-1, -2)).masked_fill(~valid.reshape(L // E, 1, E)[:num_windows], float("-inf"))
     full = torch.einsum("bhwed,bhcd->bhwec", qw, keys[:, :, :, g]) + _log_count(counts[g])
-    full = full.masked_fill(own_chunk[:, None, :], float("-inf"))  # (B, H, nW, E, C)
-    rest_keys = keys[:, :, :, :g].reshape(B, H, C * g, D)[:, :, :num_windows]
-    rest_count = counts[:g].T.reshape(C * g)[:num_windows]
-    rest = torch.einsum("bhwed,bhwd->bhwe", qw, rest_keys)[..., None] + _log_count(rest_count)[:, None, None]
-    parts = [local, full, rest]
+    full = full.masked_fill(geo.overlaps(q.device)[:num_windows, None, :], float("-inf"))  # (B, H, nW, E, C)
+    parts = [local, full]
+    if g > 1:  # the query's own chunk minus its window
+        rest_keys = keys[:, :, :, :g].reshape(B, H, C * g, D)[:, :, :num_windows]
+        rest_count = counts[:g].T.reshape(C * g)[:num_windows]
+        parts.append(
+            torch.einsum("bhwed,bhwd->bhwe", qw, rest_keys)[..., None] + _log_count(rest_count)[:, None, None]
+        )
     if sinks:
         far_sinks = qw.flatten(2, 3) @ k[:, :, sink_pos].transpose(-1, -2)  # (B, H, nW E, G2)
         parts.append(far_sinks.masked_fill(~sink_seen[: num_windows * E], float("-inf")).unflatten(2, (-1, E)))
 
     probs = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
-    rest_betas = betas[:, :, :, :g].reshape(B, H, C * g, D)[:, :, :num_windows]
     out = probs[..., :E] @ vw + probs[..., E : E + C] @ betas[:, :, None, :, g]
-    out = out + probs[..., E + C, None] * rest_betas[:, :, :, None]
+    if g > 1:
+        rest_betas = betas[:, :, :, :g].reshape(B, H, C * g, D)[:, :, :num_windows]
+        out = out + probs[..., E + C, None] * rest_betas[:, :, :, None]
     if sinks:
-        out = out + probs[..., E + C + 1 :] @ v[:, :, None, sink_pos]
+        out = out + probs[..., E + C + (g > 1) :] @ v[:, :, None, sink_pos]
     return out.reshape(B, H, num_windows * E, D)[:, :, :N]
 
 
@@ -330,8 +366,8 @@ def bidirectional_eva_inference(
     """
     B, H, N, D = q.shape
     geo = _Bidirectional.of(N, window_size, num_chunks)
-    E, g, C, P = geo.E, geo.g, geo.C, geo.P
-    L = C * P
+    E, g, C, U, L = geo.E, geo.g, geo.C, geo.U, geo.L
+    W = L // E  # windows, the last ones possibly past N
     valid = summarised = geo.valid(q.device)
     holes = None
     if sinks:
@@ -343,7 +379,7 @@ def bidirectional_eva_inference(
     ks_buf, acc_buf = q.new_empty(group * L * D), q.new_empty(group * L * D)
     unit = root * LOG2E
     log2_counts = _log_count(_summary_sets(summarised, q.dtype)[1]) * LOG2E  # (g + 1, C)
-    tail = valid.reshape(C * g, 1, E)[N // E :]  # windows holding positions past N
+    tail = valid.reshape(W, 1, E)[N // E :]  # windows holding positions past N
     out = q.new_empty(B, N, H, D)
     for b in range(B):
         for h0 in range(0, H, group):
@@ -351,47 +387,62 @@ def bidirectional_eva_inference(
             n = h1 - h0
             # k2 = scale log2(e) k = unit k~: base-2 window logits straight from raw queries
             k2 = torch.mul(k[b, h0:h1], unit * root, out=ks_buf[: n * L * D].view(n, L, D))
-            vc = v[b, h0:h1].reshape(1, n, C, g, E, D)
-            kc = k2.view(1, n, C, g, E, D)
-            keys, betas, _ = _chunk_summaries(kc, vc, summarised, key_map, mu_map, sample, unit, holes)
+            v_g = v[b, h0:h1]
+            keys, betas, _ = _chunk_summaries(
+                k2.view(1, n, C, g, U, D),
+                v_g.reshape(1, n, C, g, U, D),
+                summarised,
+                key_map,
+                mu_map,
+                sample,
+                unit,
+                holes,
+            )
             keys = keys[0] * unit  # (n, C, g + 1, D): q . keys = log2(e) q~ . kappa~
             betas = betas[0]
             q_g = q[b, h0:h1]
-            # window logits; keys past N (last chunk only) are masked
+            # window logits; keys past N (last window only) are masked
             local = torch.bmm(
-                q_g.reshape(n * C * g, E, D),
-                k2.view(n * C * g, E, D).transpose(1, 2),
-                out=local_buf[: n * L * E].view(n * C * g, E, E),
-            ).view(n, C * g, E, E)
+                q_g.reshape(n * W, E, D),
+                k2.view(n * W, E, D).transpose(1, 2),
+                out=local_buf[: n * L * E].view(n * W, E, E),
+            ).view(n, W, E, E)
             if tail.shape[0]:
                 local[:, N // E :].masked_fill_(~tail, float("-inf"))
-            # logits against every whole chunk, then the own column replaced by "own chunk minus own window"
+            # logits against every whole chunk; the chunks overlapping the query's window are cleared below
             chunk = torch.baddbmm(
                 log2_counts[g].expand(n, 1, C),
                 q_g,
                 keys[:, :, g].transpose(1, 2),
                 out=chunk_buf[: n * L * C].view(n, L, C),
             )
-            rest = torch.linalg.vecdot(q_g.view(n, C, g, E, D), keys[:, :, :g, None])  # (n, C, g, E)
-            rest.add_(log2_counts[:g].T[:, :, None])
-            own = torch.diagonal(chunk.view(n, C, P, C), dim1=1, dim2=3)  # (n, P, C): row c P + p, column c
-            own.copy_(rest.view(n, C, P).transpose(1, 2))
+            if g > 1:
+                # a chunk holds g windows: the own column becomes "own chunk minus own window" (a diagonal view)
+                rest = torch.linalg.vecdot(q_g.view(n, C, g, E, D), keys[:, :, :g, None])  # (n, C, g, E)
+                rest.add_(log2_counts[:g].T[:, :, None])
+                own = torch.diagonal(chunk.view(n, C, geo.P, C), dim1=1, dim2=3)  # (n, P, C): row c P + p, column c
+                own.copy_(rest.view(n, C, geo.P).transpose(1, 2))
+            else:
+                # a window holds C / W chunks: they are exact there (a diagonal view of the blocks)
+                torch.diagonal(chunk.view(n, W, E, W, C // W), dim1=1, dim2=3).fill_(float("-inf"))
             top = torch.maximum(local.amax(dim=-1).view(n, L), chunk.amax(dim=-1))[..., None]  # (n, L, 1)
             if sinks:
                 far_sinks = torch.bmm(q_g, k2[:, sink_pos].transpose(1, 2)).masked_fill_(~sink_seen, -math.inf)
                 top = torch.maximum(top, far_sinks.amax(dim=-1, keepdim=True))
-            local.sub_(top.view(n, C * g, E, 1)).exp2_()
+            local.sub_(top.view(n, W, E, 1)).exp2_()
             chunk.sub_(top).exp2_()
             den = local.sum(dim=-1).view(n, L).add_(chunk.sum(dim=-1))
-            p_own = own.transpose(1, 2).reshape(n, C, g, E, 1).clone()  # kept before the column is cleared
-            own.zero_()
+            if g > 1:
+                p_own = own.transpose(1, 2).reshape(n, C, g, E, 1).clone()  # kept before the column is cleared
+                own.zero_()
             acc = torch.bmm(
-                local.view(n * C * g, E, E),
-                vc.reshape(n * C * g, E, D),
-                out=acc_buf[: n * L * D].view(n * C * g, E, D),
+                local.view(n * W, E, E),
+                v_g.reshape(n * W, E, D),
+                out=acc_buf[: n * L * D].view(n * W, E, D),
             ).view(n, L, D)
             acc.baddbmm_(chunk, betas[:, :, g])
-            acc.view(n, C, g, E, D).addcmul_(p_own, betas[:, :, :g, None])
+            if g > 1:
+                acc.view(n, C, g, E, D).addcmul_(p_own, betas[:, :, :g, None])
             if sinks:
                 far_sinks.sub_(top).exp2_()
                 den.add_(far_sinks.sum(dim=-1))
@@ -914,7 +965,8 @@ class EVAAttention(AttentionEstimator):
         num_heads (`int`): number of heads `H`.
         head_dim (`int`): head dimension `D`.
         window_size (`int`, *optional*, defaults to 64): local window `E` (non-overlapping blocks from position 0).
-        num_chunks (`int`, *optional*, defaults to 64): at most this many chunk summaries (bidirectional).
+        num_chunks (`int`, *optional*, defaults to 64): bidirectional: at most this many chunk summaries, of at least
+            `N / num_chunks` tokens each (`chunk_length`; finer on short inputs, at the same linear cost).
         chunk_size (`int`, *optional*, defaults to 16): tokens per chunk summary (causal); must divide `window_size`.
         adaptive (`bool`, *optional*, defaults to `True`): learn the chunk key and proposal mean maps
             (`chunk_key_proj`, `proposal_proj`: `nn.Linear(D, D)` shared by the heads, initialised to the identity).

@@ -214,7 +214,12 @@ def eva_visible_sets(
         return exact, [(tokens, tokens) for tokens in kept]
     local = list(range(w * window, min(N, (w + 1) * window)))
     exact = local + sorted(s for s in sink if s not in local)
-    length = window * math.ceil(N / (num_chunks * window))
+    # chunks of at least N / C tokens that either hold whole windows or lie inside one
+    shortest = math.ceil(N / num_chunks)
+    if shortest > min(window, N):
+        length = window * math.ceil(N / (num_chunks * window))
+    else:
+        length = min(p for p in range(shortest, min(window, N) + 1) if min(window, N) % p == 0)
     chunks = [list(range(start, min(N, start + length))) for start in range(0, N, length)]
     # every token is either exact or in exactly one summary, sampled with its whole chunk's proposal (sinks aside)
     return exact, [([m for m in tokens if m not in exact], [m for m in tokens if m not in sink]) for tokens in chunks]

@@ -8,7 +8,7 @@ import torch
 
 import hf_lara.attention.eva as eva_module
 from hf_lara.attention import build_attention
-from hf_lara.attention.eva import EVAAttention, causal_eva, causal_summaries
+from hf_lara.attention.eva import EVAAttention, causal_eva, causal_summaries, chunk_length
 from hf_lara.attention.naive import eva_visible_sets, naive_eva_attention, naive_softmax_attention
 
 from .utils import assert_close, qkv
@@ -50,13 +50,17 @@ def _reference(attn: EVAAttention, q, k, v, causal: bool) -> torch.Tensor:
 
 
 # (B, N, H, D, window_size, num_chunks): several windows per chunk, partial last windows and chunks,
-# a last chunk holding a single window (its excluded summary is empty) and one window per chunk (g == 1).
+# a last chunk holding a single window (its excluded summary is empty), one window per chunk (P == E) and chunks
+# shorter than the window (N / C < E: chunks of 4 in windows of 8, of 6 in windows of 12, of 1 in windows of 4).
 BIDIRECTIONAL = [
     pytest.param(2, 29, 2, 8, 4, 3, id="B2-T29-H2-D8-E4-C3"),
     pytest.param(1, 23, 3, 6, 5, 2, id="B1-T23-H3-D6-E5-C2"),
     pytest.param(2, 25, 2, 8, 4, 3, id="B2-T25-H2-D8-E4-C3"),
     pytest.param(1, 30, 2, 8, 4, 64, id="B1-T30-H2-D8-E4-C64"),
     pytest.param(2, 37, 1, 4, 7, 2, id="B2-T37-H1-D4-E7-C2"),
+    pytest.param(1, 25, 2, 8, 4, 7, id="B1-T25-H2-D8-E4-C7"),
+    pytest.param(2, 29, 2, 8, 8, 8, id="B2-T29-H2-D8-E8-C8"),
+    pytest.param(1, 50, 2, 4, 12, 10, id="B1-T50-H2-D4-E12-C10"),
 ]
 # (B, N, H, D, window_size, chunk_size)
 CAUSAL = [
@@ -190,6 +194,7 @@ def test_causal_blocks_match_naive_with_gradients(block_size, num_queries, K):
     "causal,B,N,H,D,E,C,P",
     [
         pytest.param(False, 2, 29, 2, 6, 4, 3, 1, id="bidirectional-B2-T29-H2-D6-E4-C3"),
+        pytest.param(False, 2, 29, 2, 6, 8, 8, 1, id="bidirectional-B2-T29-H2-D6-E8-C8"),
         pytest.param(True, 2, 29, 2, 6, 8, 1, 4, id="causal-B2-T29-H2-D6-E8-P4"),
     ],
 )
@@ -214,13 +219,16 @@ def test_gradients_match_naive(causal, B, N, H, D, E, C, P, K):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("N,E,C", [(30, 4, 64), (25, 4, 3), (9, 4, 5)], ids=["T30-E4-C64", "T25-E4-C3", "T9-E4-C5"])
+@pytest.mark.parametrize(
+    "N,E,C", [(30, 4, 64), (25, 4, 7), (25, 4, 3), (9, 4, 5)], ids=["T30-E4-C64", "T25-E4-C7", "T25-E4-C3", "T9-E4-C5"]
+)
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_empty_summaries_get_no_weight(N, E, C, training):
     """With constant values every summary is that constant, so any mass on an empty (zero) summary shows.
 
-    `C=64` gives one window per chunk (every excluded summary is empty); `T25-E4-C3` has a last chunk holding a
-    single window; `T9-E4-C5` a last chunk holding a single token.
+    `C=64` gives chunks of one token (the summaries inside a query's window are unused); `C=7` one window per
+    chunk (every "chunk minus window" summary is empty); `T25-E4-C3` has a last chunk holding a single window;
+    `T9-E4-C5` chunks of 2 tokens, the last real one holding a single token and one past `N`.
     """
     attn = _eva(8, 2, E, num_chunks=C).train(training)
     _perturb(attn)
@@ -472,6 +480,8 @@ BIDIRECTIONAL_SINKS = [
     pytest.param(1, 9, 2, 4, 2, 3, 5, id="B1-T9-E2-C3-G5"),
     pytest.param(2, 4, 1, 4, 2, 2, 4, id="B2-T4-E2-C2-G4"),
     pytest.param(2, 37, 1, 4, 7, 2, 9, id="B2-T37-E7-C2-G9"),
+    pytest.param(2, 29, 2, 8, 8, 8, 3, id="B2-T29-E8-C8-G3"),
+    pytest.param(1, 50, 2, 4, 12, 10, 5, id="B1-T50-E12-C10-G5"),
 ]
 
 
@@ -625,3 +635,15 @@ def test_causal_sinks_overflow_falls_back_to_exact_shifts(K):
         shifted = eva_module._causal_fast(q.float(), k.float(), v.float(), keys, betas, geo, None, sinks)
     assert not torch.isfinite(shifted).all() and torch.isfinite(out).all()
     assert_close("overflow fallback", _reference(attn.double(), q, k, v, True), out.double(), 1e-4)
+
+
+@pytest.mark.parametrize(
+    "N,E,C,P",
+    [(512, 64, 64, 8), (300, 64, 64, 8), (4096, 64, 64, 64), (5000, 64, 64, 128), (60, 16, 8, 8), (50, 12, 10, 6)],
+)
+def test_bidirectional_chunk_length(N, E, C, P):
+    """`num_chunks` is honoured at every length: chunks of at least `N / C` tokens, a divisor of the window below it
+    and a multiple above it, and never more than `C` chunks that hold a token."""
+    assert chunk_length(N, E, C) == P
+    assert -(-N // P) <= C
+    assert E % P == 0 or P % E == 0

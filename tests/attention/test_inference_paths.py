@@ -155,8 +155,9 @@ def _eva_reference(attn: EVAAttention):
 
 
 # (N, window_size, num_chunks): P divides N (views), P does not (zero-padded copy), a partial last window, one
-# window per chunk (empty excluded summaries), the window holding everything (softmax).
-EVA_SHAPES = [(32, 4, 4), (29, 4, 3), (30, 4, 64), (23, 5, 2), (12, 16, 3)]
+# window per chunk (empty excluded summaries), the window holding everything (softmax), chunks shorter than the
+# window (4 in windows of 8; 6 in windows of 12 with a partial last window).
+EVA_SHAPES = [(32, 4, 4), (29, 4, 3), (30, 4, 64), (23, 5, 2), (12, 16, 3), (29, 8, 8), (50, 12, 10)]
 
 
 @pytest.mark.parametrize("N,E,C", EVA_SHAPES, ids=[f"T{n}-E{e}-C{c}" for n, e, c in EVA_SHAPES])
