@@ -58,8 +58,10 @@ TRAIN_SOURCE_NAMES = {
 }
 # regime -> (token range of evaluation/training texts, max_length, window of windowed methods)
 REGIMES = {"short": ((24, 64), 64, 16), "long": ((256, 512), 512, 64)}
+# eva: documents (window 64) get 64 chunks of >= 8 tokens; sentences (window 16) 8 chunks, so a query sees at most
+# 16 + 8 logits, fewer than the 24-62 tokens of a sentence (64 chunks would be single tokens there: exact softmax)
 METHODS = {
-    "eva": lambda w: {"window_size": w, "num_chunks": 64, "chunk_size": min(16, w)},
+    "eva": lambda w: {"window_size": w, "num_chunks": 64 if w >= 64 else w // 2, "chunk_size": min(16, w)},
     "kernel": lambda w: {"feature_map": "hedgehog", "window_size": w},
     "rfa": lambda w: {"num_features": 64, "window_size": w, "learn_features": True},
     "lara": lambda w: {"num_landmarks": 16, "window_size": w, "adaptive": True},

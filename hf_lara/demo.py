@@ -31,9 +31,10 @@ from .attention.synthetic import clustered_qkv
 from .bench import time_call
 from .fidelity import FidelityReport, plot_attention_error, sentence_fidelity
 
-# Scaled to ~20-token sentences: EVA's default 64-token window and LARA's 64 landmarks would cover them entirely.
+# Scaled to ~20-token sentences: EVA's default 64-token window and 64 chunks (one token each) and LARA's 64
+# landmarks would cover them entirely.
 DEMO_HPARAMS: dict[str, dict[str, Any]] = {
-    "eva": {"window_size": 8, "chunk_size": 4},
+    "eva": {"window_size": 8, "num_chunks": 8, "chunk_size": 4},
     "lara": {"num_landmarks": 8},
 }
 DEMO_LENGTH = 4096

@@ -31,7 +31,7 @@ def test_run_demo(tmp_path):
     assert len(result.reports["eva"].attention_error) == 6
     assert result.figure == tmp_path / "hf_lara_demo.png" and result.figure.read_bytes()[:4] == b"\x89PNG"
     table = format_demo_table(result)
-    assert "| eva | window_size=8, chunk_size=4 |" in table and "N=256" in table
+    assert "| eva | window_size=8, num_chunks=8, chunk_size=4 |" in table and "N=256" in table
 
 
 def test_cli_demo(tmp_path, capsys):
