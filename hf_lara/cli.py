@@ -234,6 +234,7 @@ DISTILL_FIELDS: dict[str, tuple[Any, str]] = {
     "rows_weight": (float, "weight of Hedgehog's attention-row cross-entropy in stage 1"),
     "hidden_weight": (float, "weight of the final hidden states' error next to the embedding loss (encoders)"),
     "layer_weight": (float, "weight of the intermediate layers' hidden-state error in stage 2"),
+    "transfer_weight": (float, "weight of the attention-transfer loss on the student's own q/k/v in stage 2"),
     "lora_rank": (int, "LoRA rank r (lora_alpha = 2 r)"),
     "full_finetune": (bool, "stage 2 trains every weight instead of LoRA adapters"),
 }

@@ -100,6 +100,10 @@ class DistillConfig:
             to the pooled-embedding cosine loss (encoders, stage 2).
         layer_weight (`float`, *optional*, defaults to 1.0): weight of the intermediate layers' hidden-state error
             (mean over layers of the relative squared error over real tokens) added to the stage-2 loss.
+        transfer_weight (`float`, *optional*, defaults to 0.0): weight of the stage-1 attention-transfer loss, on
+            the student's own queries, keys and values, added to the stage-2 loss (`student_attention_losses`): keeps
+            the estimators close to softmax while the adapters train (one more estimator call and a softmax per
+            layer and step).
         lora_rank (`int`, *optional*, defaults to 16): LoRA rank `r`; `lora_alpha = 2 r`.
         full_finetune (`bool`, *optional*, defaults to `False`): stage 2 trains every weight instead of LoRA adapters.
         mixed_precision (`str`, *optional*, defaults to `"auto"`): `"bf16"` runs the stage-2 student forward under
@@ -124,6 +128,7 @@ class DistillConfig:
     stage1_reuse: int = 4
     hidden_weight: float = 0.1
     layer_weight: float = 1.0
+    transfer_weight: float = 0.0
     lora_rank: int = 16
     full_finetune: bool = False
     mixed_precision: str = "auto"
@@ -148,7 +153,7 @@ class DistillConfig:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"`mixed_precision` must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}.")
-        for name in ("rows_weight", "hidden_weight", "layer_weight", "warmup"):
+        for name in ("rows_weight", "hidden_weight", "layer_weight", "transfer_weight", "warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
 
@@ -279,25 +284,37 @@ def row_cross_entropy(probs: torch.Tensor, estimate: torch.Tensor, rows: torch.T
 
 
 class LayerLosses:
-    """Sink of one layer's stage-1 losses, attached to its attention module during a stage-1 forward pass."""
+    """Sink of one layer's attention-transfer losses, attached to its attention module during a forward pass.
 
-    def __init__(self, rows_weight: float) -> None:
+    `forward_student=False` (stage 1): the layer hands the teacher's softmax output on. `True` (the stage-2
+    regulariser): it hands the estimator's output on, and the loss compares a second estimator call on detached
+    queries, keys and values with softmax on them, so that it trains the estimator parameters only.
+    """
+
+    def __init__(self, rows_weight: float, forward_student: bool = False) -> None:
         self.rows_weight = rows_weight
+        self.forward_student = forward_student
         self.losses: list[torch.Tensor] = []
 
 
 def distillation_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """`AttentionInterface` function of `DISTILL_KEY`: returns the teacher's output `(B, Nq, H, D)`; in layers with a
-    `LayerCapture` records the call (`CapturedAttention`); in converted layers with a sink also records the student's
-    loss against it (relative squared error over real query rows)."""
+    """`AttentionInterface` function of `DISTILL_KEY`: returns the teacher's output `(B, Nq, H, D)` (the student's in
+    layers whose sink has `forward_student`); in layers with a `LayerCapture` records the call
+    (`CapturedAttention`); in converted layers with a sink also records the student's loss against the teacher
+    (relative squared error over real query rows)."""
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", False) if causal is None else causal)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     num_heads = query.shape[1]
+    sink, estimator = getattr(module, SINK_ATTR, None), getattr(module, ESTIMATOR_ATTR, None)
+    forward = None
+    if sink is not None and estimator is not None and sink.forward_student:
+        forward = lara_attention_forward(module, query, key, value, attention_mask, scaling=scale, **kwargs)[0]
+        query, key, value = query.detach(), key.detach(), value.detach()
     key_h, value_h = repeat_kv(key, num_heads), repeat_kv(value, num_heads)
+    # layers left on softmax hand this on with its gradient (stage 2 trains their adapters)
     teacher, probs = softmax_reference(query, key_h, value_h, attention_mask, causal, scale)
     _record(module, query, key, value, attention_mask, scale, causal, teacher, probs)
-    sink, estimator = getattr(module, SINK_ATTR, None), getattr(module, ESTIMATOR_ATTR, None)
     if sink is not None and estimator is not None:
         student = lara_attention_forward(module, query, key, value, attention_mask, scaling=scale, **kwargs)[0]
         student = student.transpose(1, 2).float()  # (B, H, Nq, D)
@@ -309,6 +326,8 @@ def distillation_attention(module, query, key, value, attention_mask, scaling=No
             estimate = implied_rows(estimator, query, key_h, attention_mask, causal, scale)
             loss = loss + sink.rows_weight * row_cross_entropy(probs, estimate, rows)
         sink.losses.append(loss)
+    if forward is not None:
+        return forward, None
     return teacher.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -405,12 +424,12 @@ def _implementation(model: nn.Module, implementation: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _sinks(model: nn.Module, rows_weight: float) -> Iterator[dict[int, LayerLosses]]:
+def _sinks(model: nn.Module, rows_weight: float, forward_student: bool = False) -> Iterator[dict[int, LayerLosses]]:
     """Attach a `LayerLosses` to every converted attention module for the duration."""
     sinks = {}
     for i, module in enumerate(attention_modules(model)):
         if hasattr(module, ESTIMATOR_ATTR):
-            sinks[i] = LayerLosses(rows_weight)
+            sinks[i] = LayerLosses(rows_weight, forward_student)
             setattr(module, SINK_ATTR, sinks[i])
     try:
         yield sinks
@@ -478,6 +497,21 @@ def attention_losses(model: nn.Module, rows_weight: float = 0.0) -> Iterator[dic
     register_distillation_attention()
     adapters = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with adapters, _implementation(model, DISTILL_KEY), _sinks(model, rows_weight) as sinks:
+        yield sinks
+
+
+@contextlib.contextmanager
+def student_attention_losses(model: nn.Module, rows_weight: float = 0.0) -> Iterator[dict[int, LayerLosses]]:
+    """Forward passes inside run the converted model as usual (estimators, adapters enabled) and record every
+    converted layer's attention-transfer loss on its own queries, keys and values: the stage-2 regulariser
+    (`DistillConfig.transfer_weight`). The loss reaches the estimator parameters only (its inputs are detached);
+    the softmax it compares with is quadratic, so this is for training.
+
+    Yields:
+        `dict[int, LayerLosses]`: the sink of each converted layer, keyed by layer index (reduce with `transfer_loss`).
+    """
+    register_distillation_attention()
+    with _implementation(model, DISTILL_KEY), _sinks(model, rows_weight, forward_student=True) as sinks:
         yield sinks
 
 
@@ -878,15 +912,21 @@ def end_to_end(
             cache[index] = out
         return out
 
+    regularise = config.transfer_weight > 0
+
     def step_loss(index: int, batch: Batch) -> torch.Tensor:
         batch = _to_device(batch, device)
         hidden, logits, inner = targets(index, batch)
-        with _autocast(config, device):
+        recorded = student_attention_losses(student, config.rows_weight) if regularise else contextlib.nullcontext()
+        with _autocast(config, device), recorded as sinks:
             s_hidden, s_logits, s_inner = _outputs_and_layers(student, batch, causal)
         mask = batch["attention_mask"]
         loss = output_loss((s_hidden, s_logits), (hidden, logits), mask, pooler, config.hidden_weight)
         if layers:
             loss = loss + config.layer_weight * layer_loss(s_inner, inner, mask)
+        if regularise:
+            losses = [item for sink in sinks.values() for item in sink.losses]
+            loss = loss + config.transfer_weight * torch.stack(losses).mean()
         return loss
 
     clock = _Clock(seconds or config.max_minutes * 60, config.max_steps, "end to end", config.progress)

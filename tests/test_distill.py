@@ -20,9 +20,12 @@ from hf_lara.distill import (
     capture_attention_inputs,
     captured_transfer_loss,
     end_to_end,
+    estimator_parameters,
     layer_loss,
     length_batches,
     register_distillation_attention,
+    student_attention_losses,
+    transfer_loss,
 )
 from hf_lara.fidelity import attention_fidelity
 
@@ -376,3 +379,45 @@ def test_llama_distillation_with_window_and_sinks_then_finetune_and_generate(tok
         for _ in range(6):
             ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, ids)
+
+
+def test_student_attention_losses_record_the_own_attention_error_and_train_estimators_only(tok):
+    """The stage-2 regulariser: the model computes what it computes without it, each converted layer records the
+    error of its estimator against softmax on its own queries, keys and values (layer 0 sees the same inputs as the
+    teacher, so its loss is the independently measured teacher-forced error), and the loss reaches the estimator
+    parameters only."""
+    model = hf_lara.convert(tiny_bert(num_layers=2), "kernel", feature_map="hedgehog", window_size=2)
+    batch = length_batches(tok, TRAIN_TEXTS[:12], max_length=64, batch_tokens=4096)[0]
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        plain = model(**batch).last_hidden_state
+    measured = attention_fidelity(model, batch).attention_error
+    model.requires_grad_(True)
+    with student_attention_losses(model) as sinks:
+        out = model(**batch).last_hidden_state
+    assert model.config._attn_implementation == hf_lara.integration.ATTENTION_KEY
+    torch.testing.assert_close(out[mask], plain[mask], rtol=1e-4, atol=1e-5)  # autograd vs inference path
+    assert sorted(sinks) == [0, 1] and all(len(sink.losses) == 1 for sink in sinks.values())
+    assert measured[0] > 1e-3 and sinks[0].losses[0].item() == pytest.approx(measured[0], rel=1e-4)
+    estimators = estimator_parameters(model)  # (its probe clears gradients: before the backward pass)
+    transfer_loss(model, sinks).backward()
+    trained = {id(p) for p in estimators}
+    for name, p in model.named_parameters():
+        if id(p) not in trained:
+            assert p.grad is None or not p.grad.any(), name
+    assert any(p.grad is not None and p.grad.any() for p in estimators)
+
+
+def test_end_to_end_with_transfer_regulariser(tok):
+    """`transfer_weight` adds the (positive) attention-transfer loss to the first stage-2 step and still trains and
+    merges; a layer kept on softmax keeps its gradient path (its adapters train)."""
+    batches = length_batches(tok, TRAIN_TEXTS, max_length=64, batch_tokens=256)
+    first = {}
+    for weight in (0.0, 1.0):
+        model = hf_lara.convert(tiny_bert(num_layers=2), "eva", layers=[1], **tiny.HPARAMS["eva"])
+        softmax_layer = model.encoder.layer[0].attention.self.query.weight.clone()
+        _, stats = end_to_end(model, batches, quiet(max_steps=6, lora_rank=4, transfer_weight=weight), seconds=60)
+        first[weight] = stats["loss_first"]
+        assert stats["steps"] == 6 and not any("lora_" in n for n, _ in model.named_parameters())
+        assert not torch.equal(model.encoder.layer[0].attention.self.query.weight, softmax_layer)
+    assert first[1.0] > first[0.0]
