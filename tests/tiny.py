@@ -16,7 +16,11 @@ TEXTS = ["the cat sat on the mat", "a big red dog ran to the park and then sat",
 BERT = dict(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24)
 GPT2 = dict(vocab_size=len(VOCAB), n_embd=16, n_layer=2, n_head=2, n_positions=64, bos_token_id=2, eos_token_id=3)
 # small settings that still approximate (not exact) on these short inputs
-HPARAMS = {"rfa": {"num_features": 8}, "lara": {"num_landmarks": 2}, "eva": {"window_size": 2, "num_chunks": 4, "chunk_size": 1}}
+HPARAMS = {
+    "rfa": {"num_features": 8},
+    "lara": {"num_landmarks": 2},
+    "eva": {"window_size": 2, "num_chunks": 4, "chunk_size": 1},
+}
 
 
 def tokenizer(folder: Path) -> transformers.BertTokenizer:
