@@ -508,20 +508,25 @@ def student_attention_losses(model: nn.Module, rows_weight: float = 0.0) -> Iter
     the softmax it compares with is quadratic, so this is for training.
 
     Yields:
-        `dict[int, LayerLosses]`: the sink of each converted layer, keyed by layer index (reduce with `transfer_loss`).
+        `dict[int, LayerLosses]`: the sink of each converted layer, keyed by layer index (reduce with `recorded_loss`).
     """
     register_distillation_attention()
     with _implementation(model, DISTILL_KEY), _sinks(model, rows_weight, forward_student=True) as sinks:
         yield sinks
 
 
-def transfer_loss(model: nn.Module, sinks: dict[int, LayerLosses]) -> torch.Tensor:
-    """Stage-1 loss: the mean of the per-layer losses `attention_losses` recorded, plus the estimators' auxiliary
-    losses (e.g. the kernel feature maps' `ortho_penalty`)."""
+def recorded_loss(sinks: dict[int, LayerLosses]) -> torch.Tensor:
+    """The mean of the per-layer losses recorded in `sinks` (by `attention_losses` or `student_attention_losses`)."""
     losses = [loss for sink in sinks.values() for loss in sink.losses]
     if not losses:
         raise ValueError("No converted layer recorded a loss: run the forward pass inside `attention_losses(model)`.")
-    return _with_auxiliary_losses(model, torch.stack(losses).mean())
+    return torch.stack(losses).mean()
+
+
+def transfer_loss(model: nn.Module, sinks: dict[int, LayerLosses]) -> torch.Tensor:
+    """Stage-1 loss: `recorded_loss(sinks)` plus the estimators' auxiliary losses (e.g. the kernel feature maps'
+    `ortho_penalty`)."""
+    return _with_auxiliary_losses(model, recorded_loss(sinks))
 
 
 def _with_auxiliary_losses(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
@@ -925,8 +930,7 @@ def end_to_end(
         if layers:
             loss = loss + config.layer_weight * layer_loss(s_inner, inner, mask)
         if regularise:
-            losses = [item for sink in sinks.values() for item in sink.losses]
-            loss = loss + config.transfer_weight * torch.stack(losses).mean()
+            loss = loss + config.transfer_weight * recorded_loss(sinks)
         return loss
 
     clock = _Clock(seconds or config.max_minutes * 60, config.max_steps, "end to end", config.progress)
