@@ -87,6 +87,12 @@ def neighbours(emb: torch.Tensor, k: int) -> torch.Tensor:
     return sims.topk(k, dim=-1).indices
 
 
+def similarity_error(emb: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean absolute change of the pairwise cosine similarities between different texts (what NN agreement sees)."""
+    off = ~torch.eye(len(emb), dtype=torch.bool)
+    return ((emb @ emb.T) - (reference @ reference.T))[off].abs().mean().item()
+
+
 def compare(st, reference: torch.Tensor, texts: list[str], max_length: int) -> dict:
     emb = embed(st, texts, max_length)
     ref1, ref5 = neighbours(reference, 1), neighbours(reference, 5)
@@ -99,6 +105,7 @@ def compare(st, reference: torch.Tensor, texts: list[str], max_length: int) -> d
         "cosine": (emb * reference).sum(-1).mean().item(),
         "top1": (out1 == ref1).float().mean().item(),
         "top5": sum(overlap) / len(overlap),
+        "similarity_error": similarity_error(emb, reference),
         "attention_error": [errors[i] for i in sorted(errors)],
     }
 

@@ -58,6 +58,7 @@ def light(st, reference: torch.Tensor, texts: list[str]) -> dict:
         "cosine": (emb * reference).sum(-1).mean().item(),
         "top1": (o1 == r1).float().mean().item(),
         "top5": sum(overlap) / len(overlap),
+        "similarity_error": bf.similarity_error(emb, reference),
     }
 
 
