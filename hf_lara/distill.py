@@ -989,7 +989,9 @@ def end_to_end(
         if bank is not None:
             teacher_embeddings = pool(hidden, mask)
             others = bank.others(index, teacher_embeddings)
-            relational = similarity_loss(pool(s_hidden, mask), teacher_embeddings, others, config.similarity_temperature)
+            relational = similarity_loss(
+                pool(s_hidden, mask), teacher_embeddings, others, config.similarity_temperature
+            )
             loss = loss + config.similarity_weight * relational
             bank.add(index, teacher_embeddings)
         return loss
