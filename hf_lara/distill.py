@@ -104,14 +104,6 @@ class DistillConfig:
             the student's own queries, keys and values, added to the stage-2 loss (`student_attention_losses`): keeps
             the estimators close to softmax while the adapters train (one more estimator call and a softmax per
             layer and step).
-        similarity_weight (`float`, *optional*, defaults to 0.0): weight of the relational loss of encoders in stage 2
-            (`similarity_loss`): the student's embedding of each text must rank the teacher's embeddings of earlier
-            training texts as the teacher's own embedding does, so that nearest neighbours are kept, not only each
-            embedding's direction.
-        similarity_temperature (`float`, *optional*, defaults to 0.05): temperature of that ranking's softmax; lower
-            values weigh the nearest neighbours more.
-        bank_size (`int`, *optional*, defaults to 4096): at most this many teacher embeddings of earlier batches are
-            kept to rank against.
         lora_rank (`int`, *optional*, defaults to 16): LoRA rank `r`; `lora_alpha = 2 r`.
         full_finetune (`bool`, *optional*, defaults to `False`): stage 2 trains every weight instead of LoRA adapters.
         mixed_precision (`str`, *optional*, defaults to `"auto"`): `"bf16"` runs the stage-2 student forward under
@@ -137,9 +129,6 @@ class DistillConfig:
     hidden_weight: float = 0.1
     layer_weight: float = 1.0
     transfer_weight: float = 0.0
-    similarity_weight: float = 0.0
-    similarity_temperature: float = 0.05
-    bank_size: int = 4096
     lora_rank: int = 16
     full_finetune: bool = False
     mixed_precision: str = "auto"
@@ -154,17 +143,17 @@ class DistillConfig:
             raise ValueError(f"`max_minutes` must be > 0, got {self.max_minutes}.")
         if not 0 < self.stage1_share < 1:
             raise ValueError(f"`stage1_share` must be in (0, 1), got {self.stage1_share}.")
-        for name in ("max_length", "batch_tokens", "lora_rank", "stage1_reuse", "bank_size"):
+        for name in ("max_length", "batch_tokens", "lora_rank", "stage1_reuse"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"`max_steps` must be >= 1 or None, got {self.max_steps}.")
-        for name in ("stage1_lr", "stage2_lr", "stage2_estimator_lr", "similarity_temperature"):
+        for name in ("stage1_lr", "stage2_lr", "stage2_estimator_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"`mixed_precision` must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}.")
-        for name in ("rows_weight", "hidden_weight", "layer_weight", "transfer_weight", "similarity_weight", "warmup"):
+        for name in ("rows_weight", "hidden_weight", "layer_weight", "transfer_weight", "warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
 
@@ -799,44 +788,6 @@ def output_loss(
     return (1 - cosine).mean() + hidden_weight * hidden
 
 
-def similarity_loss(
-    student: torch.Tensor, teacher: torch.Tensor, bank: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """Relational distillation of embeddings: `KL(p_teacher || p_student)` averaged over the batch, where
-    `p_x = softmax(cos(x_i, bank) / temperature)` ranks the `bank` `(M, C)` of teacher embeddings of other texts by
-    their similarity to `x_i`. `student`, `teacher` `(B, C)`; zero for an empty bank.
-
-    The cosine loss bounds the size of each embedding's error; this loss shapes its direction: an error that leaves
-    the similarities to other texts unchanged costs nothing, one that reorders the nearest ones costs most.
-    """
-    if bank.shape[0] == 0:
-        return student.new_zeros(())
-    bank = nn.functional.normalize(bank.float(), dim=-1)
-    logits_s = nn.functional.normalize(student.float(), dim=-1) @ bank.T / temperature
-    logits_t = nn.functional.normalize(teacher.float(), dim=-1) @ bank.T / temperature
-    logp_t, logp_s = logits_t.log_softmax(-1), logits_s.log_softmax(-1)
-    return (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean()
-
-
-class EmbeddingBank:
-    """Teacher embeddings of the most recent training batches, at most `size` rows, one entry per batch index."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.entries: dict[int, torch.Tensor] = {}
-
-    def others(self, index: int, like: torch.Tensor) -> torch.Tensor:
-        """All kept embeddings `(M, C)` except those of batch `index` (a text is not ranked against itself)."""
-        rows = [e for i, e in self.entries.items() if i != index]
-        return torch.cat(rows) if rows else like.new_zeros((0, like.shape[-1]))
-
-    def add(self, index: int, embeddings: torch.Tensor) -> None:
-        self.entries.pop(index, None)
-        self.entries[index] = embeddings.detach().float()
-        while sum(e.shape[0] for e in self.entries.values()) > self.size and len(self.entries) > 1:
-            self.entries.pop(next(iter(self.entries)))
-
-
 def lora_targets(model: nn.Module) -> list[str]:
     """Names of the linear modules (`nn.Linear`, GPT-2's `Conv1D`) that get LoRA adapters: all but the estimators'
     and the output embedding."""
@@ -938,10 +889,6 @@ def end_to_end(
     config = config or DistillConfig(stages=(2,))
     _check_converted(model)
     causal = is_causal(model)
-    if causal and config.similarity_weight > 0:
-        raise ValueError(
-            "`similarity_weight` ranks sentence embeddings: it applies to encoders; set it to 0 for a causal model."
-        )
     device = next(model.parameters()).device
     training = model.training
     estimators = estimator_parameters(model)
@@ -971,8 +918,6 @@ def end_to_end(
         return out
 
     regularise = config.transfer_weight > 0
-    bank = EmbeddingBank(config.bank_size) if config.similarity_weight > 0 else None
-    pool = pooler or mean_pooler
 
     def step_loss(index: int, batch: Batch) -> torch.Tensor:
         batch = _to_device(batch, device)
@@ -986,14 +931,6 @@ def end_to_end(
             loss = loss + config.layer_weight * layer_loss(s_inner, inner, mask)
         if regularise:
             loss = loss + config.transfer_weight * recorded_loss(sinks)
-        if bank is not None:
-            teacher_embeddings = pool(hidden, mask)
-            others = bank.others(index, teacher_embeddings)
-            relational = similarity_loss(
-                pool(s_hidden, mask), teacher_embeddings, others, config.similarity_temperature
-            )
-            loss = loss + config.similarity_weight * relational
-            bank.add(index, teacher_embeddings)
         return loss
 
     clock = _Clock(seconds or config.max_minutes * 60, config.max_steps, "end to end", config.progress)

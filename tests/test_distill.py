@@ -16,7 +16,6 @@ import hf_lara
 from hf_lara.distill import (
     DISTILL_KEY,
     DistillConfig,
-    EmbeddingBank,
     attention_transfer,
     capture_attention_inputs,
     captured_transfer_loss,
@@ -25,7 +24,6 @@ from hf_lara.distill import (
     layer_loss,
     length_batches,
     register_distillation_attention,
-    similarity_loss,
     student_attention_losses,
     transfer_loss,
 )
@@ -423,57 +421,3 @@ def test_end_to_end_with_transfer_regulariser(tok):
         assert stats["steps"] == 6 and not any("lora_" in n for n, _ in model.named_parameters())
         assert not torch.equal(model.encoder.layer[0].attention.self.query.weight, softmax_layer)
     assert first[1.0] > first[0.0]
-
-
-def test_similarity_loss_is_the_kl_between_neighbour_rankings():
-    """Against an explicit per-text computation in float64; zero when the student is the teacher (at any scale);
-    larger for an error that reorders neighbours than for a random one of the same size."""
-    torch.manual_seed(0)
-    student, teacher, bank = torch.randn(3, 8), torch.randn(3, 8), torch.randn(5, 8)
-    temperature = 0.1
-    expected = 0.0
-    for s, t in zip(student.double(), teacher.double(), strict=True):
-        cos_s = torch.stack([torch.dot(s, b) / (s.norm() * b.norm()) for b in bank.double()])
-        cos_t = torch.stack([torch.dot(t, b) / (t.norm() * b.norm()) for b in bank.double()])
-        p, q = torch.softmax(cos_t / temperature, 0), torch.softmax(cos_s / temperature, 0)
-        expected += (p * (p / q).log()).sum().item() / len(student)
-    assert similarity_loss(student, teacher, bank, temperature).item() == pytest.approx(expected, rel=1e-5)
-    assert similarity_loss(3 * teacher, teacher, bank, temperature).abs().item() < 1e-6
-    assert similarity_loss(student, teacher, bank[:0], temperature).item() == 0.0
-    # moving a text's embedding towards its second neighbour costs more than a small random change
-    bank, teacher = torch.nn.functional.normalize(bank, dim=-1), torch.nn.functional.normalize(teacher, dim=-1)
-    second = (teacher @ bank.T).topk(2, dim=-1).indices[:, 1]
-    towards = teacher + 0.3 * bank[second]
-    noisy = teacher + 0.3 * torch.randn_like(teacher) / 8**0.5
-    assert similarity_loss(towards, teacher, bank, temperature) > similarity_loss(noisy, teacher, bank, temperature)
-
-
-def test_embedding_bank_ranks_against_other_batches_and_keeps_the_newest():
-    bank = EmbeddingBank(size=5)
-    like = torch.zeros(2, 3)
-    assert bank.others(0, like).shape == (0, 3)
-    for index in range(4):
-        bank.add(index, torch.full((2, 3), float(index)))
-    assert sorted(bank.entries) == [2, 3]  # 8 rows > 5: the oldest batches went first
-    assert bank.others(3, like).tolist() == [[2.0] * 3] * 2
-    bank.add(2, torch.full((1, 3), 9.0))  # a batch seen again replaces its entry and becomes the newest
-    assert list(bank.entries) == [3, 2] and bank.others(3, like).tolist() == [[9.0] * 3]
-
-
-def test_end_to_end_with_similarity_loss_trains_and_refuses_decoders(tok):
-    """From the second step on the relational term is in the loss (the first batch has nothing to rank against);
-    the model still trains and merges. A causal model is refused before anything is changed."""
-    batches = length_batches(tok, TRAIN_TEXTS, max_length=64, batch_tokens=256)
-    losses = {}
-    for weight in (0.0, 10.0):
-        model = hf_lara.convert(tiny_bert(num_layers=2), "eva", **tiny.HPARAMS["eva"])
-        _, stats = end_to_end(model, batches, quiet(max_steps=4, lora_rank=4, similarity_weight=weight), seconds=60)
-        losses[weight] = stats["losses"]
-        assert stats["steps"] == 4 and not any("lora_" in n for n, _ in model.named_parameters())
-    assert losses[10.0][0] == pytest.approx(losses[0.0][0], rel=1e-6)
-    assert losses[10.0][1] > losses[0.0][1]
-    gpt2 = hf_lara.convert(transformers.GPT2LMHeadModel(transformers.GPT2Config(**tiny.GPT2)), "kernel")
-    before = {n for n, _ in gpt2.named_parameters()}
-    with pytest.raises(ValueError, match="similarity_weight"):
-        end_to_end(gpt2, batches, quiet(max_steps=1, similarity_weight=1.0), seconds=60)
-    assert {n for n, _ in gpt2.named_parameters()} == before
