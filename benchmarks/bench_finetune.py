@@ -53,7 +53,7 @@ from report import write_report  # noqa: E402
 import hf_lara  # noqa: E402
 from hf_lara.arguments import parse_method_hparams  # noqa: E402
 from hf_lara.demo import minilm_path  # noqa: E402
-from hf_lara.distill import DistillConfig, distill  # noqa: E402
+from hf_lara.distill import DistillConfig, distill, length_batches  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LABELS = ("numpy", "torch", "transformers", "stdlib")
@@ -300,6 +300,15 @@ def method_hparams(methods: list[str], sink_tokens: int | None, overrides: dict[
     return out
 
 
+def convert(model, method: str, hparams: dict, task: dict, tokenizer, args):
+    """`hf_lara.convert`; with `--keep_softmax K` the K worst layers, measured on training passages, stay exact."""
+    if not args.keep_softmax:
+        return hf_lara.convert(model, method, **hparams)
+    texts = [t for t, _ in task["train"][:32]]
+    calibration = length_batches(tokenizer, texts, max_length=args.high, batch_tokens=8192)
+    return hf_lara.convert(model, method, keep_softmax=args.keep_softmax, calibration=calibration, **hparams)
+
+
 def classifier(seed: int):
     from transformers import AutoModelForSequenceClassification
 
@@ -337,6 +346,12 @@ def main(argv=None) -> None:
         help="override one method's hyper-parameter, e.g. --hparam eva.num_chunks=32 (repeatable)",
     )
     parser.add_argument("--no_distill", action="store_true", help="fine-tune the fresh conversion")
+    parser.add_argument(
+        "--keep_softmax",
+        type=int,
+        default=0,
+        help="leave the K layers with the largest attention error on softmax (chosen on 32 training passages)",
+    )
     parser.add_argument("--distill_minutes", type=float, default=3.0, help="wall-clock budget of hf_lara.distill")
     parser.add_argument("--lora_rank", type=int, default=DistillConfig.lora_rank, help="LoRA rank of stage 2")
     parser.add_argument("--steps", type=int, default=75)
@@ -417,8 +432,10 @@ def main(argv=None) -> None:
         report(rows)  # every finished row is on disk, in case a later one does not finish
         del original
     for method in methods:
-        model = hf_lara.convert(classifier(args.seed), method, **hparams[method])
+        model = convert(classifier(args.seed), method, hparams[method], task, tokenizer, args)
         row = {"model": method, "hparams": hparams[method], "distilled": not args.no_distill}
+        if args.keep_softmax:
+            row["kept_softmax"] = model.lara_calibration.kept_softmax
         if not args.no_distill:
             row["lora_rank"] = args.lora_rank
             config = DistillConfig(
@@ -467,6 +484,8 @@ def table(rows: list[dict], lengths: dict, args) -> str:
     ]
     for r in rows:
         hp = ", ".join(f"{k}={v}" for k, v in r.get("hparams", {}).items()) or "—"
+        if r.get("kept_softmax"):
+            hp += f", softmax kept in layers {r['kept_softmax']}"
         dist = "—"
         if r.get("distill"):
             wall = sum(s["minutes"] for s in r["distill"].values())
