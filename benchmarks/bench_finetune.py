@@ -20,6 +20,7 @@ initialisation, dropout, data order: `--seed`) is not in it.
 
     python benchmarks/bench_finetune.py --methods eva,kernel --sink_tokens 4 --threads 1
     python benchmarks/bench_finetune.py --hparam eva.num_chunks=32                           # override one method
+    python benchmarks/bench_finetune.py --keep_softmax 1                 # the worst layer stays on softmax (hybrid)
 
 On a shared CPU the original and each converted model can run as separate processes at the same time: one with
 `--methods ''` (the original only), the others with `--original REPORT` naming its output (read, and waited for,
