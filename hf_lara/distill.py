@@ -519,7 +519,10 @@ def recorded_loss(sinks: dict[int, LayerLosses]) -> torch.Tensor:
     """The mean of the per-layer losses recorded in `sinks` (by `attention_losses` or `student_attention_losses`)."""
     losses = [loss for sink in sinks.values() for loss in sink.losses]
     if not losses:
-        raise ValueError("No converted layer recorded a loss: run the forward pass inside `attention_losses(model)`.")
+        raise ValueError(
+            "No converted layer recorded a loss: run the forward pass inside `attention_losses(model)` (stage 1) or "
+            "`student_attention_losses(model)` (stage 2)."
+        )
     return torch.stack(losses).mean()
 
 
