@@ -6,6 +6,7 @@
   booleans take `true`/`false`/`1`/`0` in any case and nothing else; integers and floats must parse as such;
   optional values take `none`.
 - Layers: `--layers 0,2`, comma-separated indices.
+- Per-layer hyper-parameters: `--layer-hparam LAYER:KEY=VALUE`, repeatable, e.g. `--layer-hparam 5:num_chunks=128`.
 
 Every problem is a `ValueError` naming the flag, the value received and what is accepted.
 
@@ -117,6 +118,19 @@ def parse_method_hparams(items: Sequence[str] | None) -> dict[str, dict[str, Any
             raise ValueError(f"`--hparam` takes METHOD.KEY=VALUE, e.g. `--hparam eva.window_size=32`, got {item!r}.")
         grouped.setdefault(method.strip(), []).append(rest)
     return {method: parse_hparams(rest, method) for method, rest in grouped.items()}
+
+
+def parse_layer_hparams(items: Sequence[str] | None, method: str) -> dict[int, dict[str, Any]]:
+    """`["5:num_chunks=128", "5:window_size=32"]` -> `{5: {"num_chunks": 128, "window_size": 32}}` for `method`."""
+    grouped: dict[int, list[str]] = {}
+    for item in items or []:
+        layer, colon, rest = item.partition(":")
+        if not colon or not layer.strip().isdigit() or "=" not in rest:
+            raise ValueError(
+                f"`--layer-hparam` takes LAYER:KEY=VALUE, e.g. `--layer-hparam 5:num_chunks=128`, got {item!r}."
+            )
+        grouped.setdefault(int(layer), []).append(rest)
+    return {layer: parse_hparams(rest, method) for layer, rest in grouped.items()}
 
 
 def parse_layers(text: str, name: str = "--layers") -> list[int]:

@@ -176,6 +176,9 @@ def build_card(
     name = model_name or (repo_id.split("/")[-1] if repo_id else None)
     name = name or (f"{base_model.split('/')[-1]}-{method}" if base_model else f"{config.model_type}-{method}")
     record = {"method": method, "hparams": dict(config.lara_hparams), "layers": config.lara_layers}
+    layer_hparams = dict(getattr(config, "lara_layer_hparams", None) or {})
+    if layer_hparams:
+        record["layer_hparams"] = layer_hparams
     if summary is not None:
         record["fidelity"] = summary
     if recipe:
@@ -214,6 +217,7 @@ def build_card(
         method_title=title,
         method_summary=text,
         hparams=dict(config.lara_hparams),
+        layer_hparams=layer_hparams,
         layers_text=layers_text,
         architecture=architecture or type(config).__name__,
         model_type=config.model_type,

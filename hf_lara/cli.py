@@ -194,6 +194,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError("OUT must not be SRC or hold it: the converted model replaces OUT as a whole")
     check_methods([args.method])
     hparams = arguments.parse_hparams(args.hparam, args.method)
+    layer_hparams = arguments.parse_layer_hparams(args.layer_hparam, args.method)
     layers = arguments.parse_layers(args.layers) if args.layers else None
     base_model = args.base_model
     if base_model is None and not Path(args.src).exists() and args.src.count("/") == 1:
@@ -203,11 +204,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     config = load_config(str(transformer_folder(args.src)) if sentence_transformer else args.src)
     check_model_config(config, args.src)
     # check the method and hyper-parameters before loading any weights
-    LaraConfig.from_config(config, method=args.method, layers=layers, **hparams)
+    LaraConfig.from_config(config, method=args.method, layers=layers, layer_hparams=layer_hparams, **hparams)
     # written beside OUT and renamed at the end: an error or Ctrl-C leaves OUT as it was, --overwrite leaves no
     # stale file, and nothing is written through a link planted in OUT
     # `keep_softmax` and its calibration batches ride with the hyper-parameters into `convert`
-    convert_kwargs = {**hparams, **keep_softmax_args(args)}
+    convert_kwargs = {**hparams, "layer_hparams": layer_hparams, **keep_softmax_args(args)}
     with staged_folder(out) as folder:
         model = _save_converted(args, config, layers, convert_kwargs, folder)
         tags = ("sentence-transformers",) if sentence_transformer else ()
@@ -259,6 +260,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     out = check_output_folder(args.out, "OUT", overwrite=args.overwrite)
     check_methods([args.method])
     hparams = arguments.parse_hparams(args.hparam, args.method)
+    layer_hparams = arguments.parse_layer_hparams(args.layer_hparam, args.method)
     layers = arguments.parse_layers(args.layers) if args.layers else None
     stages = tuple(arguments.parse_ints(args.stages, "--stages", minimum=1))
     set_threads(args.threads)
@@ -268,7 +270,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     # check the method and hyper-parameters before loading any weights
     from .integration import LaraConfig
 
-    LaraConfig.from_config(load_config(args.src), method=args.method, layers=layers, **hparams)
+    LaraConfig.from_config(
+        load_config(args.src), method=args.method, layers=layers, layer_hparams=layer_hparams, **hparams
+    )
     result = distill_checkpoint(
         args.src,
         out,
@@ -278,6 +282,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         layers=layers,
         keep_softmax=args.keep_softmax,
         overwrite=args.overwrite,
+        layer_hparams=layer_hparams,
         **hparams,
     )
     for name, stage in result.stages.items():
@@ -552,6 +557,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="estimator hyper-parameter (repeatable); `--KEY VALUE` works too, e.g. `--window_size 16`",
     )
+    p.add_argument(
+        "--layer-hparam",
+        "--layer_hparam",
+        dest="layer_hparam",
+        action="append",
+        metavar="LAYER:KEY=VALUE",
+        help="hyper-parameter of one converted layer, overriding --hparam there (repeatable), e.g. 5:num_chunks=128",
+    )
     p.add_argument("--layers", help="comma-separated self-attention layers to convert (default: all)")
     p.add_argument("--base-model", help="Hub id of the source, recorded in the card (default: SRC if it is a Hub id)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
@@ -573,6 +586,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     p.add_argument("--method", required=True, help="estimator (rfa, ra, lara, eva, kernel, softmax)")
     p.add_argument("--hparam", action="append", metavar="KEY=VALUE", help="estimator hyper-parameter (repeatable)")
+    p.add_argument(
+        "--layer-hparam",
+        "--layer_hparam",
+        dest="layer_hparam",
+        action="append",
+        metavar="LAYER:KEY=VALUE",
+        help="hyper-parameter of one converted layer, overriding --hparam there (repeatable), e.g. 5:num_chunks=128",
+    )
     p.add_argument(
         "--train-file",
         "--train_file",

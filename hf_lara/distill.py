@@ -1085,7 +1085,8 @@ def distill_checkpoint(
     Args:
         src (`str`): checkpoint folder or Hub id.
         out (`str` or `Path`): output folder (must be absent or empty unless `overwrite`).
-        method (`str`): the estimator; `**hparams` its hyper-parameters.
+        method (`str`): the estimator; `**hparams` its hyper-parameters (`layer_hparams` among them: per-layer
+            overrides, as in `hf_lara.convert`).
         texts (`list[str]`): training texts.
         config (`DistillConfig`, *optional*): distillation settings.
         layers (`list[int]`, *optional*): layers to convert (default: all).

@@ -168,6 +168,9 @@ def keep_worst_on_softmax(model: PreTrainedModel, keep_softmax: int, calibration
         # the module's cache hook stays: without an estimator it binds no state (`cache.bind_state_layer`)
         delattr(modules[i], ESTIMATOR_ATTR)
     model.config.lara_layers = sorted(set(errors) - set(worst))
+    model.config.lara_layer_hparams = {
+        i: hparams for i, hparams in model.config.lara_layer_hparams.items() if int(i) not in worst
+    }
     report = CalibrationReport(method=model.config.lara_method, errors=errors, kept_softmax=worst, num_tokens=tokens)
     model.lara_calibration = report
     return report

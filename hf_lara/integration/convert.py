@@ -9,7 +9,7 @@ from transformers import PreTrainedModel
 from .attention import ATTENTION_KEY
 from .calibration import keep_worst_on_softmax
 from .compat import file_output_recording
-from .config import LARA_FIELDS, LaraConfig
+from .config import LARA_FIELDS, LARA_OPTIONAL_FIELDS, LaraConfig
 from .families import model_class_for
 from .models import attach_estimators, resolve_layers
 from .registry import get_family
@@ -22,6 +22,7 @@ def convert(
     *,
     keep_softmax: int = 0,
     calibration: Any = None,
+    layer_hparams: dict[int, dict[str, Any]] | None = None,
     **hparams: Any,
 ) -> PreTrainedModel:
     """Replace the softmax self-attention of `model` by the estimator `method`, in place.
@@ -40,7 +41,10 @@ def convert(
             error on `calibration` and leave the `keep_softmax` worst layers on exact softmax (see `calibration.py`);
             the measurement is kept as `model.lara_calibration`.
         calibration (texts, a batch or a list of batches, *optional*): inputs for `keep_softmax`.
-        **hparams: the estimator's hyper-parameters.
+        layer_hparams (`dict[int, dict]`, *optional*): per-layer overrides of `hparams`, e.g. `{5: {"num_chunks":
+            128}}` for a larger budget in the layer that needs it (saved as `config.lara_layer_hparams`). Entries of
+            layers that `keep_softmax` leaves on softmax are dropped.
+        **hparams: the estimator's hyper-parameters, shared by every converted layer.
 
     Returns:
         `model` itself, converted.
@@ -50,7 +54,7 @@ def convert(
     """
     family = get_family(model.config.model_type)
     converted_class = model_class_for(family, getattr(type(model), "lara_base_class", type(model)))
-    config = LaraConfig.from_config(model.config, method=method, layers=layers, **hparams)
+    config = LaraConfig.from_config(model.config, method=method, layers=layers, layer_hparams=layer_hparams, **hparams)
     num_converted = len(resolve_layers(config.lara_layers, len(family.attention_modules(model))))
     check_keep_softmax(keep_softmax, calibration, num_converted)
     # build (and check) everything before touching the model, so that a failure leaves it as it was
@@ -59,7 +63,7 @@ def convert(
     model.config.__class__ = family.config_class
     # loaded configs carry their file's `model_type` as an instance attribute, which would hide the new class's
     vars(model.config).pop("model_type", None)
-    for name in LARA_FIELDS:
+    for name in LARA_FIELDS + LARA_OPTIONAL_FIELDS:
         setattr(model.config, name, getattr(config, name))
     model.__class__ = converted_class
     # these estimators exist in no checkpoint: an adapter saved on top of them is refused (`check_adapter_base`)

@@ -101,8 +101,8 @@ class LaraModelMixin:
 
     def initialize_weights(self):
         super().initialize_weights()
-        for estimator in self.lara_estimators().values():
-            initialize_estimator(estimator, self.config)
+        for layer, estimator in self.lara_estimators().items():
+            initialize_estimator(estimator, self.config, layer)
 
     @property
     def model_tags(self) -> list[str] | None:
@@ -134,9 +134,10 @@ def check_adapter_base(model: PreTrainedModel) -> None:
         reason = "its estimators were drawn in memory by `hf_lara.convert`"
     elif (Path(path) / "config.json").is_file():
         saved = json.loads((Path(path) / "config.json").read_text())
-        if (saved.get("lara_method"), saved.get("lara_layers")) != (
+        if (saved.get("lara_method"), saved.get("lara_layers"), saved.get("lara_layer_hparams") or {}) != (
             model.config.lara_method,
             model.config.lara_layers,
+            model.config.lara_layer_hparams,
         ):
             reason = f"{path!r} holds a model not converted this way (`lara_method` {saved.get('lara_method')})"
     if reason is not None:
@@ -167,8 +168,14 @@ def attach_estimators(model: nn.Module, config: LaraConfig, family: Family, like
     """
     modules = family.attention_modules(model)
     selected = set(resolve_layers(config.lara_layers, len(modules)))
+    beyond = sorted(int(i) for i in config.lara_layer_hparams if int(i) >= len(modules))
+    if beyond:
+        raise ValueError(
+            f"`layer_hparams` has entries for layer(s) {beyond}, but the model has {len(modules)} attention layers "
+            f"(indices 0-{len(modules) - 1})."
+        )
     num_heads, head_dim = family.head_shape(config)
-    estimators = {i: config.build_estimator(num_heads, head_dim) for i in selected}
+    estimators = {i: config.build_estimator(num_heads, head_dim, layer=i) for i in selected}
     add_hook(model, provide_state_cache)
     for i, module in enumerate(modules):
         # every attention layer, softmax ones included, checks the cache it is given
@@ -194,8 +201,9 @@ def estimator_tensors(estimator: nn.Module):
 
 
 @torch.no_grad()
-def initialize_estimator(estimator: nn.Module, config: LaraConfig) -> None:
-    """Give every tensor of `estimator` that was not loaded the value a freshly built estimator has."""
+def initialize_estimator(estimator: nn.Module, config: LaraConfig, layer: int) -> None:
+    """Give every tensor of `estimator` (of self-attention layer `layer`) that was not loaded the value a freshly
+    built estimator has."""
     pending = {
         name: tensor
         for name, tensor in itertools.chain(estimator.named_parameters(), estimator.named_buffers())
@@ -204,7 +212,7 @@ def initialize_estimator(estimator: nn.Module, config: LaraConfig) -> None:
     if not pending:
         return
     with torch.device("cpu"):
-        fresh = config.build_estimator(estimator.num_heads, estimator.head_dim)
+        fresh = config.build_estimator(estimator.num_heads, estimator.head_dim, layer=layer)
     values = dict(itertools.chain(fresh.named_parameters(), fresh.named_buffers()))
     for name, tensor in pending.items():
         tensor.copy_(values[name])
