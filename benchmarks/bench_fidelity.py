@@ -37,7 +37,7 @@ from fidelity_texts import TRAIN_SOURCES, documents, sentences, stdlib_files, tr
 from report import write_report  # noqa: E402
 
 import hf_lara  # noqa: E402
-from hf_lara.arguments import parse_method_hparams  # noqa: E402
+from hf_lara.arguments import parse_layer_hparams, parse_method_hparams  # noqa: E402
 from hf_lara.distill import (  # noqa: E402
     DistillConfig,
     attention_transfer,
@@ -116,6 +116,7 @@ def run_one(base, method: str, regime: str, data: dict, args) -> dict:
     if args.sink_tokens:
         hparams["sink_tokens"] = args.sink_tokens
     hparams.update(args.method_hparams.get(method, {}))
+    layer_hparams = parse_layer_hparams(args.layer_hparam, method)
     st = copy.deepcopy(base)
     st.max_seq_length = max_length
     model = st[0].auto_model
@@ -125,9 +126,13 @@ def run_one(base, method: str, regime: str, data: dict, args) -> dict:
         calibration = length_batches(
             st.tokenizer, data[regime]["train"][:32], max_length=max_length, batch_tokens=8192
         )
-    hf_lara.convert(model, method, keep_softmax=args.keep_softmax, calibration=calibration, **hparams)
+    hf_lara.convert(
+        model, method, keep_softmax=args.keep_softmax, calibration=calibration, layer_hparams=layer_hparams, **hparams
+    )
     texts, reference = data[regime]["eval"], data[regime]["reference"]
     row = {"method": method, "regime": regime, "hparams": hparams, "fresh": compare(st, reference, texts, max_length)}
+    if layer_hparams:
+        row["layer_hparams"] = model.config.lara_layer_hparams
     if args.keep_softmax:
         row["kept_softmax"] = model.lara_calibration.kept_softmax
     print(f"{method} {regime} fresh {row['fresh']['cosine']:.4f} top1 {row['fresh']['top1']:.2f}", flush=True)
@@ -235,6 +240,8 @@ def table(rows: list[dict]) -> str:
 
     for r in rows:
         hp = ", ".join(f"{k}={v}" for k, v in r["hparams"].items())
+        for layer, overrides in r.get("layer_hparams", {}).items():
+            hp += f", layer {layer}: " + ", ".join(f"{k}={v}" for k, v in overrides.items())
         if r.get("kept_softmax"):
             hp += f", softmax kept in layers {r['kept_softmax']} (quadratic there)"
         lines.append(
@@ -316,6 +323,13 @@ def main(argv=None) -> None:
         default=[],
         metavar="METHOD.KEY=VALUE",
         help="override one method's hyper-parameter, e.g. --hparam kernel.num_features=64 (repeatable)",
+    )
+    parser.add_argument(
+        "--layer_hparam",
+        action="append",
+        default=[],
+        metavar="LAYER:KEY=VALUE",
+        help="hyper-parameter of one layer for every method, e.g. --layer_hparam 5:num_features=128 (repeatable)",
     )
     parser.add_argument("--output", default=str(RESULTS / "fidelity"))
     parser.add_argument("--no_progress", action="store_true")
