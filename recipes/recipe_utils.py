@@ -389,13 +389,18 @@ def estimators_have_parameters(args: argparse.Namespace) -> bool:
     Such parameters can miss a gradient in a step (LARA's causal proposal means in an encoder, EVA's chunk
     projections when a batch fits its window), which DDP only accepts with `find_unused_parameters=True`.
     """
-    method, hparams = args.method, args.hparams
+    method, layer_hparams = args.method, [args.hparams]
     if method is None:
         config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
-        method, hparams = config.lara_method, dict(config.lara_hparams or {})
+        method = config.lara_method
+        shared = dict(config.lara_hparams or {})
+        overrides = (getattr(config, "lara_layer_hparams", None) or {}).values()
+        layer_hparams = [shared] + [{**shared, **override} for override in overrides]
     with torch.device("meta"):
-        estimator = build_attention(method, num_heads=1, head_dim=ESTIMATOR_PROBE_DIM, **hparams)
-    return any(True for _ in estimator.parameters())
+        estimators = [
+            build_attention(method, num_heads=1, head_dim=ESTIMATOR_PROBE_DIM, **hparams) for hparams in layer_hparams
+        ]
+    return any(True for estimator in estimators for _ in estimator.parameters())
 
 
 @dataclass

@@ -167,3 +167,26 @@ def test_names_follow_transformers_no_trainer_scripts(name, flags, capsys):
     shared += ["--report_to", "--max_train_steps", "--lr_scheduler_type", "--num_warmup_steps", "--hub_model_id"]
     for flag in [*flags, *shared]:
         assert f"{flag} " in help_text or f"{flag}\n" in help_text, flag
+
+
+def test_find_unused_parameters_sees_per_layer_hparams(tiny_checkpoints, tmp_path):
+    """A converted checkpoint whose shared estimator has no parameters but one layer's has (EVA without / with
+    adaptive projections) still needs DDP's `find_unused_parameters`."""
+    import argparse
+
+    import transformers
+
+    import hf_lara
+
+    recipe_utils = load_recipe("finetune_classification")  # imports `estimators_have_parameters` by name
+    model = transformers.AutoModel.from_pretrained(tiny_checkpoints["bert"])
+    for name, layer_hparams in [("shared", {}), ("layer1", {1: {"adaptive": True}})]:
+        hf_lara.convert(model, "eva", adaptive=False, layer_hparams=layer_hparams)
+        model.save_pretrained(tmp_path / name)
+    probe = argparse.Namespace(method=None, hparams={})
+    assert not recipe_utils.estimators_have_parameters(
+        argparse.Namespace(**vars(probe), model_name_or_path=tmp_path / "shared")
+    )
+    assert recipe_utils.estimators_have_parameters(
+        argparse.Namespace(**vars(probe), model_name_or_path=tmp_path / "layer1")
+    )
