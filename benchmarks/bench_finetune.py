@@ -21,6 +21,7 @@ initialisation, dropout, data order: `--seed`) is not in it.
     python benchmarks/bench_finetune.py --methods eva,kernel --sink_tokens 4 --threads 1
     python benchmarks/bench_finetune.py --hparam eva.num_chunks=32                           # override one method
     python benchmarks/bench_finetune.py --keep_softmax 1                 # the worst layer stays on softmax (hybrid)
+    python benchmarks/bench_finetune.py --layer_hparam 5:num_chunks=256  # a larger budget in layer 5 only
 
 On a shared CPU the original and each converted model can run as separate processes at the same time: one with
 `--methods ''` (the original only), the others with `--original REPORT` naming its output (read, and waited for,
@@ -52,7 +53,7 @@ from fidelity_texts import _docstrings, _files, stdlib_files  # noqa: E402
 from report import write_report  # noqa: E402
 
 import hf_lara  # noqa: E402
-from hf_lara.arguments import parse_method_hparams  # noqa: E402
+from hf_lara.arguments import parse_layer_hparams, parse_method_hparams  # noqa: E402
 from hf_lara.demo import minilm_path  # noqa: E402
 from hf_lara.distill import DistillConfig, distill, length_batches  # noqa: E402
 
@@ -303,11 +304,14 @@ def method_hparams(methods: list[str], sink_tokens: int | None, overrides: dict[
 
 def convert(model, method: str, hparams: dict, task: dict, tokenizer, args):
     """`hf_lara.convert`; with `--keep_softmax K` the K worst layers, measured on training passages, stay exact."""
+    layer_hparams = parse_layer_hparams(args.layer_hparam, method)
     if not args.keep_softmax:
-        return hf_lara.convert(model, method, **hparams)
+        return hf_lara.convert(model, method, layer_hparams=layer_hparams, **hparams)
     texts = [t for t, _ in task["train"][:32]]
     calibration = length_batches(tokenizer, texts, max_length=args.high, batch_tokens=8192)
-    return hf_lara.convert(model, method, keep_softmax=args.keep_softmax, calibration=calibration, **hparams)
+    return hf_lara.convert(
+        model, method, keep_softmax=args.keep_softmax, calibration=calibration, layer_hparams=layer_hparams, **hparams
+    )
 
 
 def classifier(seed: int):
@@ -352,6 +356,13 @@ def main(argv=None) -> None:
         type=int,
         default=0,
         help="leave the K layers with the largest attention error on softmax (chosen on 32 training passages)",
+    )
+    parser.add_argument(
+        "--layer_hparam",
+        action="append",
+        default=[],
+        metavar="LAYER:KEY=VALUE",
+        help="hyper-parameter of one layer for every method, e.g. --layer_hparam 5:num_chunks=256 (repeatable)",
     )
     parser.add_argument("--distill_minutes", type=float, default=3.0, help="wall-clock budget of hf_lara.distill")
     parser.add_argument("--lora_rank", type=int, default=DistillConfig.lora_rank, help="LoRA rank of stage 2")
@@ -437,6 +448,8 @@ def main(argv=None) -> None:
         row = {"model": method, "hparams": hparams[method], "distilled": not args.no_distill}
         if args.keep_softmax:
             row["kept_softmax"] = model.lara_calibration.kept_softmax
+        if model.config.lara_layer_hparams:
+            row["layer_hparams"] = model.config.lara_layer_hparams
         if not args.no_distill:
             row["lora_rank"] = args.lora_rank
             config = DistillConfig(
@@ -485,6 +498,8 @@ def table(rows: list[dict], lengths: dict, args) -> str:
     ]
     for r in rows:
         hp = ", ".join(f"{k}={v}" for k, v in r.get("hparams", {}).items()) or "—"
+        for layer, overrides in r.get("layer_hparams", {}).items():
+            hp += f", layer {layer}: " + ", ".join(f"{k}={v}" for k, v in overrides.items())
         if r.get("kept_softmax"):
             hp += f", softmax kept in layers {r['kept_softmax']}"
         dist = "—"
