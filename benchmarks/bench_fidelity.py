@@ -367,6 +367,7 @@ def main(argv=None) -> None:
         "lora_rank": args.lora_rank,
         "train_source_option": args.train_source,
         "hparam_overrides": args.method_hparams,
+        "layer_hparam": args.layer_hparam,
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
         "data": {
