@@ -255,13 +255,14 @@ def test_cli_distill_respects_budget_and_stays_a_sentence_transformer(tmp_path):
     budget = 0.05  # minutes: 3 s for both stages
     start = time.monotonic()
     code = main(["distill", str(src), str(out), "--method", "eva", "--hparam", "window_size=2", "--hparam",
-                 "chunk_size=1", "--train_file", str(train), "--max_minutes", str(budget), "--max_length", "64",
-                 "--batch_tokens", "64", "--no-progress"])  # fmt: skip
+                 "chunk_size=1", "--layer-hparam", "1:window_size=4", "--train_file", str(train), "--max_minutes",
+                 str(budget), "--max_length", "64", "--batch_tokens", "64", "--no-progress"])  # fmt: skip
     wall = time.monotonic() - start
     assert code == 0
     results = json.loads((out / "distill_results.json").read_text())
     steps = {name: stage["steps"] for name, stage in results["stages"].items()}
     assert set(steps) == {"attention_transfer", "end_to_end"} and min(steps.values()) >= 1
+    assert json.loads((out / "config.json").read_text())["lara_layer_hparams"] == {"1": {"window_size": 4}}
     # an option left out takes the `DistillConfig` default: the command trains as the Python API does
     given = {"max_minutes": budget, "max_length": 64, "batch_tokens": 64, "progress": False}
     expected = {**json.loads(json.dumps(dataclasses.asdict(DistillConfig()))), **given}
