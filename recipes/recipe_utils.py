@@ -393,9 +393,8 @@ def estimators_have_parameters(args: argparse.Namespace) -> bool:
     if method is None:
         config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
         method = config.lara_method
-        shared = dict(config.lara_hparams or {})
-        overrides = (getattr(config, "lara_layer_hparams", None) or {}).values()
-        layer_hparams = [shared] + [{**shared, **override} for override in overrides]
+        layers = [None, *map(int, config.lara_layer_hparams)]  # the shared set, then each overridden layer's
+        layer_hparams = [config.layer_hparams_of(layer) for layer in layers]
     with torch.device("meta"):
         estimators = [
             build_attention(method, num_heads=1, head_dim=ESTIMATOR_PROBE_DIM, **hparams) for hparams in layer_hparams

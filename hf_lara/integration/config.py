@@ -72,12 +72,7 @@ class LaraConfig:
         """Check the `lara_*` fields (the estimator's own checks run when it is built)."""
         if self.lara_method is not None and self.lara_method not in available_methods():
             raise ValueError(f"`method` must be one of {', '.join(available_methods())}, got {self.lara_method!r}.")
-        if not isinstance(self.lara_hparams, dict) or not all(isinstance(k, str) for k in self.lara_hparams):
-            raise TypeError(f"`lara_hparams` must be a dict keyed by hyper-parameter name, got {self.lara_hparams!r}.")
-        try:
-            json.dumps(self.lara_hparams)
-        except TypeError as error:
-            raise TypeError(f"`lara_hparams` must be JSON serialisable to be saved: {error}") from None
+        check_hparams_dict(self.lara_hparams, "lara_hparams")
         self.lara_layer_hparams = normalise_layer_hparams(self.lara_layer_hparams)
         layers = self.lara_layers
         if layers is not None:
@@ -385,6 +380,16 @@ def split_kwargs(
     return named, attributes
 
 
+def check_hparams_dict(hparams: Any, name: str) -> None:
+    """A `TypeError` naming `name` unless `hparams` is a dict keyed by hyper-parameter name that JSON can save."""
+    if not isinstance(hparams, dict) or not all(isinstance(key, str) for key in hparams):
+        raise TypeError(f"`{name}` must be a dict keyed by hyper-parameter name, got {hparams!r}.")
+    try:
+        json.dumps(hparams)
+    except TypeError as error:
+        raise TypeError(f"`{name}` must be JSON serialisable to be saved: {error}") from None
+
+
 def normalise_layer_hparams(layer_hparams: Any) -> dict[str, dict[str, Any]]:
     """`{5: {...}}` or `{"5": {...}}` -> `{"5": {...}}` (JSON keys), checked: layer indices >= 0, dicts of
     JSON-serialisable values keyed by hyper-parameter name. Raises `TypeError`/`ValueError` naming the problem."""
@@ -397,12 +402,7 @@ def normalise_layer_hparams(layer_hparams: Any) -> dict[str, dict[str, Any]]:
             index = int(key)
         if index is None or index < 0:
             raise ValueError(f"`layer_hparams` must be keyed by layer indices >= 0, got the key {key!r}.")
-        if not isinstance(hparams, dict) or not all(isinstance(name, str) for name in hparams):
-            raise TypeError(f"`layer_hparams[{index}]` must be a dict keyed by hyper-parameter name, got {hparams!r}.")
-        try:
-            json.dumps(hparams)
-        except TypeError as error:
-            raise TypeError(f"`layer_hparams[{index}]` must be JSON serialisable to be saved: {error}") from None
+        check_hparams_dict(hparams, f"layer_hparams[{index}]")
         normalised[str(index)] = dict(hparams)
     return dict(sorted(normalised.items(), key=lambda item: int(item[0])))
 

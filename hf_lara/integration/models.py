@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -154,10 +155,15 @@ def resolve_layers(layers: list[int] | None, num_layers: int) -> list[int]:
     """The layer indices to convert, checked against the model's `num_layers` self-attention modules."""
     if layers is None:
         return list(range(num_layers))
-    bad = [i for i in layers if i >= num_layers]
-    if bad:
-        raise ValueError(f"`layers` must be indices below {num_layers} (the model's attention layers), got {bad}.")
+    check_below(layers, num_layers, "`layers`")
     return list(layers)
+
+
+def check_below(indices: Iterable[int], num_layers: int, name: str) -> None:
+    """A `ValueError` naming `name` unless every layer index is below the model's `num_layers` attention layers."""
+    bad = sorted(i for i in indices if i >= num_layers)
+    if bad:
+        raise ValueError(f"{name} must be indices below {num_layers} (the model's attention layers), got {bad}.")
 
 
 def attach_estimators(model: nn.Module, config: LaraConfig, family: Family, like_model: bool = False) -> None:
@@ -168,12 +174,7 @@ def attach_estimators(model: nn.Module, config: LaraConfig, family: Family, like
     """
     modules = family.attention_modules(model)
     selected = set(resolve_layers(config.lara_layers, len(modules)))
-    beyond = sorted(int(i) for i in config.lara_layer_hparams if int(i) >= len(modules))
-    if beyond:
-        raise ValueError(
-            f"`layer_hparams` has entries for layer(s) {beyond}, but the model has {len(modules)} attention layers "
-            f"(indices 0-{len(modules) - 1})."
-        )
+    check_below(map(int, config.lara_layer_hparams), len(modules), "`layer_hparams` keys")
     num_heads, head_dim = family.head_shape(config)
     estimators = {i: config.build_estimator(num_heads, head_dim, layer=i) for i in selected}
     add_hook(model, provide_state_cache)

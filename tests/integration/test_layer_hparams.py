@@ -82,7 +82,11 @@ def test_an_old_config_without_the_field_loads(base_checkpoints, tmp_path):
 @pytest.mark.parametrize(
     ("layer_hparams", "kwargs", "match"),
     [
-        ({7: {"num_features": 8}}, {}, r"layer\(s\) \[7\].*2 attention layers"),
+        (
+            {7: {"num_features": 8}},
+            {},
+            r"`layer_hparams` keys must be indices below 2 \(the model's attention layers\), got \[7\]",
+        ),
         ({1: {}}, {"layers": [0]}, r"layer\(s\) \[1\], which are not converted"),
         ({"first": {}}, {}, "keyed by layer indices"),
         ({1: {"num_featurez": 8}}, {}, r"Unknown hyper-parameter.*'num_featurez'.*\(layer 1\).*num_features"),
