@@ -206,19 +206,25 @@ def distill_options(items: list[str]) -> dict:
     return options
 
 
+def evaluation_texts(tokenizer, regime: str, count: int) -> list[str]:
+    """The held-out texts of `regime`: standard-library documents or sentences (`tokenizer` with an unbounded
+    `model_max_length`, so that lengths are counted untruncated)."""
+    (low, high), _, _ = REGIMES[regime]
+    pick = documents if regime == "long" else sentences
+    return pick(stdlib_files(), tokenizer, low, high, count, seed=0)
+
+
 def build_data(tokenizer, args) -> dict:
     tokenizer.model_max_length = 10**6
-    evaluation, training = stdlib_files(), training_files()
+    training = training_files()
     data = {}
     source = TRAIN_SOURCES[getattr(args, "train_source", "default")]
     for regime, ((low, high), _, _) in REGIMES.items():
         if regime == "long":
-            evaluation_texts = documents(evaluation, tokenizer, low, high, args.num_eval, seed=0)
             training_texts = source(tokenizer, low, high, args.num_train[regime], 1)
         else:
-            evaluation_texts = sentences(evaluation, tokenizer, low, high, args.num_eval, seed=0)
             training_texts = sentences(training, tokenizer, low, high, args.num_train[regime], seed=1)
-        data[regime] = {"eval": evaluation_texts, "train": training_texts}
+        data[regime] = {"eval": evaluation_texts(tokenizer, regime, args.num_eval), "train": training_texts}
     tokenizer.model_max_length = 512
     return data
 
