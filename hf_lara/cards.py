@@ -24,6 +24,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.models.auto import modeling_auto
 
 from .fidelity import FidelityReport
+from .integration.calibration import CalibrationReport
 
 TEMPLATE_NAME = "hf_lara_model_card.md"
 #: Front-matter key holding hf_lara's own record.
@@ -114,6 +115,31 @@ def fidelity_summary(report: FidelityReport | Mapping[str, Any]) -> dict[str, An
     }
 
 
+def calibration_summary(report: CalibrationReport | Mapping[str, Any]) -> dict[str, Any]:
+    """Why layers run exact softmax, as recorded in the card: the `keep_softmax` calibration's per-layer errors
+    (rounded to 4 significant digits, keyed by the layer as a string) and the layers it kept."""
+    data = report.to_dict() if isinstance(report, CalibrationReport) else dict(report)
+    errors = sorted((int(layer), error) for layer, error in data["errors"].items())
+    return {
+        "method": data["method"],
+        "kept_softmax": [int(layer) for layer in data["kept_softmax"]],
+        "errors": {str(layer): _round(error) for layer, error in errors},
+        "num_tokens": int(data["num_tokens"]),
+    }
+
+
+def calibration_reason(summary: Mapping[str, Any]) -> str:
+    """Why `keep_softmax` left its layers on softmax, in one clause: the errors that decided it."""
+    kept = summary["kept_softmax"]
+    others = [e for layer, e in summary["errors"].items() if int(layer) not in kept]
+    worst = ", ".join(f"layer {layer}: {summary['errors'][str(layer)]:.3g}" for layer in kept)
+    rest = f"; largest of the converted layers: {max(others):.3g}" if others else ""
+    return (
+        f"`keep_softmax={len(kept)}` chose the layers with the largest `{summary['method']}` attention error on "
+        f"{summary['num_tokens']} calibration tokens ({worst}{rest})"
+    )
+
+
 def _check_base_model(base_model: str | None) -> str | None:
     if base_model is None:
         return None
@@ -140,6 +166,7 @@ def build_card(
     datasets: list[str] | None = None,
     pipeline_tag: str | None = None,
     tags: Sequence[str] = (),
+    calibration: CalibrationReport | Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """Render the card of a converted model.
 
@@ -154,11 +181,14 @@ def build_card(
         model_name, license, language, datasets: standard card metadata.
         pipeline_tag (`str`, *optional*): defaults to the task of the architecture's Auto class (`fill-mask`, ...).
         tags (`Sequence[str]`, *optional*): tags added to `hf-lara`, `linear-attention` and the method.
+        calibration (`CalibrationReport` or `dict`, *optional*): the measurement of `convert(..., keep_softmax=K)`
+            (or an earlier card's summary of it); defaults to the model's `lara_calibration` when a model is given.
 
     Returns:
         A `huggingface_hub.ModelCard`.
     """
     if isinstance(config, PreTrainedModel):
+        calibration = calibration if calibration is not None else getattr(config, "lara_calibration", None)
         architecture, config = type(config).__name__, config.config
     else:
         architecture = (getattr(config, "architectures", None) or [None])[0]
@@ -181,6 +211,9 @@ def build_card(
         record["layer_hparams"] = layer_hparams
     if summary is not None:
         record["fidelity"] = summary
+    calibration = None if calibration is None else calibration_summary(calibration)
+    if calibration is not None:
+        record["calibration"] = calibration
     if recipe:
         record["recipe"] = recipe
     auto_class = auto_class_name(config, architecture)
@@ -222,6 +255,7 @@ def build_card(
         architecture=architecture or type(config).__name__,
         model_type=config.model_type,
         fidelity=fidelity_view,
+        calibration=calibration and {**calibration, "reason": calibration_reason(calibration)},
         recipe=recipe,
         eval_results=eval_results,
         auto_class=auto_class,
@@ -246,6 +280,7 @@ def update_card(card: ModelCard, config: PreTrainedConfig, **updates: Any) -> Mo
     kept = {
         "base_model": data.get("base_model"),
         "fidelity": record.get("fidelity"),
+        "calibration": record.get("calibration"),
         "recipe": record.get("recipe"),
         "eval_results": card.data.eval_results,
         "license": data.get("license"),

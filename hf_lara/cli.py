@@ -215,6 +215,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         atomic_write_text(folder / "README.md", str(build_card(model, base_model=base_model, tags=tags)))
     converted = len(model.lara_estimators())
     kind = ", sentence-transformers modules kept" if sentence_transformer else ""
+    calibration = getattr(model, "lara_calibration", None)
+    if calibration is not None:
+        print(calibration.summary())
     print(
         f"Converted {name} ({type(model).__name__}, {converted} attention layers{kind}) with `{args.method}` -> {out}"
     )
@@ -380,6 +383,17 @@ def _measure(args: argparse.Namespace, config, texts: list[str]):
     return attention_fidelity(model, batches, progress=True)
 
 
+def exact_layers_reason(folder: str) -> str:
+    """Why a converted folder's unconverted layers are exact: its card's `keep_softmax` record, else `layers=`."""
+    from .cards import CARD_KEY, calibration_reason, is_hf_lara_card, load_folder_card
+
+    card = load_folder_card(folder) if Path(folder).is_dir() else None
+    record = card.data.to_dict()[CARD_KEY] if card is not None and is_hf_lara_card(card) else None
+    if record and record.get("calibration"):
+        return calibration_reason(record["calibration"])
+    return "not converted (`layers=`)"
+
+
 def cmd_fidelity(args: argparse.Namespace) -> int:
     from .cards import load_folder_card, update_card
     from .fidelity import plot_attention_error
@@ -407,6 +421,9 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     print("| attention rel. MSE | " + " | ".join(f"{e:.3g}" for e in report.attention_error) + " |")
     print("| end to end | " + " | ".join(f"{e:.3g}" for e in report.attention_error_end_to_end) + " |\n")
     print(f"mean attention rel. MSE (converted layers): {report.mean_attention_error:.4g}")
+    exact = sorted(set(range(len(report.attention_error))) - set(report.converted_layers))
+    if exact:
+        print(f"layers on exact softmax: {exact} ({exact_layers_reason(args.model)})")
     for name, value in report.metrics.items():
         print(f"{name}: {value:.6g}")
     if args.json:

@@ -116,6 +116,31 @@ def test_update_is_idempotent_and_keeps_facts(converted):
         update_card(ModelCard("---\nlicense: mit\n---\n# hi\n"), model.config)
 
 
+def test_card_says_which_layers_keep_softmax_and_why(tmp_path):
+    tok = tiny.tokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(**tiny.BERT)).eval()
+    hf_lara.convert(model, "rfa", num_features=8, keep_softmax=1, calibration=tiny.batch(tok))
+    report = model.lara_calibration
+    (kept,) = report.kept_softmax
+    assert report.errors[kept] == max(report.errors.values())
+    card = build_card(model)  # the model's `lara_calibration` by default
+    validate_card(card)
+    record = card.data.to_dict()["hf_lara"]["calibration"]
+    assert record["kept_softmax"] == [kept] and record["num_tokens"] == report.num_tokens
+    assert record["errors"] == {str(k): pytest.approx(e, rel=1e-3) for k, e in report.errors.items()}
+    assert f"**Kept on exact softmax** (quadratic in the length): layer {kept}. `keep_softmax=1` chose" in card.text
+    assert f"**{record['errors'][str(kept)]}** (softmax)" in card.text
+    assert f"on {report.num_tokens} calibration tokens" in card.text
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    with_fidelity = update_card(loaded, model.config, fidelity=attention_fidelity(model, tiny.batch(tok)))
+    assert with_fidelity.data.to_dict()["hf_lara"]["calibration"] == record
+    assert "**Kept on exact softmax**" in with_fidelity.text
+    plain = build_card(hf_lara.convert(transformers.BertModel(transformers.BertConfig(**tiny.BERT)), "rfa"))
+    assert "calibration" not in plain.data.to_dict()["hf_lara"] and "Kept on exact softmax" not in plain.text
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [

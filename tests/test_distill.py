@@ -327,7 +327,7 @@ def test_keep_softmax_checks_its_arguments(tok):
         hf_lara.convert(tiny_bert(), "rfa", keep_softmax=2, calibration=tiny.batch(tok))
 
 
-def test_cli_convert_keep_softmax(tmp_path):
+def test_cli_convert_keep_softmax(tmp_path, capsys):
     from hf_lara.cli import main
 
     src = tiny.save_bert(tmp_path / "bert")
@@ -335,6 +335,13 @@ def test_cli_convert_keep_softmax(tmp_path):
                  "--keep-softmax", "1"]) == 0  # fmt: skip
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert len(config["lara_layers"]) == 1 and config["lara_layers"][0] in (0, 1)
+    kept = 1 - config["lara_layers"][0]
+    printed = capsys.readouterr().out
+    assert f"layer {kept:3d}: " in printed and "-> kept on softmax (largest errors)" in printed
+    # `hf-lara fidelity` names the exact layer and the card's record of why
+    assert main(["fidelity", str(tmp_path / "out"), "--num-samples", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert f"layers on exact softmax: [{kept}] (`keep_softmax=1` chose the layers with the largest `rfa`" in printed
 
 
 def test_decoder_distillation_lowers_logits_kl(tok):
