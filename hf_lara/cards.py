@@ -1,9 +1,9 @@
 """Model cards of converted models, rendered from the Jinja template `model_cards/hf_lara_model_card.md`.
 
 The card's YAML front matter holds what the Hub indexes (`base_model`, `library_name`, `tags`, `model-index`) and,
-under the key `hf_lara`, everything the body is rendered from (method, hyper-parameters, layers, fidelity summary,
-training recipe). `update_card` re-renders a card from its own front matter plus new facts, so updates are
-idempotent and never lose what an earlier step recorded.
+under the key `hf_lara`, everything the body is rendered from (method, hyper-parameters, layers, the `keep_softmax`
+calibration, fidelity summary, training recipe). `update_card` re-renders a card from its own front matter plus new
+facts, so updates are idempotent and never lose what an earlier step recorded.
 
 The template ships inside the package (`hf_lara/templates/`); the top-level `model_cards/` of the repository holds
 the canonical copy and a test keeps the two identical.
