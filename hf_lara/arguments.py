@@ -19,6 +19,7 @@ Every problem is a `ValueError` naming the flag, the value received and what is 
 
 from __future__ import annotations
 
+import argparse
 import json
 import types
 import typing
@@ -118,6 +119,18 @@ def parse_method_hparams(items: Sequence[str] | None) -> dict[str, dict[str, Any
             raise ValueError(f"`--hparam` takes METHOD.KEY=VALUE, e.g. `--hparam eva.window_size=32`, got {item!r}.")
         grouped.setdefault(method.strip(), []).append(rest)
     return {method: parse_hparams(rest, method) for method, rest in grouped.items()}
+
+
+def add_layer_hparam(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--layer-hparam LAYER:KEY=VALUE` (also `--layer_hparam`; repeatable, read by `parse_layer_hparams`)."""
+    parser.add_argument(
+        "--layer-hparam",
+        "--layer_hparam",
+        dest="layer_hparam",
+        action="append",
+        metavar="LAYER:KEY=VALUE",
+        help="hyper-parameter of one converted layer, overriding --hparam there (repeatable), e.g. 5:num_chunks=128",
+    )
 
 
 def parse_layer_hparams(items: Sequence[str] | None, method: str) -> dict[int, dict[str, Any]]:

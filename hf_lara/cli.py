@@ -560,18 +560,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- parser
-def add_layer_hparam(parser: argparse.ArgumentParser) -> None:
-    """`--layer-hparam LAYER:KEY=VALUE` (repeatable), of `convert` and `distill`."""
-    parser.add_argument(
-        "--layer-hparam",
-        "--layer_hparam",
-        dest="layer_hparam",
-        action="append",
-        metavar="LAYER:KEY=VALUE",
-        help="hyper-parameter of one converted layer, overriding --hparam there (repeatable), e.g. 5:num_chunks=128",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="hf-lara", description="Linear randomized attention for pretrained Transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -586,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="estimator hyper-parameter (repeatable); `--KEY VALUE` works too, e.g. `--window_size 16`",
     )
-    add_layer_hparam(p)
+    arguments.add_layer_hparam(p)
     p.add_argument("--layers", help="comma-separated self-attention layers to convert (default: all)")
     p.add_argument("--base-model", help="Hub id of the source, recorded in the card (default: SRC if it is a Hub id)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
@@ -608,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     p.add_argument("--method", required=True, help="estimator (rfa, ra, lara, eva, kernel, softmax)")
     p.add_argument("--hparam", action="append", metavar="KEY=VALUE", help="estimator hyper-parameter (repeatable)")
-    add_layer_hparam(p)
+    arguments.add_layer_hparam(p)
     p.add_argument(
         "--train-file",
         "--train_file",

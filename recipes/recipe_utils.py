@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 
 import hf_lara
-from hf_lara.arguments import parse_hparams, parse_layers
+from hf_lara.arguments import add_layer_hparam, parse_hparams, parse_layer_hparams, parse_layers
 from hf_lara.attention import build_attention
 
 #: Local file extensions the text recipes read, mapped to the `datasets` builder that reads them.
@@ -58,7 +58,7 @@ class RecipeError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------- arguments
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """`--model_name_or_path` plus the conversion options (`--method`, `--hparam`, `--layers`)."""
+    """`--model_name_or_path` plus the conversion options (`--method`, `--hparam`, `--layer_hparam`, `--layers`)."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model_name_or_path",
@@ -80,6 +80,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="Estimator hyper-parameter, repeatable: `--hparam feature_map=hedgehog --hparam num_features=32`. Values "
         "take the estimator's declared types; booleans are true/false/1/0.",
     )
+    add_layer_hparam(group)
     group.add_argument("--layers", default=None, help="Self-attention layers to convert, e.g. `0,2` (default: all).")
     group.add_argument("--tokenizer_name", default=None, help="Tokenizer or processor, if not the model's.")
 
@@ -141,7 +142,8 @@ def add_training_args(parser: argparse.ArgumentParser, *, learning_rate: float =
 
 
 def check_common_args(args: argparse.Namespace, *, builders: dict[str, str] | None = TEXT_BUILDERS) -> None:
-    """Refuse bad arguments before anything heavy runs; sets `args.hparams` (a dict) and `args.layers` (a list).
+    """Refuse bad arguments before anything heavy runs; sets `args.hparams` and `args.layer_hparams` (dicts) and
+    `args.layers` (a list).
 
     Checks the data source, the local file types, the checkpointing and Hub options, and the conversion (loading
     only the config): a base checkpoint needs `--method`, and the method's hyper-parameters must build.
@@ -191,9 +193,9 @@ def check_data_args(args: argparse.Namespace, builders: dict[str, str]) -> None:
 def check_conversion(args: argparse.Namespace) -> None:
     """A base checkpoint needs `--method`; the method and its hyper-parameters must build (config only)."""
     if args.method is None:
-        if args.hparam or args.layers is not None:
-            raise ValueError("`--hparam` and `--layers` need `--method`.")
-        args.hparams = {}
+        if args.hparam or args.layer_hparam or args.layers is not None:
+            raise ValueError("`--hparam`, `--layer_hparam` and `--layers` need `--method`.")
+        args.hparams, args.layer_hparams = {}, {}
         config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
         if not isinstance(config, hf_lara.LaraConfig):
             raise ValueError(
@@ -202,15 +204,24 @@ def check_conversion(args: argparse.Namespace) -> None:
             )
         return
     args.hparams = parse_hparams(args.hparam, args.method)
+    args.layer_hparams = parse_layer_hparams(args.layer_hparam, args.method)
     if args.layers is not None:
         args.layers = parse_layers(args.layers)
-    # builds one estimator: bad values and unsupported families fail here
+    # builds the shared and each overridden layer's estimator: bad values and unsupported families fail here
     config = hf_lara.LaraConfig.from_pretrained(
-        args.model_name_or_path, method=args.method, layers=args.layers, **args.hparams
+        args.model_name_or_path,
+        method=args.method,
+        layers=args.layers,
+        layer_hparams=args.layer_hparams,
+        **args.hparams,
     )
     num_layers = getattr(config, "num_hidden_layers", None)
-    if args.layers is not None and num_layers is not None and max(args.layers) >= num_layers:
-        raise ValueError(f"`--layers` must be indices below {num_layers} (the model's layers), got {args.layers}.")
+    for name, indices in (
+        ("--layers", args.layers),
+        ("--layer_hparam", args.layer_hparams and list(args.layer_hparams)),
+    ):
+        if indices and num_layers is not None and max(indices) >= num_layers:
+            raise ValueError(f"`{name}` must be indices below {num_layers} (the model's layers), got {indices}.")
 
 
 def exit_on_error(script: str, error: ValueError) -> NoReturn:
@@ -224,7 +235,7 @@ def load_model(auto_class: type, args: argparse.Namespace, **kwargs: Any) -> tra
     """`auto_class.from_pretrained(...)`, then `hf_lara.convert` when `--method` is given."""
     model = auto_class.from_pretrained(args.model_name_or_path, **kwargs)
     if args.method is not None:
-        hf_lara.convert(model, args.method, layers=args.layers, **args.hparams)
+        hf_lara.convert(model, args.method, layers=args.layers, layer_hparams=args.layer_hparams, **args.hparams)
     return model
 
 
@@ -389,12 +400,19 @@ def estimators_have_parameters(args: argparse.Namespace) -> bool:
     Such parameters can miss a gradient in a step (LARA's causal proposal means in an encoder, EVA's chunk
     projections when a batch fits its window), which DDP only accepts with `find_unused_parameters=True`.
     """
-    method, layer_hparams = args.method, [args.hparams]
-    if method is None:
+    if args.method is None:
         config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
-        method = config.lara_method
-        layers = [None, *map(int, config.lara_layer_hparams)]  # the shared set, then each overridden layer's
-        layer_hparams = [config.layer_hparams_of(layer) for layer in layers]
+    else:
+        config = hf_lara.LaraConfig.from_pretrained(
+            args.model_name_or_path,
+            method=args.method,
+            layers=args.layers,
+            layer_hparams=args.layer_hparams,
+            **args.hparams,
+        )
+    method = config.lara_method
+    layers = [None, *map(int, config.lara_layer_hparams)]  # the shared set, then each overridden layer's
+    layer_hparams = [config.layer_hparams_of(layer) for layer in layers]
     with torch.device("meta"):
         estimators = [
             build_attention(method, num_heads=1, head_dim=ESTIMATOR_PROBE_DIM, **hparams) for hparams in layer_hparams

@@ -125,8 +125,20 @@ def test_hparams_and_layers_use_the_package_parser(tiny_checkpoints, tmp_path):
     which the estimator read as True) and `--layers` is `0,1` as in the CLI."""
     recipe = load_recipe("finetune_classification")
     extra = ("--method", "lara", "--hparam", "adaptive=False", "--hparam", "num_landmarks=4", "--layers", "0,1")
+    extra += ("--layer_hparam", "1:num_landmarks=8", "--layer-hparam", "1:adaptive=true")
     args = recipe.parse_args(base_args(tiny_checkpoints["bert"], tmp_path, *CSV, *extra))
     assert args.hparams == {"adaptive": False, "num_landmarks": 4} and args.layers == [0, 1]
+    assert args.layer_hparams == {1: {"num_landmarks": 8, "adaptive": True}}
+    with pytest.raises(
+        ValueError, match=r"`--layer_hparam` must be indices below 2 \(the model's layers\), got \[7\]"
+    ):
+        recipe.parse_args(
+            base_args(
+                tiny_checkpoints["bert"], tmp_path, *CSV, "--method", "lara", "--layer_hparam", "7:num_landmarks=8"
+            )
+        )
+    with pytest.raises(ValueError, match="`--layer_hparam` and `--layers` need `--method`"):
+        recipe.parse_args(base_args(tiny_checkpoints["bert"], tmp_path, *CSV, "--layer_hparam", "1:num_landmarks=8"))
     with pytest.raises(ValueError, match=r"`adaptive` must be a boolean \(true, false, 1 or 0\), got 'no'"):
         recipe.parse_args(
             base_args(tiny_checkpoints["bert"], tmp_path, *CSV, "--method", "lara", "--hparam", "adaptive=no")
@@ -183,10 +195,17 @@ def test_find_unused_parameters_sees_per_layer_hparams(tiny_checkpoints, tmp_pat
     for name, layer_hparams in [("shared", {}), ("layer1", {1: {"adaptive": True}})]:
         hf_lara.convert(model, "eva", adaptive=False, layer_hparams=layer_hparams)
         model.save_pretrained(tmp_path / name)
-    probe = argparse.Namespace(method=None, hparams={})
+    probe = argparse.Namespace(method=None, hparams={}, layer_hparams={}, layers=None)
     assert not recipe_utils.estimators_have_parameters(
         argparse.Namespace(**vars(probe), model_name_or_path=tmp_path / "shared")
     )
     assert recipe_utils.estimators_have_parameters(
         argparse.Namespace(**vars(probe), model_name_or_path=tmp_path / "layer1")
     )
+    # converting in the recipe (`--method eva --hparam adaptive=false [--layer_hparam 1:adaptive=true]`)
+    base = argparse.Namespace(method="eva", hparams={"adaptive": False}, layers=None)
+    for layer_hparams, expected in [({}, False), ({1: {"adaptive": True}}, True)]:
+        args = argparse.Namespace(
+            **vars(base), layer_hparams=layer_hparams, model_name_or_path=tiny_checkpoints["bert"]
+        )
+        assert recipe_utils.estimators_have_parameters(args) is expected

@@ -13,6 +13,7 @@ def test_finetune_classification(launch, tiny_checkpoints, tmp_path):
         "finetune_classification.py",
         "--model_name_or_path", tiny_checkpoints["bert"],
         "--method", "kernel", "--hparam", "feature_map=t2r", "--hparam", "num_features=8",
+        "--layer_hparam", "1:num_features=16",
         "--train_file", FIXTURES / "classification_train.csv",
         "--validation_file", FIXTURES / "classification_validation.csv",
         "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
@@ -27,3 +28,5 @@ def test_finetune_classification(launch, tiny_checkpoints, tmp_path):
     assert type(model).__name__ == "LaraBertForSequenceClassification"
     assert model.config.id2label == {0: "negative", 1: "positive"}
     assert model.config.lara_hparams == {"feature_map": "t2r", "num_features": 8}
+    assert model.config.lara_layer_hparams == {"1": {"num_features": 16}}
+    assert [model.lara_estimators()[i].num_features for i in (0, 1)] == [8, 16]
