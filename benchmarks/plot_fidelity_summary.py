@@ -60,7 +60,7 @@ def plot(results: Path, path: Path) -> None:
     for column, (regime, rows) in enumerate(ROWS.items()):
         for label, report, method in rows:
             row = load_row(results, report, method, regime)
-            style = "--" if "hybrid" in label else ":" if label == "eva, 128 chunks" else "-"
+            style = "--" if "hybrid" in label else "-." if label == "eva, 128 chunks" else "-"
             for line, metric in enumerate(("cosine", "top1")):
                 ax = axes[line, column]
                 ax.plot(STAGES, series(row, metric), style, color=COLORS[method], marker="o", label=label)
