@@ -412,8 +412,10 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
         raise UsageError(f"{name} is not converted by hf_lara; run `hf-lara convert` first")
     texts = read_texts(args)
     report = _measure(args, config, texts)
+    overrides = getattr(config, "lara_layer_hparams", None) or {}
+    per_layer = "".join(f", layer {layer}: {hparams}" for layer, hparams in overrides.items())
     print(
-        f"{name}: `{report.method}` {report.hparams or ''} on {report.num_sequences} texts "
+        f"{name}: `{report.method}` {report.hparams or ''}{per_layer} on {report.num_sequences} texts "
         f"({report.num_tokens} tokens)\n"
     )
     print("| layer | " + " | ".join(map(str, range(len(report.attention_error)))) + " |")

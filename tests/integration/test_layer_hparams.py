@@ -129,10 +129,13 @@ def test_parse_layer_hparams():
         parse_layer_hparams(["5:nope=1"], "eva")
 
 
-def test_cli_convert_writes_layer_hparams_to_config_and_card(base_checkpoints, tmp_path):
+def test_cli_convert_writes_layer_hparams_to_config_and_card(base_checkpoints, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["convert", base_checkpoints["bert"], str(out), "--method", "rfa", "--hparam", "num_features=8"]
     assert main([*argv, "--layer-hparam", "1:num_features=16"]) == 0
     assert json.loads((out / "config.json").read_text())["lara_layer_hparams"] == {"1": {"num_features": 16}}
     assert "| hyper-parameters of layer 1 | `num_features=16` |" in (out / "README.md").read_text()
+    capsys.readouterr()
+    assert main(["fidelity", str(out), "--num-samples", "4"]) == 0  # names the per-layer overrides too
+    assert "`rfa` {'num_features': 8}, layer 1: {'num_features': 16} on 4 texts" in capsys.readouterr().out
     assert main([*argv, "--layer-hparam", "2:num_features=16", "--overwrite"]) == 2
