@@ -196,7 +196,7 @@ def check_conversion(args: argparse.Namespace) -> None:
         if args.hparam or args.layer_hparam or args.layers is not None:
             raise ValueError("`--hparam`, `--layer_hparam` and `--layers` need `--method`.")
         args.hparams, args.layer_hparams = {}, {}
-        config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
+        config = conversion_config(args)
         if not isinstance(config, hf_lara.LaraConfig):
             raise ValueError(
                 f"{args.model_name_or_path!r} is not an hf_lara-converted checkpoint (model type `{config.model_type}`); "
@@ -208,20 +208,25 @@ def check_conversion(args: argparse.Namespace) -> None:
     if args.layers is not None:
         args.layers = parse_layers(args.layers)
     # builds the shared and each overridden layer's estimator: bad values and unsupported families fail here
-    config = hf_lara.LaraConfig.from_pretrained(
+    config = conversion_config(args)
+    num_layers = getattr(config, "num_hidden_layers", None)
+    for name, indices in (("--layers", args.layers), ("--layer_hparam", list(args.layer_hparams))):
+        if indices and num_layers is not None and max(indices) >= num_layers:
+            raise ValueError(f"`{name}` must be indices below {num_layers} (the model's layers), got {indices}.")
+
+
+def conversion_config(args: argparse.Namespace) -> transformers.PreTrainedConfig:
+    """The config the recipe trains: the checkpoint's own without `--method`, else the `LaraConfig` that `--method`,
+    `--hparam`, `--layer_hparam` and `--layers` make of it (`args.hparams`, `args.layer_hparams` parsed)."""
+    if args.method is None:
+        return transformers.AutoConfig.from_pretrained(args.model_name_or_path)
+    return hf_lara.LaraConfig.from_pretrained(
         args.model_name_or_path,
         method=args.method,
         layers=args.layers,
         layer_hparams=args.layer_hparams,
         **args.hparams,
     )
-    num_layers = getattr(config, "num_hidden_layers", None)
-    for name, indices in (
-        ("--layers", args.layers),
-        ("--layer_hparam", args.layer_hparams and list(args.layer_hparams)),
-    ):
-        if indices and num_layers is not None and max(indices) >= num_layers:
-            raise ValueError(f"`{name}` must be indices below {num_layers} (the model's layers), got {indices}.")
 
 
 def exit_on_error(script: str, error: ValueError) -> NoReturn:
@@ -400,16 +405,7 @@ def estimators_have_parameters(args: argparse.Namespace) -> bool:
     Such parameters can miss a gradient in a step (LARA's causal proposal means in an encoder, EVA's chunk
     projections when a batch fits its window), which DDP only accepts with `find_unused_parameters=True`.
     """
-    if args.method is None:
-        config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
-    else:
-        config = hf_lara.LaraConfig.from_pretrained(
-            args.model_name_or_path,
-            method=args.method,
-            layers=args.layers,
-            layer_hparams=args.layer_hparams,
-            **args.hparams,
-        )
+    config = conversion_config(args)
     method = config.lara_method
     layers = [None, *map(int, config.lara_layer_hparams)]  # the shared set, then each overridden layer's
     layer_hparams = [config.layer_hparams_of(layer) for layer in layers]
